@@ -1,0 +1,130 @@
+"""NIfTI (``.nii``, ``.nii.gz``) reading and writing with nibabel.
+
+NIfTI already uses medseg's convention (``array[i, j, k]``, RAS+ mm affine), so no axis flips
+happen here. The header stores the affine as float32 (``srow_*``, quaternion), so a geometry
+survives a write -> read round trip to float32 precision (about 1e-7 relative: < 0.0001 mm at
+500 mm from the origin).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: NIfTI xform codes (``NIFTI_XFORM_*``): 1 scanner anatomical, 2 aligned anatomical.
+_XFORM_SCANNER = 1
+
+
+def _describe_failure(path: Path, exc: BaseException) -> str:
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) or "end-of-stream" in str(exc):
+        return f"a truncated or corrupt compressed file ({type(exc).__name__}: {exc})"
+    if isinstance(exc, nib.filebasedimages.ImageFileError) or "header" in str(exc).lower():
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+        if magic == b"\x1f\x8b" and not path.name.lower().endswith(".gz"):
+            return "a gzip-compressed file without the .gz suffix (rename it to .nii.gz)"
+        return f"no valid NIfTI header ({exc})"
+    return f"an unreadable file ({type(exc).__name__}: {exc})"
+
+
+def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
+    """Read a 3D NIfTI-1/2 image.
+
+    The affine is nibabel's best affine (sform when its code is set, else qform). Stored scaling
+    (``scl_slope``/``scl_inter``) is applied; without scaling the on-disk dtype is kept.
+    A 4D file whose 4th axis has length 1 (and 5D with trailing singleton axes) is squeezed to 3D.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        case_id: the Volume's case id.
+
+    Returns:
+        Volume with ``meta`` ``source_path``, ``modality`` (None: NIfTI does not record it),
+        ``nifti_sform_code`` and ``nifti_qform_code``.
+
+    Raises:
+        InputError: missing, truncated or non-NIfTI file; a 2D image; a real 4D series
+            (the message gives its shape).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "a NIfTI file", "no such file" if not path.exists() else "a folder")
+    try:
+        img = nib.load(str(path), mmap=False)
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as exc:  # nibabel raises many types; the user needs one clear line
+        raise InputError(path, "a readable NIfTI file", _describe_failure(path, exc)) from exc
+
+    # Trailing singleton axes (4D with one time point) carry no data: drop them.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        kind = f"a {len(img.shape)}D image of shape {tuple(img.shape)}"
+        hint = "split the series into 3D volumes (one file per time point/channel)" if len(shape) > 3 else ""
+        raise InputError(path, "a 3D image", kind, hint)
+
+    try:
+        slope, inter = img.header.get_slope_inter()
+        if slope is None and inter is None:
+            array = np.asarray(img.dataobj)
+        else:
+            array = img.get_fdata(dtype=np.float32)
+    except Exception as exc:
+        raise InputError(path, "a readable NIfTI file", _describe_failure(path, exc)) from exc
+    array = array.reshape(shape)
+
+    header = img.header
+    meta = {
+        "source_path": str(path),
+        "modality": None,
+        "nifti_sform_code": int(header["sform_code"]),
+        "nifti_qform_code": int(header["qform_code"]),
+    }
+    try:
+        return Volume(array, np.asarray(img.affine, dtype=np.float64), case_id, meta)
+    except ValueError as exc:
+        raise InputError(path, "a NIfTI file with a valid affine", str(exc)) from exc
+
+
+def _has_shear(affine: np.ndarray) -> bool:
+    rzs = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return not np.allclose(rzs.T @ rzs, np.eye(3), atol=1e-6)
+
+
+def write_nifti(volume: Volume, path: str | os.PathLike) -> None:
+    """Write ``volume`` to ``path`` (not atomic on its own: use :func:`medseg.io.write_volume`).
+
+    The affine goes into both the sform and the qform (code taken from ``meta`` when the volume
+    came from a NIfTI, else 1 = scanner), so nibabel, ITK and FSL read the same geometry. An
+    affine with shear (e.g. gantry tilt) cannot be a qform; then only the sform is set.
+    Units are millimetres. The array dtype is kept (bool -> uint8, float16 -> float32).
+    """
+    array = np.asarray(volume.array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    img = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)
+    header = img.header
+    meta = volume.meta
+    sform_code = int(meta.get("nifti_sform_code") or _XFORM_SCANNER)
+    qform_code = int(meta.get("nifti_qform_code") or sform_code)
+    img.set_sform(volume.affine, code=sform_code)
+    if _has_shear(volume.affine):
+        img.set_qform(None, code=0)
+    else:
+        img.set_qform(volume.affine, code=qform_code)
+    header.set_xyzt_units("mm", "sec")
+    # No scaling: the values written are the values held.
+    header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(path))

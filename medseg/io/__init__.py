@@ -18,6 +18,7 @@ from medseg.io.dataset import (
     discover_cases,
     is_dicom_file,
     list_volume_files,
+    pair_cases,
     volume_suffix,
 )
 from medseg.io.itk import ITK_READ_SUFFIXES, ITK_WRITE_SUFFIXES
@@ -34,6 +35,7 @@ __all__ = [
     "case_id_from_path",
     "discover_cases",
     "list_volume_files",
+    "pair_cases",
     "read_volume",
     "write_volume",
 ]

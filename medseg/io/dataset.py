@@ -267,6 +267,55 @@ def _cases_from_json(json_path: Path, images_dir: Path, labels_dir: Path | None)
     return cases
 
 
+def pair_cases(
+    images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
+) -> tuple[list[Case], list[str]]:
+    """Like :func:`discover_cases`, but unpaired files are returned instead of raised.
+
+    ``medseg-check`` uses it to report unpaired files together with the problems of the cases
+    that do pair.
+
+    Returns:
+        ``(cases, problems)``: the paired cases sorted by id, and one line per unpaired file
+        (``"image without label: PATH"`` / ``"label without image: PATH"``).
+
+    Raises:
+        InputError, DatasetError: as :func:`discover_cases`, except for unpaired files.
+    """
+    images_dir = Path(images_dir)
+    labels_dir = None if labels_dir is None else Path(labels_dir)
+    _check_dir(images_dir, "images")
+    json_path = _find_dataset_json(images_dir)
+    if json_path is not None:
+        cases = _cases_from_json(json_path, images_dir, labels_dir)
+        if cases is not None:
+            log.info("pairing %d cases from %s", len(cases), json_path)
+            return _sorted_unique(cases, json_path), []
+    if labels_dir is None:
+        return [Case(cid, path, None) for cid, path in list_volume_files(images_dir, images=True).items()], []
+
+    images = _scan(images_dir, "images")
+    labels = _scan(labels_dir, "labels")
+    by_label: dict[str, list[str]] = {}
+    for image_id in images:
+        if image_id in labels:
+            by_label.setdefault(image_id, []).append(image_id)
+            continue
+        m = _CHANNEL.match(image_id)
+        if m and m["base"] in labels:
+            by_label.setdefault(m["base"], []).append(image_id)
+    multichannel = {lid: ids for lid, ids in by_label.items() if len(ids) > 1}
+    if multichannel:
+        raise DatasetError(
+            f"{images_dir}: multichannel cases are not supported (medseg trains on one channel per case)",
+            [f"{lid}: " + ", ".join(images[i].name for i in sorted(ids)) for lid, ids in sorted(multichannel.items())],
+        )
+    paired_images = {ids[0] for ids in by_label.values()}
+    problems = [f"image without label: {images[i]}" for i in sorted(set(images) - paired_images)]
+    problems += [f"label without image: {labels[i]}" for i in sorted(set(labels) - set(by_label))]
+    return [Case(lid, images[ids[0]], labels[lid]) for lid, ids in sorted(by_label.items())], problems
+
+
 def discover_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None) -> list[Case]:
     """Pair images with labels (rules in the module docstring); sorted by case id.
 
@@ -285,47 +334,14 @@ def discover_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike 
         >>> discover_cases("Task01/imagesTr", "Task01/labelsTr")  # doctest: +SKIP
         [Case(case_id='la_003', image_path=..., label_path=...), ...]
     """
-    images_dir = Path(images_dir)
-    labels_dir = None if labels_dir is None else Path(labels_dir)
-    _check_dir(images_dir, "images")
-    json_path = _find_dataset_json(images_dir)
-    if json_path is not None:
-        cases = _cases_from_json(json_path, images_dir, labels_dir)
-        if cases is not None:
-            log.info("pairing %d cases from %s", len(cases), json_path)
-            return _sorted_unique(cases, json_path)
-    if labels_dir is None:
-        return [Case(cid, path, None) for cid, path in list_volume_files(images_dir, images=True).items()]
-
-    images = _scan(images_dir, "images")
-    labels = _scan(labels_dir, "labels")
-    by_label: dict[str, list[str]] = {}
-    for image_id in images:
-        if image_id in labels:
-            by_label.setdefault(image_id, []).append(image_id)
-            continue
-        m = _CHANNEL.match(image_id)
-        if m and m["base"] in labels:
-            by_label.setdefault(m["base"], []).append(image_id)
-    problems: list[str] = []
-    multichannel = {lid: ids for lid, ids in by_label.items() if len(ids) > 1}
-    if multichannel:
-        raise DatasetError(
-            f"{images_dir}: multichannel cases are not supported (medseg trains on one channel per case)",
-            [f"{lid}: " + ", ".join(images[i].name for i in sorted(ids)) for lid, ids in sorted(multichannel.items())],
-        )
-    paired_images = {ids[0] for ids in by_label.values()}
-    for image_id in sorted(set(images) - paired_images):
-        problems.append(f"image without label: {images[image_id]}")
-    for label_id in sorted(set(labels) - set(by_label)):
-        problems.append(f"label without image: {labels[label_id]}")
+    cases, problems = pair_cases(images_dir, labels_dir)
     if problems:
         raise DatasetError(
             f"{len(problems)} unpaired files between {images_dir} and {labels_dir} "
             "(expected identical names or nnU-Net case_0000 <-> case)",
             problems,
         )
-    return [Case(lid, images[ids[0]], labels[lid]) for lid, ids in sorted(by_label.items())]
+    return cases
 
 
 def _sorted_unique(cases: list[Case], source: Path) -> list[Case]:

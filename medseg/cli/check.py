@@ -1,0 +1,77 @@
+"""``medseg-check``: check a dataset (pairing, geometry, label values, NaN) and show lesion statistics.
+
+Exit codes: 0 no fatal problem (warnings allowed), 1 at least one fatal problem, 2 usage or
+input error (missing folder, ...). Never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, run_command, setup_logging
+
+PROG = "medseg-check"
+
+
+def _label_map_arg(text: str) -> dict[int, int]:
+    from medseg.data.check import parse_label_map
+    from medseg.errors import InputError
+
+    try:
+        return parse_label_map(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Check a segmentation dataset before training and report every problem at once: unpaired "
+            "files, unreadable files, image/label grid mismatch, label values outside {0, 1}, interpolated "
+            "labels, NaN/inf, empty labels. Prints lesion statistics per case and in total."
+        ),
+        epilog="exit status: 0 no fatal problem, 1 fatal problems found, 2 usage/input error",
+    )
+    parser.add_argument("--images", required=True, metavar="DIR",
+                        help="folder of images (.nii.gz, .nrrd, .mha, ... or one DICOM folder per patient)")
+    parser.add_argument("--labels", metavar="DIR",
+                        help="folder of label masks (same names, or nnU-Net case_0000 <-> case); "
+                             "omit to check images only")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--map-labels", type=_label_map_arg, metavar="FROM:TO[,FROM:TO]",
+                        help="map label values before checking, e.g. 255:1 for {0, 255} masks")
+    parser.add_argument("--tolerance-mm", type=float, default=0.01, metavar="MM",
+                        help="largest image/label spacing or origin difference accepted (default 0.01 mm)")
+    add_common_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    return run_command(PROG, args, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from medseg.data.check import check_dataset
+    from medseg.io import pair_cases
+
+    cases, unpaired = pair_cases(args.images, args.labels)
+    report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
+                           extra_problems=unpaired)
+    if args.json:
+        out = report.to_dict()
+        out["images"], out["labels"] = args.images, args.labels
+        json.dump(out, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        print(f"{PROG}: images {args.images}" + (f", labels {args.labels}" if args.labels else ", no labels"))
+        print(report.format_text())
+    return EXIT_FAILED if report.fatal else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

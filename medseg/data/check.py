@@ -1,0 +1,426 @@
+"""Dataset check: every problem of a set of image/label cases at once, plus lesion statistics.
+
+Used by ``medseg-check`` and, before training, by ``medseg-train`` (``report.raise_if_fatal()``).
+Fatal problems make training meaningless or wrong: unreadable files, image/label grid mismatch,
+label values outside {0, 1}, interpolated (non-integer) label values, NaN/inf values.
+Warnings are worth knowing: empty labels (no lesion), constant images.
+
+Lesion statistics per case: connected components with 26-connectivity (``scipy.ndimage.label``),
+volume in mL, fraction of slices holding lesion (slices along the largest-spacing axis; the last
+axis when spacings tie), fraction of foreground voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.errors import DatasetError, InputError, MedsegError
+from medseg.io import Case, Volume, read_volume
+
+log = logging.getLogger(__name__)
+
+FATAL, WARNING = "fatal", "warning"
+#: Reader failures reported as "unreadable" problems (RuntimeError: ITK/pydicom internals).
+_READ_ERRORS = (MedsegError, ValueError, OSError, RuntimeError)
+
+
+class Problem(NamedTuple):
+    """One finding: ``severity`` is ``"fatal"`` or ``"warning"``; ``path`` may be None (dataset-level)."""
+
+    severity: str
+    case_id: str
+    path: str | None
+    message: str
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """Parse ``"255:1"`` or ``"1:0,2:1"`` (``--map-labels``) into ``{255: 1}`` / ``{1: 0, 2: 1}``.
+
+    Raises:
+        InputError: malformed text, non-integer values, or a value mapped twice.
+    """
+    mapping: dict[int, int] = {}
+    for item in str(text).replace(" ", "").split(","):
+        if not item:
+            continue
+        src, sep, dst = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError(item)
+            key, value = int(src), int(dst)
+        except ValueError as exc:
+            raise InputError(None, "--map-labels as FROM:TO pairs like '255:1' or '1:0,2:1'", repr(text)) from exc
+        if key in mapping:
+            raise InputError(None, "each label value mapped once in --map-labels", f"{key} mapped twice in {text!r}")
+        mapping[key] = value
+    if not mapping:
+        raise InputError(None, "--map-labels as FROM:TO pairs like '255:1' or '1:0,2:1'", repr(text))
+    return mapping
+
+
+def apply_label_map(array: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
+    """``array`` with each value ``k`` of ``label_map`` replaced by ``label_map[k]`` (simultaneously).
+
+    Values not in the map are kept; the input is not modified.
+    """
+    if not label_map:
+        return array
+    out = array.copy()
+    for src, dst in label_map.items():
+        out[array == src] = dst
+    return out
+
+
+def slice_axis_of(spacing_mm: Iterable[float]) -> int:
+    """The array axis with the largest spacing (the slice axis); ties go to the last such axis."""
+    spacing = np.round(np.asarray(list(spacing_mm), dtype=np.float64), 6)
+    return int(len(spacing) - 1 - np.argmax(spacing[::-1]))
+
+
+def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str, Any]:
+    """Lesion statistics of a binary mask.
+
+    Args:
+        mask: boolean (or 0/1) 3D array, axes (i, j, k).
+        spacing_mm: voxel size along (i, j, k) in mm.
+
+    Returns:
+        dict with ``lesion_count`` (26-connected components), ``lesion_voxels``,
+        ``lesion_volume_ml``, ``lesion_volumes_ml`` (each component, largest first),
+        ``slice_axis``, ``n_slices``, ``slices_with_lesion``, ``slice_fraction``,
+        ``n_voxels``, ``foreground_fraction``.
+    """
+    mask = np.asarray(mask) != 0
+    spacing = np.asarray(list(spacing_mm), dtype=np.float64)
+    voxel_ml = float(np.prod(spacing) / 1000.0)
+    axis = slice_axis_of(spacing)
+    voxels = int(np.count_nonzero(mask))
+    volumes: list[float] = []
+    count = 0
+    slices_with = 0
+    if voxels:
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(labelled.ravel())[1:]
+        volumes = sorted((float(s) * voxel_ml for s in sizes), reverse=True)
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        slices_with = int(np.count_nonzero(mask.any(axis=other)))
+    n_slices = int(mask.shape[axis])
+    return {
+        "lesion_count": int(count),
+        "lesion_voxels": voxels,
+        "lesion_volume_ml": voxels * voxel_ml,
+        "lesion_volumes_ml": volumes,
+        "slice_axis": axis,
+        "n_slices": n_slices,
+        "slices_with_lesion": slices_with,
+        "slice_fraction": slices_with / n_slices if n_slices else 0.0,
+        "n_voxels": int(mask.size),
+        "foreground_fraction": voxels / mask.size if mask.size else 0.0,
+    }
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_dataset`.
+
+    Attributes:
+        problems: every finding, in case order.
+        stats: case id -> per-case statistics (image shape/spacing/dtype/range; lesion statistics
+            from :func:`lesion_statistics` when the label is valid).
+        totals: dataset-level numbers (cases, empty labels, lesions, volume, fractions).
+        label_map: the ``--map-labels`` mapping applied before checking label values.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+    label_map: dict[int, int] | None = None
+
+    @property
+    def fatal(self) -> bool:
+        """True when any problem is fatal (training must not start)."""
+        return any(p.severity == FATAL for p in self.problems)
+
+    @property
+    def fatal_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == FATAL]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    def raise_if_fatal(self) -> None:
+        """Raise one :class:`DatasetError` listing every fatal problem (no-op when there is none)."""
+        fatal = self.fatal_problems
+        if fatal:
+            raise DatasetError(
+                f"dataset check found {len(fatal)} fatal problem(s) (run medseg-check for the full report)",
+                [f"{p.case_id}: {p.message}" + (f" [{p.path}]" if p.path else "") for p in fatal],
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``ok``, ``fatal``, counts, ``problems``, ``cases`` (stats), ``totals``."""
+        return _json_safe({
+            "ok": not self.fatal,
+            "fatal": self.fatal,
+            "n_cases": len(self.stats),
+            "n_fatal": len(self.fatal_problems),
+            "n_warnings": len(self.warnings),
+            "label_map": {str(k): v for k, v in (self.label_map or {}).items()},
+            "problems": [p._asdict() for p in self.problems],
+            "cases": self.stats,
+            "totals": self.totals,
+        })
+
+    def format_text(self) -> str:
+        """Human-readable report: problems table, lesion statistics per case and in total, verdict."""
+        lines: list[str] = []
+        t = self.totals
+        lines.append(f"{t.get('n_cases', len(self.stats))} cases checked")
+        if self.problems:
+            lines.append(f"\nproblems ({len(self.fatal_problems)} fatal, {len(self.warnings)} warnings):")
+            width = max(len(p.case_id) for p in self.problems)
+            for p in self.problems:
+                where = f"  [{p.path}]" if p.path else ""
+                lines.append(f"  {p.severity.upper():<7}  {p.case_id:<{width}}  {p.message}{where}")
+        else:
+            lines.append("\nproblems: none")
+        rows = [(cid, s) for cid, s in self.stats.items() if "lesion_count" in s]
+        if rows:
+            width = max(5, max(len(cid) for cid, _ in rows))
+            head = f"  {'case':<{width}}  {'lesions':>7}  {'volume_ml':>10}  {'largest_ml':>10}  {'slices_with_lesion':>18}  {'fg_fraction':>11}"
+            lines += ["\nlesion statistics:", head, "  " + "-" * (len(head) - 2)]
+            for cid, s in rows:
+                largest = s["lesion_volumes_ml"][0] if s["lesion_volumes_ml"] else 0.0
+                sl = f"{s['slices_with_lesion']}/{s['n_slices']} ({100 * s['slice_fraction']:.0f}%)"
+                lines.append(
+                    f"  {cid:<{width}}  {s['lesion_count']:>7d}  {s['lesion_volume_ml']:>10.3f}  {largest:>10.3f}  "
+                    f"{sl:>18}  {s['foreground_fraction']:>11.5f}"
+                )
+            lines.append("  " + "-" * (len(head) - 2))
+            sl = f"{t['slices_with_lesion']}/{t['n_slices']} ({100 * t['slice_fraction']:.0f}%)"
+            lines.append(
+                f"  {'total':<{width}}  {t['lesion_count']:>7d}  {t['lesion_volume_ml']:>10.3f}  "
+                f"{t['largest_lesion_ml']:>10.3f}  {sl:>18}  {t['foreground_fraction']:>11.5f}"
+            )
+            lines.append(
+                f"  labelled cases: {t['n_labelled']}, with lesion: {t['n_with_lesion']}, empty: {t['n_empty_labels']}; "
+                f"median lesions per case {t['median_lesion_count']:g}, smallest lesion {t['smallest_lesion_ml']:.4f} mL"
+            )
+        verdict = (
+            f"FAILED: {len(self.fatal_problems)} fatal problem(s)" if self.fatal
+            else "OK" + (f" ({len(self.warnings)} warnings)" if self.warnings else "")
+        )
+        lines.append(f"\nresult: {verdict}")
+        return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in np.asarray(values, dtype=np.float64).ravel()) + ")"
+
+
+def _grid_problems(image: Volume, label: Volume, tolerance_mm: float, direction_tolerance: float) -> list[str]:
+    found = []
+    if image.shape != label.shape:
+        found.append(f"image/label shape mismatch: image {image.shape}, label {label.shape}")
+    if not np.allclose(image.spacing_mm, label.spacing_mm, rtol=0, atol=tolerance_mm):
+        found.append(
+            f"image/label spacing mismatch (mm): image {_fmt(image.spacing_mm)}, label {_fmt(label.spacing_mm)} "
+            f"(tolerance {tolerance_mm:g} mm)"
+        )
+    if not np.allclose(image.origin_mm, label.origin_mm, rtol=0, atol=tolerance_mm):
+        found.append(
+            f"image/label origin mismatch (RAS mm): image {_fmt(image.origin_mm)}, label {_fmt(label.origin_mm)} "
+            f"(tolerance {tolerance_mm:g} mm)"
+        )
+    if not np.allclose(image.direction, label.direction, rtol=0, atol=direction_tolerance):
+        found.append(
+            f"image/label direction mismatch: image {image.orientation} {_fmt(image.direction)}, "
+            f"label {label.orientation} {_fmt(label.direction)} (tolerance {direction_tolerance:g})"
+        )
+    return found
+
+
+def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None) -> tuple[list[str], np.ndarray | None]:
+    """(messages, valid 0/1 mask or None) for a label array."""
+    problems = []
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        n_bad = int(array.size - np.count_nonzero(finite))
+        if n_bad:
+            problems.append(f"label has {n_bad} NaN/inf voxels")
+            array = np.where(finite, array, 0)
+        fractional = array != np.round(array)
+        n_frac = int(np.count_nonzero(fractional))
+        if n_frac:
+            examples = ", ".join(f"{v:g}" for v in np.unique(array[fractional])[:5])
+            problems.append(
+                f"label has {n_frac} non-integer voxels (values such as {examples}): interpolated mask? "
+                "resample labels with nearest-neighbour interpolation"
+            )
+        if problems:
+            return problems, None
+    elif array.dtype == np.bool_:
+        return [], array
+    mapped = apply_label_map(array, label_map)
+    values = np.unique(mapped)
+    extra = [v for v in values.tolist() if v not in (0, 1)]
+    if extra:
+        shown = ", ".join(f"{v:g}" for v in values.tolist()[:12]) + (", ..." if values.size > 12 else "")
+        nonzero = [v for v in values.tolist() if v != 0]
+        if len(nonzero) == 1:
+            fix = f"map them with --map-labels {nonzero[0]:g}:1"
+        else:
+            fix = (
+                "medseg segments one lesion class: map them with --map-labels, e.g. "
+                + ",".join(f"{v:g}:1" for v in nonzero if v != 1)
+                + " to merge all into lesion, or "
+                + ",".join(f"{v:g}:0" for v in nonzero[:-1]) + f",{nonzero[-1]:g}:1 to keep only {nonzero[-1]:g}"
+            )
+        mapped_note = " after --map-labels" if label_map else ""
+        problems.append(f"label values {{{shown}}}{mapped_note} outside {{0, 1}}; {fix}")
+        return problems, None
+    return problems, mapped == 1
+
+
+def check_case(
+    case: Case,
+    *,
+    label_map: Mapping[int, int] | None = None,
+    tolerance_mm: float = 0.01,
+    direction_tolerance: float = 1e-3,
+) -> tuple[list[Problem], dict[str, Any]]:
+    """Check one case; returns its problems and statistics (see :func:`check_dataset`)."""
+    cid = case.case_id
+    problems: list[Problem] = []
+    stats: dict[str, Any] = {"image_path": str(case.image_path),
+                             "label_path": None if case.label_path is None else str(case.label_path)}
+
+    def add(severity: str, path: Path | None, message: str) -> None:
+        problems.append(Problem(severity, cid, None if path is None else str(path), message))
+
+    image = label = None
+    try:
+        image = read_volume(case.image_path, case_id=cid)
+    except _READ_ERRORS as exc:
+        add(FATAL, case.image_path, f"unreadable image: {exc}")
+    if image is not None:
+        arr = image.array
+        stats.update(shape=list(image.shape), spacing_mm=image.spacing_mm.tolist(),
+                     orientation=image.orientation, dtype=str(arr.dtype), modality=image.meta.get("modality"))
+        if np.issubdtype(arr.dtype, np.floating):
+            finite = np.isfinite(arr)
+            n_bad = int(arr.size - np.count_nonzero(finite))
+            if n_bad:
+                add(FATAL, case.image_path, f"image has {n_bad} NaN/inf voxels ({100 * n_bad / arr.size:.3g}%)")
+                arr = arr[finite]
+        if arr.size:
+            lo, hi = float(np.min(arr)), float(np.max(arr))
+            stats.update(intensity_min=lo, intensity_max=hi)
+            if lo == hi:
+                add(WARNING, case.image_path, f"image is constant (every voxel {lo:g})")
+    if case.label_path is None:
+        return problems, stats
+    try:
+        label = read_volume(case.label_path, case_id=cid)
+    except _READ_ERRORS as exc:
+        add(FATAL, case.label_path, f"unreadable label: {exc}")
+        return problems, stats
+    if image is not None:
+        for message in _grid_problems(image, label, tolerance_mm, direction_tolerance):
+            add(FATAL, case.label_path, message)
+    value_problems, mask = _label_value_problems(label.array, label_map)
+    for message in value_problems:
+        add(FATAL, case.label_path, message)
+    if mask is None:
+        return problems, stats
+    stats.update(lesion_statistics(mask, label.spacing_mm))
+    if stats["lesion_voxels"] == 0:
+        add(WARNING, case.label_path, "empty label (no lesion voxel)")
+    return problems, stats
+
+
+def check_dataset(
+    cases: Iterable[Case],
+    *,
+    label_map: Mapping[int, int] | None = None,
+    tolerance_mm: float = 0.01,
+    direction_tolerance: float = 1e-3,
+    extra_problems: Iterable[str] = (),
+) -> CheckReport:
+    """Check every case and report all problems at once, with lesion statistics.
+
+    Args:
+        cases: from :func:`medseg.io.discover_cases` / :func:`medseg.io.pair_cases`.
+        label_map: label value mapping applied before checking values (``{255: 1}``).
+        tolerance_mm: largest spacing/origin difference between image and label, mm.
+        direction_tolerance: largest difference of direction cosines.
+        extra_problems: dataset-level fatal problems found earlier (e.g. unpaired files).
+
+    Returns:
+        :class:`CheckReport`; ``report.fatal`` says whether training may proceed.
+    """
+    report = CheckReport(label_map=dict(label_map) if label_map else None)
+    for message in extra_problems:
+        report.problems.append(Problem(FATAL, "(dataset)", None, message))
+    cases = list(cases)
+    for n, case in enumerate(cases, 1):
+        log.debug("checking %d/%d %s", n, len(cases), case.case_id)
+        problems, stats = check_case(case, label_map=label_map, tolerance_mm=tolerance_mm,
+                                     direction_tolerance=direction_tolerance)
+        report.problems.extend(problems)
+        report.stats[case.case_id] = stats
+    report.totals = _totals(report.stats)
+    empty = report.totals["n_empty_labels"]
+    if empty:
+        report.problems.append(Problem(
+            WARNING, "(dataset)", None,
+            f"{empty} of {report.totals['n_labelled']} labels are empty (no lesion): they only teach background",
+        ))
+    return report
+
+
+def _totals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    labelled = [s for s in stats.values() if "lesion_count" in s]
+    volumes = [v for s in labelled for v in s["lesion_volumes_ml"]]
+    voxels = sum(s["lesion_voxels"] for s in labelled)
+    n_voxels = sum(s["n_voxels"] for s in labelled)
+    n_slices = sum(s["n_slices"] for s in labelled)
+    slices_with = sum(s["slices_with_lesion"] for s in labelled)
+    return {
+        "n_cases": len(stats),
+        "n_labelled": len(labelled),
+        "n_with_lesion": sum(1 for s in labelled if s["lesion_voxels"]),
+        "n_empty_labels": sum(1 for s in labelled if not s["lesion_voxels"]),
+        "lesion_count": sum(s["lesion_count"] for s in labelled),
+        "median_lesion_count": float(np.median([s["lesion_count"] for s in labelled])) if labelled else 0.0,
+        "lesion_voxels": voxels,
+        "lesion_volume_ml": sum(s["lesion_volume_ml"] for s in labelled),
+        "largest_lesion_ml": max(volumes) if volumes else 0.0,
+        "smallest_lesion_ml": min(volumes) if volumes else 0.0,
+        "n_slices": n_slices,
+        "slices_with_lesion": slices_with,
+        "slice_fraction": slices_with / n_slices if n_slices else 0.0,
+        "foreground_fraction": voxels / n_voxels if n_voxels else 0.0,
+    }

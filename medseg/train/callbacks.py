@@ -1,0 +1,307 @@
+"""Learning-rate schedule and the callbacks that validate, checkpoint and record a run.
+
+Order inside ``model.fit(callbacks=[...])`` matters (callbacks share one ``logs`` dict per
+epoch): :class:`WholeVolumeValidation` adds ``val_dsc_3d``/``val_hd95_mm``, then
+:class:`RunKeeper` adds ``data_loss``/``reg_loss``, saves the best bundle, the checkpoint, the
+history and the curves, and decides early stopping; TensorBoard comes last and logs all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+
+from medseg.train.checkpoint import atomic_write_json, save_checkpoint
+from medseg.train.curves import plot_curves, write_history_csv
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_dsc_3d"
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Per-step learning rate: optional linear warm-up, then poly, cosine or constant decay.
+
+    ``lr(step) = final + (initial - final) * warm(step) * decay(progress)`` with
+    ``warm = min(1, (step + 1) / warmup_steps)`` and ``progress`` going from 0 (end of warm-up)
+    to 1 (``total_steps``). ``poly``: ``decay = (1 - progress) ** power`` (the user's
+    ``poly_decay``, nnU-Net's power 0.9); ``cosine``: ``decay = (1 + cos(pi * progress)) / 2``.
+
+    The optimizer's step counter drives it, so a resumed run continues the schedule exactly.
+
+    Args:
+        initial_learning_rate: learning rate after warm-up.
+        total_steps: optimizer steps of the whole run (epochs * steps per epoch).
+        kind: ``"poly"``, ``"cosine"`` or ``"constant"``.
+        power: exponent of the poly decay.
+        warmup_steps: steps of linear warm-up (0: none).
+        final_learning_rate: value reached at ``total_steps``.
+    """
+
+    def __init__(self, initial_learning_rate: float, total_steps: int, kind: str = "poly", power: float = 0.9,
+                 warmup_steps: int = 0, final_learning_rate: float = 0.0, name: str | None = None):
+        if kind not in ("poly", "cosine", "constant"):
+            raise ValueError(f"kind must be 'poly', 'cosine' or 'constant', found {kind!r}")
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1, found {total_steps}")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.total_steps = int(total_steps)
+        self.kind = kind
+        self.power = float(power)
+        self.warmup_steps = int(warmup_steps)
+        self.final_learning_rate = float(final_learning_rate)
+        self.name = name
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        warm = 1.0
+        if self.warmup_steps > 0:
+            warm = ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        span = float(max(1, self.total_steps - self.warmup_steps))
+        progress = ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
+        if self.kind == "poly":
+            decay = ops.power(1.0 - progress, self.power)
+        elif self.kind == "cosine":
+            decay = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:
+            decay = ops.ones_like(progress)
+        lr = self.final_learning_rate + (self.initial_learning_rate - self.final_learning_rate) * warm * decay
+        return ops.cast(lr, "float32")
+
+    def get_config(self) -> dict:
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "total_steps": self.total_steps,
+            "kind": self.kind,
+            "power": self.power,
+            "warmup_steps": self.warmup_steps,
+            "final_learning_rate": self.final_learning_rate,
+            "name": self.name,
+        }
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class WholeVolumeValidation(keras.callbacks.Callback):
+    """Every ``every`` epochs (and after the last), score whole validation volumes in 3D.
+
+    ``evaluate(model)`` predicts each held-out volume slice by slice with the inference
+    :class:`medseg.infer.predictor.Predictor`, restores it to the original grid and returns one
+    dict per patient with at least ``case_id``, ``dsc`` and ``hd95_mm`` from
+    :func:`medseg.eval.compute_metrics`. The callback puts the means into the epoch logs:
+
+    - ``val_dsc_3d``: mean per-patient 3D Dice (patients whose reference and prediction are
+      both empty, DSC NaN, are left out);
+    - ``val_hd95_mm``: mean HD95 over the patients where it is finite (an empty prediction
+      of a lesion has an infinite HD95; ``val_hd95_inf`` counts them).
+
+    Args:
+        evaluate: callable ``model -> list[dict]`` (see above).
+        every: validate when ``(epoch + 1) % every == 0``.
+        epochs: total epochs of the run; the last one is always validated.
+    """
+
+    def __init__(self, evaluate: Callable[[keras.Model], list[dict]], every: int = 1, epochs: int | None = None):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every = int(every)
+        self.epochs = epochs
+        self.last_rows: list[dict] = []
+        self.last_epoch: int | None = None
+
+    def due(self, epoch: int) -> bool:
+        """True when validation runs at the end of (0-based) ``epoch``."""
+        return (epoch + 1) % self.every == 0 or (self.epochs is not None and epoch + 1 >= self.epochs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or not self.due(epoch):
+            return
+        rows = self.evaluate(self.model)
+        self.last_rows = [dict(r, epoch=epoch + 1) for r in rows]
+        self.last_epoch = epoch
+        logs.update(summarize_validation(rows))
+
+    def get_config(self) -> dict:
+        return {"every": self.every, "epochs": self.epochs}
+
+
+def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
+    """Means of per-patient validation rows: ``val_dsc_3d``, ``val_hd95_mm``, ``val_hd95_inf``."""
+    dsc = np.array([float(r.get("dsc", np.nan)) for r in rows], dtype=float)
+    hd95 = np.array([float(r.get("hd95_mm", np.nan)) for r in rows], dtype=float)
+    finite_hd = hd95[np.isfinite(hd95)]
+    with np.errstate(all="ignore"):
+        mean_dsc = float(np.nanmean(dsc)) if np.any(np.isfinite(dsc)) else float("nan")
+    return {
+        "val_dsc_3d": mean_dsc,
+        "val_hd95_mm": float(finite_hd.mean()) if finite_hd.size else float("nan"),
+        "val_hd95_inf": float(np.sum(np.isinf(hd95))),
+    }
+
+
+def regularization_loss(model: keras.Model) -> float:
+    """Current value of the model's regularization penalties (L2), 0.0 without any."""
+    losses = model.losses
+    if not losses:
+        return 0.0
+    return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses))
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    """The optimizer's learning rate at its current step (schedules evaluated)."""
+    lr = model.optimizer.learning_rate
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class RunKeeper(keras.callbacks.Callback):
+    """Record each epoch, keep the best model, checkpoint atomically and stop early.
+
+    At the end of every epoch, in this order: adds ``lr``, ``data_loss`` and ``reg_loss`` to the
+    logs (``data_loss = loss - reg_loss``; ``reg_loss`` is the L2 penalty of the weights at the
+    end of the epoch); when the epoch was validated and ``val_dsc_3d`` beats the best so far, calls
+    ``save_best(model, epoch, logs)`` (the bundle); updates the early-stopping counter; writes the
+    checkpoint (weights + optimizer + this state), ``history.csv``, ``validation.csv`` rows,
+    ``curves.png`` and prints one summary line.
+
+    Args:
+        run_dir: run folder (checkpoints, history, curves).
+        state: training state to continue (from a checkpoint) or a fresh one from :func:`new_state`.
+        save_best: callable ``(model, epoch, logs) -> None`` that writes the best bundle.
+        validation: the :class:`WholeVolumeValidation` callback (its per-patient rows are kept).
+        epochs: total epochs (for the summary line).
+        patience: stop after this many validations without improvement (None: never).
+        dice_key: log key of the training Dice (None: found automatically).
+        extra_state: callable returning more JSON-serialisable state for the checkpoint.
+        verbose: print the summary line when > 0.
+        write_files: False on non-chief workers that must still take part in saving.
+    """
+
+    def __init__(self, run_dir: str | Path, state: dict[str, Any], save_best: Callable[[keras.Model, int, dict], None],
+                 validation: WholeVolumeValidation | None = None, epochs: int | None = None,
+                 patience: int | None = None, dice_key: str | None = None,
+                 extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.state = state
+        self.save_best = save_best
+        self.validation = validation
+        self.epochs = epochs
+        self.patience = patience
+        self.dice_key = dice_key
+        self.extra_state = extra_state
+        self.verbose = int(verbose)
+        self.write_files = write_files
+        self._t0 = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        state = self.state
+        reg = float(logs["reg_loss"]) if "reg_loss" in logs else regularization_loss(self.model)
+        logs.setdefault("reg_loss", reg)
+        if "loss" in logs:
+            logs.setdefault("data_loss", float(logs["loss"]) - reg)
+        logs.setdefault("lr", current_learning_rate(self.model))
+        dice_key = self.dice_key or find_dice_key(logs)
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        for key, value in logs.items():
+            if np.ndim(value) == 0:
+                try:
+                    row[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+        if dice_key and dice_key in row:
+            row["dice"] = row[dice_key]
+
+        value = logs.get(MONITOR)
+        validated = value is not None
+        improved = validated and math.isfinite(float(value)) and float(value) > state["best_dsc"]
+        if validated:
+            if improved:
+                state["best_dsc"] = float(value)
+                state["best_epoch"] = epoch + 1
+                state["wait"] = 0
+                self.save_best(self.model, epoch, logs)
+            else:
+                state["wait"] += 1
+                if self.patience is not None and state["wait"] >= self.patience:
+                    self.model.stop_training = True
+                    state["stopped_early"] = True
+            if self.validation is not None:
+                state["validation_rows"].extend(self.validation.last_rows)
+        row["time_s"] = time.perf_counter() - self._t0
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if self.extra_state is not None:
+            state.update(self.extra_state())
+
+        save_checkpoint(self.run_dir, self.model, state)
+        if self.write_files:
+            write_history_csv(state["history"], self.run_dir / "history.csv")
+            if state["validation_rows"]:
+                write_history_csv(state["validation_rows"], self.run_dir / "validation.csv")
+            atomic_write_json(self.run_dir / "state.json", {k: v for k, v in state.items()
+                                                            if k not in ("history", "validation_rows")})
+            try:
+                plot_curves(state["history"], self.run_dir / "curves.png")
+            except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
+                log.warning("could not draw curves.png: %s", exc)
+        if self.verbose > 0:
+            print(self.summary_line(epoch, row, validated, improved), flush=True)
+
+    def summary_line(self, epoch: int, row: dict, validated: bool, improved: bool) -> str:
+        """One line per epoch: losses, train Dice, 3D validation DSC, best so far, lr, time."""
+        total = f"/{self.epochs}" if self.epochs else ""
+        parts = [f"epoch {epoch + 1}{total}"]
+        if "loss" in row:
+            parts.append(f"loss {row['loss']:.4f} (data {row.get('data_loss', float('nan')):.4f} "
+                         f"+ reg {row.get('reg_loss', 0.0):.4f})")
+        if "dice" in row:
+            parts.append(f"train Dice {row['dice']:.3f}")
+        if validated:
+            hd = row.get("val_hd95_mm", float("nan"))
+            parts.append(f"val 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
+            parts.append(f"HD95 {hd:.1f} mm")
+        else:
+            parts.append("val 3D DSC -")
+        if self.state["best_epoch"]:
+            parts.append(f"best {self.state['best_dsc']:.3f} @ {self.state['best_epoch']}")
+        parts.append(f"lr {row.get('lr', float('nan')):.2e}")
+        parts.append(f"{row['time_s']:.0f} s")
+        return "  ".join(parts)
+
+    def get_config(self) -> dict:
+        return {"run_dir": str(self.run_dir), "epochs": self.epochs, "patience": self.patience}
+
+
+def new_state(seed: int) -> dict[str, Any]:
+    """A fresh training state (saved in every checkpoint)."""
+    return {
+        "epoch": 0,
+        "best_dsc": -1.0,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped_early": False,
+        "seed": int(seed),
+        "history": [],
+        "validation_rows": [],
+    }
+
+
+def find_dice_key(logs: dict) -> str | None:
+    """The training-Dice key of Keras' logs: the deepest head's foreground Dice if present."""
+    candidates = [k for k in logs if "dice" in k.lower() and not k.startswith("val_") and "loss" not in k]
+    if not candidates:
+        return None
+    # With deep supervision Keras prefixes metrics by output name: head_1_..head_4_; take the last head.
+    return sorted(candidates)[-1]

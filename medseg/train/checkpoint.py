@@ -1,0 +1,168 @@
+"""Atomic files and per-epoch training checkpoints that survive ``kill -9``.
+
+Layout inside a run folder::
+
+    checkpoints/
+        epoch-0003/            one complete checkpoint: written as epoch-0003.tmp-*, then renamed
+            state.weights.h5   model weights + optimizer state (step counter, moments, loss scale)
+            state.json         epoch, best validation DSC, early-stopping counter, history rows
+        epoch-0004/
+        latest                 text file naming the newest complete checkpoint, replaced atomically
+
+A checkpoint folder appears under its final name only when both files are complete (a rename
+is atomic on POSIX file systems), and ``latest`` is updated after that, so an interruption at any
+moment leaves the previous checkpoint usable: at most the current epoch is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import InputError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "state.weights.h5"
+STATE = "state.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically (NaN/inf written as JSON null)."""
+    return atomic_write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model, state: dict[str, Any], *, keep: int = 2) -> Path:
+    """Save the model + optimizer state and ``state`` as checkpoint ``epoch-<state['epoch']>``.
+
+    Args:
+        run_dir: run folder (checkpoints go to ``run_dir/checkpoints``).
+        model: compiled Keras model; its optimizer's variables are saved with the weights.
+        state: JSON-serialisable training state; must hold ``epoch`` (number of completed epochs).
+        keep: number of most recent checkpoints kept (older ones are deleted after the new
+            one is complete).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{int(state['epoch']):04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=root))
+    try:
+        model.save_weights(tmp / WEIGHTS)
+        atomic_write_json(tmp / STATE, state)
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # same epoch saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    _fsync_dir(root)
+    complete = sorted(p for p in root.glob("epoch-*") if p.is_dir() and ".tmp-" not in p.name)
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("epoch-*.tmp-*"):  # leftovers of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of ``run_dir``, or None if there is none.
+
+    Reads ``checkpoints/latest``; if it is missing or names a folder that is gone, falls back to
+    the highest-numbered complete ``epoch-*`` folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / WEIGHTS).is_file() and (candidate / STATE).is_file():
+            return candidate
+    complete = sorted(
+        p for p in root.glob("epoch-*")
+        if p.is_dir() and ".tmp-" not in p.name and (p / WEIGHTS).is_file() and (p / STATE).is_file()
+    )
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, model) -> dict[str, Any]:
+    """Restore weights and optimizer state into ``model`` (compiled, same architecture).
+
+    Returns:
+        The saved training state dict.
+
+    Raises:
+        InputError: the checkpoint files are missing or do not match the model.
+    """
+    checkpoint = Path(checkpoint)
+    state_path = checkpoint / STATE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(state_path, "a training state JSON file", f"an unreadable file ({exc})") from exc
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        # Optimizer variables must exist before their saved values can be loaded into them.
+        optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(checkpoint / WEIGHTS)
+    except Exception as exc:  # h5py / Keras raise several types for a mismatched file
+        raise InputError(
+            checkpoint / WEIGHTS,
+            "weights of the same model architecture and optimizer",
+            f"an incompatible or damaged file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+        ) from exc
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    # Persist the directory entry itself (a rename is durable only after its folder is synced).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,396 @@
+"""The Plan: every preprocessing decision, fitted once on the training set (the fingerprint).
+
+Training writes the Plan into the bundle and inference reads it back, so both apply the same
+orientation, slice axis, in-plane spacing and normalization. :func:`make_plan` derives it from
+the data the way nnU-Net's "dataset fingerprint" does:
+
+- ``orientation``: ``"RAS"`` (every volume is reoriented, exactly, by axis permutation/flip).
+- ``slice_axis``: the array axis (after reorientation) with the largest median spacing, so 2D
+  slices are the high-resolution planes; ties go to axis 2 (axial).
+- ``target_spacing_mm``: median in-plane spacing over the cases (nnU-Net's choice: most cases
+  need little resampling, none is badly down-sampled).
+- ``normalization``: CT -> a fixed HU window ``[-1000, 400]`` widened, if needed, to the lesions'
+  0.5/99.5 percentiles (so no lesion intensity is clipped while lung and soft tissue keep their
+  contrast); MR and others -> per-volume z-score over the body after clipping to the volume's
+  0.5/99.5 body percentiles (MR intensities have no absolute scale, so dataset statistics would
+  not transfer between scanners).
+- ``patch_size``: the median resampled in-plane size rounded up to ``divisor``, at most 256.
+- ``lesion_fraction``: 0.5 (see ``docs/pipeline.md`` for the reasoning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.transforms.intensity import body_mask, check_normalization
+from medseg.transforms.slicing import largest_spacing_axis
+from medseg.transforms.spatial import reorient_array, reorientation
+
+__all__ = ["Plan", "make_plan", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION", "PLAN_VERSION"]
+
+PLAN_VERSION = 1
+DEFAULT_CT_WINDOW_HU = (-1000.0, 400.0)
+#: Fraction of patches centred on a lesion (nnU-Net forces 1/3 foreground, MONAI's pos:neg=1:1 is 1/2).
+DEFAULT_LESION_FRACTION = 0.5
+DEFAULT_PATCH = 256
+#: Voxels sampled per case for the intensity fingerprint (nnU-Net uses 10 000 foreground voxels).
+_SAMPLES_PER_CASE = 10_000
+
+
+def _zscore_mr() -> dict:
+    return {"kind": "zscore", "mean": None, "std": None, "clip_low": None, "clip_high": None,
+            "clip_percentiles": [0.5, 99.5], "region": "body"}
+
+
+@dataclass
+class Plan:
+    """Preprocessing decisions shared by training and inference (see module docstring).
+
+    Attributes:
+        modality: ``"CT"``, ``"MR"``, ... (CT enables HU-based body masks).
+        orientation: canonical axis codes every volume is reoriented to.
+        slice_axis: array axis (after reorientation) along which 2D slices are taken.
+        target_spacing_mm: in-plane spacing (mm) for the two non-slice axes, in array order, or
+            ``None`` to keep each volume's own spacing.
+        normalization: see :mod:`medseg.transforms.intensity`.
+        context_slices: odd number of neighbouring slices given as channels (1 = plain 2D).
+        patch_size: training patch (H, W) in plan space; multiples of ``divisor``.
+        lesion_fraction: fraction of training patches centred on a lesion.
+        num_classes: 2 (background, lesion).
+        divisor: the network's size multiple, ``2 ** depth``.
+        fingerprint: dataset statistics the decisions came from (informative only).
+        version: Plan format version.
+
+    Raises:
+        ValueError: on inconsistent fields (message names the field and the value found).
+    """
+
+    modality: str = "CT"
+    orientation: str = "RAS"
+    slice_axis: int = 2
+    target_spacing_mm: tuple[float, float] | None = None
+    normalization: dict = field(default_factory=lambda: {
+        "kind": "ct_window", "low_hu": DEFAULT_CT_WINDOW_HU[0], "high_hu": DEFAULT_CT_WINDOW_HU[1]})
+    context_slices: int = 1
+    patch_size: tuple[int, int] = (DEFAULT_PATCH, DEFAULT_PATCH)
+    lesion_fraction: float = DEFAULT_LESION_FRACTION
+    num_classes: int = 2
+    divisor: int = 16
+    fingerprint: dict = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.modality = str(self.modality)
+        reorientation(np.eye(4), (1, 1, 1), self.orientation)  # validates the axis codes
+        self.orientation = str(self.orientation).upper()
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"Plan.slice_axis must be 0, 1 or 2, found {self.slice_axis!r}")
+        self.slice_axis = int(self.slice_axis)
+        if self.target_spacing_mm is not None:
+            ts = tuple(float(v) for v in self.target_spacing_mm)
+            if len(ts) != 2 or min(ts) <= 0 or not all(math.isfinite(v) for v in ts):
+                raise ValueError(f"Plan.target_spacing_mm must be None or two positive numbers, "
+                                 f"found {self.target_spacing_mm!r}")
+            self.target_spacing_mm = ts
+        self.normalization = check_normalization(self.normalization)
+        if int(self.context_slices) != self.context_slices or self.context_slices < 1 or self.context_slices % 2 == 0:
+            raise ValueError(f"Plan.context_slices must be a positive odd integer, found {self.context_slices!r}")
+        self.context_slices = int(self.context_slices)
+        if int(self.divisor) != self.divisor or self.divisor < 1:
+            raise ValueError(f"Plan.divisor must be a positive integer, found {self.divisor!r}")
+        self.divisor = int(self.divisor)
+        ps = tuple(int(v) for v in self.patch_size)
+        if len(ps) != 2 or min(ps) < 1 or any(v % self.divisor for v in ps):
+            raise ValueError(f"Plan.patch_size must be two positive multiples of divisor={self.divisor}, "
+                             f"found {self.patch_size!r}")
+        self.patch_size = ps
+        if not 0.0 <= float(self.lesion_fraction) <= 1.0:
+            raise ValueError(f"Plan.lesion_fraction must lie in [0, 1], found {self.lesion_fraction!r}")
+        self.lesion_fraction = float(self.lesion_fraction)
+        if int(self.num_classes) != self.num_classes or self.num_classes < 2:
+            raise ValueError(f"Plan.num_classes must be an integer >= 2, found {self.num_classes!r}")
+        self.num_classes = int(self.num_classes)
+
+    # --- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["target_spacing_mm"] = None if self.target_spacing_mm is None else list(self.target_spacing_mm)
+        return json.loads(json.dumps(d, default=_json_default))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: on unknown keys or a newer Plan version.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown Plan fields {unknown}; known fields: {sorted(names)}")
+        if int(data.get("version", PLAN_VERSION)) > PLAN_VERSION:
+            raise ValueError(f"Plan version {data['version']} is newer than this medseg understands ({PLAN_VERSION})")
+        kwargs = dict(data)
+        if kwargs.get("patch_size") is not None:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "Plan":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the Plan as JSON, atomically (temporary file + ``os.replace``)."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read a Plan written by :meth:`save`.
+
+        Raises:
+            InputError: if the file is missing, not JSON, or not a valid Plan.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(path, "a Plan JSON file", "no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(path, "a Plan JSON file", f"unreadable JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise InputError(path, "a Plan JSON object", f"a JSON {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise InputError(path, "a valid Plan", str(e)) from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (Path, os.PathLike)):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --- fingerprint ---------------------------------------------------------------------------
+def _load_pair(item: Any):
+    """(image Volume, label Volume or None) from a Case, dict, tuple, Volume or path."""
+    from medseg.io.volume import Volume
+
+    def read(x):
+        if x is None or isinstance(x, Volume):
+            return x
+        from medseg.io import read_volume  # io is a lower layer; imported late so plan.py loads without it
+
+        return read_volume(x)
+
+    if isinstance(item, Volume):
+        return item, None
+    if isinstance(item, Mapping):
+        return read(item["image"]), read(item.get("label"))
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return read(item[0]), read(item[1])
+    if hasattr(item, "image_path"):
+        return read(item.image_path), read(getattr(item, "label_path", None))
+    if isinstance(item, (str, os.PathLike)):
+        return read(item), None
+    raise TypeError(f"make_plan expects Cases, Volumes, (image, label) pairs or dicts, found {type(item).__name__}")
+
+
+def _guess_modality(image, rng: np.random.Generator) -> str:
+    modality = str(image.meta.get("modality") or "").upper()
+    if modality in ("CT", "MR", "PT", "US"):
+        return modality
+    if modality == "MRI":
+        return "MR"
+    # Without a header: CT stores air at about -1000 HU, other modalities are non-negative.
+    flat = image.array.ravel()
+    sample = flat[rng.integers(0, flat.size, size=min(flat.size, 100_000))]
+    return "CT" if np.percentile(sample, 1) < -900 else "MR"
+
+
+def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
+    from scipy import ndimage
+
+    reo = reorientation(image.affine, image.shape, orientation)
+    arr = reorient_array(np.asarray(image.array), reo)
+    spacing = np.linalg.norm(reo.output_affine[:3, :3], axis=0)
+    modality = _guess_modality(image, rng)
+    body = body_mask(arr, modality)
+    body_vals = arr[body]
+    body_vals = body_vals[rng.integers(0, body_vals.size, size=min(body_vals.size, _SAMPLES_PER_CASE))]
+    entry: dict[str, Any] = {
+        "case_id": image.case_id,
+        "shape": list(arr.shape),
+        "spacing_mm": [float(s) for s in spacing],
+        "modality": modality,
+        "original_orientation": image.orientation,
+        "body_fraction": float(body.mean()),
+    }
+    fg_vals = np.zeros(0, dtype=np.float64)
+    if label is not None:
+        if label.shape != image.shape:
+            raise InputError(label.meta.get("source_path") or label.case_id, f"a label of shape {image.shape}",
+                             f"shape {label.shape}")
+        lab = reorient_array(np.asarray(label.array), reo) > 0
+        n_vox = int(lab.sum())
+        comps, n_comp = ndimage.label(lab)
+        sizes = np.bincount(comps.ravel())[1:] if n_comp else np.zeros(0, int)
+        entry["lesion"] = {
+            "voxels": n_vox,
+            "volume_ml": float(n_vox * abs(np.linalg.det(reo.output_affine[:3, :3])) / 1000.0),
+            "components": int(n_comp),
+            "component_voxels": [int(s) for s in sorted(sizes.tolist(), reverse=True)[:20]],
+            "fraction": float(n_vox / lab.size),
+            # Per array axis: how many slices along that axis contain lesion.
+            "slices_with_lesion": [int(np.any(lab, axis=tuple(a for a in range(3) if a != ax)).sum())
+                                   for ax in range(3)],
+        }
+        if n_vox:
+            fg = arr[lab]
+            fg_vals = fg[rng.integers(0, fg.size, size=min(fg.size, _SAMPLES_PER_CASE))].astype(np.float64)
+    return entry, body_vals.astype(np.float64), fg_vals
+
+
+def _stats(values: np.ndarray) -> dict | None:
+    if values.size == 0:
+        return None
+    p = np.percentile(values, [0.5, 50, 99.5])
+    return {"p0_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2]),
+            "mean": float(values.mean()), "std": float(values.std()), "n_samples": int(values.size)}
+
+
+def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] | None = None,
+              seed: int = 0) -> Plan:
+    """Fit a :class:`Plan` to a training set (the dataset fingerprint).
+
+    Args:
+        cases_or_volumes: ``medseg.io.dataset.Case`` objects (files are read with
+            ``medseg.io.read_volume``), ``{"image": ..., "label": ...}`` dicts or ``(image, label)``
+            pairs of Volumes or paths, or image Volumes alone (no lesion statistics).
+        overrides: Plan fields to set instead of the fitted value (e.g. ``{"context_slices": 3}``).
+            A given ``slice_axis`` is used when choosing in-plane spacing and patch size.
+        seed: seeds the voxel subsampling of the intensity statistics (results are reproducible).
+
+    Returns:
+        The Plan, with ``fingerprint`` holding per-case and pooled statistics.
+
+    Raises:
+        ValueError: if there are no cases, an override names an unknown field, or modalities mix.
+        InputError: if a label's shape differs from its image's.
+    """
+    overrides = dict(overrides or {})
+    names = {f.name for f in dataclasses.fields(Plan)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown Plan fields in overrides: {unknown}; known fields: {sorted(names)}")
+    rng = np.random.default_rng(seed)
+    orientation = str(overrides.get("orientation", "RAS"))
+    entries, body_all, fg_all = [], [], []
+    for item in cases_or_volumes:
+        image, label = _load_pair(item)
+        entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng)
+        entries.append(entry)
+        body_all.append(body_vals)
+        fg_all.append(fg_vals)
+    if not entries:
+        raise ValueError("make_plan needs at least one case, found none")
+
+    modalities = sorted({e["modality"] for e in entries})
+    if "modality" in overrides:
+        modality = str(overrides["modality"]).upper()
+    elif len(modalities) == 1:
+        modality = modalities[0]
+    else:
+        raise ValueError(f"cases mix modalities {modalities}; pass overrides={{'modality': ...}} to choose one")
+
+    spacings = np.array([e["spacing_mm"] for e in entries])
+    median_spacing = np.median(spacings, axis=0)
+    slice_axis = int(overrides.get("slice_axis", largest_spacing_axis(median_spacing)))
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"Plan.slice_axis must be 0, 1 or 2, found {slice_axis!r}")
+    inplane = [a for a in range(3) if a != slice_axis]
+    # When every case already has the median spacing, resampling is skipped (identity grid).
+    target_spacing = overrides.get("target_spacing_mm", tuple(float(v) for v in median_spacing[inplane]))
+
+    body = np.concatenate(body_all)
+    fg = np.concatenate(fg_all)
+    body_stats, fg_stats = _stats(body), _stats(fg)
+    if modality == "CT":
+        low, high = DEFAULT_CT_WINDOW_HU
+        if fg_stats is not None:
+            low, high = min(low, fg_stats["p0_5"]), max(high, fg_stats["p99_5"])
+        normalization = {"kind": "ct_window", "low_hu": float(low), "high_hu": float(high)}
+    else:
+        normalization = _zscore_mr()
+    normalization = overrides.get("normalization", normalization)
+
+    divisor = int(overrides.get("divisor", 16))
+    spacing_for_size = np.asarray(target_spacing if target_spacing is not None else median_spacing[inplane])
+    sizes = np.array([[e["shape"][a] * e["spacing_mm"][a] for a in inplane] for e in entries])
+    median_hw = np.median(sizes, axis=0) / spacing_for_size
+    patch = tuple(int(min(DEFAULT_PATCH, max(divisor, math.ceil(v / divisor) * divisor))) for v in median_hw)
+    patch = overrides.get("patch_size", patch)
+
+    lesion_entries = [e["lesion"] for e in entries if "lesion" in e]
+    lesion_summary = None
+    if lesion_entries:
+        n_slices = [e["shape"][slice_axis] for e in entries if "lesion" in e]
+        with_lesion = [le["slices_with_lesion"][slice_axis] for le in lesion_entries]
+        lesion_summary = {
+            "cases": len(lesion_entries),
+            "cases_without_lesion": sum(1 for le in lesion_entries if le["voxels"] == 0),
+            "median_volume_ml": float(np.median([le["volume_ml"] for le in lesion_entries])),
+            "components_total": int(sum(le["components"] for le in lesion_entries)),
+            "median_voxel_fraction": float(np.median([le["fraction"] for le in lesion_entries])),
+            "slice_fraction_with_lesion": float(sum(with_lesion) / max(1, sum(n_slices))),
+        }
+    fingerprint = {
+        "n_cases": len(entries),
+        "modalities": modalities,
+        "median_spacing_mm": [float(v) for v in median_spacing],
+        "intensity_body": body_stats,
+        "intensity_foreground": fg_stats,
+        "lesion": lesion_summary,
+        "cases": entries,
+    }
+    fields = {
+        "modality": modality,
+        "orientation": orientation,
+        "slice_axis": slice_axis,
+        "target_spacing_mm": target_spacing,
+        "normalization": normalization,
+        "context_slices": overrides.get("context_slices", 1),
+        "patch_size": patch,
+        "lesion_fraction": overrides.get("lesion_fraction", DEFAULT_LESION_FRACTION),
+        "num_classes": overrides.get("num_classes", 2),
+        "divisor": divisor,
+        "fingerprint": overrides.get("fingerprint", fingerprint),
+    }
+    return Plan(**fields)

@@ -1,0 +1,211 @@
+"""Volume -> plan space and back: the one preprocessing path shared by training and inference.
+
+``preprocess_image`` reorients (exact), takes the slice axis first, resamples in-plane to the
+Plan's spacing (SimpleITK, linear) and normalizes. ``preprocess_label`` does the same geometry
+with nearest neighbour. ``restore`` maps a stack of per-slice predictions back onto the input
+volume's own grid: same shape, same affine, same case id and metadata.
+
+Example:
+    >>> prepared = preprocess_image(volume, plan)
+    >>> x = prepared.slices(0, prepared.n_slices)          # (n, H, W, context) float32
+    >>> probs = model.predict(x)[..., 1]                   # (n, H, W)
+    >>> restore(prepared, probs)                           # Volume on volume's grid
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medseg.io.volume import Volume
+from medseg.transforms.intensity import body_mask, normalize
+from medseg.transforms.slicing import context_slices, from_stack, to_stack
+from medseg.transforms.spatial import (
+    InPlaneGrid,
+    Reorientation,
+    inplane_grid,
+    reorient_array,
+    reorientation,
+    resample_inplane,
+)
+
+__all__ = ["Prepared", "Inverse", "preprocess_image", "preprocess_label", "restore", "plan_geometry"]
+
+
+@dataclass(frozen=True, eq=False)
+class Inverse:
+    """What :func:`restore` needs to go back to the input grid.
+
+    Attributes:
+        shape: input array shape.
+        affine: input affine (4x4, RAS+ mm), returned unchanged by ``restore``.
+        case_id: input case id.
+        meta: input metadata.
+        reorientation: the exact axis permutation/flip to the Plan orientation.
+        slice_axis: array axis (after reorientation) taken as slices.
+        grid: the in-plane resampling.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    case_id: str
+    meta: dict
+    reorientation: Reorientation
+    slice_axis: int
+    grid: InPlaneGrid
+
+    @property
+    def plan_affine(self) -> np.ndarray:
+        """4x4 map from plan-space indices ``(slice, h, w)`` to world RAS+ mm."""
+        inplane = [a for a in range(3) if a != self.slice_axis]
+        m = self.grid.index_matrix()
+        p = np.zeros((4, 4))
+        p[3, 3] = 1.0
+        p[self.slice_axis, 0] = 1.0
+        p[inplane[0], 1], p[inplane[0], 3] = m[0, 0], m[0, 2]
+        p[inplane[1], 2], p[inplane[1], 3] = m[1, 1], m[1, 2]
+        return self.reorientation.output_affine @ p
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A volume in plan space.
+
+    Attributes:
+        array: float32 ``(n_slices, H, W)``, normalized.
+        inverse: geometry needed by :func:`restore`.
+        context_slices: channels returned by :meth:`slices` (the Plan's).
+        body: optional boolean ``(n_slices, H, W)`` body mask (for sampling inside the body).
+    """
+
+    array: np.ndarray
+    inverse: Inverse
+    context_slices: int = 1
+    body: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def case_id(self) -> str:
+        return self.inverse.case_id
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 plan-space index ``(slice, h, w)`` -> world RAS+ mm."""
+        return self.inverse.plan_affine
+
+    def slices(self, start: int, stop: int) -> np.ndarray:
+        """Slices ``start..stop-1`` with 2.5D context: float32 ``(stop - start, H, W, context_slices)``.
+
+        Neighbours beyond the first/last slice repeat the edge slice.
+
+        Raises:
+            IndexError: unless ``0 <= start <= stop <= n_slices``.
+        """
+        if not 0 <= start <= stop <= self.n_slices:
+            raise IndexError(f"{self.case_id}: slice range [{start}, {stop}) outside [0, {self.n_slices}]")
+        return context_slices(self.array, np.arange(start, stop), self.context_slices)
+
+
+def plan_geometry(volume: Volume, plan: Any) -> tuple[Reorientation, InPlaneGrid]:
+    """The reorientation and in-plane grid ``plan`` implies for ``volume``."""
+    reo = reorientation(volume.affine, volume.shape, plan.orientation)
+    spacing = np.linalg.norm(reo.output_affine[:3, :3], axis=0)
+    inplane = [a for a in range(3) if a != plan.slice_axis]
+    hw = tuple(reo.output_shape[a] for a in inplane)
+    grid = inplane_grid(hw, tuple(spacing[inplane]), plan.target_spacing_mm)
+    return reo, grid
+
+
+def _to_plan_space(array: np.ndarray, reo: Reorientation, grid: InPlaneGrid, slice_axis: int,
+                   nearest: bool) -> np.ndarray:
+    stack = to_stack(reorient_array(array, reo), slice_axis)
+    stack = np.ascontiguousarray(stack)
+    return resample_inplane(stack, grid, nearest=nearest)
+
+
+def preprocess_image(volume: Volume, plan: Any, *, with_body: bool = False) -> Prepared:
+    """Reorient, slice-first, resample in-plane (linear) and normalize ``volume``.
+
+    Args:
+        volume: the image.
+        plan: a :class:`medseg.data.plan.Plan`.
+        with_body: also compute the body mask in plan space (``Prepared.body``), used by
+            training to draw random patches inside the body.
+
+    Returns:
+        :class:`Prepared` with ``array`` float32 ``(n_slices, H, W)``.
+    """
+    reo, grid = plan_geometry(volume, plan)
+    raw = np.asarray(volume.array)
+    if raw.dtype == np.bool_:
+        raw = raw.astype(np.uint8)
+    stack = _to_plan_space(raw, reo, grid, plan.slice_axis, nearest=False)
+    body = body_mask(stack, plan.modality)
+    # Normalization after resampling: the body mask and percentiles are then computed on the
+    # exact voxels the network sees, at training and inference alike.
+    array = normalize(stack, plan.normalization, modality=plan.modality, body=body)
+    inverse = Inverse(volume.shape, volume.affine.copy(), volume.case_id, dict(volume.meta), reo,
+                      plan.slice_axis, grid)
+    return Prepared(np.ascontiguousarray(array, dtype=np.float32), inverse, plan.context_slices,
+                    body if with_body else None)
+
+
+def preprocess_label(volume: Volume, plan: Any) -> np.ndarray:
+    """The label map in plan space: uint8 ``(n_slices, H, W)``, nearest neighbour.
+
+    Values are rounded to integers; with ``plan.num_classes == 2`` every nonzero value is lesion
+    (1), so masks stored as 0/255 or with several lesion codes work unchanged.
+
+    Raises:
+        ValueError: if a value is negative or, with more than 2 classes, ``>= num_classes``.
+    """
+    lab = np.rint(np.asarray(volume.array, dtype=np.float64)) if not np.issubdtype(
+        np.asarray(volume.array).dtype, np.integer) else np.asarray(volume.array)
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"{volume.case_id}: label values must be >= 0, found minimum {lab.min()}")
+    if plan.num_classes == 2:
+        lab = (lab > 0).astype(np.uint8)
+    else:
+        if lab.size and lab.max() >= plan.num_classes:
+            raise ValueError(f"{volume.case_id}: label values must be < num_classes={plan.num_classes}, "
+                             f"found maximum {lab.max()}")
+        lab = lab.astype(np.uint8)
+    reo, grid = plan_geometry(volume, plan)
+    return np.ascontiguousarray(_to_plan_space(lab, reo, grid, plan.slice_axis, nearest=True), dtype=np.uint8)
+
+
+def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
+    """Map a plan-space stack back onto the grid of the volume ``prepared`` came from.
+
+    Args:
+        prepared: from :func:`preprocess_image`.
+        stack: ``(n_slices, H, W)`` in plan space; floats (probabilities) are resampled linearly
+            (float32 result), integer/bool (class maps) by nearest neighbour (dtype kept).
+
+    Returns:
+        A Volume with exactly the input's shape, affine, case id and metadata.
+
+    Raises:
+        ValueError: if ``stack``'s shape is not ``prepared.array``'s.
+    """
+    stack = np.asarray(stack)
+    if stack.shape != prepared.array.shape:
+        raise ValueError(f"{prepared.case_id}: restore expects a stack of shape {prepared.array.shape}, "
+                         f"found {stack.shape}")
+    inv = prepared.inverse
+    nearest = stack.dtype == np.bool_ or np.issubdtype(stack.dtype, np.integer)
+    data = stack.astype(np.uint8) if stack.dtype == np.bool_ else stack
+    back = resample_inplane(np.ascontiguousarray(data), inv.grid, nearest=nearest, inverse=True)
+    array = reorient_array(np.ascontiguousarray(from_stack(back, inv.slice_axis)), inv.reorientation, inverse=True)
+    if stack.dtype == np.bool_:
+        array = array.astype(bool)
+    return Volume(array, inv.affine.copy(), inv.case_id, dict(inv.meta))

@@ -1,0 +1,272 @@
+"""Spatial, intensity, slicing and preprocess/restore: hand-checked values and real NRRD files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.data.plan import Plan
+from medseg.io.volume import Volume
+from medseg.transforms.intensity import (
+    body_mask,
+    check_normalization,
+    ct_window,
+    normalize,
+    otsu_threshold,
+    percentile_clip,
+    zscore,
+)
+from medseg.transforms.preprocess import preprocess_image, preprocess_label, restore
+from medseg.transforms.slicing import context_offsets, context_slices, from_stack, largest_spacing_axis, to_stack
+from medseg.transforms.spatial import inplane_grid, reorient_array, reorientation, resample_inplane
+
+NRRD = Path(__file__).parent / "data" / "nrrd"
+
+
+def read_nrrd(name: str) -> Volume:
+    """Independent reader (SimpleITK LPS -> RAS by hand), so these tests do not depend on medseg.io."""
+    img = sitk.ReadImage(str(NRRD / name))
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    aff = np.eye(4)
+    aff[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    aff[:3, 3] = img.GetOrigin()
+    return Volume(arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff, name.split("_")[0], {"modality": "MR"})
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+# --- intensity -----------------------------------------------------------------------------
+def test_ct_window_hand_values():
+    out = ct_window(np.array([-1200, -1000, -300, 400, 900]), -1000, 400)
+    np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1])
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="high_hu > low_hu"):
+        ct_window(np.zeros(3), 400, 400)
+
+
+def test_zscore_hand_values_and_mask():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    # Over the first four: mean 2.5, std sqrt(1.25).
+    out = zscore(x, mask=np.array([1, 1, 1, 1, 0], bool))
+    np.testing.assert_allclose(out[:4], (np.array([1, 2, 3, 4]) - 2.5) / np.sqrt(1.25), rtol=1e-6)
+    np.testing.assert_allclose(zscore(x, mean=1.0, std=2.0), (x - 1) / 2)
+    assert np.all(zscore(np.full(4, 7.0)) == 0)  # constant: std 0 -> 1, no NaN
+
+
+def test_percentile_clip_hand_values():
+    x = np.arange(101, dtype=np.float32)  # percentile p of 0..100 is p itself
+    out = percentile_clip(x, 10, 90)
+    np.testing.assert_allclose(out[[0, 10, 50, 90, 100]], [0, 0, 0.5, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(percentile_clip(x, 10, 90, scale=False)[[0, 50, 100]], [10, 50, 90])
+    with pytest.raises(ValueError, match="0 <= low < high <= 100"):
+        percentile_clip(x, 90, 10)
+
+
+def test_otsu_and_body_mask():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(10, 2, 5000), rng.normal(100, 5, 5000)])
+    t = otsu_threshold(x)
+    assert x[:5000].max() < t < x[5000:].min()  # separates the two modes
+    assert 40 < t < 70  # and sits mid-gap, not at the edge of the dark mode
+    ct = np.array([[[-1000, -600, -400, 40]]])
+    np.testing.assert_array_equal(body_mask(ct, "CT"), [[[False, False, True, True]]])
+    assert body_mask(np.zeros((2, 2, 2)), "MR").all()  # constant image: everything is body
+
+
+def test_normalize_zscore_per_volume_over_body():
+    x = np.zeros((1, 1, 8), np.float32)
+    x[..., 4:] = [10, 20, 30, 40]
+    body = x > 0
+    out = normalize(x, {"kind": "zscore", "clip_percentiles": [0, 100]}, body=body)
+    np.testing.assert_allclose(out[..., 4:].ravel(), (np.array([10, 20, 30, 40]) - 25) / np.sqrt(125), rtol=1e-5)
+    # Fixed parameters from a dataset fingerprint (CT style): clip then (x - mean) / std.
+    fixed = normalize(x, {"kind": "zscore", "mean": 20, "std": 10, "clip_low": 0, "clip_high": 30})
+    np.testing.assert_allclose(fixed[..., 4:].ravel(), [-1, 0, 1, 1])
+    pct = normalize(np.arange(101.0).reshape(1, 1, -1), {"kind": "percentile", "low": 0, "high": 50})
+    assert pct[0, 0, 25] == pytest.approx(0.5) and pct[0, 0, 100] == 1
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"kind": "gauss"}, "kind must be one of"),
+        ("ct", "must be a dict"),
+        ({"kind": "ct_window", "low_hu": 0}, "needs 'low_hu' and 'high_hu'"),
+        ({"kind": "ct_window", "low_hu": 5, "high_hu": 1}, "high_hu > low_hu"),
+        ({"kind": "zscore", "clip_percentiles": [50, 10]}, "clip_percentiles"),
+        ({"kind": "zscore", "region": "lung"}, "region must be"),
+        ({"kind": "percentile", "low_pct": 60, "high_pct": 50}, "low_pct < high_pct"),
+    ],
+)
+def test_check_normalization_rejects(spec, match):
+    with pytest.raises(ValueError, match=match):
+        check_normalization(spec)
+
+
+# --- reorientation -------------------------------------------------------------------------
+def test_reorient_brain1_lps_to_ras_exact():
+    vol = read_nrrd("brain1_image.nrrd")
+    # NRRD direction diag(1, -1, 1) in LPS is diag(-1, 1, 1) in RAS: axis 0 points Left.
+    assert vol.orientation == "LAS"
+    reo = reorientation(vol.affine, vol.shape, "RAS")
+    out = reorient_array(vol.array, reo)
+    np.testing.assert_array_equal(out, vol.array[::-1])
+    assert "".join(nib.aff2axcodes(reo.output_affine)) == "RAS"
+    # The same voxel content sits at the same world point.
+    ijk = np.array([[3, 7, 11], [200, 5, 0]])
+    ijk_out = np.array([[255 - 3, 7, 11], [255 - 200, 5, 0]])
+    np.testing.assert_allclose(vol.world_of(ijk), (np.c_[ijk_out, np.ones(2)] @ reo.output_affine.T)[:, :3])
+    np.testing.assert_array_equal(reorient_array(out, reo, inverse=True), vol.array)
+    assert not reo.is_identity and reorientation(reo.output_affine, out.shape).is_identity
+
+
+def test_reorient_permutation_and_errors():
+    aff = np.array([[0, 0, 2.0, 0], [-1.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])  # axes -> A? P, S, R
+    arr = np.arange(24).reshape(2, 3, 4)
+    reo = reorientation(aff, arr.shape, "RAS")
+    assert reo.output_shape == (4, 2, 3)
+    out = reorient_array(arr, reo)
+    assert out.shape == (4, 2, 3)
+    np.testing.assert_array_equal(reorient_array(out, reo, inverse=True), arr)
+    with pytest.raises(ValueError, match="one of each pair"):
+        reorientation(aff, arr.shape, "RRS")
+    with pytest.raises(ValueError, match="planned for shape"):
+        reorient_array(np.zeros((3, 3, 3)), reo)
+
+
+# --- in-plane resampling ---------------------------------------------------------------------
+def test_inplane_grid_centred_and_errors():
+    g = inplane_grid((10, 20), (1.0, 0.5), (2.0, 1.0))
+    assert g.output_hw == (5, 10)
+    # FOV centre: input (4.5, 9.5) px == output (2, 4.5) px.
+    np.testing.assert_allclose(g.index_matrix() @ [2, 4.5, 1], [4.5, 9.5, 1])
+    assert inplane_grid((10, 20), (1.0, 0.5), None).is_identity
+    with pytest.raises(ValueError, match="two positive numbers"):
+        inplane_grid((10, 20), (1.0, 0.5), (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"expected a stack \(n, 10, 20\)"):
+        resample_inplane(np.zeros((2, 5, 5)), g)
+
+
+def test_resample_linear_ramp_is_exact():
+    """A ramp in mm stays a ramp: linear resampling of a linear function is exact (oracle: geometry)."""
+    h, w = 30, 40
+    hh, ww = np.meshgrid(np.arange(h) * 0.7, np.arange(w) * 1.3, indexing="ij")
+    stack = np.stack([hh + 2 * ww + s for s in range(3)]).astype(np.float32)
+    g = inplane_grid((h, w), (0.7, 1.3), (1.0, 1.0))
+    out = resample_inplane(stack, g)
+    m = g.index_matrix()
+    oh, ow = np.meshgrid(np.arange(g.output_hw[0]), np.arange(g.output_hw[1]), indexing="ij")
+    src_h, src_w = m[0, 0] * oh + m[0, 2], m[1, 1] * ow + m[1, 2]
+    inside = (src_h >= 0) & (src_h <= h - 1) & (src_w >= 0) & (src_w <= w - 1)
+    expected = src_h * 0.7 + 2 * src_w * 1.3
+    np.testing.assert_allclose(out[1][inside], expected[inside] + 1, atol=1e-3)
+    assert np.isfinite(out).all() and out.min() >= stack.min() - 1e-4  # borders edge-replicated, no 0 fill
+
+
+# --- slicing -------------------------------------------------------------------------------
+def test_slicing_inverse_and_context_edges():
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for axis in range(3):
+        st = to_stack(arr, axis)
+        assert st.shape[0] == arr.shape[axis]
+        np.testing.assert_array_equal(from_stack(st, axis), arr)
+    stack = np.broadcast_to(np.arange(5, dtype=np.float32)[:, None, None], (5, 2, 2))
+    out = context_slices(stack, [0, 2, 4], 3)
+    assert out.shape == (3, 2, 2, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0, 0, :], [[0, 0, 1], [1, 2, 3], [3, 4, 4]])
+    np.testing.assert_array_equal(context_slices(stack, [4], 5)[0, 0, 0], [2, 3, 4, 4, 4])
+    assert largest_spacing_axis([0.8, 0.8, 5.0]) == 2 and largest_spacing_axis([3.0, 1, 1]) == 0
+    assert largest_spacing_axis([1, 1, 1]) == 2
+    with pytest.raises(ValueError, match="positive odd integer"):
+        context_offsets(2)
+    with pytest.raises(IndexError, match=r"must lie in \[0, 5\)"):
+        context_slices(stack, [5], 1)
+    with pytest.raises(ValueError, match="expected a 3D array"):
+        to_stack(arr, 3)
+    with pytest.raises(ValueError, match="expected a 3D stack"):
+        from_stack(arr[0], 0)
+
+
+# --- preprocess / restore --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def brain1():
+    return read_nrrd("brain1_image.nrrd"), read_nrrd("brain1_label.nrrd")
+
+
+def mr_plan(**kw) -> Plan:
+    base = dict(modality="MR", normalization={"kind": "zscore"}, patch_size=(64, 64))
+    base.update(kw)
+    return Plan(**base)
+
+
+def test_preprocess_restore_resampled_exact_grid(brain1):
+    image, label = brain1
+    plan = mr_plan(target_spacing_mm=(1.0, 1.0), context_slices=3)
+    prep = preprocess_image(image, plan, with_body=True)
+    assert prep.array.shape == (25, 200, 200) and prep.array.dtype == np.float32
+    assert prep.body.shape == prep.array.shape and prep.body.dtype == bool
+    lab = preprocess_label(label, plan)
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) == {0, 1}
+    # Lesion volume is preserved to a few percent (4137 voxels of 0.78^2 x 6.5 mm = 16.4 ml).
+    assert lab.sum() * 1.0 * 6.5 / 1000 == pytest.approx(16.41, rel=0.05)
+    back = restore(prep, lab.astype(np.float32))
+    assert back.shape == image.shape and np.array_equal(back.affine, image.affine)
+    assert back.case_id == image.case_id and back.meta == image.meta
+    assert dice(back.array > 0.5, label.array > 0) > 0.95
+    nearest = restore(prep, lab)
+    assert nearest.array.dtype == np.uint8 and dice(nearest.array, label.array) > 0.95
+    # Plan-space affine: world of plan voxel (s, h, w) matches the input geometry at the FOV centre.
+    centre_in = image.world_of([(np.array(image.shape) - 1) / 2])[0]
+    centre_plan = prep.affine @ [12, 99.5, 99.5, 1]
+    np.testing.assert_allclose(centre_plan[:3], centre_in, atol=1e-6)
+    x = prep.slices(0, 2)
+    assert x.shape == (2, 200, 200, 3)
+    np.testing.assert_array_equal(x[0, ..., 0], prep.array[0])  # edge slice repeated
+    np.testing.assert_array_equal(x[1, ..., 0], prep.array[0])
+    with pytest.raises(IndexError, match=r"slice range \[20, 30\)"):
+        prep.slices(20, 30)
+    with pytest.raises(ValueError, match="restore expects a stack of shape"):
+        restore(prep, lab[:3])
+
+
+def test_preprocess_restore_identity_spacing_is_lossless(brain1):
+    image, _ = brain1
+    plan = mr_plan(target_spacing_mm=(0.78125, 0.78125), slice_axis=2)
+    prep = preprocess_image(image, plan)
+    back = restore(prep, prep.array)
+    expected = normalize(image.array[::-1], plan.normalization, modality="MR")[::-1]
+    np.testing.assert_allclose(back.array, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocess_other_slice_axis_round_trip():
+    rng = np.random.default_rng(1)
+    arr = (rng.random((12, 9, 10)) > 0.7).astype(np.uint8)
+    aff = np.array([[0, 0, -1.5, 10], [0, 2.0, 0, -3], [4.0, 0, 0, 1], [0, 0, 0, 1]])  # SAL
+    vol = Volume(arr, aff, "x", {"modality": "CT"})
+    plan = Plan(slice_axis=2, target_spacing_mm=None, patch_size=(16, 16))
+    lab = preprocess_label(vol, plan)
+    assert lab.shape == (12, 10, 9)  # RAS: axis 2 (S) came from input axis 0
+    back = restore(preprocess_image(vol, plan), lab)
+    np.testing.assert_array_equal(back.array, arr)
+    assert np.array_equal(back.affine, aff)
+
+
+def test_preprocess_label_values():
+    aff = np.eye(4)
+    plan = Plan(patch_size=(16, 16))
+    vol = Volume(np.array([0, 255, 2, 0]).reshape(1, 1, 4), aff, "m")
+    np.testing.assert_array_equal(preprocess_label(vol, plan).ravel(), [0, 1, 1, 0])
+    with pytest.raises(ValueError, match="label values must be >= 0"):
+        preprocess_label(Volume(np.full((1, 1, 2), -1), aff, "m"), plan)
+    with pytest.raises(ValueError, match="must be < num_classes=3"):
+        preprocess_label(vol, Plan(num_classes=3, patch_size=(16, 16)))
+    three = preprocess_label(Volume(np.array([0, 2, 1.2, 0]).reshape(1, 1, 4), aff, "m"),
+                             Plan(num_classes=3, patch_size=(16, 16)))
+    np.testing.assert_array_equal(three.ravel(), [0, 2, 1, 0])

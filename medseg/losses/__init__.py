@@ -1,1 +1,29 @@
-"""medseg.losses"""
+"""medseg.losses: per-sample, distribution-correct segmentation losses and hard-label metrics.
+
+Usable in any Keras 3 ``compile``/``fit`` on their own::
+
+    from medseg.losses import DiceCELoss, ForegroundDice, ForegroundFraction
+    model.compile(optimizer="adam", loss=DiceCELoss(),
+                  metrics=[ForegroundDice(), ForegroundFraction()])
+"""
+
+from medseg.losses.compound import DiceCELoss, weighted_cross_entropy
+from medseg.losses.dice import DiceLoss, FocalTverskyLoss, GeneralizedDiceLoss
+from medseg.losses.metrics import (
+    ForegroundDice,
+    ForegroundFraction,
+    LesionSliceDice,
+    TrueForegroundFraction,
+)
+
+__all__ = [
+    "DiceLoss",
+    "DiceCELoss",
+    "GeneralizedDiceLoss",
+    "FocalTverskyLoss",
+    "weighted_cross_entropy",
+    "ForegroundDice",
+    "LesionSliceDice",
+    "ForegroundFraction",
+    "TrueForegroundFraction",
+]

@@ -1,0 +1,363 @@
+"""The model bundle: a run folder holding ``model.keras`` and ``bundle.json``.
+
+``bundle.json`` records everything inference needs besides the weights, so a model always meets
+new images with the preprocessing it was trained with::
+
+    {
+      "format": "medseg-bundle", "format_version": 1,
+      "model_file": "model.keras", "model_sha256": "...",
+      "plan": {...},                       # medseg.data.plan.Plan.to_dict()
+      "classes": ["background", "lesion"],
+      "threshold": 0.5,                    # on the foreground probability
+      "head_level": null,                  # UNet++ deep-supervision head kept at inference (1..4)
+      "divisor": 16,                       # slices are padded to a multiple of this
+      "input_channels": 3,                 # = plan.context_slices (2.5D)
+      "versions": {"medseg": ..., "tensorflow": ..., "keras": ..., "numpy": ...},
+      "created": "2026-01-01T12:00:00+00:00",
+      "extra": {...}                       # free, e.g. training metrics
+    }
+
+``medseg.train`` writes bundles through :func:`save_bundle`; ``medseg.infer`` reads them with
+:func:`load_bundle`. Importing this module has no side effects (Keras and TensorFlow are imported
+inside the functions).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from medseg.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import keras
+
+    from medseg.data.plan import Plan
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+BUNDLE_FILE = "bundle.json"
+FORMAT = "medseg-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """A loaded model bundle.
+
+    Attributes:
+        run_dir: the folder the bundle was read from.
+        model: the Keras model as saved (all deep-supervision heads, if any).
+        plan: preprocessing plan the model was trained with.
+        classes: class names, index = class label (``("background", "lesion")``).
+        threshold: default threshold on the foreground probability, in ``[0, 1]``.
+        head_level: UNet++ head used at inference (pruned model), or None for the full model.
+        divisor: slice height and width are padded to a multiple of this before the model.
+        input_channels: channels the model expects (2.5D context slices).
+        info: the whole ``bundle.json`` content (versions, created, extra, ...).
+    """
+
+    run_dir: Path
+    model: "keras.Model"
+    plan: "Plan"
+    classes: tuple[str, ...] = ("background", "lesion")
+    threshold: float = 0.5
+    head_level: int | None = None
+    divisor: int = 1
+    input_channels: int = 1
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return self.run_dir / MODEL_FILE
+
+    def __repr__(self) -> str:
+        return (
+            f"Bundle(run_dir={str(self.run_dir)!r}, classes={self.classes}, threshold={self.threshold}, "
+            f"head_level={self.head_level}, divisor={self.divisor}, input_channels={self.input_channels}, "
+            f"modality={getattr(self.plan, 'modality', None)!r})"
+        )
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import medseg
+
+    return {"medseg": medseg.__version__, "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_input_channels(model: "keras.Model") -> int:
+    shape = model.inputs[0].shape if getattr(model, "inputs", None) else model.input_shape
+    channels = shape[-1]
+    if channels is None:
+        raise ValueError(f"model {model.name!r} has an undefined channel dimension in its input shape {tuple(shape)}")
+    return int(channels)
+
+
+def _model_output_classes(model: "keras.Model") -> int | None:
+    """Channels of the model's (first) output: the number of classes; None if undefined."""
+    channels = model.outputs[0].shape[-1]
+    return None if channels is None else int(channels)
+
+
+def model_divisor(model: "keras.Model") -> int:
+    """The size multiple a medseg UNet++ needs: ``2 ** depth``, from its encoder pooling layers.
+
+    ``build_unetpp`` names the encoder poolings ``x{i}_0_pool`` (``i = 1..depth``); a model
+    without them (any other architecture) gives 1, and the Plan's ``divisor`` alone decides.
+    """
+    depth = 0
+    for layer in model.layers:
+        match = re.fullmatch(r"x(\d+)_0_pool", layer.name)
+        if match:
+            depth = max(depth, int(match.group(1)))
+    return 2**depth
+
+
+def _check_settings(classes: Sequence[str], threshold: float, head_level: int | None) -> None:
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"classes must be at least two non-empty names, found {list(classes)!r}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1], found {threshold!r}")
+    if head_level is not None and (isinstance(head_level, bool) or not isinstance(head_level, int) or head_level < 1):
+        raise ValueError(f"head_level must be None or an integer >= 1, found {head_level!r}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    from medseg.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _atomic_save_model(model: "keras.Model", path: Path) -> None:
+    from medseg.io.atomic import atomic_path
+
+    # atomic_path's temp name keeps the ".keras" suffix, which Keras insists on.
+    with atomic_path(path) as tmp:
+        model.save(tmp, overwrite=True)
+
+
+# --- public API ------------------------------------------------------------------------------
+def save_bundle(
+    run_dir: str | os.PathLike,
+    model: "keras.Model",
+    plan: "Plan",
+    *,
+    classes: Sequence[str] = ("background", "lesion"),
+    threshold: float = 0.5,
+    head_level: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.keras`` and ``bundle.json`` into ``run_dir`` (created if missing).
+
+    Both files are written atomically (temporary file in ``run_dir`` + ``os.replace``), the model
+    first: a ``bundle.json`` therefore always sits next to the model it describes (its SHA-256 is
+    recorded), and a crash never leaves a half-written file. Existing files are replaced: a run
+    folder holds the latest bundle of its run.
+
+    Args:
+        run_dir: the run folder.
+        model: Keras model taking ``(B, H, W, plan.context_slices)`` float32 and returning softmax
+            probabilities ``(B, H, W, num_classes)`` (or a list of such heads).
+        plan: the preprocessing plan the model was trained with.
+        classes: class names, index = label; ``len(classes)`` must equal the model's classes.
+        threshold: default threshold on the foreground probability, in ``[0, 1]``.
+        head_level: UNet++ deep-supervision head to keep at inference (pruned model), or None.
+        extra: JSON-serializable extra information (e.g. validation metrics, epochs).
+
+    Returns:
+        Path of the written ``bundle.json``.
+
+    Raises:
+        ValueError: if the settings are invalid, the model's input channels differ from
+            ``plan.context_slices`` or ``extra`` is not JSON-serializable.
+    """
+    _check_settings(classes, threshold, head_level)
+    run_dir = Path(run_dir)
+    channels = _model_input_channels(model)
+    context = int(getattr(plan, "context_slices", channels))
+    if channels != context:
+        raise ValueError(
+            f"model {model.name!r} takes {channels} input channels but the plan has context_slices={context}"
+        )
+    n_out = _model_output_classes(model)
+    if n_out is not None and n_out != len(classes):
+        raise ValueError(f"model {model.name!r} outputs {n_out} classes but {len(classes)} class names were given: {list(classes)}")
+    plan_dict = plan.to_dict()
+    divisor = math.lcm(int(plan_dict.get("divisor") or 1), model_divisor(model))
+    try:
+        extra_dict = json.loads(json.dumps(dict(extra or {}), allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = run_dir / MODEL_FILE
+    _atomic_save_model(model, model_path)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "model_sha256": _sha256(model_path),
+        "plan": plan_dict,
+        "classes": list(classes),
+        "threshold": float(threshold),
+        "head_level": head_level,
+        "divisor": divisor,
+        "input_channels": channels,
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra_dict,
+    }
+    bundle_path = run_dir / BUNDLE_FILE
+    _atomic_write_text(bundle_path, json.dumps(info, indent=2) + "\n")
+    log.debug("wrote bundle %s", bundle_path)
+    return bundle_path
+
+
+def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``bundle.json`` of ``run_dir`` without loading the model (fast, no TensorFlow).
+
+    Raises:
+        InputError: if the folder or ``bundle.json`` is missing, not JSON, or lacks required keys.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        if run_dir.name == BUNDLE_FILE and run_dir.is_file():
+            run_dir = run_dir.parent
+        else:
+            what = "a file" if run_dir.exists() else "nothing"
+            raise InputError(run_dir, f"a run folder holding {MODEL_FILE} and {BUNDLE_FILE}", what)
+    path = run_dir / BUNDLE_FILE
+    if not path.is_file():
+        raise InputError(path, "the bundle description written by medseg-train (save_bundle)", "no such file")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, "a JSON bundle description", f"unreadable content ({exc})") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = f"format {info.get('format')!r}" if isinstance(info, dict) else f"a JSON {type(info).__name__}"
+        raise InputError(path, f"a JSON object with format {FORMAT!r}", found)
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(
+            path, f"bundle format_version <= {FORMAT_VERSION}", f"{version!r}", "written by a newer medseg? upgrade medseg"
+        )
+    missing = [k for k in ("plan", "classes", "threshold", "divisor", "input_channels") if k not in info]
+    if missing:
+        raise InputError(path, "the keys plan, classes, threshold, divisor, input_channels", f"{', '.join(missing)} missing")
+    try:
+        _check_settings(info["classes"], info["threshold"], info.get("head_level"))
+        if not isinstance(info["divisor"], int) or info["divisor"] < 1:
+            raise ValueError(f"divisor must be a positive integer, found {info['divisor']!r}")
+        if not isinstance(info["input_channels"], int) or info["input_channels"] < 1:
+            raise ValueError(f"input_channels must be a positive integer, found {info['input_channels']!r}")
+    except ValueError as exc:
+        raise InputError(path, "valid bundle settings", str(exc)) from exc
+    info["_run_dir"] = str(run_dir)
+    return info
+
+
+def load_bundle(run_dir: str | os.PathLike) -> Bundle:
+    """Load a bundle written by :func:`save_bundle`.
+
+    Args:
+        run_dir: run folder (or its ``bundle.json``).
+
+    Returns:
+        The :class:`Bundle` (model compiled=False: inference only).
+
+    Raises:
+        InputError: naming the file, if ``bundle.json`` or ``model.keras`` is missing or corrupt,
+            the plan is invalid, or the model does not match the bundle (input channels).
+    """
+    info = read_bundle_info(run_dir)
+    run_dir = Path(info.pop("_run_dir"))
+    bundle_path = run_dir / BUNDLE_FILE
+    from medseg.data.plan import Plan
+
+    try:
+        plan = Plan.from_dict(info["plan"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(bundle_path, "a valid preprocessing plan under 'plan'", f"{type(exc).__name__}: {exc}") from exc
+
+    model_path = run_dir / info.get("model_file", MODEL_FILE)
+    if not model_path.is_file():
+        raise InputError(model_path, "the Keras model of the bundle", "no such file")
+    recorded = info.get("model_sha256")
+    if recorded and _sha256(model_path) != recorded:
+        # Not fatal (someone may have re-saved the weights on purpose), but worth saying.
+        log.warning("%s: differs from the model recorded in %s (SHA-256 mismatch)", model_path, bundle_path)
+    model = _load_model(model_path)
+
+    channels = _model_input_channels(model)
+    if channels != info["input_channels"]:
+        raise InputError(
+            model_path, f"a model taking {info['input_channels']} input channels (bundle.json)", f"{channels} channels"
+        )
+    if channels != plan.context_slices:
+        raise InputError(
+            bundle_path, f"plan.context_slices equal to the model's {channels} input channels",
+            f"context_slices={plan.context_slices}",
+        )
+    classes = _model_output_classes(model)
+    if classes is not None and classes != len(info["classes"]):
+        raise InputError(
+            bundle_path, f"{classes} class names (the model's output channels)", f"{len(info['classes'])}: {info['classes']}"
+        )
+    _warn_on_version_change(info.get("versions") or {}, bundle_path)
+    return Bundle(
+        run_dir=run_dir,
+        model=model,
+        plan=plan,
+        classes=tuple(info["classes"]),
+        threshold=float(info["threshold"]),
+        head_level=info.get("head_level"),
+        # lcm: a hand-edited bundle.json cannot make the slices too small for the network.
+        divisor=math.lcm(int(info["divisor"]), model_divisor(model)),
+        input_channels=channels,
+        info=info,
+    )
+
+
+def _load_model(model_path: Path) -> "keras.Model":
+    import keras
+
+    # medseg's serializable Keras classes register themselves on import; load_model may need them.
+    import medseg.nets  # noqa: F401
+
+    try:
+        return keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:  # zipfile, h5py, JSON and Keras deserialization errors all mean "corrupt"
+        raise InputError(model_path, "a Keras 3 model file (.keras zip)", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _warn_on_version_change(saved: Mapping[str, str], bundle_path: Path) -> None:
+    try:
+        now = _versions()
+    except ImportError:  # pragma: no cover
+        return
+    for name in ("keras", "tensorflow"):
+        old, new = saved.get(name), now.get(name)
+        if old and new and old.split(".")[0] != new.split(".")[0]:
+            log.warning("%s: saved with %s %s, running %s %s", bundle_path, name, old, name, new)

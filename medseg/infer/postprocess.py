@@ -1,0 +1,88 @@
+"""Clean-up of predicted label volumes: drop tiny lesions, keep the largest one.
+
+Both functions work on 3D label arrays (``0`` background, ``> 0`` lesion) in voxel space and
+return a new ``uint8`` array; label values of the voxels that are kept are preserved. Connected
+components use full (26-neighbour) connectivity in 3D, like the lesion-wise evaluation: two
+voxels that touch at a corner belong to the same lesion.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: 3x3x3 structuring element: 26-neighbour connectivity.
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def _as_label_array(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a 3D label array, found shape {mask.shape} ({mask.ndim}D)")
+    return mask
+
+
+def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesion_ml: float) -> np.ndarray:
+    """Remove connected lesions smaller than ``min_lesion_ml``.
+
+    Args:
+        mask: 3D label array ``(i, j, k)``; voxels ``> 0`` are lesion.
+        spacing_mm: voxel size along the three array axes, mm.
+        min_lesion_ml: lesions whose volume (voxel count x voxel volume) is strictly below this
+            are set to 0; ``0`` keeps everything. 1 ml = 1000 mm^3.
+
+    Returns:
+        ``uint8`` array of the same shape; kept voxels keep their label.
+
+    Raises:
+        ValueError: if ``mask`` is not 3D, ``spacing_mm`` is not three positive numbers or
+            ``min_lesion_ml`` is negative or not finite.
+
+    Example:
+        >>> m = np.zeros((4, 4, 4), np.uint8); m[0, 0, 0] = 1; m[2:4, 2:4, 2:4] = 1
+        >>> int(remove_small_lesions(m, (10, 10, 10), 2.0).sum())  # 1 ml voxel dropped, 8 ml cube kept
+        8
+    """
+    mask = _as_label_array(mask)
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing_mm must be three positive numbers, found {np.asarray(spacing_mm).tolist()}")
+    if not np.isfinite(min_lesion_ml) or min_lesion_ml < 0:
+        raise ValueError(f"min_lesion_ml must be a finite number >= 0, found {min_lesion_ml}")
+    out = mask.astype(np.uint8, copy=True)
+    if min_lesion_ml == 0 or not out.any():
+        return out
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    components, n = ndimage.label(out > 0, structure=_FULL_CONNECTIVITY)
+    sizes_ml = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml
+    too_small = sizes_ml < min_lesion_ml
+    too_small[0] = False  # label 0 is the background, already 0
+    out[too_small[components]] = 0
+    return out
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep only the largest connected lesion (by voxel count).
+
+    Args:
+        mask: 3D label array ``(i, j, k)``; voxels ``> 0`` are lesion.
+
+    Returns:
+        ``uint8`` array of the same shape. An empty mask stays empty. On a tie the component
+        met first in C (row-major) scan order wins, so the result is deterministic.
+
+    Raises:
+        ValueError: if ``mask`` is not 3D.
+    """
+    mask = _as_label_array(mask)
+    out = mask.astype(np.uint8, copy=True)
+    if not out.any():
+        return out
+    components, _ = ndimage.label(out > 0, structure=_FULL_CONNECTIVITY)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))  # argmax returns the first maximum: lowest label = first in scan order
+    out[components != largest] = 0
+    return out

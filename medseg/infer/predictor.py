@@ -1,0 +1,326 @@
+"""Volume inference: a bundle's model applied slice by slice to a whole 3D volume.
+
+:class:`Predictor` applies the bundle's recorded preprocessing (the Plan: orientation, in-plane
+resampling, normalization, 2.5D context), runs the model on batches of slices while streaming
+through the volume, and maps the foreground probabilities back onto the input's exact grid.
+
+Memory: only one batch of slices exists at a time (padded to the network's multiple), and the
+probabilities are written into a preallocated stack. That stack is the preprocessed array itself,
+overwritten a few slices behind the batch being read (the 2.5D context of later batches never
+looks further back), so peak memory is the input volume, its preprocessed copy, the restored
+probability map and the label map, whatever the number of slices.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.infer.bundle import Bundle
+from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import keras
+
+    from medseg.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Test-time augmentation: in-plane flips of a (B, H, W, C) batch, as array axes to reverse.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
+
+
+def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return np.flip(x, axis=axes) if axes else x
+
+
+def _output_levels(model: "keras.Model") -> list[int | None]:
+    """UNet++ level of each model output (``head_L`` -> L), None where the name says nothing."""
+    levels: list[int | None] = []
+    for tensor in model.outputs:
+        name = tensor._keras_history.operation.name
+        parts = name.split("_")
+        levels.append(int(parts[1]) if len(parts) == 2 and parts[0] == "head" and parts[1].isdigit() else None)
+    return levels
+
+
+def inference_model(bundle: Bundle) -> "keras.Model":
+    """The single-output model a :class:`Predictor` runs.
+
+    With ``bundle.head_level`` set, the UNet++ is pruned to that deep-supervision head
+    (:func:`medseg.nets.unetpp.prune_unetpp`: smaller, faster, same output as the full model's
+    head). Without it, a multi-output (deep supervision) model is reduced to its deepest head
+    ``head_<depth>``, the full UNet++; a single-output model is used as is.
+
+    Raises:
+        InputError: if the bundle asks for a head the model does not have.
+    """
+    import keras
+
+    model = bundle.model
+    if bundle.head_level is not None:
+        from medseg.nets.unetpp import prune_unetpp
+
+        try:
+            return prune_unetpp(model, bundle.head_level)
+        except ValueError as exc:
+            raise InputError(bundle.model_path, f"a UNet++ with head_{bundle.head_level} (bundle head_level)", str(exc)) from exc
+    if len(model.outputs) == 1:
+        return model
+    levels = _output_levels(model)
+    known = [(lv, i) for i, lv in enumerate(levels) if lv is not None]
+    index = max(known)[1] if known else len(levels) - 1
+    return keras.Model(inputs=model.inputs, outputs=model.outputs[index], name=f"{model.name}_out{index}")
+
+
+def padding_for(size: int, divisor: int) -> tuple[int, int]:
+    """(before, after) padding bringing ``size`` up to the next multiple of ``divisor``, centred.
+
+    Example:
+        >>> padding_for(45, 16)   # 45 -> 48
+        (1, 2)
+    """
+    total = (-int(size)) % int(divisor)
+    return total // 2, total - total // 2
+
+
+def _looks_like(volume: "Volume") -> str | None:
+    """Modality of ``volume``: from its header, else guessed (CT stores air at about -1000 HU)."""
+    modality = str(volume.meta.get("modality") or "").upper()
+    if modality == "MRI":
+        modality = "MR"
+    if modality:
+        return modality
+    flat = np.asarray(volume.array).reshape(-1)
+    if flat.size == 0:
+        return None
+    step = max(1, flat.size // 100_000)
+    return "CT" if np.percentile(flat[::step], 1) < -900 else None
+
+
+class Predictor:
+    """Segment 3D volumes with a bundle's model.
+
+    Args:
+        bundle: a loaded :class:`medseg.infer.bundle.Bundle`.
+        batch_size: slices per model call (peak memory grows with it, not with the volume).
+        tta: test-time augmentation: average the foreground probabilities of the original and the
+            in-plane flipped slices (H, W, both): 4 model calls per batch.
+
+    Raises:
+        ValueError: if ``batch_size`` is not a positive integer.
+
+    Example:
+        >>> predictor = Predictor(load_bundle("runs/unetpp"), batch_size=8)   # doctest: +SKIP
+        >>> mask = predictor.segment(read_volume("case.nii.gz"), min_lesion_ml=0.1)   # doctest: +SKIP
+        >>> write_volume(mask, "case_seg.nii.gz")   # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: Bundle, *, batch_size: int = 8, tta: bool = False):
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
+        self.bundle = bundle
+        self.plan = bundle.plan
+        self.batch_size = int(batch_size)
+        self.tta = bool(tta)
+        self.model = inference_model(bundle)
+        self.context_slices = int(self.plan.context_slices)
+        self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))
+        self.num_classes = int(self.model.outputs[0].shape[-1])
+        self._forward = self._compile()
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor(model={self.model.name!r}, run_dir={str(self.bundle.run_dir)!r}, batch_size={self.batch_size}, "
+            f"tta={self.tta}, divisor={self.divisor}, context_slices={self.context_slices})"
+        )
+
+    # --- the model call ----------------------------------------------------------------------
+    def _compile(self) -> Callable[[np.ndarray], Any]:
+        """A compiled function (B, Hp, Wp, C) float32 -> (B, Hp, Wp) foreground probability.
+
+        ``tf.function`` with ``reduce_retracing`` (what ``model.predict`` uses): one graph per
+        slice size, a generic one after the first retrace, and no Python overhead per layer.
+        """
+        import tensorflow as tf
+
+        model = self.model
+
+        def forward(x):
+            probs = model(x, training=False)
+            # Foreground = every class but the background: P(lesion) for the usual 2 classes.
+            return tf.reduce_sum(tf.cast(probs[..., 1:], tf.float32), axis=-1)
+
+        return tf.function(forward, reduce_retracing=True)
+
+    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+        """Foreground probabilities of one batch of preprocessed slices.
+
+        Pads the slices to a multiple of the network's divisor (edge values repeated, centred),
+        runs the model once per TTA variant, crops back and averages.
+
+        Args:
+            x: ``(B, H, W, context_slices)`` float32 in plan space, ``B <= batch_size`` is not
+                enforced here (:meth:`predict_proba` streams in batches of ``batch_size``).
+
+        Returns:
+            ``(B, H, W)`` float32 in ``[0, 1]``.
+
+        Raises:
+            ValueError: if ``x`` is not 4D with ``context_slices`` channels.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[-1] != self.context_slices:
+            raise ValueError(
+                f"expected slices (B, H, W, {self.context_slices}), found shape {x.shape}"
+            )
+        b, h, w, _ = x.shape
+        (top, bottom), (left, right) = padding_for(h, self.divisor), padding_for(w, self.divisor)
+        total = None
+        for axes in TTA_FLIPS if self.tta else ((),):
+            xi = _flip(x, axes)
+            if top or bottom or left or right:
+                # Edge padding: the border continues the image, which keeps the network's
+                # receptive field away from an artificial step at the slice border.
+                xi = np.pad(xi, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="edge")
+            else:
+                xi = np.ascontiguousarray(xi)
+            p = np.asarray(self._forward(xi))[:, top : top + h, left : left + w]
+            p = _flip(p, axes)
+            total = p.copy() if total is None else total + p
+        out = total if not self.tta else total / np.float32(len(TTA_FLIPS))
+        return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+    # --- volumes -----------------------------------------------------------------------------
+    def check_modality(self, volume: "Volume") -> str | None:
+        """Warn (log) when ``volume`` looks like another modality than the model was trained on.
+
+        Returns:
+            The warning text, or None when the modality matches or cannot be told.
+        """
+        expected = str(getattr(self.plan, "modality", "") or "").upper()
+        found = _looks_like(volume)
+        if not expected or not found or found == expected:
+            return None
+        source = volume.meta.get("source_path") or volume.case_id or "<volume>"
+        how = "header" if volume.meta.get("modality") else "intensities"
+        message = (
+            f"{source}: the model was trained on {expected} but this volume is {found} (from its {how}); "
+            "the segmentation is likely wrong"
+        )
+        log.warning(message)
+        return message
+
+    def predict_proba(self, volume: "Volume") -> "Volume":
+        """Foreground probability map of ``volume`` on its exact grid.
+
+        Args:
+            volume: the image; any orientation and spacing (the Plan's preprocessing is applied).
+                A volume with fewer slices than the 2.5D context is padded by repeating its edge
+                slices.
+
+        Returns:
+            float32 :class:`Volume` in ``[0, 1]`` with the input's shape, affine, case id and meta.
+        """
+        from medseg.transforms.preprocess import preprocess_image, restore
+
+        self.check_modality(volume)
+        prepared = preprocess_image(volume, self.plan)
+        stack = prepared.array
+        n = int(stack.shape[0])
+        # The probabilities overwrite the preprocessed slices once no later batch needs them as
+        # context. Only done on our own writable float32 copy (never on the caller's volume).
+        in_place = (
+            stack.dtype == np.float32 and stack.flags.writeable and not np.shares_memory(stack, volume.array)
+        )
+        out = stack if in_place else np.empty(stack.shape, dtype=np.float32)
+        reach = self.context_slices // 2  # how far back the next batch's context looks
+        pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+
+        def flush(limit: int) -> None:
+            # Write the pending probabilities of slices < limit.
+            while pending:
+                first, probs = pending[0]
+                k = min(len(probs), limit - first)
+                if k <= 0:
+                    return
+                out[first : first + k] = probs[:k]
+                if k == len(probs):
+                    pending.popleft()
+                else:
+                    pending[0] = (first + k, probs[k:])
+                    return
+
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            pending.append((start, self.predict_slices(prepared.slices(start, stop))))
+            flush(stop - reach if in_place else stop)
+        flush(n)
+        return restore(prepared, out)
+
+    def check_post_settings(self, threshold: float | None = None, min_lesion_ml: float = 0.0) -> float:
+        """Validate post-processing settings; returns the threshold to use (the bundle's if None).
+
+        Raises:
+            ValueError: if ``threshold`` is outside ``[0, 1]`` or ``min_lesion_ml`` is negative.
+        """
+        t = self.bundle.threshold if threshold is None else float(threshold)
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise ValueError(f"threshold must lie in [0, 1], found {threshold!r}")
+        if not (math.isfinite(min_lesion_ml) and min_lesion_ml >= 0):
+            raise ValueError(f"min_lesion_ml must be a finite number >= 0, found {min_lesion_ml!r}")
+        return t
+
+    def labels_from_proba(
+        self,
+        probability: "Volume",
+        *,
+        threshold: float | None = None,
+        min_lesion_ml: float = 0.0,
+        largest_component: bool = False,
+    ) -> "Volume":
+        """Threshold a probability map and post-process it into a ``uint8`` label volume.
+
+        Args:
+            probability: output of :meth:`predict_proba`.
+            threshold: lesion where probability ``>= threshold``; None uses the bundle's.
+            min_lesion_ml: remove connected lesions smaller than this (ml); 0 keeps all.
+            largest_component: keep only the largest lesion.
+
+        Returns:
+            ``uint8`` :class:`Volume` (0 background, 1 lesion) on the probability map's grid.
+
+        Raises:
+            ValueError: if ``threshold`` is outside ``[0, 1]`` or ``min_lesion_ml`` is negative.
+        """
+        t = self.check_post_settings(threshold, min_lesion_ml)
+        mask = np.greater_equal(probability.array, t).view(np.uint8)  # bool -> uint8 without a copy
+        if min_lesion_ml > 0:
+            mask = remove_small_lesions(mask, probability.spacing_mm, min_lesion_ml)
+        if largest_component:
+            mask = keep_largest_component(mask)
+        return probability.with_array(mask)
+
+    def segment(
+        self,
+        volume: "Volume",
+        *,
+        threshold: float | None = None,
+        min_lesion_ml: float = 0.0,
+        largest_component: bool = False,
+    ) -> "Volume":
+        """Label volume (``uint8``, 0 background, 1 lesion) of ``volume`` on its exact grid.
+
+        Equivalent to :meth:`predict_proba` followed by :meth:`labels_from_proba`; the
+        probability map is released as soon as the labels exist.
+        """
+        self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
+        probability = self.predict_proba(volume)
+        return self.labels_from_proba(
+            probability, threshold=threshold, min_lesion_ml=min_lesion_ml, largest_component=largest_component
+        )

@@ -188,7 +188,9 @@ def build_unetpp(
     Returns:
         A functional ``keras.Model``: input ``(B, H, W, input_channels)`` float32, output(s)
         float32 softmax ``(B, H, W, num_classes)``. Heads stay float32 under a mixed-precision
-        policy. Default configuration: 9,045,316 parameters (9.04 M, as in the paper).
+        policy. Default configuration: 9,052,776 parameters, of which 9,045,480 trainable
+        (the paper's 9.04 M; the rest are BatchNorm moving statistics; without BatchNorm,
+        9,041,832).
 
     Raises:
         ValueError: bad ``filters`` length, ``upsampling``, ``dropout``, ``depth``, or a fixed

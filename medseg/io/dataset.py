@@ -7,7 +7,7 @@ Rules, applied in this order (see ``docs/io.md``):
 2. Otherwise each image pairs with the label of the same name (``case.nii.gz`` <-> ``case.nii.gz``),
    or, nnU-Net style, ``case_0000.nii.gz`` <-> ``case.nii.gz``. A label whose name matches
    several channel files (``case_0000``, ``case_0001``) is a multichannel case: refused.
-3. A subfolder of ``images_dir`` that holds DICOM files is one patient's series; its id is the
+3. A subfolder of ``images_dir`` that directly holds DICOM files is one patient's series; its id is the
    folder name, paired with a label file or folder of the same id.
 
 Hidden entries (leading ``.``, e.g. macOS ``._case.nii.gz``) and non-volume files (README,
@@ -63,13 +63,24 @@ def volume_suffix(path: str | os.PathLike) -> str:
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file with the DICOM preamble (``"DICM"`` at byte 128)."""
+    """True when ``path`` is a DICOM file.
+
+    Fast path: the ``"DICM"`` marker at byte 128. Files without the preamble that start like a
+    raw DICOM dataset (group 0000/0002/0008) are confirmed by :func:`medseg.io.dicom.is_dicom_file`
+    (imported only then, so plain NIfTI work never loads pydicom).
+    """
     try:
         with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+            head = fh.read(132)
     except OSError:
         return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or int.from_bytes(head[0:2], "little") not in (0x0000, 0x0002, 0x0008):
+        return False
+    from medseg.io.dicom import is_dicom_file as sniff_dicom
+
+    return sniff_dicom(path)
 
 
 def _is_dicom_candidate(path: Path) -> bool:
@@ -77,18 +88,18 @@ def _is_dicom_candidate(path: Path) -> bool:
 
 
 def holds_dicom(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` (or a subfolder of it) holds at least one DICOM file."""
-    probed = 0
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if _is_dicom_candidate(Path(root) / name):
-                return True
-            probed += 1
-            if probed >= _DICOM_PROBE_FILES:
-                return False
+    """True when ``folder`` directly holds at least one DICOM file (as :func:`read_volume` reads it).
+
+    Probes at most the first 50 non-hidden files (sorted), so a huge non-DICOM folder stays cheap.
+    """
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:
+        return False
+    for name in names[:_DICOM_PROBE_FILES]:
+        path = Path(folder) / name
+        if path.is_file() and _is_dicom_candidate(path):
+            return True
     return False
 
 
@@ -257,7 +268,8 @@ def _cases_from_json(json_path: Path, images_dir: Path, labels_dir: Path | None)
         if labels_dir is not None and (label is None or not label.exists()):
             problems.append(f"{image}: label {label if label is not None else '(none listed)'} not found")
             continue
-        case_id = case_id_from_path(label) if label is not None else case_id_from_path(image, images=True)
+        # The listed name (nnU-Net v1 lists x.nii.gz for the file x_0000.nii.gz) is the case id.
+        case_id = case_id_from_path(listed, images=True)
         cases.append(Case(case_id, image, label))
     if not cases and not problems:
         log.info("%s lists no image in %s; pairing by file names", json_path, images_dir)

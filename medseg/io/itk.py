@@ -28,6 +28,8 @@ ITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+#: NRRD key/value pair (``modality:=CT``) that carries ``meta["modality"]``; MetaImage has no free keys.
+_MODALITY_KEY = "modality"
 _MET_MODALITY = {"MET_MOD_CT": "CT", "MET_MOD_MR": "MR", "MET_MOD_NM": "NM", "MET_MOD_US": "US"}
 
 
@@ -104,11 +106,20 @@ def read_itk(path: str | os.PathLike, *, case_id: str = "") -> Volume:
         detail = lines[-1] if lines else type(exc).__name__
         raise InputError(path, f"a readable {path.suffix.lstrip('.').upper()} image", f"a file ITK cannot read ({detail})") from exc
     modality = None
-    if img.HasMetaDataKey("Modality"):
+    if img.HasMetaDataKey("Modality"):  # MetaImage header field
         modality = _MET_MODALITY.get(img.GetMetaData("Modality").strip())
+    if modality is None and img.HasMetaDataKey(_MODALITY_KEY):  # NRRD key/value written by medseg
+        modality = img.GetMetaData(_MODALITY_KEY).strip() or None
     return image_to_volume(img, case_id=case_id, meta={"source_path": str(path), "modality": modality}, path=path)
 
 
 def write_itk(volume: Volume, path: str | os.PathLike) -> None:
-    """Write ``volume`` as NRRD or MHA (compressed), LPS+ on disk. Not atomic on its own."""
-    sitk.WriteImage(volume_to_image(volume), str(path), True)
+    """Write ``volume`` as NRRD or MHA (compressed), LPS+ on disk. Not atomic on its own.
+
+    NRRD also records ``meta["modality"]`` (key ``modality``) so it survives a round trip.
+    """
+    img = volume_to_image(volume)
+    modality = volume.meta.get("modality")
+    if modality:
+        img.SetMetaData(_MODALITY_KEY, str(modality))
+    sitk.WriteImage(img, str(path), True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -21,13 +22,30 @@ from medseg.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
+#: NIfTI has no modality field; medseg writes ``modality=CT`` into the 80-byte ``descrip`` text.
+_MODALITY_RE = re.compile(r"\bmodality=([A-Za-z0-9]+)")
 #: NIfTI xform codes (``NIFTI_XFORM_*``): 1 scanner anatomical, 2 aligned anatomical.
 _XFORM_SCANNER = 1
+
+
+def _gzip_failure(path: Path) -> str | None:
+    """Why a gzip file cannot be decompressed, or None if it decompresses (only on the error path)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _describe_failure(path: Path, exc: BaseException) -> str:
     if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) or "end-of-stream" in str(exc):
         return f"a truncated or corrupt compressed file ({type(exc).__name__}: {exc})"
+    if path.name.lower().endswith(".gz"):
+        why = _gzip_failure(path)
+        if why is not None:
+            return f"a truncated or corrupt compressed file ({why})"
     if isinstance(exc, nib.filebasedimages.ImageFileError) or "header" in str(exc).lower():
         with open(path, "rb") as fh:
             magic = fh.read(2)
@@ -49,7 +67,8 @@ def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
         case_id: the Volume's case id.
 
     Returns:
-        Volume with ``meta`` ``source_path``, ``modality`` (None: NIfTI does not record it),
+        Volume with ``meta`` ``source_path``, ``modality`` (from ``modality=XX`` in ``descrip``,
+            as medseg writes it; else None: NIfTI has no modality field),
         ``nifti_sform_code`` and ``nifti_qform_code``.
 
     Raises:
@@ -82,11 +101,15 @@ def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
     except Exception as exc:
         raise InputError(path, "a readable NIfTI file", _describe_failure(path, exc)) from exc
     array = array.reshape(shape)
+    if not array.dtype.isnative:
+        # Big-endian files (old scanners, Analyze heritage): same values, native byte order for numpy/TF.
+        array = array.astype(array.dtype.newbyteorder("="))
 
     header = img.header
+    match = _MODALITY_RE.search(bytes(header["descrip"]).decode("latin-1"))
     meta = {
         "source_path": str(path),
-        "modality": None,
+        "modality": match.group(1) if match else None,
         "nifti_sform_code": int(header["sform_code"]),
         "nifti_qform_code": int(header["qform_code"]),
     }
@@ -125,6 +148,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike) -> None:
     else:
         img.set_qform(volume.affine, code=qform_code)
     header.set_xyzt_units("mm", "sec")
+    modality = meta.get("modality")
+    if modality:
+        header["descrip"] = f"modality={modality}".encode("ascii", "replace")[:79]
     # No scaling: the values written are the values held.
     header.set_slope_inter(1.0, 0.0)
     nib.save(img, str(path))

@@ -1,0 +1,120 @@
+"""Summary statistics over patients, with an explicit policy for empty masks.
+
+Per-case values keep the raw empty-mask rule of :func:`medseg.eval.metrics.compute_metrics`
+(NaN when both masks are empty, inf distances when exactly one is). Aggregation then:
+
+- drops NaN values (both masks empty: there is nothing to score) and counts them;
+- for distances, ``empty_distance="worst"`` (default) replaces inf by the case's image
+  diagonal in mm (the largest distance possible in that image), ``"exclude"`` drops them;
+  both are counted. A case whose prediction file is missing always gets the diagonal, so a
+  missing file can never improve the summary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from medseg.eval.metrics import DISTANCE_KEYS, METRIC_KEYS
+
+EMPTY_DISTANCE_POLICIES = ("worst", "exclude")
+#: Per-patient lesion-wise keys summarised like the metrics.
+LESION_RATE_KEYS = ("lesion_precision", "lesion_recall", "lesion_f1")
+LESION_COUNT_KEYS = ("n_ref_lesions", "n_pred_lesions", "lesion_tp", "lesion_fp", "lesion_fn")
+
+
+def check_policy(empty_distance: str) -> str:
+    """Return ``empty_distance`` if it is a known policy.
+
+    Raises:
+        ValueError: for anything but ``"worst"`` or ``"exclude"``.
+    """
+    if empty_distance not in EMPTY_DISTANCE_POLICIES:
+        raise ValueError(f"empty_distance must be one of {EMPTY_DISTANCE_POLICIES}, found {empty_distance!r}")
+    return empty_distance
+
+
+def scored_value(case: Mapping, key: str, empty_distance: str = "worst") -> float:
+    """The value of ``key`` for one case after the empty-mask policy (NaN = not counted).
+
+    Args:
+        case: a per-case record with ``metrics`` (dict), ``diagonal_mm`` and ``missing``.
+        key: a metric or lesion-wise key.
+        empty_distance: ``"worst"`` or ``"exclude"``.
+    """
+    source = case["metrics"] if key in case["metrics"] else case.get("lesions", {})
+    value = float(source.get(key, math.nan))
+    if key in DISTANCE_KEYS and math.isinf(value):
+        if empty_distance == "worst" or case.get("missing", False):
+            return float(case["diagonal_mm"])
+        return math.nan
+    return value
+
+
+def describe(values: Iterable[float]) -> dict:
+    """NaN-aware ``n, mean, median, std (ddof=1), min, max`` of finite values (NaN when none)."""
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"n": 0, "mean": math.nan, "median": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "n": int(arr.size),
+        "mean": float(arr.mean()),
+        "median": float(np.median(arr)),
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else math.nan,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+
+
+def aggregate(cases: list[Mapping], empty_distance: str = "worst") -> dict:
+    """Summary over patients: statistics per metric, empty-mask counts and pooled lesion scores.
+
+    Args:
+        cases: per-case records (``metrics``, ``lesions``, ``diagonal_mm``, ``missing``,
+            ``pred_empty``, ``ref_empty``).
+        empty_distance: ``"worst"`` (inf distance -> image diagonal) or ``"exclude"``.
+
+    Returns:
+        dict with ``policy`` (text and counts), ``metrics`` (key -> :func:`describe` plus
+        ``n_nan`` and ``n_inf``) and ``lesions`` (totals and pooled precision/recall/F1).
+
+    Raises:
+        ValueError: on an unknown policy.
+    """
+    check_policy(empty_distance)
+    counts = {
+        "n_cases": len(cases),
+        "n_missing_prediction": sum(bool(c.get("missing")) for c in cases),
+        "n_both_empty": sum(bool(c["pred_empty"] and c["ref_empty"]) for c in cases),
+        "n_pred_empty_only": sum(bool(c["pred_empty"] and not c["ref_empty"]) for c in cases),
+        "n_ref_empty_only": sum(bool(c["ref_empty"] and not c["pred_empty"]) for c in cases),
+    }
+    stats = {}
+    for key in METRIC_KEYS + LESION_RATE_KEYS:
+        raw = [float((c["metrics"] if key in c["metrics"] else c.get("lesions", {})).get(key, math.nan)) for c in cases]
+        entry = describe(scored_value(c, key, empty_distance) for c in cases)
+        entry["n_nan"] = sum(math.isnan(v) for v in raw)
+        entry["n_inf"] = sum(math.isinf(v) for v in raw)
+        stats[key] = entry
+    totals = {k: int(sum(int(c.get("lesions", {}).get(k, 0)) for c in cases)) for k in LESION_COUNT_KEYS}
+    tp, fp, fn = totals["lesion_tp"], totals["lesion_fp"], totals["lesion_fn"]
+    pooled = {
+        "precision": tp / (tp + fp) if tp + fp else math.nan,
+        "recall": tp / (tp + fn) if tp + fn else math.nan,
+        "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan,
+    }
+    if empty_distance == "worst":
+        text = "inf distances (exactly one mask empty) replaced by the image diagonal in mm"
+    else:
+        text = "inf distances (exactly one mask empty) excluded, except for missing predictions (diagonal)"
+    return {
+        "policy": {
+            "empty_distance": empty_distance,
+            "description": text + "; NaN values (both masks empty) excluded from every statistic",
+            **counts,
+        },
+        "metrics": stats,
+        "lesions": {"totals": totals, "pooled": pooled},
+    }

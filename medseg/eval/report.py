@@ -1,0 +1,395 @@
+"""Outputs of an evaluation: ``metrics.csv``, ``summary.json`` and a self-contained ``report.html``.
+
+Values in ``metrics.csv`` and in ``summary.json``'s ``metric_per_case`` are the raw per-case
+values (``nan`` / ``inf`` in the CSV; ``null`` / ``"inf"`` in the JSON, which must stay strict
+JSON); the statistics apply the empty-mask policy stated in ``summary.json["policy"]``.
+Figures are drawn with matplotlib's Agg backend and embedded as base64 PNG, so the HTML page
+is one file that can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from medseg.eval.aggregate import LESION_COUNT_KEYS, LESION_RATE_KEYS, scored_value
+from medseg.eval.metrics import METRIC_KEYS
+
+#: Metrics shown as box plots, with their axis labels.
+BOXPLOT_KEYS = {
+    "dsc": "DSC",
+    "jaccard": "Jaccard",
+    "nsd": "NSD",
+    "hd_mm": "HD (mm)",
+    "hd95_mm": "HD95 (mm)",
+    "assd_mm": "ASSD (mm)",
+    "masd_mm": "MASD (mm)",
+    "rvd": "RVD",
+    "lesion_f1": "lesion F1",
+}
+CSV_COLUMNS = (
+    ("case_id", "missing", "pred_empty", "ref_empty", "resampled")
+    + METRIC_KEYS
+    + LESION_COUNT_KEYS
+    + LESION_RATE_KEYS
+    + ("diagonal_mm", "pred_path", "ref_path")
+)
+#: Columns of the per-patient table printed to stdout and shown in the HTML page.
+TABLE_COLUMNS = (
+    ("case_id", "case"),
+    ("dsc", "DSC"),
+    ("hd95_mm", "HD95 mm"),
+    ("assd_mm", "ASSD mm"),
+    ("nsd", "NSD"),
+    ("vol_ref_ml", "Vref mL"),
+    ("vol_pred_ml", "Vpred mL"),
+    ("lesion_tp", "TP"),
+    ("lesion_fp", "FP"),
+    ("lesion_fn", "FN"),
+    ("lesion_f1", "F1"),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png_b64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def largest_disagreement_slice(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> tuple[int, int]:
+    """``(axis, index)`` of the slice with most disagreeing voxels, across the coarsest axis.
+
+    Falls back to the slice with the largest reference (then prediction) area when the masks agree,
+    and to the middle slice when both are empty.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    axis = int(np.flatnonzero(spacing == spacing.max())[-1])
+    other = tuple(a for a in range(3) if a != axis)
+    for counts in (
+        np.count_nonzero(pred != ref, axis=other),
+        np.count_nonzero(ref, axis=other),
+        np.count_nonzero(pred, axis=other),
+    ):
+        if counts.any():
+            return axis, int(np.argmax(counts))
+    return axis, pred.shape[axis] // 2
+
+
+def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm, *, image=None, dsc=math.nan) -> str:
+    """Base64 PNG of the slice with the largest disagreement, outlines of reference and prediction.
+
+    The slice is taken across the coarsest axis (the acquisition's slice axis for anisotropic
+    scans); reference in green, prediction in red, on the image (1st-99th percentile window of
+    the slice) or on a black background. Pixels keep their physical aspect ratio.
+    """
+    plt = _pyplot()
+    axis, index = largest_disagreement_slice(pred, ref, spacing_mm)
+    take = [slice(None)] * 3
+    take[axis] = index
+    take = tuple(take)
+    rows, cols = [a for a in range(3) if a != axis]
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=90)
+    try:
+        if image is not None:
+            img = np.asarray(image[take], dtype=np.float64).T
+            finite = img[np.isfinite(img)]
+            low, high = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+            ax.imshow(img, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6),
+                      aspect=spacing[cols] / spacing[rows], interpolation="nearest")
+        else:
+            ax.imshow(np.zeros((pred.shape[cols], pred.shape[rows])), cmap="gray", origin="lower",
+                      vmin=0, vmax=1, aspect=spacing[cols] / spacing[rows])
+        for mask, colour in ((ref, "#00e000"), (pred, "#ff3030")):
+            sl = np.asarray(mask[take], dtype=np.float32).T
+            if sl.any() and not sl.all():
+                ax.contour(sl, levels=[0.5], colors=colour, linewidths=1.0)
+        ax.set_title(f"{case_id}  axis {axis} slice {index}\nDSC {_fmt(dsc)}  green: reference, red: prediction",
+                     fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return _png_b64(fig)
+    finally:
+        plt.close(fig)
+
+
+def boxplot_png(cases: list[dict], empty_distance: str) -> str:
+    """Base64 PNG: one box plot per metric (values after the empty-mask policy), points overlaid."""
+    plt = _pyplot()
+    keys = list(BOXPLOT_KEYS)
+    ncols = 3
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), dpi=90)
+    rng = np.random.default_rng(0)  # jitter only; fixed so reports are reproducible
+    try:
+        for ax, key in zip(np.ravel(axes), keys):
+            values = np.asarray([scored_value(c, key, empty_distance) for c in cases], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if values.size:
+                ax.boxplot(values, widths=0.5, showfliers=False)
+                ax.scatter(1 + rng.uniform(-0.12, 0.12, values.size), values, s=10, color="#1f77b4", alpha=0.7)
+            else:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{BOXPLOT_KEYS[key]}  (n={values.size})", fontsize=9)
+            ax.set_xticks([])
+            ax.tick_params(labelsize=8)
+        for ax in np.ravel(axes)[len(keys):]:
+            ax.axis("off")
+        fig.tight_layout()
+        return _png_b64(fig)
+    finally:
+        plt.close(fig)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+def _case_value(case: dict, key: str):
+    if key in case["metrics"]:
+        return case["metrics"][key]
+    if key in case["lesions"]:
+        return case["lesions"][key]
+    return case.get(key)
+
+
+def _json_safe(value):
+    """Strict JSON: NaN -> null, +-inf -> "inf"/"-inf", numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    return value
+
+
+def versions() -> dict:
+    """Versions of the software that produced the numbers."""
+    import scipy
+
+    import medseg
+
+    return {
+        "medseg": medseg.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def csv_text(cases: list[dict]) -> str:
+    """``metrics.csv``: one row per patient, raw values (``nan``/``inf`` as text)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for case in cases:
+        row = []
+        for key in CSV_COLUMNS:
+            value = _case_value(case, key)
+            if isinstance(value, (float, np.floating)):
+                row.append(repr(float(value)))
+            elif isinstance(value, (bool, np.bool_)):
+                row.append(str(bool(value)).lower())
+            else:
+                row.append("" if value is None else str(value))
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def summary_dict(result) -> dict:
+    """``summary.json`` content (nnU-Net-like): per-case values with paths, statistics, policy."""
+    from medseg.eval.evaluate import options_dict
+
+    per_case = []
+    for case in result.cases:
+        entry = {k: v for k, v in case.items() if k != "figure_png"}
+        per_case.append(entry)
+    stats = result.summary["metrics"]
+    return _json_safe(
+        {
+            "metric_per_case": per_case,
+            "mean": {k: v["mean"] for k, v in stats.items()},
+            "statistics": stats,
+            "policy": result.summary["policy"],
+            "lesions": result.summary["lesions"],
+            "options": options_dict(result.options),
+            "unmatched_predictions": list(result.unmatched_predictions),
+            "versions": versions(),
+        }
+    )
+
+
+def format_table(cases: list[dict]) -> str:
+    """The per-patient table as aligned plain text (printed by ``medseg-eval``)."""
+    header = [title for _, title in TABLE_COLUMNS]
+    rows = []
+    for case in cases:
+        row = [_fmt(_case_value(case, key), 2 if key.endswith("_ml") or key.endswith("_mm") else 3)
+               for key, _ in TABLE_COLUMNS]
+        if case.get("missing"):
+            row[0] += " (missing)"
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f2f2f2}td.id{text-align:left}tr.flag td{background:#fff3e0}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;padding:4px;text-align:center;font-size:0.8em}
+.note{color:#555;font-size:0.9em}
+"""
+
+
+def html_text(result, summary: dict) -> str:
+    """``report.html``: one self-contained page (table, statistics, box plots, per-patient slices)."""
+    cases = result.cases
+    policy = summary["policy"]
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>medseg evaluation report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>medseg evaluation report</h1>",
+        f"<p class='note'>{len(cases)} patients. Distances on the surface-element lattice of "
+        "surface-distance (area-weighted); HD95 = larger of the two directed 95th percentiles; "
+        f"NSD tolerance {_fmt(result.options.nsd_tolerance_mm, 2)} mm; lesions = "
+        f"{result.options.connectivity}-connected components, detected when the prediction overlaps "
+        + ("at least one voxel" if result.options.min_overlap_fraction == 0 else
+           f"at least {100 * result.options.min_overlap_fraction:.0f}% of the lesion")
+        + ".</p>",
+        "<h2>Empty masks</h2>",
+        f"<p>Policy <b>{esc(policy['empty_distance'])}</b>: {esc(policy['description'])}.</p>",
+        "<ul>"
+        f"<li>both masks empty: {policy['n_both_empty']}</li>"
+        f"<li>prediction empty, reference not (missed): {policy['n_pred_empty_only']}</li>"
+        f"<li>reference empty, prediction not (false alarm): {policy['n_ref_empty_only']}</li>"
+        f"<li>prediction file missing (scored as a miss): {policy['n_missing_prediction']}</li></ul>",
+    ]
+    if result.unmatched_predictions:
+        parts.append("<p class='note'>Predictions without reference (ignored): "
+                     + esc(", ".join(result.unmatched_predictions)) + "</p>")
+    # Statistics.
+    parts.append("<h2>Summary over patients</h2><table><tr><th>metric</th><th>n</th><th>mean</th>"
+                 "<th>median</th><th>std</th><th>min</th><th>max</th><th>NaN</th><th>inf</th></tr>")
+    for key, st in result.summary["metrics"].items():
+        parts.append(
+            f"<tr><td class='id'>{esc(key)}</td><td>{st['n']}</td>"
+            + "".join(f"<td>{_fmt(st[s])}</td>" for s in ("mean", "median", "std", "min", "max"))
+            + f"<td>{st['n_nan']}</td><td>{st['n_inf']}</td></tr>"
+        )
+    parts.append("</table>")
+    les = result.summary["lesions"]
+    parts.append(
+        "<p>Lesions over all patients: "
+        + ", ".join(f"{k.replace('lesion_', '').replace('_', ' ')} {v}" for k, v in les["totals"].items())
+        + "; pooled precision " + _fmt(les["pooled"]["precision"]) + ", recall " + _fmt(les["pooled"]["recall"])
+        + ", F1 " + _fmt(les["pooled"]["f1"]) + ".</p>"
+    )
+    parts.append("<h2>Distributions</h2><p class='note'>One point per patient, after the empty-mask "
+                 "policy above (NaN values are not drawn).</p><img alt='box plots' src='data:image/png;base64,"
+                 f"{boxplot_png(cases, result.empty_distance)}'>")
+    # Per-patient table.
+    parts.append("<h2>Per patient</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLUMNS)
+                 + "<th>notes</th></tr>")
+    for case in cases:
+        notes = []
+        if case.get("missing"):
+            notes.append("prediction missing")
+        elif case["pred_empty"] and not case["ref_empty"]:
+            notes.append("empty prediction")
+        if case["ref_empty"]:
+            notes.append("empty reference")
+        if case.get("resampled"):
+            notes.append("prediction resampled")
+        cls = " class='flag'" if notes else ""
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            value = _case_value(case, key)
+            text = esc(str(value)) if key == "case_id" else _fmt(value, 2 if key.endswith(("_ml", "_mm")) else 3)
+            cells.append(f"<td{' class=id' if key == 'case_id' else ''}>{text}</td>")
+        parts.append(f"<tr{cls}>" + "".join(cells) + f"<td class='id'>{esc('; '.join(notes))}</td></tr>")
+    parts.append("</table>")
+    figures = [c for c in cases if c.get("figure_png")]
+    if figures:
+        parts.append("<h2>Slice with the largest disagreement</h2><div class='cards'>")
+        for case in figures:
+            parts.append(f"<div class='card'><img alt='{esc(case['case_id'])}' "
+                         f"src='data:image/png;base64,{case['figure_png']}'></div>")
+        parts.append("</div>")
+    ver = summary["versions"]
+    parts.append("<p class='note'>" + esc(", ".join(f"{k} {v}" for k, v in ver.items())) + "</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``metrics.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` atomically.
+
+    Everything is rendered in memory first, so a failure leaves no half-written file; each file
+    then goes to a temp file in ``out_dir`` and is moved into place with ``os.replace``.
+
+    Returns:
+        ``{"csv": path, "json": path, "html": path}``.
+    """
+    from medseg.io.atomic import atomic_path
+
+    out = Path(out_dir)
+    summary = summary_dict(result)
+    texts = {
+        "csv": ("metrics.csv", csv_text(result.cases)),
+        "json": ("summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"),
+        "html": ("report.html", html_text(result, summary)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, (name, text) in texts.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        paths[kind] = out / name
+    return paths

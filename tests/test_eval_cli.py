@@ -1,0 +1,199 @@
+"""medseg-eval end to end on small NIfTI folders written with nibabel."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.cli.evaluate import main
+from medseg.errors import InputError
+from medseg.eval import compute_metrics, lesion_metrics
+from medseg.eval.evaluate import evaluate_folders, pair_cases
+
+# Spacings exactly representable in float32 (NIfTI headers store float32).
+SPACING = (0.75, 1.5, 2.5)
+SHAPE = (24, 20, 10)
+
+
+def _affine(spacing=SPACING, origin=(0.0, 0.0, 0.0)):
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = origin
+    return aff
+
+
+def _save(path: Path, array, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), _affine() if affine is None else affine), str(path))
+
+
+def _masks():
+    """Reference / prediction arrays of 4 cases: good, shifted + FP, empty prediction, missing."""
+    cases = {}
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[4:12, 5:13, 2:6] = 1
+    ref[16:19, 14:17, 6:8] = 1
+    cases["case_a"] = (ref, ref.copy())
+    pred = np.roll(ref, 1, axis=0)
+    pred[20:22, 2:4, 8:9] = 1
+    cases["case_b"] = (ref.copy(), pred)
+    cases["case_c"] = (ref.copy(), np.zeros_like(ref))
+    cases["case_d"] = (ref.copy(), None)
+    return cases
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for cid, (ref, pred) in _masks().items():
+        _save(tmp_path / "ref" / f"{cid}.nii.gz", ref)
+        if pred is not None:
+            _save(tmp_path / "pred" / f"{cid}.nii.gz", pred)
+        image = (rng.normal(0, 20, SHAPE) + 100 * ref).astype(np.float32)
+        _save(tmp_path / "img" / f"{cid}_0000.nii.gz", image)
+    _save(tmp_path / "pred" / "stray.nii.gz", np.zeros(SHAPE, np.uint8))
+    return tmp_path
+
+
+def _args(root: Path, out="out", *extra):
+    return ["--pred", str(root / "pred"), "--ref", str(root / "ref"), "--out", str(root / out), "--quiet", *extra]
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_end_to_end_outputs(folders, capsys):
+    assert main(_args(folders, "out", "--images", str(folders / "img"))) == 0
+    out = folders / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "report.html", "summary.json"]
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["case_id"] for r in rows] == ["case_a", "case_b", "case_c", "case_d"]
+    masks = _masks()
+    for row in rows:
+        ref, pred = masks[row["case_id"]]
+        pred = np.zeros_like(ref) if pred is None else pred
+        expected = compute_metrics(pred, ref, SPACING)
+        lesions = lesion_metrics(pred, ref, SPACING)
+        for key, value in expected.items():
+            got = float(row[key])
+            assert got == pytest.approx(value, abs=1e-9, nan_ok=True), (row["case_id"], key)
+        assert int(row["lesion_fp"]) == lesions["lesion_fp"]
+        assert int(row["lesion_fn"]) == lesions["lesion_fn"]
+    assert rows[1]["lesion_fp"] == "1"  # the added island
+    assert rows[2]["hd95_mm"] == "inf" and rows[3]["missing"] == "true"
+
+    summary = _strict_json(out / "summary.json")
+    diag = math.sqrt(sum((n * s) ** 2 for n, s in zip(SHAPE, SPACING)))
+    per_case = {c["case_id"]: c for c in summary["metric_per_case"]}
+    assert per_case["case_c"]["metrics"]["hd95_mm"] == "inf"
+    assert per_case["case_d"]["pred_path"] is None and per_case["case_d"]["missing"] is True
+    hd95 = [float(r["hd95_mm"]) for r in rows]
+    worst = [v if math.isfinite(v) else diag for v in hd95]
+    assert summary["statistics"]["hd95_mm"]["mean"] == pytest.approx(np.mean(worst))
+    assert summary["statistics"]["hd95_mm"]["n_inf"] == 2
+    assert summary["statistics"]["dsc"]["median"] == pytest.approx(np.median([float(r["dsc"]) for r in rows]))
+    assert summary["policy"]["empty_distance"] == "worst"
+    assert summary["policy"]["n_missing_prediction"] == 1 and summary["policy"]["n_pred_empty_only"] == 2
+    assert summary["unmatched_predictions"] == ["stray"]
+    assert set(summary["versions"]) >= {"medseg", "numpy", "scipy"}
+
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 + 4  # box plots + one slice per patient
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert "case_d" in page and "prediction missing" in page
+
+    printed = capsys.readouterr().out
+    assert "case_b" in printed and f"report: {out / 'report.html'}" in printed
+
+
+def test_exclude_policy_and_missing_error(folders, capsys):
+    assert main(_args(folders, "ex", "--empty-distance", "exclude", "--no-figures")) == 0
+    summary = _strict_json(folders / "ex" / "summary.json")
+    hd = summary["statistics"]["hd95_mm"]
+    assert hd["n"] == 3  # case_c's inf left out, the missing case_d kept at the diagonal
+    assert (folders / "ex" / "report.html").read_text().count("data:image/png") == 1
+
+    assert main(_args(folders, "err", "--missing", "error")) == 2
+    err = capsys.readouterr().err
+    assert "medseg-eval: error:" in err and "case_d: no prediction" in err
+    assert not (folders / "err").exists()
+
+
+@pytest.mark.slow
+def test_workers_give_identical_results(folders):
+    assert main(_args(folders, "w1", "--no-figures")) == 0
+    assert main(_args(folders, "w2", "--no-figures", "--workers", "2")) == 0
+    assert (folders / "w1" / "metrics.csv").read_text() == (folders / "w2" / "metrics.csv").read_text()
+    assert _strict_json(folders / "w1" / "summary.json") == _strict_json(folders / "w2" / "summary.json")
+
+
+def test_grid_mismatch_refused_then_resampled(tmp_path, capsys):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[5:10, 6:12, 3:7] = 1
+    # The same object on a grid whose origin is one voxel further along i.
+    pred = np.roll(ref, -1, axis=0)
+    _save(tmp_path / "ref" / "p1.nii.gz", ref)
+    _save(tmp_path / "pred" / "p1.nii.gz", pred, _affine(origin=(SPACING[0], 0.0, 0.0)))
+    assert main(_args(tmp_path, "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medseg-eval: error:") and len(err.splitlines()) == 1
+    assert "origin (0.75, 0, 0)" in err and "origin (0, 0, 0)" in err and "--resample-pred" in err
+    with pytest.raises(InputError, match="expected the grid of its reference"):
+        main(_args(tmp_path, "out", "--debug"))
+    assert main(_args(tmp_path, "out", "--resample-pred", "--no-figures")) == 0
+    row = next(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
+    assert float(row["dsc"]) == 1.0 and row["resampled"] == "true"
+
+
+def test_labels_other_than_binary(tmp_path, capsys):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[2:6, 2:6, 2:5] = 1
+    ref[10:14, 10:14, 5:8] = 2
+    pred = ref.copy()
+    pred[10:14, 10:14, 5:8] = 0
+    _save(tmp_path / "ref" / "m.nii.gz", ref)
+    _save(tmp_path / "pred" / "m.nii.gz", pred)
+    assert main(_args(tmp_path, "out")) == 2
+    err = capsys.readouterr().err
+    assert "expected a binary mask with values {0, 1}, found other values: 2" in err and "--label N" in err
+    assert main(_args(tmp_path, "out", "--label", "2", "--no-figures")) == 0
+    row = next(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
+    assert float(row["dsc"]) == 0.0 and row["pred_empty"] == "true"
+
+
+def test_missing_folder_and_bad_flags(tmp_path, capsys):
+    assert main(["--pred", str(tmp_path / "nope"), "--ref", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "medseg-eval: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--pred", "a", "--ref", "b", "--out", "c", "--workers", "0"])
+    assert exc.value.code == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_library_argument_errors(folders):
+    with pytest.raises(ValueError, match="missing must be one of"):
+        pair_cases(folders / "pred", folders / "ref", missing="skip")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        evaluate_folders(folders / "pred", folders / "ref", workers=0)
+
+
+def test_help_is_fast_and_imports_no_tensorflow():
+    code = (
+        "import sys\nfrom medseg.cli.evaluate import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TF', 'tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert "--empty-distance" in out.stdout and "TF False" in out.stdout

@@ -227,6 +227,11 @@ def test_constant_image_warning_and_images_only(tmp_path):
     assert report.stats["flat"]["shape"] == list(SHAPE) and "lesion_count" not in report.stats["flat"]
 
 
+def test_parallel_check_gives_the_same_report(broken):
+    cases = discover_cases(broken / "images", broken / "labels")
+    assert check_dataset(cases, workers=1).to_dict() == check_dataset(cases, workers=3).to_dict()
+
+
 def test_to_dict_is_strict_json(broken):
     report = check_dataset(discover_cases(broken / "images", broken / "labels"))
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))

@@ -36,7 +36,7 @@ from medseg.transforms.intensity import body_mask, check_normalization
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
 
-__all__ = ["Plan", "make_plan", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION", "PLAN_VERSION"]
+__all__ = ["Plan", "make_plan", "load_pair", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 DEFAULT_CT_WINDOW_HU = (-1000.0, 400.0)
@@ -199,16 +199,16 @@ def _json_default(obj: Any) -> Any:
 
 
 # --- fingerprint ---------------------------------------------------------------------------
-def _load_pair(item: Any):
+def load_pair(item: Any):
     """(image Volume, label Volume or None) from a Case, dict, tuple, Volume or path."""
     from medseg.io.volume import Volume
 
-    def read(x):
+    def read(x, case_id=None):
         if x is None or isinstance(x, Volume):
             return x
-        from medseg.io import read_volume  # io is a lower layer; imported late so plan.py loads without it
+        from medseg.io import read_volume  # imported late: reading files is the only use of io here
 
-        return read_volume(x)
+        return read_volume(x, case_id=case_id)
 
     if isinstance(item, Volume):
         return item, None
@@ -217,7 +217,8 @@ def _load_pair(item: Any):
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return read(item[0]), read(item[1])
     if hasattr(item, "image_path"):
-        return read(item.image_path), read(getattr(item, "label_path", None))
+        cid = getattr(item, "case_id", None)
+        return read(item.image_path, cid), read(getattr(item, "label_path", None), cid)
     if isinstance(item, (str, os.PathLike)):
         return read(item), None
     raise TypeError(f"make_plan expects Cases, Volumes, (image, label) pairs or dicts, found {type(item).__name__}")
@@ -314,7 +315,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     orientation = str(overrides.get("orientation", "RAS"))
     entries, body_all, fg_all = [], [], []
     for item in cases_or_volumes:
-        image, label = _load_pair(item)
+        image, label = load_pair(item)
         entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng)
         entries.append(entry)
         body_all.append(body_vals)

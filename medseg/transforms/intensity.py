@@ -28,6 +28,10 @@ __all__ = [
     "normalize",
     "NORMALIZATION_KINDS",
     "check_normalization",
+    "NormalizeIntensityd",
+    "CTWindowd",
+    "ZScored",
+    "PercentileClipd",
 ]
 
 NORMALIZATION_KINDS = ("ct_window", "zscore", "percentile")
@@ -221,3 +225,52 @@ def normalize(
         hi = float(phi) if hi is None else hi
     x = np.clip(x, np.float32(lo), np.float32(hi))
     return zscore(x, mean=spec["mean"], std=spec["std"], mask=mask)
+
+
+# --- dictionary transforms ---------------------------------------------------------------------
+from medseg.transforms.compose import MapTransform  # noqa: E402  (compose imports nothing from here)
+
+
+class NormalizeIntensityd(MapTransform):
+    """Apply a ``Plan.normalization`` dictionary to Volumes (or arrays) under ``keys``.
+
+    Raises:
+        ValueError: from :func:`check_normalization`, at construction.
+    """
+
+    def __init__(self, keys, normalization: Mapping[str, Any], modality: str = "MR", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.normalization = check_normalization(normalization)
+        self.modality = modality
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keys={self.keys}, normalization={self.normalization})"
+
+    def apply(self, value, key):
+        if hasattr(value, "with_array"):
+            return value.with_array(normalize(value.array, self.normalization, modality=self.modality))
+        return normalize(value, self.normalization, modality=self.modality)
+
+
+class CTWindowd(NormalizeIntensityd):
+    """Clip to ``[low_hu, high_hu]`` and scale to [0, 1]."""
+
+    def __init__(self, keys, low_hu: float = -1000.0, high_hu: float = 400.0, allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "ct_window", "low_hu": low_hu, "high_hu": high_hu}, "CT", allow_missing_keys)
+
+
+class ZScored(NormalizeIntensityd):
+    """Per-volume z-score over the body after clipping to the body's ``clip_percentiles``."""
+
+    def __init__(self, keys, clip_percentiles=(0.5, 99.5), modality: str = "MR", allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "zscore", "clip_percentiles": list(clip_percentiles)}, modality,
+                         allow_missing_keys)
+
+
+class PercentileClipd(NormalizeIntensityd):
+    """Clip to the body's ``low_pct``/``high_pct`` percentiles and scale to [0, 1]."""
+
+    def __init__(self, keys, low_pct: float = 0.5, high_pct: float = 99.5, modality: str = "MR",
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "percentile", "low_pct": low_pct, "high_pct": high_pct}, modality,
+                         allow_missing_keys)

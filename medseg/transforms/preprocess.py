@@ -31,7 +31,7 @@ from medseg.transforms.spatial import (
     resample_inplane,
 )
 
-__all__ = ["Prepared", "Inverse", "preprocess_image", "preprocess_label", "restore", "plan_geometry"]
+__all__ = ["Prepared", "Inverse", "preprocess_image", "preprocess_label", "restore", "plan_geometry", "PlanPreprocessd"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,3 +209,36 @@ def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
     if stack.dtype == np.bool_:
         array = array.astype(bool)
     return Volume(array, inv.affine.copy(), inv.case_id, dict(inv.meta))
+
+
+class PlanPreprocessd:
+    """Dictionary transform: ``{"image": Volume, "label": Volume}`` -> plan space.
+
+    ``image`` becomes a :class:`Prepared` (with its body mask) and ``label`` a uint8
+    ``(n_slices, H, W)`` stack; ``label`` may be absent (inference).
+
+    Raises:
+        KeyError: if the image key is missing.
+        ValueError: if the label is not on the image's grid.
+    """
+
+    def __init__(self, plan: Any, keys: tuple[str, str] = ("image", "label")):
+        self.plan = plan
+        self.keys = tuple(keys)
+
+    def __repr__(self) -> str:
+        return f"PlanPreprocessd(keys={self.keys})"
+
+    def __call__(self, sample: dict) -> dict:
+        image_key, label_key = self.keys
+        if image_key not in sample:
+            raise KeyError(f"{self!r}: sample has no key {image_key!r} (keys: {sorted(sample)})")
+        out = dict(sample)
+        image = sample[image_key]
+        out[image_key] = preprocess_image(image, self.plan, with_body=True)
+        if sample.get(label_key) is not None:
+            label = sample[label_key]
+            if not image.same_grid(label):
+                raise ValueError(f"{image.case_id}: label {label!r} is not on the image's grid {image!r}")
+            out[label_key] = preprocess_label(label, self.plan)
+        return out

@@ -24,6 +24,8 @@ __all__ = [
     "InPlaneGrid",
     "inplane_grid",
     "resample_inplane",
+    "Orientationd",
+    "Spacingd",
 ]
 
 
@@ -219,3 +221,119 @@ def _check_nibabel() -> None:  # pragma: no cover - import guard for old nibabel
 
 
 _check_nibabel()
+
+
+# --- dictionary transforms on {"image": Volume, "label": Volume} -------------------------------
+from medseg.transforms.compose import MapTransform  # noqa: E402  (compose imports nothing from here)
+
+_APPLIED = "applied_operations"
+
+
+def _with_trace(volume, array: np.ndarray, affine: np.ndarray, op: dict):
+    trace = list(volume.meta.get(_APPLIED, []))
+    trace.append(op)
+    return volume.with_array(array, affine, **{_APPLIED: trace})
+
+
+def _pop_trace(volume, name: str):
+    trace = list(volume.meta.get(_APPLIED, []))
+    if not trace or trace[-1]["name"] != name:
+        last = trace[-1]["name"] if trace else "nothing"
+        raise ValueError(f"{volume.case_id}: cannot invert {name}: the last applied operation was {last}")
+    return trace.pop(), trace
+
+
+class Orientationd(MapTransform):
+    """Reorient Volumes to ``axcodes`` (exact: axes permuted/flipped, affine updated).
+
+    ``inverse(sample)`` undoes it using the record in ``volume.meta["applied_operations"]``.
+    """
+
+    def __init__(self, keys, axcodes: str = "RAS", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        reorientation(np.eye(4), (1, 1, 1), axcodes)  # validate now, not at the first sample
+        self.axcodes = axcodes.upper()
+
+    def __repr__(self) -> str:
+        return f"Orientationd(keys={self.keys}, axcodes={self.axcodes!r})"
+
+    def apply(self, volume, key):
+        reo = reorientation(volume.affine, volume.shape, self.axcodes)
+        return _with_trace(volume, reorient_array(volume.array, reo), reo.output_affine,
+                           {"name": "Orientationd", "reorientation": reo})
+
+    def inverse(self, sample):
+        out = dict(sample)
+        for key in self.key_iterator(sample):
+            vol = sample[key]
+            op, trace = _pop_trace(vol, "Orientationd")
+            reo = op["reorientation"]
+            out[key] = vol.with_array(reorient_array(vol.array, reo, inverse=True), reo.input_affine,
+                                      **{_APPLIED: trace})
+        return out
+
+
+class Spacingd(MapTransform):
+    """Resample Volumes in-plane to ``target_spacing_mm`` (the two axes other than ``slice_axis``).
+
+    Args:
+        keys: keys to resample.
+        target_spacing_mm: in-plane spacing (mm), in array-axis order.
+        slice_axis: the axis left untouched.
+        mode: ``"linear"`` or ``"nearest"``, one for all keys or one per key (default: linear for
+            ``"image"``, nearest for every other key).
+
+    Raises:
+        ValueError: bad mode / target, or ``inverse`` on a volume this did not resample last.
+    """
+
+    def __init__(self, keys, target_spacing_mm, slice_axis: int = 2, mode=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if mode is None:
+            mode = tuple("linear" if k == "image" else "nearest" for k in self.keys)
+        elif isinstance(mode, str):
+            mode = (mode,) * len(self.keys)
+        if len(mode) != len(self.keys) or any(m not in ("linear", "nearest") for m in mode):
+            raise ValueError(f"mode must be 'linear' or 'nearest' (one, or one per key), found {mode!r}")
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, found {slice_axis!r}")
+        inplane_grid((2, 2), (1.0, 1.0), target_spacing_mm)  # validates the target
+        self.mode = dict(zip(self.keys, mode))
+        self.target_spacing_mm = tuple(float(v) for v in target_spacing_mm)
+        self.slice_axis = int(slice_axis)
+
+    def __repr__(self) -> str:
+        return f"Spacingd(keys={self.keys}, target_spacing_mm={self.target_spacing_mm}, slice_axis={self.slice_axis})"
+
+    def _inplane_affine(self, affine: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
+        inplane = [a for a in range(3) if a != self.slice_axis]
+        m = grid.index_matrix()
+        p = np.eye(4)
+        for r, a in enumerate(inplane):
+            p[a, a], p[a, 3] = m[r, r], m[r, 2]
+        return affine @ p
+
+    def apply(self, volume, key):
+        from medseg.transforms.slicing import from_stack, to_stack
+
+        inplane = [a for a in range(3) if a != self.slice_axis]
+        spacing = volume.spacing_mm
+        grid = inplane_grid(tuple(volume.shape[a] for a in inplane), tuple(spacing[inplane]), self.target_spacing_mm)
+        stack = np.ascontiguousarray(to_stack(volume.array, self.slice_axis))
+        out = resample_inplane(stack, grid, nearest=self.mode[key] == "nearest")
+        return _with_trace(volume, np.ascontiguousarray(from_stack(out, self.slice_axis)),
+                           self._inplane_affine(volume.affine, grid),
+                           {"name": "Spacingd", "grid": grid, "affine": volume.affine.copy()})
+
+    def inverse(self, sample):
+        from medseg.transforms.slicing import from_stack, to_stack
+
+        out = dict(sample)
+        for key in self.key_iterator(sample):
+            vol = sample[key]
+            op, trace = _pop_trace(vol, "Spacingd")
+            stack = np.ascontiguousarray(to_stack(vol.array, self.slice_axis))
+            back = resample_inplane(stack, op["grid"], nearest=self.mode[key] == "nearest", inverse=True)
+            out[key] = vol.with_array(np.ascontiguousarray(from_stack(back, self.slice_axis)), op["affine"],
+                                      **{_APPLIED: trace})
+        return out

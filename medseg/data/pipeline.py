@@ -1,0 +1,189 @@
+"""Training batches for Keras: lesion-aware patches, joint augmentation, ``tf.data``.
+
+Batch ``i`` is a pure function of ``(seed, i)``: its generator is
+``np.random.default_rng([seed, i])``. So the stream is the same whatever the number of parallel
+workers, and a resumed run that starts at ``start_batch = epoch * steps_per_epoch`` sees exactly
+the batches the uninterrupted run would have seen.
+
+Example (a user with their own Keras model)::
+
+    from medseg.data import dataset_from_folders
+
+    ds, plan = dataset_from_folders("imagesTr", "labelsTr", batch_size=16)
+    model.fit(ds, steps_per_epoch=250, epochs=100)     # ds yields (image, mask) forever
+
+Each element is ``(images float32 (B, H, W, C), masks int32 (B, H, W))``; masks are class indices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from medseg.data.cache import VolumeCache
+from medseg.transforms.augment import AugmentConfig, Augmenter
+from medseg.transforms.sampling import PatchSampler, render
+
+__all__ = ["BatchMaker", "make_dataset", "dataset_from_folders"]
+
+log = logging.getLogger(__name__)
+
+
+def _augmenter(augment: Any) -> Augmenter | None:
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return Augmenter()
+    if isinstance(augment, Augmenter):
+        return augment
+    if isinstance(augment, AugmentConfig):
+        return Augmenter(augment)
+    if isinstance(augment, dict):
+        return Augmenter(AugmentConfig(**augment))
+    raise TypeError(f"augment must be True/False, an Augmenter, an AugmentConfig or a dict, found {type(augment).__name__}")
+
+
+class BatchMaker:
+    """Builds numpy training batches from a :class:`VolumeCache` (no TensorFlow needed).
+
+    Args:
+        cache: the preprocessed cases.
+        plan: gives ``patch_size``, ``context_slices`` and ``lesion_fraction``.
+        batch_size: patches per batch.
+        seed: batch ``i`` uses ``np.random.default_rng([seed, i])``.
+        augment: True (default recipe), False/None, an :class:`Augmenter`, an
+            :class:`AugmentConfig` or a dict of its fields.
+        lesion_fraction: overrides ``plan.lesion_fraction``.
+        inside_body: random patches centred inside the body.
+        release_every: drop memory-mapped pages every this many batches (disk caches), so
+            resident memory stays flat.
+
+    Raises:
+        ValueError: if ``batch_size < 1``.
+    """
+
+    def __init__(self, cache: VolumeCache, plan: Any, *, batch_size: int = 16, seed: int = 0, augment: Any = True,
+                 lesion_fraction: float | None = None, inside_body: bool = True, release_every: int = 32):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
+        self.cache = cache
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.patch_size = tuple(int(v) for v in plan.patch_size)
+        self.context_slices = int(plan.context_slices)
+        fraction = plan.lesion_fraction if lesion_fraction is None else lesion_fraction
+        self.sampler = PatchSampler(cache.sources, self.patch_size, lesion_fraction=fraction, inside_body=inside_body)
+        self.augmenter = _augmenter(augment)
+        if self.augmenter is not None:
+            self.augmenter._noise_bank()  # built once here, not raced by parallel workers
+        self.release_every = max(1, int(release_every))
+        self.last_params: dict | None = None
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index)])
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch number ``index``: ``(images float32 (B, H, W, C), masks int32 (B, H, W))``."""
+        index = int(index)
+        if index % self.release_every == 0 and any(self.cache.on_disk):
+            self.cache.release_pages()
+        rng = self.rng(index)
+        centres = self.sampler.draw(self.batch_size, rng)
+        spatial = None
+        if self.augmenter is not None:
+            spatial = self.augmenter.draw_spatial(self.batch_size, rng, square=self.patch_size[0] == self.patch_size[1])
+        images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial)
+        params: dict[str, Any] = {"index": index, "centres": centres.as_dict()}
+        if self.augmenter is not None:
+            intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)
+            self.augmenter.apply_intensity(images, intensity)
+            params.update(spatial=spatial.as_dict(), intensity=intensity.as_dict())
+        self.last_params = params
+        return images, masks.astype(np.int32)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        i = 0
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batch_size: int = 16, seed: int = 0,
+                 augment: Any = True, start_batch: int = 0, num_batches: int | None = None,
+                 num_parallel_calls: int | None = None, prefetch: int | None = None,
+                 cache: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 lesion_fraction: float | None = None, inside_body: bool = True):
+    """A ``tf.data.Dataset`` of ``(images (B, H, W, C) float32, masks (B, H, W) int32)``.
+
+    Args:
+        cases_or_cache: a :class:`VolumeCache`, or cases to build one from (see
+            :class:`VolumeCache`; ``cache`` and ``cache_dir`` are passed on).
+        plan: the :class:`medseg.data.plan.Plan`.
+        batch_size: patches per element.
+        seed: stream seed (deterministic: same seed, same batches, any parallelism).
+        augment: see :class:`BatchMaker`.
+        start_batch: index of the first batch (resume: ``epoch * steps_per_epoch``).
+        num_batches: number of batches, or None for an endless stream (use ``steps_per_epoch``).
+        num_parallel_calls: parallel batch builders (default ``tf.data.AUTOTUNE``).
+        prefetch: batches prefetched (default ``tf.data.AUTOTUNE``).
+        lesion_fraction: overrides ``plan.lesion_fraction``.
+        inside_body: random patches centred inside the body.
+
+    Returns:
+        The dataset; ``dataset.batch_maker`` is the underlying :class:`BatchMaker` (its
+        ``last_params`` holds what the last built batch drew).
+    """
+    import tensorflow as tf
+
+    if not isinstance(cases_or_cache, VolumeCache):
+        cases_or_cache = VolumeCache(cases_or_cache, plan, mode=cache, cache_dir=cache_dir, seed=seed)
+    maker = BatchMaker(cases_or_cache, plan, batch_size=batch_size, seed=seed, augment=augment,
+                       lesion_fraction=lesion_fraction, inside_body=inside_body)
+    ph, pw = maker.patch_size
+    stop = start_batch + num_batches if num_batches is not None else 2 ** 62
+    image_shape = (maker.batch_size, ph, pw, maker.context_slices)
+    mask_shape = (maker.batch_size, ph, pw)
+
+    def build(index):
+        images, masks = tf.numpy_function(maker.batch, [index], (tf.float32, tf.int32), stateful=False)
+        return tf.ensure_shape(images, image_shape), tf.ensure_shape(masks, mask_shape)
+
+    autotune = tf.data.AUTOTUNE
+    ds = tf.data.Dataset.range(int(start_batch), int(stop))
+    ds = ds.map(build, num_parallel_calls=num_parallel_calls or autotune, deterministic=True)
+    ds = ds.prefetch(prefetch if prefetch is not None else autotune)
+    ds.batch_maker = maker  # type: ignore[attr-defined]
+    return ds
+
+
+def dataset_from_folders(images: str | os.PathLike, labels: str | os.PathLike | None = None, *, plan: Any = None,
+                         plan_overrides: dict | None = None, batch_size: int = 16, seed: int = 0, augment: Any = True,
+                         cache: str = "auto", cache_dir: str | os.PathLike | None = None, **kwargs: Any):
+    """Folders of volumes -> ``(tf.data.Dataset, Plan)`` in one call.
+
+    Args:
+        images: folder of images (NIfTI, NRRD, MHA, DICOM folders; nnU-Net ``_0000`` names work).
+        labels: folder of lesion masks (default: pairs found by :func:`medseg.io.discover_cases`,
+            e.g. ``dataset.json``).
+        plan: a Plan to use (e.g. ``Plan.load("plan.json")``); default: fitted on these cases.
+        plan_overrides: fields to override when fitting (``{"patch_size": (128, 128)}``, ...).
+        batch_size, seed, augment, cache, cache_dir, **kwargs: see :func:`make_dataset`.
+
+    Raises:
+        DatasetError: unpaired files (all listed) or no labelled case.
+    """
+    from medseg.data.plan import make_plan
+    from medseg.errors import DatasetError
+    from medseg.io import discover_cases
+
+    cases = [c for c in discover_cases(images, labels) if c.label_path is not None]
+    if not cases:
+        raise DatasetError(f"no labelled cases found in {images}" + (f" and {labels}" if labels else ""), [])
+    if plan is None:
+        plan = make_plan(cases, overrides=plan_overrides, seed=seed)
+    ds = make_dataset(cases, plan, batch_size=batch_size, seed=seed, augment=augment, cache=cache,
+                      cache_dir=cache_dir, **kwargs)
+    return ds, plan

@@ -1,0 +1,148 @@
+"""MONAI-style dictionary transforms on ``{"image": Volume, "label": Volume}`` samples.
+
+- :class:`MapTransform` applies an array/volume function to the entries named by ``keys``; a
+  missing key raises ``KeyError`` naming the key and the transform, unless
+  ``allow_missing_keys=True``.
+- :class:`Randomizable` transforms draw parameters from their own ``np.random.Generator`` (set
+  with ``set_random_state``), then apply a deterministic function; ``last_params`` records what
+  was drawn so a run can log it.
+- :class:`Compose` runs transforms in order and re-raises any failure as
+  ``RuntimeError(f"applying {t!r} to {case_id}")`` with the original error chained.
+
+Example:
+    >>> pipeline = Compose([Orientationd(("image", "label")), Spacingd(("image", "label"), (1.0, 1.0)),
+    ...                     NormalizeIntensityd("image", {"kind": "ct_window", "low_hu": -1000, "high_hu": 400})])
+    >>> out = pipeline({"image": ct, "label": mask})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["MapTransform", "Randomizable", "Compose", "Lambdad", "case_id_of"]
+
+
+def case_id_of(sample: Any) -> str:
+    """The case id of a sample (from its first value that has one), else ``"<unknown case>"``."""
+    if isinstance(sample, Mapping):
+        if "case_id" in sample:
+            return str(sample["case_id"])
+        for value in sample.values():
+            cid = getattr(value, "case_id", None)
+            if cid:
+                return str(cid)
+    return "<unknown case>"
+
+
+class MapTransform:
+    """Base class of dictionary transforms.
+
+    Subclasses implement :meth:`apply` (one value -> new value). ``__call__`` returns a new dict
+    (the input sample is never modified).
+
+    Args:
+        keys: key or keys to transform.
+        allow_missing_keys: skip absent keys instead of raising.
+
+    Raises:
+        ValueError: if ``keys`` is empty.
+    """
+
+    def __init__(self, keys: Hashable | Sequence[Hashable], allow_missing_keys: bool = False):
+        self.keys = (keys,) if isinstance(keys, (str, int)) or not isinstance(keys, Iterable) else tuple(keys)
+        if not self.keys:
+            raise ValueError(f"{type(self).__name__} needs at least one key, found {keys!r}")
+        self.allow_missing_keys = bool(allow_missing_keys)
+
+    def key_iterator(self, sample: Mapping) -> Iterable[Hashable]:
+        for key in self.keys:
+            if key in sample:
+                yield key
+            elif not self.allow_missing_keys:
+                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(map(str, sample))}); "
+                               f"pass allow_missing_keys=True to skip it")
+
+    def apply(self, value: Any, key: Hashable) -> Any:
+        return value
+
+    def __call__(self, sample: Mapping) -> dict:
+        out = dict(sample)
+        for key in self.key_iterator(sample):
+            out[key] = self.apply(sample[key], key)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keys={self.keys})"
+
+
+class Randomizable:
+    """Mixin for random transforms: an explicit generator and the parameters last drawn."""
+
+    rng: np.random.Generator
+    last_params: dict | None = None
+
+    def set_random_state(self, seed: int | None = None, rng: np.random.Generator | None = None) -> "Randomizable":
+        """Use ``rng`` (or a new generator seeded with ``seed``) for all future draws."""
+        self.rng = rng if rng is not None else np.random.default_rng(seed)
+        return self
+
+    def randomize(self, sample: Mapping) -> dict:
+        """Draw this call's parameters from ``self.rng``; subclasses override."""
+        return {}
+
+
+class Compose:
+    """Apply transforms in order; failures name the transform and the case.
+
+    Args:
+        transforms: callables ``sample -> sample``.
+        seed: if given, every :class:`Randomizable` member gets its own generator spawned from
+            this seed (so adding one random transform does not change the others' draws).
+
+    Raises:
+        RuntimeError: ``applying {t!r} to {case_id}``, from the transform's error.
+    """
+
+    def __init__(self, transforms: Sequence[Callable[[Any], Any]], seed: int | None = None):
+        self.transforms = list(transforms)
+        if seed is not None:
+            self.set_random_state(seed)
+
+    def set_random_state(self, seed: int | None = None, rng: np.random.Generator | None = None) -> "Compose":
+        ss = np.random.SeedSequence(seed) if rng is None else np.random.SeedSequence(int(rng.integers(2 ** 63)))
+        children = ss.spawn(len(self.transforms))
+        for t, child in zip(self.transforms, children):
+            if hasattr(t, "set_random_state"):
+                t.set_random_state(rng=np.random.default_rng(child))
+        return self
+
+    @property
+    def last_params(self) -> list:
+        return [getattr(t, "last_params", None) for t in self.transforms]
+
+    def __call__(self, sample: Any) -> Any:
+        for t in self.transforms:
+            try:
+                sample = t(sample)
+            except Exception as e:
+                raise RuntimeError(f"applying {t!r} to {case_id_of(sample)}") from e
+        return sample
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __repr__(self) -> str:
+        return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
+
+
+class Lambdad(MapTransform):
+    """Apply ``func(value)`` to each key (MONAI ``Lambdad``)."""
+
+    def __init__(self, keys, func: Callable[[Any], Any], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.func = func
+
+    def apply(self, value, key):
+        return self.func(value)

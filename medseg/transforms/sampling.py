@@ -1,0 +1,500 @@
+"""Lesion-aware 2D patch sampling from slice-first volumes, and patch rendering.
+
+Where a patch comes from is drawn by :class:`PatchSampler` (the *centres*); :func:`render`
+cuts the patches out, with flips / 90-degree rotations folded into the copy and, for the
+patches that get a small rotation / scaling / elastic warp, one bilinear gather straight from the
+source slice (so rotated corners hold real image, not padding). Both are vectorised numpy; see
+``benchmarks/pipeline.py``.
+
+Sampling rule (per batch of ``B``):
+
+- ``floor(B * lesion_fraction)`` patches (plus one more with probability equal to the remainder)
+  are *lesion-centred*: pick a case among those with lesion, then one of its lesions (connected
+  component) uniformly, then a voxel of that lesion uniformly, then shift the centre by a uniform
+  jitter of at most ``jitter`` pixels. Choosing the component first keeps a 10-voxel metastasis
+  as likely as a 10 000-voxel primary; sampling voxels would almost never pick the small one.
+- The others are *random*: a slice drawn uniformly over all slices of all cases, centred on a
+  random body voxel (``inside_body=True``, the default; air-only patches teach nothing) or
+  anywhere such that the patch lies inside the image.
+- Patches that reach past the image border are padded: image with the case's background value,
+  label with 0. Volumes without lesion only give random patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from medseg.transforms.compose import Randomizable
+from medseg.transforms.slicing import context_offsets
+
+__all__ = [
+    "LesionIndex",
+    "build_index",
+    "SampleSource",
+    "Centres",
+    "PatchSampler",
+    "SpatialParams",
+    "identity_spatial",
+    "render",
+    "RandLesionPatchd",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class LesionIndex:
+    """Where the lesions and the body of one case are, compactly (kept for every case in RAM).
+
+    Attributes:
+        coords: int32 ``(K, 3)`` ``(slice, h, w)`` lesion voxels, grouped by component; at most
+            ``max_per_component`` random voxels per component.
+        offsets: int64 ``(n_components + 1,)``; component ``c`` is ``coords[offsets[c]:offsets[c+1]]``.
+        body: int32 ``(M, 3)`` random body voxels (empty: the whole image counts as body).
+        component_voxels: int64 ``(n_components,)`` full size of each component.
+    """
+
+    coords: np.ndarray
+    offsets: np.ndarray
+    body: np.ndarray
+    component_voxels: np.ndarray
+
+    @property
+    def n_components(self) -> int:
+        return int(len(self.offsets) - 1)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"coords": self.coords, "offsets": self.offsets, "body": self.body,
+                "component_voxels": self.component_voxels}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> "LesionIndex":
+        return cls(*(np.asarray(arrays[k]) for k in ("coords", "offsets", "body", "component_voxels")))
+
+
+def build_index(
+    label: np.ndarray,
+    body: np.ndarray | None = None,
+    *,
+    max_per_component: int = 2048,
+    max_body: int = 4096,
+    seed: int = 0,
+) -> LesionIndex:
+    """Index the lesions (3D connected components, face connectivity) and sample body voxels.
+
+    Args:
+        label: ``(n, H, W)``; nonzero is lesion.
+        body: optional boolean ``(n, H, W)`` body mask.
+        max_per_component: voxels kept per component (memory stays small for big lesions).
+        max_body: body voxels kept.
+        seed: seeds the subsampling.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    lab = np.asarray(label) > 0
+    comps, n = ndimage.label(lab)
+    flat = np.flatnonzero(comps)
+    ids = comps.ravel()[flat]
+    order = np.argsort(ids, kind="stable")
+    flat, ids = flat[order], ids[order]
+    counts = np.bincount(ids, minlength=n + 1)[1:]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    keep = []
+    for c in range(n):
+        seg = flat[starts[c]:starts[c + 1]]
+        if seg.size > max_per_component:
+            seg = np.sort(rng.choice(seg, max_per_component, replace=False))
+        keep.append(seg)
+    kept_counts = np.array([k.size for k in keep], dtype=np.int64)
+    kept = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    coords = np.stack(np.unravel_index(kept, lab.shape), axis=1).astype(np.int32) if kept.size else \
+        np.zeros((0, 3), np.int32)
+    offsets = np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64)
+    body_coords = np.zeros((0, 3), np.int32)
+    if body is not None:
+        b = np.asarray(body, dtype=bool)
+        # Rejection sampling: np.flatnonzero on a 26 M-voxel mask would allocate 200 MB.
+        cand = rng.integers(0, b.size, size=8 * max_body)
+        cand = cand[b.ravel()[cand]][:max_body]
+        if cand.size:
+            body_coords = np.stack(np.unravel_index(cand, b.shape), axis=1).astype(np.int32)
+    return LesionIndex(coords, offsets, body_coords, counts.astype(np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class SampleSource:
+    """One case in plan space, as the sampler sees it.
+
+    Attributes:
+        image: float32 ``(n, H, W)`` (ndarray or memory-mapped).
+        label: uint8 ``(n, H, W)``.
+        index: its :class:`LesionIndex`.
+        pad_value: image value for padding outside the volume (its background).
+        case_id: for messages.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    index: LesionIndex
+    pad_value: float = 0.0
+    case_id: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Centres:
+    """Patch centres of one batch (all ``(B,)`` int arrays; ``lesion`` bool: lesion-centred)."""
+
+    case: np.ndarray
+    slice: np.ndarray
+    h: np.ndarray
+    w: np.ndarray
+    lesion: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.case.size)
+
+    def as_dict(self) -> dict[str, list]:
+        return {k: getattr(self, k).tolist() for k in ("case", "slice", "h", "w", "lesion")}
+
+
+class PatchSampler:
+    """Draws lesion-aware patch centres over a list of :class:`SampleSource` (see module docstring).
+
+    Args:
+        sources: the cases.
+        patch_size: (H, W) of the patches.
+        lesion_fraction: expected fraction of lesion-centred patches per batch, in [0, 1].
+        jitter: maximal shift (pixels) of a lesion-centred patch's centre from the lesion voxel,
+            per axis; default a quarter of the patch, so the lesion is never at a fixed position
+            and always inside the patch.
+        inside_body: centre random patches on body voxels when the case has a body sample.
+
+    Raises:
+        ValueError: no sources, bad patch size, fraction outside [0, 1], or jitter >= patch / 2.
+    """
+
+    def __init__(self, sources: Sequence[SampleSource], patch_size: tuple[int, int], *,
+                 lesion_fraction: float = 0.5, jitter: tuple[int, int] | int | None = None,
+                 inside_body: bool = True):
+        self.sources = list(sources)
+        if not self.sources:
+            raise ValueError("PatchSampler needs at least one source volume, found none")
+        ph, pw = (int(v) for v in patch_size)
+        if ph < 1 or pw < 1:
+            raise ValueError(f"patch_size must be two positive integers, found {patch_size!r}")
+        self.patch_size = (ph, pw)
+        if not 0.0 <= float(lesion_fraction) <= 1.0:
+            raise ValueError(f"lesion_fraction must lie in [0, 1], found {lesion_fraction!r}")
+        self.lesion_fraction = float(lesion_fraction)
+        if jitter is None:
+            jitter = (ph // 4, pw // 4)
+        elif np.isscalar(jitter):
+            jitter = (int(jitter), int(jitter))
+        self.jitter = tuple(int(j) for j in jitter)
+        if any(j < 0 or 2 * j >= p for j, p in zip(self.jitter, self.patch_size)):
+            raise ValueError(f"jitter must be >= 0 and < half the patch {self.patch_size}, found {self.jitter}")
+        self.inside_body = bool(inside_body)
+        self.n_slices = np.array([s.image.shape[0] for s in self.sources], dtype=np.int64)
+        self._slice_cum = np.cumsum(self.n_slices)
+        self.lesion_cases = np.array([i for i, s in enumerate(self.sources) if s.index.n_components > 0],
+                                     dtype=np.int64)
+
+    def n_lesion_patches(self, batch_size: int, rng: np.random.Generator) -> int:
+        """``floor(B * f)`` plus one with probability ``frac(B * f)``; 0 when no case has a lesion."""
+        if self.lesion_cases.size == 0:
+            return 0
+        expected = batch_size * self.lesion_fraction
+        base = int(np.floor(expected))
+        return base + int(rng.random() < expected - base)
+
+    def draw(self, batch_size: int, rng: np.random.Generator) -> Centres:
+        """Centres of one batch; lesion-centred ones first."""
+        n_les = self.n_lesion_patches(batch_size, rng)
+        case = np.empty(batch_size, np.int64)
+        sl = np.empty(batch_size, np.int64)
+        hh = np.empty(batch_size, np.int64)
+        ww = np.empty(batch_size, np.int64)
+        ph, pw = self.patch_size
+        for b in range(n_les):
+            c = int(self.lesion_cases[rng.integers(self.lesion_cases.size)])
+            idx = self.sources[c].index
+            comp = int(rng.integers(idx.n_components))
+            lo, hi = idx.offsets[comp], idx.offsets[comp + 1]
+            s, h, w = idx.coords[rng.integers(lo, hi)]
+            case[b], sl[b] = c, s
+            hh[b] = h + rng.integers(-self.jitter[0], self.jitter[0] + 1)
+            ww[b] = w + rng.integers(-self.jitter[1], self.jitter[1] + 1)
+        n_rand = batch_size - n_les
+        if n_rand:
+            flat_slices = rng.integers(0, self._slice_cum[-1], size=n_rand)
+            cases = np.searchsorted(self._slice_cum, flat_slices, side="right")
+            for j, (c, g) in enumerate(zip(cases, flat_slices)):
+                b = n_les + j
+                src = self.sources[int(c)]
+                n, H, W = src.image.shape
+                case[b] = c
+                body = src.index.body
+                if self.inside_body and body.shape[0]:
+                    s, h, w = body[rng.integers(body.shape[0])]
+                    sl[b] = s
+                    hh[b] = h + rng.integers(-self.jitter[0], self.jitter[0] + 1)
+                    ww[b] = w + rng.integers(-self.jitter[1], self.jitter[1] + 1)
+                else:
+                    sl[b] = g - (self._slice_cum[c] - n)
+                    hh[b] = _uniform_centre(H, ph, rng)
+                    ww[b] = _uniform_centre(W, pw, rng)
+        return Centres(case, sl, hh, ww, np.arange(batch_size) < n_les)
+
+
+def _uniform_centre(size: int, patch: int, rng: np.random.Generator) -> int:
+    """Centre (index of patch pixel ``patch // 2``) of a window that lies inside ``size`` when it can."""
+    if size >= patch:
+        return int(rng.integers(0, size - patch + 1)) + patch // 2
+    # Image smaller than the patch: the image lies somewhere inside the patch.
+    return int(rng.integers(size - patch, 1)) + patch // 2
+
+
+# --- spatial parameters and rendering ---------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SpatialParams:
+    """Per-patch spatial augmentation of one batch (all arrays have length ``B``).
+
+    Attributes:
+        flip_h, flip_w: bool, mirror along patch rows / columns.
+        rot90: int in 0..3, counter-clockwise quarter turns (``np.rot90``).
+        angle_deg: small rotation (0 = none).
+        scale: zoom factor (> 1 shows a smaller region, enlarged; 1 = none).
+        elastic: optional float32 ``(B, 2, gh, gw)`` coarse displacement grids in pixels, or None;
+            ``elastic_on`` (bool ``(B,)``) says which patches use theirs.
+    """
+
+    flip_h: np.ndarray
+    flip_w: np.ndarray
+    rot90: np.ndarray
+    angle_deg: np.ndarray
+    scale: np.ndarray
+    elastic: np.ndarray | None = None
+    elastic_on: np.ndarray | None = None
+
+    def warped(self) -> np.ndarray:
+        """Which patches need interpolation (rotation, scaling or elastic)."""
+        w = (self.angle_deg != 0) | (self.scale != 1)
+        if self.elastic_on is not None:
+            w = w | self.elastic_on
+        return w
+
+    def as_dict(self) -> dict[str, list]:
+        d = {k: getattr(self, k).tolist() for k in ("flip_h", "flip_w", "rot90", "angle_deg", "scale")}
+        if self.elastic_on is not None:
+            d["elastic_on"] = self.elastic_on.tolist()
+        return d
+
+
+def identity_spatial(batch_size: int) -> SpatialParams:
+    """No spatial change for ``batch_size`` patches."""
+    z = np.zeros(batch_size, bool)
+    return SpatialParams(z, z.copy(), np.zeros(batch_size, np.int64), np.zeros(batch_size), np.ones(batch_size))
+
+
+def _discrete_matrix(flip_h: bool, flip_w: bool, k: int) -> np.ndarray:
+    """2x2 matrix taking output offsets (dy, dx) to pre-flip/rotation offsets, matching numpy's
+    ``np.rot90(x[::fh, ::fw], k)`` on a patch centred at its middle."""
+    # np.rot90(a, 1)[i, j] = a[j, n - 1 - i]: output offset (dy, dx) reads input offset (dx, -dy).
+    r = np.array([[0, 1], [-1, 0]])
+    m = np.linalg.matrix_power(r, int(k) % 4)
+    f = np.diag([-1 if flip_h else 1, -1 if flip_w else 1])
+    return f @ m
+
+
+def _planes(src: SampleSource, s: int, offsets: np.ndarray) -> list[np.ndarray]:
+    n = src.image.shape[0]
+    return [src.image[min(max(s + o, 0), n - 1)] for o in offsets]
+
+
+def _crop(plane: np.ndarray, h0: int, w0: int, ph: int, pw: int, pad: float) -> np.ndarray:
+    """``plane[h0:h0+ph, w0:w0+pw]`` as a view when inside, else a padded copy."""
+    H, W = plane.shape
+    if h0 >= 0 and w0 >= 0 and h0 + ph <= H and w0 + pw <= W:
+        return plane[h0:h0 + ph, w0:w0 + pw]
+    out = np.full((ph, pw), pad, dtype=plane.dtype)
+    a0, a1 = max(h0, 0), min(h0 + ph, H)
+    b0, b1 = max(w0, 0), min(w0 + pw, W)
+    if a1 > a0 and b1 > b0:
+        out[a0 - h0:a1 - h0, b0 - w0:b1 - w0] = plane[a0:a1, b0:b1]
+    return out
+
+
+def _orient(view: np.ndarray, flip_h: bool, flip_w: bool, k: int) -> np.ndarray:
+    v = view[::-1 if flip_h else 1, ::-1 if flip_w else 1]
+    return np.rot90(v, int(k)) if k % 4 else v
+
+
+def _bilinear(plane: np.ndarray, i00: np.ndarray, fy: np.ndarray, fx: np.ndarray, valid: np.ndarray,
+              pad: float, W: int) -> np.ndarray:
+    """Bilinear value at flat top-left index ``i00`` with fractions ``fy, fx`` (all float32 math,
+    so an image equal to its mask interpolates to exactly the mask's values)."""
+    flat = plane.reshape(-1) if plane.flags.c_contiguous else np.ascontiguousarray(plane).reshape(-1)
+    a = flat.take(i00).astype(np.float32, copy=False)
+    b = flat.take(i00 + 1).astype(np.float32, copy=False)
+    c = flat.take(i00 + W).astype(np.float32, copy=False)
+    d = flat.take(i00 + W + 1).astype(np.float32, copy=False)
+    top = a + (b - a) * fx
+    bottom = c + (d - c) * fx
+    out = top + (bottom - top) * fy
+    out[~valid] = np.float32(pad)
+    return out
+
+
+def _warp_coords(ph: int, pw: int, centre: tuple[float, float], matrix: np.ndarray,
+                 disp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    oy = (np.arange(ph, dtype=np.float32) - np.float32((ph - 1) / 2))[:, None]
+    ox = (np.arange(pw, dtype=np.float32) - np.float32((pw - 1) / 2))[None, :]
+    m = matrix.astype(np.float32)
+    cy = np.float32(centre[0]) + m[0, 0] * oy + m[0, 1] * ox
+    cx = np.float32(centre[1]) + m[1, 0] * oy + m[1, 1] * ox
+    if disp is not None:
+        cy = cy + disp[0]
+        cx = cx + disp[1]
+    return cy, cx
+
+
+def _upsample_grid(grid: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Smooth (Gaussian-weighted) upsampling of a coarse ``(2, gh, gw)`` grid to ``(2, ph, pw)``."""
+    def basis(n_out: int, n_in: int) -> np.ndarray:
+        pos = np.linspace(0, n_in - 1, n_out)[:, None]
+        w = np.exp(-0.5 * ((pos - np.arange(n_in)[None, :]) / 0.6) ** 2)
+        return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    uh, uw = basis(ph, grid.shape[1]), basis(pw, grid.shape[2])
+    return np.einsum("hi,cij,wj->chw", uh, grid.astype(np.float32), uw, optimize=True)
+
+
+def render(
+    sources: Sequence[SampleSource],
+    centres: Centres,
+    patch_size: tuple[int, int],
+    context_slices: int = 1,
+    spatial: SpatialParams | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the patches of one batch, applying the spatial augmentation in the same pass.
+
+    Args:
+        sources: the cases ``centres.case`` indexes.
+        centres: from :meth:`PatchSampler.draw`.
+        patch_size: (H, W).
+        context_slices: odd number of neighbouring slices as channels (edges repeat).
+        spatial: per-patch flips / rot90 / rotation / scaling / elastic, or None for none.
+
+    Returns:
+        ``images`` float32 ``(B, H, W, context_slices)`` and ``masks`` uint8 ``(B, H, W)`` in {0, 1}.
+        A warped patch is sampled bilinearly from the source slice; its mask is the bilinearly
+        interpolated mask thresholded at 0.5, exactly as an image equal to the mask would be.
+
+    Raises:
+        ValueError: if a 90-degree rotation is asked for a non-square patch.
+    """
+    ph, pw = (int(v) for v in patch_size)
+    B = len(centres)
+    sp = spatial if spatial is not None else identity_spatial(B)
+    if ph != pw and np.any(sp.rot90 % 2 == 1):
+        raise ValueError(f"odd 90-degree rotations need a square patch, found patch_size {patch_size}")
+    offs = context_offsets(context_slices)
+    images = np.empty((B, ph, pw, offs.size), np.float32)
+    masks = np.empty((B, ph, pw), np.uint8)
+    warped = sp.warped()
+    for b in range(B):
+        src = sources[int(centres.case[b])]
+        s, ch, cw = int(centres.slice[b]), int(centres.h[b]), int(centres.w[b])
+        planes = _planes(src, s, offs)
+        label_plane = src.label[s]
+        fh, fw, k = bool(sp.flip_h[b]), bool(sp.flip_w[b]), int(sp.rot90[b])
+        if not warped[b]:
+            h0, w0 = ch - ph // 2, cw - pw // 2
+            for c, plane in enumerate(planes):
+                images[b, :, :, c] = _orient(_crop(plane, h0, w0, ph, pw, src.pad_value), fh, fw, k)
+            masks[b] = _orient(_crop(label_plane, h0, w0, ph, pw, 0), fh, fw, k)
+            continue
+        # Output offset o (from the patch middle) reads source point centre + A @ D @ o, where D
+        # is the flip/rot90 part and A the rotation+scaling; the middle of an unwarped patch is
+        # (ch - ph // 2 + (ph - 1) / 2), so with A = I this is exactly the crop above.
+        theta = np.deg2rad(float(sp.angle_deg[b]))
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        matrix = rot / float(sp.scale[b]) @ _discrete_matrix(fh, fw, k)
+        centre = (ch - ph // 2 + (ph - 1) / 2, cw - pw // 2 + (pw - 1) / 2)
+        disp = None
+        if sp.elastic is not None and sp.elastic_on is not None and sp.elastic_on[b]:
+            disp = _upsample_grid(sp.elastic[b], ph, pw)
+        yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
+        H, W = label_plane.shape
+        valid = (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)
+        if H < 2 or W < 2:  # a one-pixel-wide plane: repeat it so the 2x2 neighbourhood exists
+            widen = ((0, 2 - min(H, 2)), (0, 2 - min(W, 2)))
+            planes = [np.pad(p, widen, mode="edge") for p in planes]
+            label_plane = np.pad(label_plane, widen, mode="edge")
+            H, W = label_plane.shape
+        y0 = np.clip(np.floor(yy), 0, H - 2).astype(np.int64)
+        x0 = np.clip(np.floor(xx), 0, W - 2).astype(np.int64)
+        fy = np.clip(yy - y0, 0, 1).astype(np.float32)
+        fx = np.clip(xx - x0, 0, 1).astype(np.float32)
+        i00 = y0 * W + x0
+        for c, plane in enumerate(planes):
+            images[b, :, :, c] = _bilinear(plane, i00, fy, fx, valid, src.pad_value, W)
+        masks[b] = _bilinear(label_plane, i00, fy, fx, valid, 0.0, W) > np.float32(0.5)
+    return images, masks
+
+
+# --- dictionary transform ---------------------------------------------------------------------
+class RandLesionPatchd(Randomizable):
+    """Dictionary transform: ``num_samples`` lesion-aware patches from one plan-space sample.
+
+    Like MONAI's ``RandCropByPosNegLabeld``: ``sample[image_key]`` is a float ``(n, H, W)`` stack
+    (or a :class:`medseg.transforms.preprocess.Prepared`) and ``sample[label_key]`` the uint8
+    ``(n, H, W)`` label; the result has ``image`` ``(num_samples, ph, pw, context)`` float32 and
+    ``label`` ``(num_samples, ph, pw)`` uint8 and ``"patch_centres"``. Parameters of the last call
+    are in ``last_params``.
+
+    Raises:
+        KeyError: if the sample lacks a key (names key and transform).
+        ValueError: if ``num_samples < 1`` (and see :class:`PatchSampler`).
+    """
+
+    def __init__(self, keys: tuple[str, str] = ("image", "label"), patch_size: tuple[int, int] = (256, 256), *,
+                 num_samples: int = 4, lesion_fraction: float = 0.5, context_slices: int = 1,
+                 inside_body: bool = True, seed: int | None = None):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, found {num_samples!r}")
+        self.keys = tuple(keys)
+        self.patch_size = tuple(int(v) for v in patch_size)
+        self.num_samples = int(num_samples)
+        self.lesion_fraction = float(lesion_fraction)
+        self.context_slices = int(context_offsets(context_slices).size)
+        self.inside_body = inside_body
+        self.rng = np.random.default_rng(seed)
+        self.last_params: dict | None = None
+
+    def __repr__(self) -> str:
+        return (f"RandLesionPatchd(keys={self.keys}, patch_size={self.patch_size}, num_samples={self.num_samples}, "
+                f"lesion_fraction={self.lesion_fraction})")
+
+    def __call__(self, sample: dict) -> dict:
+        for key in self.keys:
+            if key not in sample:
+                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
+        image, label = sample[self.keys[0]], np.asarray(sample[self.keys[1]])
+        body = getattr(image, "body", None)
+        stack = np.asarray(getattr(image, "array", image), dtype=np.float32)
+        if stack.shape != label.shape:
+            raise ValueError(f"{self!r}: image {stack.shape} and label {label.shape} differ in shape")
+        src = SampleSource(stack, label.astype(np.uint8, copy=False), build_index(label, body),
+                           float(stack.min()) if stack.size else 0.0, str(getattr(image, "case_id", "")))
+        sampler = PatchSampler([src], self.patch_size, lesion_fraction=self.lesion_fraction,
+                               inside_body=self.inside_body)
+        centres = sampler.draw(self.num_samples, self.rng)
+        images, masks = render([src], centres, self.patch_size, self.context_slices)
+        self.last_params = centres.as_dict()
+        out = dict(sample)
+        out[self.keys[0]], out[self.keys[1]] = images, masks
+        out["patch_centres"] = self.last_params
+        return out

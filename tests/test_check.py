@@ -22,7 +22,7 @@ from medseg.data.check import (
     slice_axis_of,
 )
 from medseg.errors import DatasetError, InputError
-from medseg.io import discover_cases
+from medseg.io import discover_cases, read_volume, write_volume
 
 NRRD = Path(__file__).parent / "data" / "nrrd"
 
@@ -225,6 +225,23 @@ def test_constant_image_warning_and_images_only(tmp_path):
     report = check_dataset(discover_cases(tmp_path / "images"))
     assert [(p.severity, p.message) for p in report.problems] == [(WARNING, "image is constant (every voxel 7)")]
     assert report.stats["flat"]["shape"] == list(SHAPE) and "lesion_count" not in report.stats["flat"]
+
+
+def test_dicom_patient_folders_with_nifti_labels(tmp_path):
+    # One DICOM folder per patient; the label was written as NIfTI on the DICOM grid: no mismatch.
+    ct5n = NRRD.parent / "dicom" / "pydicom" / "dicomdirtests" / "98892001" / "CT5N"
+    patient = tmp_path / "images" / "patA"
+    patient.mkdir(parents=True)
+    for f in ct5n.iterdir():
+        (patient / f.name).symlink_to(f)
+    image = read_volume(patient)
+    label = np.zeros(image.shape, np.uint8)
+    label[4:8, 4:8, 1:3] = 1
+    write_volume(image.with_array(label), tmp_path / "labels" / "patA.nii.gz")
+    report = check_dataset(discover_cases(tmp_path / "images", tmp_path / "labels"))
+    assert report.problems == []
+    assert report.stats["patA"]["modality"] == "CT"
+    assert (report.stats["patA"]["lesion_voxels"], report.stats["patA"]["slices_with_lesion"]) == (32, 2)
 
 
 def test_parallel_check_gives_the_same_report(broken):

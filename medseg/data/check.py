@@ -108,7 +108,11 @@ def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str
     count = 0
     slices_with = 0
     if voxels:
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        # Label only the bounding box of the foreground: lesions are small, scans are not.
+        box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in
+                    (np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
+                     for a in range(mask.ndim)))
+        labelled, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
         sizes = np.bincount(labelled.ravel())[1:]
         volumes = sorted((float(s) * voxel_ml for s in sizes), reverse=True)
         other = tuple(a for a in range(mask.ndim) if a != axis)
@@ -264,6 +268,21 @@ def _grid_problems(image: Volume, label: Volume, tolerance_mm: float, direction_
     return found
 
 
+def _label_values(array: np.ndarray) -> list:
+    """Sorted distinct values of a label array, fast when it is binary (the common case).
+
+    Only voxels outside {0, 1} are sorted (``np.unique`` on a whole CT-sized array takes seconds).
+    """
+    other = (array != 0) & (array != 1)
+    values = np.unique(array[other]).tolist() if other.any() else []
+    nonzero = int(np.count_nonzero(array))
+    if nonzero < array.size:
+        values.append(0)
+    if nonzero - int(np.count_nonzero(other)) > 0:
+        values.append(1)
+    return sorted(values)
+
+
 def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None) -> tuple[list[str], np.ndarray | None]:
     """(messages, valid 0/1 mask or None) for a label array."""
     problems = []
@@ -286,11 +305,11 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
     elif array.dtype == np.bool_:
         return [], array
     mapped = apply_label_map(array, label_map)
-    values = np.unique(mapped)
-    extra = [v for v in values.tolist() if v not in (0, 1)]
+    values = _label_values(mapped)
+    extra = [v for v in values if v not in (0, 1)]
     if extra:
-        shown = ", ".join(f"{v:g}" for v in values.tolist()[:12]) + (", ..." if values.size > 12 else "")
-        nonzero = [v for v in values.tolist() if v != 0]
+        shown = ", ".join(f"{v:g}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
+        nonzero = [v for v in values if v != 0]
         if len(nonzero) == 1:
             fix = f"map them with --map-labels {nonzero[0]:g}:1"
         else:

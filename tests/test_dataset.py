@@ -239,10 +239,22 @@ def test_dicom_labels_may_be_folders_too(tmp_path):
     assert discover_cases(images, labels) == [Case("p1", images / "p1", labels / "p1")]
 
 
-def test_loose_dicom_files_are_refused(tmp_path):
+def test_loose_dicom_slices_are_refused(tmp_path):
     images = dicom_folder(tmp_path / "series")
-    with pytest.raises(InputError, match=r"series: expected one subfolder per patient .*found 5 DICOM files directly in the folder"):
+    with pytest.raises(InputError, match=r"series: expected one subfolder per patient .*found 5 DICOM files of 1 series directly in the folder"):
         discover_cases(images)
+
+
+def test_single_file_dicom_volumes_are_cases(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ["emri_small.dcm", "eCT_Supplemental.dcm"]:  # enhanced multi-frame: one file, one volume
+        (images / name).symlink_to(DATA / "dicom" / "pydicom_data" / name)
+    labels = touch(tmp_path / "labels", "emri_small.nii.gz", "eCT_Supplemental.nii.gz")
+    assert discover_cases(images, labels) == [
+        Case("eCT_Supplemental", images / "eCT_Supplemental.dcm", labels / "eCT_Supplemental.nii.gz"),
+        Case("emri_small", images / "emri_small.dcm", labels / "emri_small.nii.gz"),
+    ]
 
 
 def test_missing_empty_and_locked_folders(tmp_path, monkeypatch):

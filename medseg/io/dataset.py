@@ -8,7 +8,9 @@ Rules, applied in this order (see ``docs/io.md``):
    or, nnU-Net style, ``case_0000.nii.gz`` <-> ``case.nii.gz``. A label whose name matches
    several channel files (``case_0000``, ``case_0001``) is a multichannel case: refused.
 3. A subfolder of ``images_dir`` that directly holds DICOM files is one patient's series; its id is the
-   folder name, paired with a label file or folder of the same id.
+   folder name, paired with a label file or folder of the same id. A DICOM file directly in the
+   folder is a case only when it is a series on its own (enhanced multi-frame); loose slices of
+   a series are refused.
 
 Hidden entries (leading ``.``, e.g. macOS ``._case.nii.gz``) and non-volume files (README,
 CSV, JSON, ``.raw`` data files of ``.mhd`` headers) are ignored. Cases are sorted by id.
@@ -157,11 +159,19 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
         else:
             log.debug("ignoring non-volume file: %s", path)
     if loose_dicom:
-        raise InputError(
-            folder, f"one subfolder per patient holding its DICOM series ({what})",
-            f"{len(loose_dicom)} DICOM files directly in the folder (e.g. {loose_dicom[0]})",
-            "move each series into its own folder named after the case, or read the folder as one volume",
-        )
+        # Single-file volumes (enhanced multi-frame: one file per patient) are cases; slices of a
+        # series lying loose in the folder are not.
+        from medseg.io.dicom import list_dicom_series
+
+        series = list_dicom_series(folder)
+        if len(series) != len(loose_dicom) or any(s.n_files != 1 for s in series):
+            raise InputError(
+                folder, f"one subfolder per patient holding its DICOM series, or one file per case ({what})",
+                f"{len(loose_dicom)} DICOM files of {len(series)} series directly in the folder (e.g. {loose_dicom[0]})",
+                "move each series into its own folder named after the case, or read the folder as one volume",
+            )
+        for s in series:
+            found.setdefault(case_id_from_path(s.paths[0]), []).append(s.paths[0])
     duplicates = [f"{cid}: " + ", ".join(p.name for p in paths) for cid, paths in found.items() if len(paths) > 1]
     if duplicates:
         raise DatasetError(f"{folder}: several files share one case id; keep one per case", duplicates)

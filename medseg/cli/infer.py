@@ -1,0 +1,371 @@
+"""``medseg-infer``: segment volumes with a trained model bundle.
+
+Examples::
+
+    medseg-infer patient.nii.gz                      # -> ./patient_seg.nii.gz, latest model in ./runs
+    medseg-infer dicom/patient7/ --model runs/exp1 -o p7_seg.nrrd
+    medseg-infer imagesTs/ -o pred/ --tta --probabilities --min-lesion-ml 0.1
+
+INPUT is a volume file (NIfTI, NRRD, MHA), a DICOM series folder or a folder of such volumes
+(batch mode). Every check that needs no model (inputs exist, outputs are free, no output would
+replace an input) runs before the model is loaded, so a typo costs nothing. A file that cannot be
+read in a batch is reported on one line and skipped; the command ends with the list of failures
+and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, error_line, run_command, setup_logging
+from medseg.errors import InputError, MedsegError
+
+PROG = "medseg-infer"
+#: Environment variable naming the default model bundle (a run folder).
+MODEL_ENV = "MEDSEG_MODEL"
+#: Where medseg-train writes its runs by default (TrainConfig.out).
+DEFAULT_RUNS_DIR = "runs"
+SEG_SUFFIX, PROB_SUFFIX, DEFAULT_EXT = "_seg", "_prob", ".nii.gz"
+# Kept here (not imported from medseg.io) so that --help does not import nibabel.
+_WRITE_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
+_READ_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".ima")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One case to segment: where it comes from and where its outputs go."""
+
+    case_id: str
+    source: Path
+    seg_path: Path
+    prob_path: Path | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Segment lesions in 3D CT/MR volumes with a model trained by medseg-train. Writes a label "
+            "volume (0 background, 1 lesion) on exactly the input's grid (shape, spacing, origin, direction)."
+        ),
+        epilog=(
+            f"Model: --model, else ${MODEL_ENV}, else the newest run in ./{DEFAULT_RUNS_DIR}/ holding a bundle.json. "
+            "Outputs are written atomically; inputs are never overwritten."
+        ),
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), DICOM series folder, or folder of volumes",
+    )
+    parser.add_argument("--model", metavar="RUN_DIR", help="run folder holding model.keras and bundle.json")
+    parser.add_argument(
+        "-o", "--out", metavar="OUT",
+        help=f"output file (one input; .nii.gz, .nii, .nrrd or .mha) or folder (default: ./<case>{SEG_SUFFIX}{DEFAULT_EXT})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over in-plane flips (4x slower)")
+    parser.add_argument(
+        "--probabilities", action="store_true",
+        help=f"also write the foreground probability map <case>{PROB_SUFFIX}{DEFAULT_EXT} (float32)",
+    )
+    parser.add_argument("--threshold", type=_unit_float, metavar="T", help="probability threshold in [0, 1] (default: the bundle's)")
+    parser.add_argument(
+        "--min-lesion-ml", type=_non_negative_float, default=0.0, metavar="V",
+        help="remove connected lesions smaller than V ml (default 0: keep all)",
+    )
+    parser.add_argument("--largest-component", action="store_true", help="keep only the largest lesion")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)")
+    add_common_args(parser)
+    return parser
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, found {text!r}") from None
+    if not (value >= 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
+    return value
+
+
+# --- model discovery ---------------------------------------------------------------------------
+def find_model(explicit: str | os.PathLike | None = None, *, environ=None, cwd: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """The run folder to use and how it was chosen.
+
+    Order: ``explicit`` (``--model``), then ``$MEDSEG_MODEL``, then the run under ``./runs/``
+    (medseg-train's default output folder; its subfolders and their subfolders) whose
+    ``bundle.json`` was written last.
+
+    Returns:
+        ``(run_dir, how)`` with ``how`` one of ``"--model"``, ``"$MEDSEG_MODEL"``, ``"latest run in ./runs"``.
+
+    Raises:
+        InputError: no model given and none found under ``./runs``.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if explicit:
+        return Path(explicit), "--model"
+    if environ.get(MODEL_ENV):
+        return Path(environ[MODEL_ENV]), f"${MODEL_ENV}"
+    runs = cwd / DEFAULT_RUNS_DIR
+    candidates = []
+    if runs.is_dir():
+        for pattern in ("*/bundle.json", "*/*/bundle.json"):
+            for bundle_json in runs.glob(pattern):
+                try:
+                    candidates.append((bundle_json.stat().st_mtime, str(bundle_json.parent)))
+                except OSError:  # vanished meanwhile
+                    continue
+    if not candidates:
+        raise InputError(
+            runs,
+            f"a model: --model RUN_DIR, ${MODEL_ENV}, or a run folder with bundle.json under ./{DEFAULT_RUNS_DIR}/",
+            "none" if runs.is_dir() else "no such folder",
+            "train one with medseg-train or pass --model",
+        )
+    return Path(max(candidates)[1]), f"latest run in ./{DEFAULT_RUNS_DIR}"
+
+
+# --- inputs and outputs ------------------------------------------------------------------------
+def _lower_name(path: Path) -> str:
+    return path.name.lower()
+
+
+def _write_ext(path: Path) -> str | None:
+    name = _lower_name(path)
+    return next((ext for ext in _WRITE_EXTS if name.endswith(ext)), None)
+
+
+def _looks_like_file_name(path: Path) -> bool:
+    name = _lower_name(path)
+    return any(name.endswith(ext) for ext in _READ_EXTS)
+
+
+def _is_dicom_series_folder(folder: Path) -> bool:
+    """A folder whose own files are DICOM (not a folder of volumes or of patient subfolders)."""
+    from medseg.io.dataset import DICOM_SUFFIXES, is_dicom_file, volume_suffix
+
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:
+        return False
+    for name in names[:50]:
+        path = folder / name
+        if path.is_file() and (volume_suffix(path) in DICOM_SUFFIXES or is_dicom_file(path)):
+            return True
+    return False
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
+    """``(case_id, path)`` of every volume named by the INPUT arguments, in order.
+
+    A file or a DICOM series folder is one case; another folder contributes each volume in it
+    (:func:`medseg.io.list_volume_files`, nnU-Net ``_0000`` suffixes dropped from the ids).
+
+    Raises:
+        InputError: missing inputs (all listed), a folder without volumes, a case id given twice.
+    """
+    from medseg.io import case_id_from_path, list_volume_files
+
+    cases: list[tuple[str, Path]] = []
+    missing = [s for s in inputs if not Path(s).exists()]
+    if missing:
+        raise InputError(", ".join(missing), "existing volume files or folders", "no such file or folder")
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir() and not _is_dicom_series_folder(path):
+            cases.extend(list_volume_files(path, images=True).items())
+        else:
+            cases.append((case_id_from_path(path), path))
+    seen: dict[str, Path] = {}
+    clashes = []
+    for case_id, path in cases:
+        if case_id in seen:
+            clashes.append(f"{case_id} ({seen[case_id]} and {path})")
+        seen[case_id] = path
+    if clashes:
+        raise InputError(
+            None, "one input per case id (outputs are named after it)", "the same case id twice: " + "; ".join(clashes)
+        )
+    return cases
+
+
+def prob_path_for(seg_path: Path) -> Path:
+    """``x_seg.nii.gz`` -> ``x_prob.nii.gz``; any other name gets ``_prob`` before its extension."""
+    ext = _write_ext(seg_path) or DEFAULT_EXT
+    stem = seg_path.name[: len(seg_path.name) - len(ext)]
+    if stem.endswith(SEG_SUFFIX):
+        stem = stem[: -len(SEG_SUFFIX)]
+    return seg_path.with_name(f"{stem}{PROB_SUFFIX}{ext}")
+
+
+def plan_outputs(
+    cases: list[tuple[str, Path]], out: str | None, *, probabilities: bool, overwrite: bool, cwd: Path | None = None
+) -> list[Job]:
+    """Output paths of every case, checked before any work starts.
+
+    ``out`` None: ``<cwd>/<case>_seg.nii.gz``. With one case, ``out`` ending in a writable volume
+    extension is the output file; otherwise ``out`` is a folder (created when missing).
+
+    Raises:
+        InputError: ``out`` is a file name but there are several inputs, or has an extension
+            medseg cannot write; an output would replace an input; outputs exist without
+            ``overwrite`` (all listed).
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    out_path = Path(out) if out else None
+    as_file = False
+    if out_path is not None and not out_path.is_dir() and not str(out).endswith(("/", os.sep)):
+        if _write_ext(out_path):
+            as_file = True
+        elif _looks_like_file_name(out_path) or out_path.is_file():
+            raise InputError(out_path, "an output ending in " + ", ".join(_WRITE_EXTS) + " or a folder", f"{out_path.name!r}")
+    if as_file and len(cases) > 1:
+        raise InputError(
+            out_path, f"an output folder for {len(cases)} inputs", "a file name", "give a folder with -o, e.g. -o predictions/"
+        )
+    folder = cwd if out_path is None else out_path
+    jobs = []
+    for case_id, source in cases:
+        seg = out_path if as_file else folder / f"{case_id}{SEG_SUFFIX}{DEFAULT_EXT}"
+        jobs.append(Job(case_id, source, seg, prob_path_for(seg) if probabilities else None))
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            if a.exists() and b.exists():
+                return os.path.samefile(a, b)
+        except OSError:
+            pass
+        return os.path.realpath(a) == os.path.realpath(b)
+
+    sources = [job.source for job in jobs]
+    outputs = [p for job in jobs for p in (job.seg_path, job.prob_path) if p is not None]
+    onto_inputs = [str(p) for p in outputs if any(same(p, s) for s in sources)]
+    if onto_inputs:
+        raise InputError(
+            onto_inputs[0], "an output path different from every input", "an input file",
+            "medseg-infer never overwrites an input; choose another -o" + (f" ({len(onto_inputs)} such outputs)" if len(onto_inputs) > 1 else ""),
+        )
+    folders = [str(p) for p in outputs if p.is_dir()]
+    if folders:
+        raise InputError(folders[0], "an output file path", "an existing folder")
+    if not overwrite:
+        existing = [str(p) for p in outputs if p.exists()]
+        if existing:
+            shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+            raise InputError(None, "outputs that do not exist yet", f"existing files {shown}", "pass --overwrite to replace them")
+    return jobs
+
+
+# --- the command -------------------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    cases = expand_inputs(args.inputs)
+    jobs = plan_outputs(cases, args.out, probabilities=args.probabilities, overwrite=args.overwrite)
+    run_dir, how = find_model(args.model)
+
+    from medseg.infer.bundle import load_bundle
+
+    bundle = load_bundle(run_dir)
+    print(f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality}, trained on {bundle.info.get('created', '?')})", file=sys.stderr)
+
+    from medseg.infer.predictor import Predictor
+
+    predictor = Predictor(bundle, batch_size=args.batch_size, tta=args.tta)
+    failures: list[str] = []
+    progress = _progress(jobs, args)
+    for job in progress:
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(job.case_id)
+        try:
+            message = _segment_one(predictor, job, args)
+            if not args.quiet:
+                _write_line(progress, message, sys.stdout)
+        except (MedsegError, OSError, ValueError, RuntimeError) as exc:
+            # One bad file (corrupt, truncated, 4D, unreadable) must not stop a batch.
+            if args.debug:
+                raise
+            line = f"{job.source}: {error_line(exc)}" if str(job.source) not in str(exc) else error_line(exc)
+            _write_line(progress, f"{PROG}: error: {line}")
+            failures.append(line)
+    if failures:
+        print(f"{PROG}: {len(failures)} of {len(jobs)} inputs failed:", file=sys.stderr)
+        for line in failures:
+            print(f"  - {line}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _progress(jobs: list[Job], args: argparse.Namespace):
+    if len(jobs) < 2 or args.quiet:
+        return jobs
+    from tqdm import tqdm
+
+    return tqdm(jobs, desc=PROG, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_line(progress, line: str, stream=None) -> None:
+    # tqdm.write keeps the progress bar intact below the printed line.
+    stream = sys.stderr if stream is None else stream
+    if hasattr(progress, "write"):
+        progress.write(line, file=stream)
+    else:
+        print(line, file=stream, flush=True)
+
+
+def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
+    from medseg.io import read_volume, write_volume
+
+    start = time.perf_counter()
+    volume = read_volume(job.source, case_id=job.case_id)
+    probability = predictor.predict_proba(volume)
+    labels = predictor.labels_from_proba(
+        probability, threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, largest_component=args.largest_component
+    )
+    if job.prob_path is None:
+        del probability  # the label map is all that is written: free the float volume early
+    write_volume(labels, job.seg_path, overwrite=args.overwrite)
+    if job.prob_path is not None:
+        write_volume(probability, job.prob_path, overwrite=args.overwrite)
+    lesion_ml = float(labels.array.sum(dtype="int64")) * labels.voxel_volume_ml
+    written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
+    message = f"{job.case_id}: lesion {lesion_ml:.2f} ml -> {written} ({time.perf_counter() - start:.1f} s)"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``medseg-infer``; returns the exit code (0 ok, 1 some inputs failed, 2 usage/input error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    return run_command(PROG, args, lambda: _run(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

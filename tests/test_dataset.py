@@ -275,6 +275,12 @@ def test_missing_empty_and_locked_folders(tmp_path, monkeypatch):
         discover_cases(images)
 
 
+def test_labels_folder_must_differ_from_images(tmp_path):
+    images = touch(tmp_path / "images", "a.nii.gz")
+    with pytest.raises(InputError, match=r"images: expected a labels folder different from the images folder, found the images folder itself"):
+        discover_cases(images, tmp_path / "." / "images")
+
+
 def test_listing_denied(tmp_path, monkeypatch):
     images = touch(tmp_path / "images", "a.nii.gz")
     real_listdir = os.listdir

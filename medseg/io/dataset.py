@@ -307,6 +307,8 @@ def pair_cases(
     images_dir = Path(images_dir)
     labels_dir = None if labels_dir is None else Path(labels_dir)
     _check_dir(images_dir, "images")
+    if labels_dir is not None and os.path.realpath(labels_dir) == os.path.realpath(images_dir):
+        raise InputError(labels_dir, "a labels folder different from the images folder", "the images folder itself")
     json_path = _find_dataset_json(images_dir)
     if json_path is not None:
         cases = _cases_from_json(json_path, images_dir, labels_dir)

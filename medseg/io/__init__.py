@@ -12,7 +12,10 @@ from pathlib import Path
 from medseg.errors import InputError
 from medseg.io.dataset import (
     DICOM_SUFFIXES,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
     READ_SUFFIXES,
+    WRITE_SUFFIXES,
     Case,
     case_id_from_path,
     discover_cases,
@@ -21,11 +24,10 @@ from medseg.io.dataset import (
     pair_cases,
     volume_suffix,
 )
-from medseg.io.itk import ITK_READ_SUFFIXES, ITK_WRITE_SUFFIXES
-from medseg.io.nifti import NIFTI_SUFFIXES
 from medseg.io.volume import Volume
 
-WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES
+# nibabel, SimpleITK and pydicom are imported by the functions that need them, so that
+# `import medseg.io` stays fast (commands answer --help quickly).
 
 __all__ = [
     "Case",
@@ -91,7 +93,7 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_
         from medseg.io.nifti import read_nifti
 
         return read_nifti(path, case_id=case_id)
-    if suffix in ITK_READ_SUFFIXES:
+    if suffix in ITK_SUFFIXES:
         from medseg.io.itk import read_itk
 
         return read_itk(path, case_id=case_id)

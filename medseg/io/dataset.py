@@ -35,6 +35,11 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Every file suffix :func:`medseg.io.read_volume` understands (besides DICOM folders).
 READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
+#: Only single-file ITK formats are written: a detached header (.nhdr/.mhd) plus data file cannot
+#: be replaced atomically as one unit.
+ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
+#: Every file suffix :func:`medseg.io.write_volume` writes.
+WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES
 
 _CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
 #: How many files of a subfolder are probed for DICOM content before giving up.

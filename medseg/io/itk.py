@@ -20,12 +20,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
+from medseg.io.dataset import ITK_SUFFIXES, ITK_WRITE_SUFFIXES  # noqa: F401 (re-exported)
 from medseg.io.volume import Volume
 
-ITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-#: Only single-file formats are written: a detached header (.nhdr/.mhd) plus data file cannot be
-#: replaced atomically as one unit.
-ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
+ITK_READ_SUFFIXES = ITK_SUFFIXES
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 #: NRRD key/value pair (``modality:=CT``) that carries ``meta["modality"]``; MetaImage has no free keys.

@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.dataset import NIFTI_SUFFIXES  # noqa: F401 (re-exported)
 from medseg.io.volume import Volume
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 #: NIfTI has no modality field; medseg writes ``modality=CT`` into the 80-byte ``descrip`` text.
 _MODALITY_RE = re.compile(r"\bmodality=([A-Za-z0-9]+)")

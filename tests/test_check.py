@@ -308,6 +308,12 @@ def test_cli_input_errors_exit_2_with_one_line(tmp_path, capsys):
     assert err == f"medseg-check: error: {tmp_path / 'nope'}: expected a folder of images, found no such folder\n"
     with pytest.raises(InputError, match="no such folder"):
         check_cli.main(["--images", str(tmp_path / "nope"), "--debug"])
+    capsys.readouterr()
+    assert check_cli.main(["--images", str(tmp_path / "nope"), "--json"]) == 2
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["ok"] is False and data["error"].endswith("expected a folder of images, found no such folder")
+    assert captured.err.startswith("medseg-check: error: ")
 
 
 def test_cli_usage_errors_exit_2(capsys):

@@ -1,7 +1,8 @@
 """``medseg-check``: check a dataset (pairing, geometry, label values, NaN) and show lesion statistics.
 
 Exit codes: 0 no fatal problem (warnings allowed), 1 at least one fatal problem, 2 usage or
-input error (missing folder, ...). Never imports TensorFlow.
+input error (missing folder, ...; with ``--json`` stdout then holds ``{"ok": false, "error": ...}``).
+Never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 
-from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, run_command, setup_logging
+from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, error_line, run_command, setup_logging
 
 PROG = "medseg-check"
 
@@ -57,11 +58,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.data.check import check_dataset
+    from medseg.errors import MedsegError
     from medseg.io import pair_cases
 
-    cases, unpaired = pair_cases(args.images, args.labels)
-    report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
-                           extra_problems=unpaired)
+    try:
+        cases, unpaired = pair_cases(args.images, args.labels)
+        report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
+                               extra_problems=unpaired)
+    except MedsegError as exc:
+        if args.json:  # a JSON consumer still gets JSON; stderr gets the usual one line
+            json.dump({"ok": False, "fatal": True, "error": error_line(exc),
+                       "images": args.images, "labels": args.labels}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        raise
     if args.json:
         out = report.to_dict()
         out["images"], out["labels"] = args.images, args.labels

@@ -1,0 +1,454 @@
+"""Training diagnostics: explain the loss and warn about the silent failures of Dice training.
+
+:class:`Diagnostics` is a Keras callback (``medseg-train`` adds it; it also works in any plain
+``model.fit``). Every epoch it splits the reported loss into the data loss and the
+regularization loss (``sum(model.losses)``: an L2 penalty easily adds 0.7 and explains a "Dice
+loss above 1"), and it warns, naming the cause and the fix, when
+
+* ``collapse``: the predicted foreground fraction stays 0 for ``collapse_epochs`` epochs;
+* ``flat_dice``: the loss falls while the hard foreground Dice stays flat;
+* ``labels``: the labels are not exactly class indices ``{0, 1}`` (0/255 masks, interpolated
+  labels), checked on ``sample_batch`` or with :func:`check_labels`;
+* ``class_weights``: the loss weights favour background;
+* ``alignment``: the augmentation self-check found image and mask out of register
+  (``alignment_dice < 0.99``).
+
+Each warning is a :class:`DiagnosticsWarning` (Python ``warnings``), a ``logging`` warning, and
+a dict ``{"kind", "epoch", "cause", "fix", "message"}`` in ``callback.warnings_seen``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings as _warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = [
+    "Diagnostics",
+    "DiagnosticsWarning",
+    "check_labels",
+    "check_class_weights",
+    "regularization_loss",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DiagnosticsWarning(UserWarning):
+    """A training run shows a known failure mode (collapse, flat Dice, bad labels, ...)."""
+
+
+def regularization_loss(model: keras.Model) -> float:
+    """``sum(model.losses)`` now (kernel regularizers and ``add_loss`` terms), as a float."""
+    losses = list(model.losses)
+    if not losses:
+        return 0.0
+    return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses))
+
+
+def _label_arrays(data, max_batches: int):
+    """Label arrays from an array, an ``(x, y)`` pair or a dataset of ``(x, y[, w])``."""
+    if isinstance(data, np.ndarray):
+        yield data
+        return
+    if isinstance(data, tuple) and len(data) in (2, 3) and not hasattr(data[0], "element_spec"):
+        y = data[1]
+        yield np.asarray(y[0] if isinstance(y, (tuple, list)) else y)
+        return
+    if hasattr(data, "take") and hasattr(data, "element_spec"):
+        data = data.take(max_batches).as_numpy_iterator()
+    for k, element in enumerate(data):
+        if k >= max_batches:
+            break
+        y = element[1] if isinstance(element, (tuple, list)) else element
+        if isinstance(y, dict):
+            y = next(iter(y.values()))
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        yield np.asarray(y)
+
+
+def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, Any]:
+    """Check that training labels are exact class indices ``0..num_classes-1``.
+
+    Args:
+        data: a label array, an ``(images, labels)`` pair, or an iterable / ``tf.data``
+            dataset of ``(images, labels[, weights])`` batches (labels may be a tuple or dict of
+            per-head copies; the first is checked).
+        num_classes: number of classes including background.
+        max_batches: batches read from a dataset.
+
+    Returns:
+        ``{"ok": bool, "values": sorted unique values (up to 20), "problems": [str],
+        "foreground_fraction": float}``. One-hot labels ``(..., num_classes)`` of 0/1 count as ok.
+    """
+    values: set[float] = set()
+    fg = total = 0
+    for y in _label_arrays(data, max_batches):
+        y = np.asarray(y)
+        if y.ndim >= 3 and y.shape[-1] == num_classes and num_classes > 1 and \
+                np.isin(np.unique(y), (0, 1)).all() and np.all(y.sum(-1) == 1):
+            y = y.argmax(-1)          # one-hot
+        values.update(np.unique(y).tolist())
+        fg += int(np.count_nonzero(y > 0))
+        total += int(y.size)
+    found = sorted(values)
+    problems = []
+    expected = set(range(num_classes))
+    non_integer = [v for v in found if float(v) != math.floor(float(v))]
+    if non_integer:
+        problems.append(
+            f"non-integer label values {non_integer[:5]} (labels were interpolated or "
+            "normalised): resample labels with nearest neighbour and keep them as integers"
+        )
+    outside = [v for v in found if v not in non_integer and int(v) not in expected]
+    if outside:
+        hint = ("they look like 0/255 masks: divide by 255 or map 255 -> 1"
+                if 255 in outside else "map them to 0..num_classes-1")
+        problems.append(
+            f"label values {outside[:5]} outside the classes 0..{num_classes - 1}: {hint}"
+        )
+    return {
+        "ok": not problems,
+        "values": found[:20],
+        "problems": problems,
+        "foreground_fraction": fg / total if total else float("nan"),
+    }
+
+
+def check_class_weights(
+    class_weights: Sequence[float],
+    class_fractions: Sequence[float] | None = None,
+    include_background: bool = True,
+) -> str | None:
+    """Say whether class weights make the loss favour background (else None).
+
+    Background is favoured when it enters the loss with at least the weight of every lesion
+    class, or, given the pixel fraction of each class, when its weighted pixel mass
+    ``w_0 * f_0`` exceeds that of all lesion classes together (what a pixel-averaged
+    cross-entropy or a flattened-batch Dice sees: the user's 0.3/0.7 with 5 % lesion pixels gives
+    background 0.285 against 0.035).
+
+    Returns:
+        A sentence naming the numbers, or None if the weights do not favour background.
+    """
+    w = [float(v) for v in class_weights]
+    if not include_background or len(w) < 2:
+        return None
+    if w[0] >= max(w[1:]):
+        return (f"class weights {w} give background (class 0) at least the weight of the "
+                "lesion class")
+    if class_fractions is not None:
+        f = [float(v) for v in class_fractions]
+        if len(f) == len(w):
+            mass_bg = w[0] * f[0]
+            mass_fg = sum(wc * fc for wc, fc in zip(w[1:], f[1:]))
+            if mass_bg > mass_fg:
+                return (f"with class weights {w} and class pixel fractions "
+                        f"{[round(v, 4) for v in f]}, background carries "
+                        f"{mass_bg / (mass_bg + mass_fg):.0%} of the weighted pixels")
+    return None
+
+
+def _loss_class_weights(loss) -> list[tuple[list[float], bool]]:
+    """(weights, include_background) of every medseg-style loss object in ``model.loss``."""
+    found = []
+    for item in keras.tree.flatten(loss) if loss is not None else []:
+        weights = getattr(item, "class_weights", None)
+        if weights is not None:
+            found.append((list(weights), bool(getattr(item, "include_background", True))))
+        ce = getattr(item, "ce_class_weights", None)
+        if ce is not None and getattr(item, "ce_weight", 1.0) > 0:
+            found.append((list(ce), True))     # cross-entropy always sees background pixels
+    return found
+
+
+def _find_key(logs: dict, name: str, prefix: str = "") -> str | None:
+    """Log key of metric ``name`` (exact, else ``head_L_<name>`` of the deepest head)."""
+    if prefix + name in logs:
+        return prefix + name
+    matches = sorted(k for k in logs if k.startswith(prefix) and k.endswith("_" + name)
+                     and (prefix or not k.startswith("val_")))
+    return matches[-1] if matches else None
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class Diagnostics(keras.callbacks.Callback):
+    """Explain the loss and warn about collapse, flat Dice, bad labels, weights, alignment.
+
+    Put it first in ``callbacks`` so the ``reg_loss``/``data_loss`` it adds to ``logs`` reach
+    the later callbacks (CSVLogger, TensorBoard, History).
+
+    Args:
+        collapse_epochs: warn when the predicted foreground fraction is 0 this many epochs in a
+            row.
+        flat_epochs: window (epochs) for the flat-Dice rule: the loss fell by more than
+            ``loss_drop`` (relative) over the window while the foreground Dice moved less than
+            ``flat_dice_tolerance`` (absolute).
+        flat_dice_tolerance: see ``flat_epochs``.
+        loss_drop: see ``flat_epochs``.
+        sample_batch: optional ``(images, labels)`` batch: its labels are checked at the start,
+            its class fractions feed the class-weight check, and when the compiled metrics are
+            missing the callback measures foreground Dice and fraction on it every epoch.
+        class_weights: class weights of a loss the callback cannot inspect (e.g. the user's own
+            function); medseg losses in ``model.loss`` are found automatically.
+        include_background: whether that loss includes the background class.
+        num_classes: classes including background, for the label check.
+        alignment_dice: Dice between a mask warped by the augmentation and the mask recomputed
+            from the warped image (the pipeline's self-check); warn below
+            ``alignment_threshold``.
+        alignment_threshold: see ``alignment_dice`` (default 0.99).
+        dice_key, fraction_key: metric names to read from the logs (default the medseg
+            metrics ``foreground_dice`` and ``fg_fraction``; ``head_L_`` prefixes are found).
+        verbose: 1 prints one line per epoch with the loss split; 0 only logs it.
+
+    Example:
+        >>> diag = Diagnostics(sample_batch=(x[:8], y[:8]))
+        >>> model.fit(x, y, epochs=20, callbacks=[diag])
+        >>> diag.warnings_seen    # [{"kind": "collapse", "cause": ..., "fix": ...}, ...]
+    """
+
+    def __init__(
+        self,
+        collapse_epochs: int = 3,
+        flat_epochs: int = 4,
+        flat_dice_tolerance: float = 0.005,
+        loss_drop: float = 0.05,
+        sample_batch=None,
+        class_weights: Sequence[float] | None = None,
+        include_background: bool = True,
+        num_classes: int = 2,
+        alignment_dice: float | None = None,
+        alignment_threshold: float = 0.99,
+        dice_key: str = "foreground_dice",
+        fraction_key: str = "fg_fraction",
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if int(collapse_epochs) < 1 or int(flat_epochs) < 2:
+            raise ValueError(
+                "Diagnostics: collapse_epochs must be >= 1 and flat_epochs >= 2, found "
+                f"{collapse_epochs} and {flat_epochs}"
+            )
+        self.collapse_epochs = int(collapse_epochs)
+        self.flat_epochs = int(flat_epochs)
+        self.flat_dice_tolerance = float(flat_dice_tolerance)
+        self.loss_drop = float(loss_drop)
+        self.sample_batch = sample_batch
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.include_background = bool(include_background)
+        self.num_classes = int(num_classes)
+        self.alignment_dice = alignment_dice
+        self.alignment_threshold = float(alignment_threshold)
+        self.dice_key = dice_key
+        self.fraction_key = fraction_key
+        self.verbose = int(verbose)
+        self.warnings_seen: list[dict[str, Any]] = []
+        self._reset_history()
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """Alias of :attr:`warnings_seen` (what ``medseg-train`` writes to warnings.json)."""
+        return self.warnings_seen
+
+    def _reset_history(self):
+        self._losses: list[float] = []
+        self._dice: list[float | None] = []
+        self._zero_epochs = 0
+        self._kinds_this_run: set[str] = set()
+        self._reg_sum, self._reg_steps = 0.0, 0
+
+    # === Warnings ===
+    def _warn(self, kind: str, cause: str, fix: str, epoch: int | None = None) -> None:
+        if kind in self._kinds_this_run:
+            return
+        self._kinds_this_run.add(kind)
+        where = f"epoch {epoch + 1}: " if epoch is not None else ""
+        message = f"medseg diagnostics [{kind}] {where}{cause}. Fix: {fix}."
+        self.warnings_seen.append(
+            {"kind": kind, "epoch": None if epoch is None else epoch + 1, "cause": cause,
+             "fix": fix, "message": message}
+        )
+        log.warning(message)
+        _warnings.warn(message, DiagnosticsWarning, stacklevel=2)
+
+    def report_alignment(self, alignment_dice: float, epoch: int | None = None) -> None:
+        """Record the augmentation self-check (Dice between warped and re-derived masks)."""
+        self.alignment_dice = float(alignment_dice)
+        if self.alignment_dice < self.alignment_threshold:
+            self._warn(
+                "alignment",
+                f"augmentation breaks image/mask alignment: self-check Dice "
+                f"{self.alignment_dice:.3f} < {self.alignment_threshold}; the network learns "
+                "from masks that do not match their images",
+                "apply every geometric transform jointly to image and mask with one set of "
+                "parameters (nearest-neighbour for the mask); Keras ImageDataGenerator.flow(x, y) "
+                "transforms x only",
+                epoch,
+            )
+
+    def _check_labels_and_weights(self) -> None:
+        fractions = None
+        if self.sample_batch is not None:
+            report = check_labels(self.sample_batch, self.num_classes)
+            if not report["ok"]:
+                self._warn(
+                    "labels",
+                    f"labels are not exactly class indices 0..{self.num_classes - 1}: found "
+                    f"values {report['values']}",
+                    "; ".join(report["problems"]),
+                )
+            fg = report["foreground_fraction"]
+            if report["ok"] and self.num_classes == 2 and math.isfinite(fg):
+                fractions = [1.0 - fg, fg]
+        candidates = _loss_class_weights(getattr(self.model, "loss", None))
+        if self.class_weights is not None:
+            candidates.insert(0, (self.class_weights, self.include_background))
+        for weights, include_background in candidates:
+            problem = check_class_weights(weights, fractions, include_background)
+            if problem:
+                self._warn(
+                    "class_weights",
+                    f"the loss weights favour background: {problem}; a model that predicts "
+                    "only background already scores well on such a loss",
+                    "leave the background out of the Dice (DiceLoss(include_background=False)), "
+                    "or give the lesion class the larger weight, e.g. inverse class frequency",
+                )
+                break
+
+    # === Keras hooks ===
+    def on_train_begin(self, logs=None):
+        self._reset_history()
+        self._reg_sum, self._reg_steps = 0.0, 0
+        if self.alignment_dice is not None:
+            self.report_alignment(self.alignment_dice)
+        self._check_labels_and_weights()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._reg_sum, self._reg_steps = 0.0, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # The reported loss averages each step's loss, computed with the weights as they are
+        # before that step's update: sample the penalty at the same moments (it can halve within
+        # an epoch early on, so the end-of-epoch value would misstate the data loss).
+        if self.model is not None and self.model.losses:
+            self._reg_sum += regularization_loss(self.model)
+            self._reg_steps += 1
+
+    def _sample_metrics(self) -> tuple[float | None, float | None]:
+        """(foreground Dice, predicted foreground fraction) on ``sample_batch``."""
+        images, labels = self.sample_batch[0], np.asarray(self.sample_batch[1])
+        pred = self.model.predict(images, verbose=0)
+        if isinstance(pred, dict):
+            pred = pred[sorted(pred)[-1]]
+        elif isinstance(pred, (list, tuple)):
+            pred = pred[-1]
+        hard = np.argmax(np.asarray(pred), axis=-1)
+        if labels.ndim == hard.ndim + 1:
+            labels = labels[..., 0] if labels.shape[-1] == 1 else labels.argmax(-1)
+        tp = np.count_nonzero((hard > 0) & (hard == labels))
+        denominator = np.count_nonzero(hard > 0) + np.count_nonzero(labels > 0)
+        dice = 2.0 * tp / denominator if denominator else None
+        return dice, float(np.mean(hard > 0))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        reg_end = regularization_loss(self.model) if self.model is not None else 0.0
+        steps = getattr(self, "_reg_steps", 0)
+        reg = self._reg_sum / steps if steps else reg_end
+        logs["reg_loss"] = reg
+        loss = _finite(logs.get("loss"))
+        if loss is not None:
+            logs["data_loss"] = loss - reg
+        if _finite(logs.get("val_loss")) is not None:
+            # Validation runs after the epoch's last update: its penalty is the end value.
+            logs["val_reg_loss"] = reg_end
+            logs["val_data_loss"] = float(logs["val_loss"]) - reg_end
+
+        dice_key = _find_key(logs, self.dice_key)
+        fraction_key = _find_key(logs, self.fraction_key)
+        dice = _finite(logs.get(dice_key)) if dice_key else None
+        fraction = _finite(logs.get(fraction_key)) if fraction_key else None
+        if (dice_key is None or fraction_key is None) and self.sample_batch is not None:
+            sample_dice, sample_fraction = self._sample_metrics()
+            if dice_key is None:
+                dice = sample_dice
+                logs["diag_foreground_dice"] = float("nan") if dice is None else dice
+            if fraction_key is None:
+                fraction = sample_fraction
+                logs["diag_fg_fraction"] = fraction
+
+        line = f"epoch {epoch + 1}: loss {loss if loss is not None else float('nan'):.4f} = " \
+               f"data {logs.get('data_loss', float('nan')):.4f} + regularization {reg:.4f}"
+        if dice is not None:
+            line += f"; foreground Dice {dice:.4f}"
+        if fraction is not None:
+            line += f"; predicted foreground fraction {fraction:.4f}"
+        log.info(line)
+        if self.verbose:
+            print(line, flush=True)
+
+        # Collapse to background.
+        if fraction is not None:
+            self._zero_epochs = self._zero_epochs + 1 if fraction <= 0.0 else 0
+            if self._zero_epochs >= self.collapse_epochs:
+                self._warn(
+                    "collapse",
+                    f"the model predicts no foreground at all for {self._zero_epochs} epochs "
+                    "(collapsed to background)",
+                    "use a foreground Dice + cross-entropy loss (DiceCELoss), sample more "
+                    "lesion-containing patches, check the labels and lower the learning rate",
+                    epoch,
+                )
+
+        # Loss falls, Dice flat.
+        if loss is not None:
+            self._losses.append(loss)
+            self._dice.append(dice)
+            window = self.flat_epochs
+            if len(self._losses) >= window:
+                losses = self._losses[-window:]
+                dices = self._dice[-window:]
+                fell = losses[-1] < losses[0] * (1.0 - self.loss_drop)
+                if fell and all(d is not None for d in dices) and \
+                        max(dices) - min(dices) <= self.flat_dice_tolerance:
+                    self._warn(
+                        "flat_dice",
+                        f"the loss fell from {losses[0]:.4f} to {losses[-1]:.4f} over {window} "
+                        f"epochs while the hard foreground Dice stayed at {dices[-1]:.4f}: the "
+                        "loss is improving on something other than the lesion (background "
+                        "Dice, the regularization term, or empty slices)",
+                        "use a foreground-only loss (DiceLoss/DiceCELoss with "
+                        "include_background=False), watch reg_loss vs data_loss, and check that "
+                        "augmentation keeps masks aligned",
+                        epoch,
+                    )
+
+    def get_config(self):
+        return {
+            "collapse_epochs": self.collapse_epochs,
+            "flat_epochs": self.flat_epochs,
+            "flat_dice_tolerance": self.flat_dice_tolerance,
+            "loss_drop": self.loss_drop,
+            "class_weights": self.class_weights,
+            "include_background": self.include_background,
+            "num_classes": self.num_classes,
+            "alignment_dice": self.alignment_dice,
+            "alignment_threshold": self.alignment_threshold,
+            "dice_key": self.dice_key,
+            "fraction_key": self.fraction_key,
+            "verbose": self.verbose,
+        }

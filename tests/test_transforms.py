@@ -270,3 +270,95 @@ def test_preprocess_label_values():
     three = preprocess_label(Volume(np.array([0, 2, 1.2, 0]).reshape(1, 1, 4), aff, "m"),
                              Plan(num_classes=3, patch_size=(16, 16)))
     np.testing.assert_array_equal(three.ravel(), [0, 2, 1, 0])
+
+
+# --- dictionary transforms and Compose ------------------------------------------------------------
+def test_orientation_and_spacing_dict_transforms_invert(brain1):
+    from medseg.transforms.spatial import Orientationd, Spacingd
+
+    image, label = brain1
+    orient = Orientationd(("image", "label"))
+    spacing = Spacingd(("image", "label"), (1.0, 1.2), slice_axis=2)
+    sample = spacing(orient({"image": image, "label": label}))
+    out_img, out_lab = sample["image"], sample["label"]
+    assert out_img.orientation == "RAS" and out_img.shape == (200, 167, 25)
+    np.testing.assert_allclose(out_img.spacing_mm, (1.0, 1.2, 6.5))
+    assert set(np.unique(out_lab.array)) == {0, 1} and out_lab.array.dtype == label.array.dtype
+    # The lesion is still at the same world place: centroids agree within a voxel.
+    def centroid(v):
+        return v.world_of(np.argwhere(v.array > 0)).mean(0)
+    np.testing.assert_allclose(centroid(out_lab), centroid(label), atol=1.0)
+    back = orient.inverse(spacing.inverse(sample))
+    assert back["image"].shape == image.shape and np.array_equal(back["image"].affine, image.affine)
+    assert dice(back["label"].array, label.array) > 0.95
+    assert back["image"].meta.get("applied_operations") == []
+    with pytest.raises(ValueError, match="cannot invert Spacingd: the last applied operation was Orientationd"):
+        spacing.inverse(orient({"image": image, "label": label}))
+    with pytest.raises(ValueError, match="mode must be 'linear' or 'nearest'"):
+        Spacingd("image", (1.0, 1.0), mode="cubic")
+    with pytest.raises(ValueError, match="slice_axis must be 0, 1 or 2"):
+        Spacingd("image", (1.0, 1.0), slice_axis=4)
+    with pytest.raises(ValueError, match="one of each pair"):
+        Orientationd("image", "RAR")
+
+
+def test_normalize_dict_transforms_and_compose():
+    from medseg.transforms.compose import Compose, Lambdad, MapTransform
+    from medseg.transforms.intensity import CTWindowd, PercentileClipd, ZScored
+
+    ct = Volume(np.array([-1000.0, -300.0, 400.0, 1000.0]).reshape(1, 1, 4), np.eye(4), "ct7")
+    out = CTWindowd("image")({"image": ct, "label": None})
+    np.testing.assert_allclose(out["image"].array.ravel(), [0, 0.5, 1, 1])
+    assert out["image"].case_id == "ct7" and out["label"] is None
+    # Body (Otsu) = the three bright voxels: mean 110, std sqrt(200 / 3).
+    z = ZScored("image", clip_percentiles=(0, 100))({"image": np.array([0, 0, 0, 0, 100, 110, 120.0]).reshape(1, 1, 7)})
+    np.testing.assert_allclose(z["image"].ravel()[4:], np.array([-10, 0, 10]) / np.sqrt(200 / 3), rtol=1e-5)
+    # Percentiles of the body too: [100, 120] -> [0, 1]; the air below clips to 0.
+    p = PercentileClipd("image", 0, 100)({"image": np.array([0, 0, 100, 110, 120.0]).reshape(1, 1, 5)})["image"]
+    np.testing.assert_allclose(p.ravel(), [0, 0, 0, 0.5, 1])
+    with pytest.raises(KeyError, match="sample has no key 'label'"):
+        CTWindowd(("image", "label"))({"image": ct})
+    assert "label" not in CTWindowd(("image", "label"), allow_missing_keys=True)({"image": ct})
+    with pytest.raises(ValueError, match="needs at least one key"):
+        MapTransform(())
+
+    def boom(_):
+        raise ZeroDivisionError("x")
+
+    pipeline = Compose([CTWindowd("image"), Lambdad("image", boom)])
+    with pytest.raises(RuntimeError, match=r"applying Lambdad\(keys=\('image',\)\) to ct7") as info:
+        pipeline({"image": ct})
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert len(pipeline) == 2 and "CTWindowd" in repr(pipeline)
+
+
+def test_compose_seeds_random_members_independently():
+    from medseg.transforms.compose import Compose
+    from medseg.transforms.sampling import RandLesionPatchd
+
+    lab = np.zeros((4, 40, 40), np.uint8)
+    lab[2, 20, 20] = 1
+    sample = {"image": np.random.default_rng(0).random((4, 40, 40), dtype=np.float32), "label": lab}
+
+    def make():
+        return Compose([RandLesionPatchd(patch_size=(16, 16), num_samples=3)], seed=11)
+
+    a, b = make(), make()
+    np.testing.assert_array_equal(a(sample)["image"], b(sample)["image"])
+    assert a.last_params == b.last_params and a.last_params[0]["lesion"] is not None
+
+
+def test_plan_preprocessd(brain1):
+    from medseg.transforms.preprocess import PlanPreprocessd
+
+    image, label = brain1
+    t = PlanPreprocessd(mr_plan(target_spacing_mm=(2.0, 2.0)))
+    out = t({"image": image, "label": label})
+    assert out["image"].array.shape == (25, 100, 100) and out["label"].shape == (25, 100, 100)
+    assert out["image"].body is not None
+    assert "label" not in t({"image": image}) or t({"image": image}).get("label") is None
+    with pytest.raises(KeyError, match="sample has no key 'image'"):
+        t({"label": label})
+    shifted = Volume(label.array, label.affine @ np.diag([2.0, 1, 1, 1]), "brain1")
+    with pytest.raises(ValueError, match="is not on the image's grid"):
+        t({"image": image, "label": shifted})

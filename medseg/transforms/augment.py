@@ -238,13 +238,13 @@ class Augmenter:
         for b in range(B):
             planes = np.ascontiguousarray(np.moveaxis(images[b], -1, 0))
             pad = float(planes.min()) if pad_value is None else float(pad_value)
-            label = np.broadcast_to(masks[b].astype(np.uint8)[None], (C, H, W))
+            label = masks[b].astype(np.uint8)[None]
             sources.append(SampleSource(planes, label, None, pad))  # type: ignore[arg-type]
-        # Each patch is its own source: centre slice C // 2 with C context channels gives back its
-        # channels in order; centre (H // 2, W // 2) makes the unwarped crop the patch itself.
-        centres = Centres(np.arange(B), np.full(B, C // 2), np.full(B, H // 2), np.full(B, W // 2), np.zeros(B, bool))
+        # Each patch is its own source, its channels stored as slices 0..C-1; centre (H // 2, W // 2)
+        # makes the unwarped crop the patch itself.
+        centres = Centres(np.arange(B), np.zeros(B, np.int64), np.full(B, H // 2), np.full(B, W // 2), np.zeros(B, bool))
         spatial = self.draw_spatial(B, rng, square=H == W)
-        out_images, out_masks = render(sources, centres, (H, W), C, spatial)
+        out_images, out_masks = render(sources, centres, (H, W), spatial=spatial, channel_offsets=np.arange(C))
         intensity = self.draw_intensity(B, rng, H * W * C)
         self.apply_intensity(out_images, intensity)
         self.last_params = {"spatial": spatial.as_dict(), "intensity": intensity.as_dict()}

@@ -377,6 +377,8 @@ def render(
     patch_size: tuple[int, int],
     context_slices: int = 1,
     spatial: SpatialParams | None = None,
+    *,
+    channel_offsets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut the patches of one batch, applying the spatial augmentation in the same pass.
 
@@ -386,6 +388,8 @@ def render(
         patch_size: (H, W).
         context_slices: odd number of neighbouring slices as channels (edges repeat).
         spatial: per-patch flips / rot90 / rotation / scaling / elastic, or None for none.
+        channel_offsets: slice offsets of the channels, overriding ``context_slices`` (any count,
+            e.g. ``[0, 1]`` for a two-channel source stored as two slices).
 
     Returns:
         ``images`` float32 ``(B, H, W, context_slices)`` and ``masks`` uint8 ``(B, H, W)`` in {0, 1}.
@@ -400,7 +404,7 @@ def render(
     sp = spatial if spatial is not None else identity_spatial(B)
     if ph != pw and np.any(sp.rot90 % 2 == 1):
         raise ValueError(f"odd 90-degree rotations need a square patch, found patch_size {patch_size}")
-    offs = context_offsets(context_slices)
+    offs = context_offsets(context_slices) if channel_offsets is None else np.asarray(channel_offsets, dtype=np.int64)
     images = np.empty((B, ph, pw, offs.size), np.float32)
     masks = np.empty((B, ph, pw), np.uint8)
     warped = sp.warped()

@@ -180,9 +180,11 @@ def test_every_problem_is_reported_at_once(broken):
     [p] = found["shape"]
     assert p.message == "image/label shape mismatch: image (16, 16, 8), label (16, 16, 9)"
     [p] = found["origin"]
-    assert p.message.startswith("image/label origin mismatch (RAS mm): image (0, 0, 0), label (0, 0, 1.5)")
+    assert p.message == "image/label origin mismatch (RAS mm): image (0, 0, 0), label (0, 0, 1.5) (1.5 mm apart; tolerance 0.01 mm)"
     [p] = found["spacing"]
-    assert p.message.startswith("image/label spacing mismatch (mm): image (0.8, 0.8, 3), label (0.8, 0.8, 2.5)")
+    # 0.5 mm spacing error over 7 slice steps: the last slice is 3.5 mm off.
+    assert p.message == ("image/label spacing mismatch (mm): image (0.8, 0.8, 3), label (0.8, 0.8, 2.5) "
+                         "(voxels drift up to 3.5 mm apart; tolerance 0.01 mm)")
     [p] = found["direction"]
     assert p.message.startswith("image/label direction mismatch: image RAS (1, 0, 0, 0, 1, 0, 0, 0, 1), label LAS (-1, 0,")
     [p] = found["multi"]
@@ -199,6 +201,31 @@ def test_every_problem_is_reported_at_once(broken):
     assert report.stats["good"]["lesion_volume_ml"] == pytest.approx(32 * 0.8 * 0.8 * 3 / 1000)
     assert "lesion_count" not in report.stats["mask255"]
     assert report.totals["n_labelled"] == 7  # 11 cases: 3 labels invalid, 1 unreadable
+
+
+def test_grid_tolerance_counts_the_drift_across_the_volume(tmp_path):
+    grid = np.diag([0.5, 0.5, 0.5, 1.0])
+    image = (1 + (np.arange(200)[:, None, None] % 2) * np.ones((200, 10, 10))).astype(np.int16)
+    label = np.zeros((200, 10, 10), np.uint8)
+    label[5, 5, 5] = 1
+    for case in "ab":
+        _save(tmp_path / "i" / f"{case}.nii.gz", image, grid)
+    # a: 0.0002 mm spacing error (< 0.01 mm) drifts 199 * 0.0002 = 0.0398 mm by the last voxel.
+    _save(tmp_path / "l" / "a.nii.gz", label, np.diag([0.5002, 0.5, 0.5, 1.0]))
+    # b: 0.00002 mm drifts 0.004 mm: accepted.
+    _save(tmp_path / "l" / "b.nii.gz", label, np.diag([0.50002, 0.5, 0.5, 1.0]))
+    cases = discover_cases(tmp_path / "i", tmp_path / "l")
+    assert [(p.case_id, p.message) for p in check_dataset(cases).problems] == [
+        ("a", "image/label spacing mismatch (mm): image (0.5, 0.5, 0.5), label (0.5002, 0.5, 0.5) "
+              "(voxels drift up to 0.0398 mm apart; tolerance 0.01 mm)")]
+    assert not check_dataset(cases, tolerance_mm=0.05).fatal
+    # A 0.0005 rad rotation about z (cosines within 1e-3) moves the far voxel by 199 * 0.5 * 0.0005 mm.
+    c, s_ = np.cos(5e-4), np.sin(5e-4)
+    rotated = grid.copy()
+    rotated[:2, :2] = np.array([[c, -s_], [s_, c]]) * 0.5
+    _save(tmp_path / "l" / "a.nii.gz", label, rotated)
+    [p] = check_dataset(cases).problems
+    assert p.message.startswith("image/label direction mismatch: image RAS") and "voxels up to 0.0497 mm apart" in p.message
 
 
 def test_label_map_fixes_255_masks(broken):

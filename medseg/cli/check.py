@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--map-labels", type=_label_map_arg, metavar="FROM:TO[,FROM:TO]",
                         help="map label values before checking, e.g. 255:1 for {0, 255} masks")
     parser.add_argument("--tolerance-mm", type=float, default=0.01, metavar="MM",
-                        help="largest image/label spacing or origin difference accepted (default 0.01 mm)")
+                        help="largest distance between where image and label put the same voxel (origin shift, "
+                             "or drift from a spacing/direction difference), default 0.01 mm")
     add_common_args(parser)
     return parser
 

@@ -324,6 +324,13 @@ def test_truncated_niigz(tmp_path, fraction):
         read_volume(path)
 
 
+def test_truncated_nii(tmp_path):
+    raw = ANATOMICAL.read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match=r"cut.nii: expected a readable NIfTI file, found a truncated file \(33649 of the 67650 data bytes the header announces\)"):
+        read_volume(tmp_path / "cut.nii")
+
+
 def test_text_file_named_nii(tmp_path):
     (tmp_path / "notes.nii").write_text("this is not an image\n" * 40)
     with pytest.raises(InputError, match=r"notes.nii: expected a readable NIfTI file, found no valid NIfTI header"):

@@ -46,13 +46,20 @@ def _describe_failure(path: Path, exc: BaseException) -> str:
         why = _gzip_failure(path)
         if why is not None:
             return f"a truncated or corrupt compressed file ({why})"
-    if isinstance(exc, nib.filebasedimages.ImageFileError) or "header" in str(exc).lower():
-        with open(path, "rb") as fh:
-            magic = fh.read(2)
+    short = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, nib.filebasedimages.ImageFileError) or "header" in short.lower():
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(2)
+        except OSError:
+            magic = b""
         if magic == b"\x1f\x8b" and not path.name.lower().endswith(".gz"):
             return "a gzip-compressed file without the .gz suffix (rename it to .nii.gz)"
-        return f"no valid NIfTI header ({exc})"
-    return f"an unreadable file ({type(exc).__name__}: {exc})"
+        return f"no valid NIfTI header ({short})"
+    match = re.match(r"Expected (\d+) bytes, got (\d+) bytes", short)
+    if match:
+        return f"a truncated file ({match.group(2)} of the {match.group(1)} data bytes the header announces)"
+    return f"an unreadable file ({type(exc).__name__}: {short})"
 
 
 def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:

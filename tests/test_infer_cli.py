@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -249,3 +250,23 @@ def test_help_does_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_folder_of_single_file_dicom_volumes(run_dir, tmp_path, caplog):
+    # Two one-file DICOM volumes (one slice each: fewer than the 3-slice context) side by side.
+    inputs = tmp_path / "dicoms"
+    inputs.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(DATA / "dicom" / "pydicom" / name, inputs / name)
+    logger = logging.getLogger("medseg")
+    logger.addHandler(caplog.handler)  # the command's own handler writes to the stderr it first saw
+    try:
+        with caplog.at_level(logging.WARNING, logger="medseg"):
+            assert main([str(inputs), "--model", str(run_dir), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    for case in ("CT_small", "MR_small"):
+        written, source = read_volume(tmp_path / "out" / f"{case}_seg.nii.gz"), read_volume(inputs / f"{case}.dcm")
+        assert written.shape == source.shape and written.shape[2] == 1 and written.same_grid(source)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "CT_small.dcm: the model was trained on MR but this volume is CT" in warnings[0]

@@ -169,18 +169,29 @@ def _looks_like_file_name(path: Path) -> bool:
 
 
 def _is_dicom_series_folder(folder: Path) -> bool:
-    """A folder whose own files are DICOM (not a folder of volumes or of patient subfolders)."""
+    """True when ``folder`` itself is one volume: DICOM files of one series lie directly in it.
+
+    A folder of single-file DICOM volumes (enhanced multi-frame, one file per patient) is a
+    folder of cases instead; a folder mixing several multi-file series is handed to
+    ``read_volume``, whose error names the series.
+    """
     from medseg.io.dataset import DICOM_SUFFIXES, is_dicom_file, volume_suffix
 
     try:
         names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
     except OSError:
         return False
-    for name in names[:50]:
-        path = folder / name
-        if path.is_file() and (volume_suffix(path) in DICOM_SUFFIXES or is_dicom_file(path)):
-            return True
-    return False
+    if not any(
+        (folder / n).is_file() and (volume_suffix(n) in DICOM_SUFFIXES or is_dicom_file(folder / n)) for n in names[:50]
+    ):
+        return False
+    from medseg.io.dicom import list_dicom_series
+
+    try:
+        series = list_dicom_series(folder)
+    except InputError:
+        return True  # an unreadable file: reading the folder reports it as this case's failure
+    return len(series) <= 1 or any(s.n_files > 1 for s in series)
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:

@@ -271,9 +271,10 @@ def test_dicom_patient_folders_with_nifti_labels(tmp_path):
     assert (report.stats["patA"]["lesion_voxels"], report.stats["patA"]["slices_with_lesion"]) == (32, 2)
 
 
-def test_parallel_check_gives_the_same_report(broken):
+def test_parallel_check_gives_the_same_report(broken, capsys):
     cases = discover_cases(broken / "images", broken / "labels")
-    assert check_dataset(cases, workers=1).to_dict() == check_dataset(cases, workers=3).to_dict()
+    assert check_dataset(cases, workers=1).to_dict() == check_dataset(cases, workers=3, progress=True).to_dict()
+    assert "checking" in capsys.readouterr().err  # the progress bar
 
 
 def test_to_dict_is_strict_json(broken):

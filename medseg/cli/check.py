@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cases, unpaired = pair_cases(args.images, args.labels)
         report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
-                               extra_problems=unpaired)
+                               extra_problems=unpaired, progress=not args.quiet and sys.stderr.isatty())
     except MedsegError as exc:
         if args.json:  # a JSON consumer still gets JSON; stderr gets the usual one line
             json.dump({"ok": False, "fatal": True, "error": error_line(exc),

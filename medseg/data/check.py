@@ -409,6 +409,7 @@ def check_dataset(
     direction_tolerance: float = 1e-3,
     extra_problems: Iterable[str] = (),
     workers: int | None = None,
+    progress: bool = False,
 ) -> CheckReport:
     """Check every case and report all problems at once, with lesion statistics.
 
@@ -422,6 +423,7 @@ def check_dataset(
         extra_problems: dataset-level fatal problems found earlier (e.g. unpaired files).
         workers: cases checked in parallel threads (decompression and numpy release the GIL);
             default ``min(4, cpu count)``. The report's order does not depend on it.
+        progress: show a progress bar on stderr (tqdm).
 
     Returns:
         :class:`CheckReport`; ``report.fatal`` says whether training may proceed.
@@ -438,7 +440,12 @@ def check_dataset(
                           direction_tolerance=direction_tolerance)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for case, (problems, stats) in zip(cases, pool.map(one, cases)):
+        results = pool.map(one, cases)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(cases), desc="checking", unit="case", leave=False)
+        for case, (problems, stats) in zip(cases, results):
             report.problems.extend(problems)
             report.stats[case.case_id] = stats
     report.totals = _totals(report.stats)

@@ -433,3 +433,23 @@ def test_dicom_file_without_extension_is_recognised():
     vol = read_volume(DATA / "dicom" / "pydicom" / "dicomdirtests" / "98892001" / "CT5N" / "2062")
     assert vol.shape[:2] == (16, 16)
     assert vol.meta["modality"] == "CT"
+
+
+# --- atomic_path used directly by other writers (bundle, report) -----------------------------------
+
+def test_atomic_path_keeps_suffix_and_permissions(tmp_path):
+    from medseg.io.atomic import atomic_path
+
+    with atomic_path(tmp_path / "model.keras") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.keras.") and tmp.suffix == ".keras"
+        tmp.write_text("weights")
+    assert (tmp_path / "model.keras").read_text() == "weights"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.keras").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "model.keras") as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert (tmp_path / "model.keras").read_text() == "weights"
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]

@@ -252,8 +252,11 @@ class RunKeeper(keras.callbacks.Callback):
                 write_history_csv(state["validation_rows"], self.run_dir / "validation.csv")
             atomic_write_json(self.run_dir / "state.json", {k: v for k, v in state.items()
                                                             if k not in ("history", "validation_rows")})
+            last = self.model.stop_training or (self.epochs is not None and epoch + 1 >= self.epochs)
             try:
-                plot_curves(state["history"], self.run_dir / "curves.png")
+                # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
+                if validated or last or not (self.run_dir / "curves.png").exists():
+                    plot_curves(state["history"], self.run_dir / "curves.png")
             except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
                 log.warning("could not draw curves.png: %s", exc)
         if self.verbose > 0:
@@ -282,6 +285,17 @@ class RunKeeper(keras.callbacks.Callback):
 
     def get_config(self) -> dict:
         return {"run_dir": str(self.run_dir), "epochs": self.epochs, "patience": self.patience}
+
+
+class WarningsWriter(keras.callbacks.Callback):
+    """Calls ``write()`` at the end of every epoch (``warnings.json`` survives a kill -9)."""
+
+    def __init__(self, write: Callable[[], Any]):
+        super().__init__()
+        self.write = write
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.write()
 
 
 def new_state(seed: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from medseg.train.checkpoint import atomic_write_text
 
 #: Columns shown first in history.csv, in this order (others follow alphabetically).
-FIRST_COLUMNS = ("epoch", "lr", "loss", "data_loss", "reg_loss", "dice", "val_dsc_3d", "val_hd95_mm", "time_s")
+FIRST_COLUMNS = ("epoch", "case_id", "lr", "loss", "data_loss", "reg_loss", "dice", "val_dsc_3d", "val_hd95_mm", "time_s")
 
 
 def write_history_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:

@@ -111,9 +111,12 @@ def resolve_precision(precision: str, strategy=None, *, cpuinfo: str | None = No
 
     gpus = tf.config.list_physical_devices("GPU")
     if strategy is not None:
-        used = [d for d in strategy.extended.worker_devices if "GPU" in d.upper()]
-        if not used:
-            gpus = []
+        try:
+            devices = strategy.extended.worker_devices
+        except RuntimeError:  # the default strategy: one device, a GPU when there is one
+            devices = None
+        if devices is not None and not any("GPU" in d.upper() for d in devices):
+            gpus = []  # a mirrored strategy over CPUs only
     if gpus:
         capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability") for g in gpus]
         if all(c is not None and tuple(c) >= (7, 0) for c in capabilities):

@@ -1,0 +1,555 @@
+"""``train(config) -> RunResult``: the whole training run behind ``medseg-train``.
+
+Steps, in order:
+
+1. Resolve the configuration (defaults < config file < flags; ``resume`` reads the run's own).
+2. Choose the ``tf.distribute`` strategy (first, before any other TensorFlow work, as
+   ``MultiWorkerMirroredStrategy`` requires) and the precision policy.
+3. Check the dataset (:func:`medseg.data.check.check_dataset`); fatal problems stop the run,
+   all of them listed.
+4. Split patients (:func:`medseg.data.split`), fit the preprocessing plan on the training
+   patients (:func:`medseg.data.plan.make_plan`), save ``plan.json``/``split.json``.
+5. Build the UNet++, its losses and metrics inside ``strategy.scope()``; restore the last
+   checkpoint when resuming.
+6. ``model.fit`` on the lesion-aware patch pipeline with the run-keeping callbacks: whole-volume
+   3D validation, best bundle, atomic checkpoint, history, curves, TensorBoard, early stopping.
+
+Run folder (``out/<YYYYmmdd-HHMMSS>`` by default)::
+
+    model.keras, bundle.json   best model by mean 3D validation DSC (medseg.infer.bundle)
+    config.json                effective configuration
+    plan.json, split.json      preprocessing plan; patients used for training / validation
+    check.json                 dataset check report
+    history.csv, curves.png    one row per epoch; loss (data + regularization) and Dice curves
+    validation.csv             per-patient 3D metrics at each validation
+    warnings.json              training diagnostics (medseg.train.diagnostics)
+    tensorboard/               TensorBoard event files
+    checkpoints/               per-epoch checkpoints (weights + optimizer + state), for --resume
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from medseg.errors import DatasetError, InputError
+from medseg.train.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint
+from medseg.train.config import RESUME_MUTABLE, TrainConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+PLAN_FILE = "plan.json"
+SPLIT_FILE = "split.json"
+
+
+@dataclass
+class RunResult:
+    """What a training run produced.
+
+    Attributes:
+        run_dir: the run folder.
+        best_dsc: best mean per-patient 3D validation DSC (NaN when never validated).
+        best_epoch: epoch (1-based) of the best model, 0 when none.
+        epochs_completed: epochs trained in total (including before a resume).
+        stopped_early: early stopping ended the run.
+        history: one dict per epoch (as ``history.csv``).
+        bundle_dir: folder holding ``model.keras`` + ``bundle.json`` (the run folder).
+        replicas: replicas in sync (devices x workers).
+        global_batch_size: patches per optimizer step over all replicas.
+        learning_rate: peak learning rate after linear scaling with the replicas.
+        precision: Keras dtype policy used.
+        strategy: class name of the distribution strategy.
+        train_cases, val_cases: patient ids of the split.
+        model: the model with the final weights (float32, outside any strategy); the bundle
+            holds the best one instead.
+    """
+
+    run_dir: Path
+    best_dsc: float
+    best_epoch: int
+    epochs_completed: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    bundle_dir: Path | None = None
+    replicas: int = 1
+    global_batch_size: int = 0
+    learning_rate: float = 0.0
+    precision: str = "float32"
+    strategy: str = ""
+    train_cases: list[str] = field(default_factory=list)
+    val_cases: list[str] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)
+
+
+# --- configuration and run folder ------------------------------------------------------------------
+def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    """The effective configuration; with ``resume``, the run's saved one plus the allowed changes.
+
+    Raises:
+        InputError: ``resume`` is not a run folder, or a setting that shapes the model/data was
+            changed on resume.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.resume:
+        if not cfg.images or not cfg.labels:
+            raise InputError(None, "--images and --labels (or --resume RUN_DIR)",
+                             f"images={cfg.images!r}, labels={cfg.labels!r}")
+        return cfg
+    run_dir = Path(cfg.resume)
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise InputError(run_dir, f"a medseg-train run folder holding {CONFIG_FILE}",
+                         "a folder without it" if run_dir.is_dir() else "nothing")
+    saved = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")), source=saved_path)
+    defaults = TrainConfig()
+    changed = []
+    for name in TrainConfig.__dataclass_fields__:
+        if name in RESUME_MUTABLE or name in ("run_dir", "out"):
+            continue
+        mine = getattr(cfg, name)
+        if mine != getattr(defaults, name) and mine != getattr(saved, name):
+            changed.append(f"{name}={mine!r} (run has {getattr(saved, name)!r})")
+    if changed:
+        raise InputError(run_dir, "only epochs, early_stopping, val_every, gpus, devices, precision to change on resume",
+                         "; ".join(changed))
+    for name in RESUME_MUTABLE:
+        mine = getattr(cfg, name)
+        if mine != getattr(defaults, name):
+            setattr(saved, name, mine)
+    saved.resume = os.fspath(run_dir)
+    saved.run_dir = os.fspath(run_dir)
+    saved.validate()
+    return saved
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """The folder of a new run: ``run_dir`` if given, else ``out/<YYYYmmdd-HHMMSS>`` (made unique).
+
+    Under ``TF_CONFIG`` every worker must agree on the folder without talking to each other, so
+    the name is ``out/run-<hash of the cluster spec>`` unless ``run_dir`` is given.
+
+    Raises:
+        InputError: ``run_dir`` already holds a run (use ``--resume`` to continue it).
+    """
+    from medseg.train.strategy import tf_config
+
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    elif tf_config() is not None:
+        digest = hashlib.sha1(json.dumps(tf_config()["cluster"], sort_keys=True).encode()).hexdigest()[:10]
+        run_dir = Path(cfg.out) / f"run-{digest}"
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.out) / stamp
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = Path(cfg.out) / f"{stamp}-{n}"
+    if (run_dir / CONFIG_FILE).exists() and latest_checkpoint(run_dir) is not None:
+        raise InputError(run_dir, "a new run folder", "a previous run (continue it with --resume)")
+    return run_dir
+
+
+# --- data --------------------------------------------------------------------------------------------
+def check_and_split(cfg: TrainConfig):
+    """Discover cases, run the dataset check (fatal problems raise), split patients.
+
+    Returns:
+        ``(report, train_cases, val_cases)``.
+
+    Raises:
+        DatasetError: listing every fatal problem of the dataset check, or too few patients.
+    """
+    from medseg.data.check import check_dataset
+    from medseg.io import pair_cases
+
+    cases, unpaired = pair_cases(cfg.images, cfg.labels)
+    report = check_dataset(cases, extra_problems=unpaired)
+    report.raise_if_fatal()
+    labelled = [c for c in cases if c.label_path is not None]
+    if len(labelled) < 2:
+        raise DatasetError(f"training needs at least 2 labelled patients (one to validate), found {len(labelled)}",
+                           [f"images: {cfg.images}", f"labels: {cfg.labels}"])
+    train_ids, val_ids = split_ids([c.case_id for c in labelled], cfg)
+    by_id = {c.case_id: c for c in labelled}
+    return report, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def split_ids(case_ids: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Patient-level split by ``val_fraction`` or ``folds``/``fold``, seeded."""
+    from medseg.data import split as split_module
+
+    try:
+        if cfg.folds is not None:
+            return split_module.kfold_split(case_ids, cfg.folds, cfg.fold, seed=cfg.seed)
+        return split_module.train_val_split(case_ids, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    except ValueError as exc:
+        raise DatasetError(f"cannot split the {len(case_ids)} labelled patients: {exc}",
+                           [f"images: {cfg.images}", f"labels: {cfg.labels}"]) from exc
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the patch order of one epoch: depends only on (run seed, epoch), so a resumed run
+    draws exactly the batches the uninterrupted run would have drawn."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+# --- model -------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, plan, *, sync_batch_norm: bool = False):
+    """The UNet++ of this run (2.5D input channels = ``plan.context_slices``)."""
+    from medseg.nets.unetpp import build_unetpp
+
+    return build_unetpp(
+        input_channels=int(plan.context_slices),
+        num_classes=int(plan.num_classes),
+        filters=cfg.unet_filters,
+        depth=cfg.depth,
+        deep_supervision=cfg.deep_supervision,
+        dropout=cfg.dropout,
+        l2=cfg.l2,
+        sync_batch_norm=sync_batch_norm,
+    )
+
+
+def output_heads(cfg: TrainConfig) -> list[str]:
+    """Names of the model outputs that are trained (all heads with deep supervision)."""
+    from medseg.nets.unetpp import head_names
+
+    return head_names(cfg.depth) if cfg.deep_supervision else [f"head_{cfg.depth}"]
+
+
+def make_loss(cfg: TrainConfig):
+    """The per-sample segmentation loss (Dice + cross-entropy by default)."""
+    from medseg.losses import DiceCELoss, DiceLoss
+
+    if cfg.loss == "dice":
+        return DiceLoss()
+    if cfg.loss == "ce":
+        return DiceCELoss(dice_weight=0.0, ce_weight=1.0, name="ce_loss")
+    return DiceCELoss()
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate: float):
+    """Adam (AdamW with ``weight_decay``) driven by the per-step :class:`WarmupDecay` schedule."""
+    import keras
+
+    from medseg.train.callbacks import WarmupDecay
+
+    total = cfg.epochs * cfg.steps_per_epoch
+    schedule = WarmupDecay(learning_rate, total_steps=total, kind=cfg.schedule, power=cfg.poly_power,
+                           warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch)
+    if cfg.weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(learning_rate=schedule)
+
+
+def compile_model(model, cfg: TrainConfig, learning_rate: float) -> None:
+    """Compile with one loss per trained head (deep-supervision weights) and the Dice metrics."""
+    from medseg.losses import ForegroundDice, ForegroundFraction
+    from medseg.nets.unetpp import deep_supervision_weights
+
+    heads = output_heads(cfg)
+    metrics = [ForegroundDice(), ForegroundFraction()]
+    if cfg.deep_supervision:
+        model.compile(
+            optimizer=make_optimizer(cfg, learning_rate),
+            loss={h: make_loss(cfg) for h in heads},
+            loss_weights=dict(zip(heads, deep_supervision_weights(cfg.depth))),
+            metrics={heads[-1]: metrics},
+        )
+    else:
+        model.compile(optimizer=make_optimizer(cfg, learning_rate), loss=make_loss(cfg), metrics=metrics)
+
+
+def targets_for_heads(cfg: TrainConfig):
+    """``tf.data`` map function giving every trained head its copy of the mask."""
+    heads = output_heads(cfg)
+    if not cfg.deep_supervision:
+        return None
+
+    def repeat(images, masks):
+        return images, {h: masks for h in heads}
+
+    return repeat
+
+
+# --- validation ----------------------------------------------------------------------------------------
+def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path):
+    """``evaluate(model) -> rows``: segment each validation volume whole with the inference
+    :class:`~medseg.infer.predictor.Predictor` (on ``twin``, a float32 copy of the trained model
+    outside the strategy) and score it in 3D on its own grid with :func:`medseg.eval.compute_metrics`.
+    """
+    from medseg.eval import compute_metrics
+    from medseg.infer.bundle import Bundle
+    from medseg.infer.predictor import Predictor
+    from medseg.io import read_volume
+
+    bundle = Bundle(run_dir=run_dir, model=twin, plan=plan, head_level=None, divisor=int(plan.divisor),
+                    input_channels=int(plan.context_slices))
+    predictor = Predictor(bundle, batch_size=max(8, cfg.batch_size))
+    cases = list(val_cases)[: cfg.max_val_cases] if cfg.max_val_cases else list(val_cases)
+
+    def evaluate(model) -> list[dict]:
+        twin.set_weights(model.get_weights())
+        rows = []
+        for case in cases:
+            # Read per validation, not cached: validation sets of CT volumes do not fit in memory.
+            image = read_volume(case.image_path, case_id=case.case_id)
+            ref = read_volume(case.label_path, case_id=case.case_id).array > 0
+            pred = predictor.segment(image)
+            metrics = compute_metrics(pred.array > 0, ref, image.spacing_mm)
+            rows.append({"case_id": case.case_id, **{k: float(v) for k, v in metrics.items()}})
+        return rows
+
+    return evaluate
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Train a UNet++ lesion segmenter end to end; see the module docstring for the steps.
+
+    Args:
+        config: a :class:`TrainConfig` or a mapping of its fields.
+        callbacks: extra Keras callbacks, run after medseg's own each epoch (their logs include
+            ``val_dsc_3d`` on validated epochs).
+
+    Returns:
+        :class:`RunResult` (the run folder holds the bundle, history, curves, checkpoints).
+
+    Raises:
+        DatasetError: the dataset check found fatal problems (all listed), or too few patients.
+        InputError: bad configuration, input folders, or ``resume`` folder.
+    """
+    cfg = resolve_config(config)
+    import keras
+
+    from medseg.train import strategy as strat
+
+    # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF ops.
+    strategy = strat.select_strategy(cfg.gpus, cfg.devices)
+    replicas = strat.num_replicas(strategy)
+    chief = strat.is_chief(strategy)
+    precision = strat.resolve_precision(cfg.precision, strategy)
+    global_batch = cfg.batch_size * replicas
+    learning_rate = strat.scaled_learning_rate(cfg.lr, replicas)
+
+    verbose = cfg.verbose if chief else 0
+    # The dataset check runs before anything is written: a refused dataset leaves no run folder.
+    report, train_cases, val_cases = check_and_split(cfg)
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
+    write_dir = strat.writing_dir(run_dir)
+    write_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        cfg.run_dir = os.fspath(run_dir)
+        cfg.save(run_dir / CONFIG_FILE)
+    if verbose:
+        print(f"medseg-train: run folder {run_dir}", flush=True)
+
+    previous_policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(cfg.seed)
+    try:
+        if cfg.resume and (run_dir / SPLIT_FILE).is_file():
+            split = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
+            by_id = {c.case_id: c for c in train_cases + val_cases}
+            missing = sorted(set(split["train"] + split["val"]) - set(by_id))
+            if missing:
+                raise InputError(cfg.images, "every patient of the run being resumed", f"{', '.join(missing)} missing")
+            train_cases = [by_id[i] for i in split["train"]]
+            val_cases = [by_id[i] for i in split["val"]]
+        if chief:
+            atomic_write_json(run_dir / "check.json", report.to_dict())
+            atomic_write_json(run_dir / SPLIT_FILE, {"train": [c.case_id for c in train_cases],
+                                                     "val": [c.case_id for c in val_cases], "seed": cfg.seed,
+                                                     "folds": cfg.folds, "fold": cfg.fold,
+                                                     "val_fraction": None if cfg.folds else cfg.val_fraction})
+        plan = _plan_for_run(cfg, train_cases, run_dir, chief)
+        if verbose:
+            print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients; "
+                  f"{type(strategy).__name__} with {replicas} replica(s), global batch {global_batch}, "
+                  f"peak lr {learning_rate:g} ({cfg.lr:g} x {replicas}), precision {precision}; "
+                  f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s)", flush=True)
+
+        # Twin: float32, outside the strategy, shares nothing with the trained model. Validation
+        # and the bundle use it, so inference sees exactly what will be shipped.
+        keras.config.set_dtype_policy("float32")
+        twin = build_model(cfg, plan)
+        keras.config.set_dtype_policy(precision)
+        with strategy.scope():
+            model = build_model(cfg, plan, sync_batch_norm=replicas > 1)
+            compile_model(model, cfg, learning_rate)
+
+        from medseg.train.callbacks import RunKeeper, WarningsWriter, WholeVolumeValidation, new_state
+
+        state = new_state(cfg.seed)
+        if cfg.resume:
+            checkpoint = latest_checkpoint(run_dir)
+            if checkpoint is not None:
+                state = load_checkpoint(checkpoint, model)
+                if verbose:
+                    print(f"medseg-train: resumed from {checkpoint} (epoch {state['epoch']}, optimizer step "
+                          f"{int(model.optimizer.iterations)})", flush=True)
+        start_epoch = int(state["epoch"])
+
+        dataset = make_train_dataset(train_cases, plan, cfg, global_batch, start_epoch)
+        validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir),
+                                           every=cfg.val_every, epochs=cfg.epochs)
+
+        def save_best(model_, epoch, logs):
+            from medseg.infer.bundle import save_bundle
+
+            twin.set_weights(model_.get_weights())
+            save_bundle(write_dir, twin, plan, extra={
+                "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
+                "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
+            })
+
+        keeper = RunKeeper(write_dir, state, save_best, validation=validation, epochs=cfg.epochs,
+                           patience=cfg.early_stopping, verbose=verbose, write_files=True)
+        callbacks_ = [validation, keeper]
+        if verbose:
+            # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
+            # comes before RunKeeper's one-line summary.
+            callbacks_.insert(1, keras.callbacks.ProgbarLogger())
+        diagnostics = make_diagnostics(cfg, write_dir, dataset)
+        callbacks_.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others
+        previous_warnings = _read_warnings(run_dir) if cfg.resume else []
+        if chief:
+            callbacks_.append(WarningsWriter(lambda: write_warnings(diagnostics, run_dir, previous_warnings)))
+        callbacks_ = callbacks_ + list(callbacks)
+        tensorboard = make_tensorboard(write_dir)
+        if tensorboard is not None:
+            callbacks_.append(tensorboard)
+        if start_epoch < cfg.epochs and not state.get("stopped_early"):
+            model.fit(dataset, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=cfg.steps_per_epoch,
+                      callbacks=callbacks_, verbose=_keras_verbose(verbose), shuffle=False)
+        if chief:
+            write_warnings(diagnostics, run_dir, previous_warnings)
+        if chief and not (run_dir / "bundle.json").exists():
+            # No finite validation DSC ever (e.g. validation patients without lesion and no false
+            # positives): ship the last model rather than nothing.
+            save_best(model, int(state["epoch"]) - 1, {})
+        twin.set_weights(model.get_weights())  # RunResult.model: the final weights, float32
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        strat.cleanup_writing_dir(write_dir, run_dir)
+
+    best = float(state["best_dsc"]) if state["best_epoch"] else float("nan")
+    return RunResult(
+        run_dir=run_dir, best_dsc=best, best_epoch=int(state["best_epoch"]), epochs_completed=int(state["epoch"]),
+        stopped_early=bool(state.get("stopped_early")), history=list(state["history"]), bundle_dir=run_dir,
+        replicas=replicas, global_batch_size=global_batch, learning_rate=learning_rate, precision=precision,
+        strategy=type(strategy).__name__, train_cases=[c.case_id for c in train_cases],
+        val_cases=[c.case_id for c in val_cases], model=twin,
+    )
+
+
+def make_tensorboard(write_dir: Path):
+    """Keras' TensorBoard callback writing epoch scalars to ``write_dir/tensorboard`` (None, with a
+    warning, when the ``tensorboard`` package is missing: training must not fail for a log)."""
+    import importlib.util
+
+    import keras
+
+    if importlib.util.find_spec("tensorboard") is None:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return keras.callbacks.TensorBoard(log_dir=os.fspath(Path(write_dir) / "tensorboard"), write_graph=False,
+                                       update_freq="epoch", profile_batch=0)
+
+
+def _read_warnings(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "warnings.json"
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8")).get("warnings", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _keras_verbose(verbose: int) -> int | str:
+    return {0: 0, 1: "auto", 2: 2}.get(int(verbose), "auto")
+
+
+def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):
+    """The run's plan: fitted on the training patients (or read back on resume), with overrides."""
+    from medseg.data.plan import Plan, make_plan
+
+    path = run_dir / PLAN_FILE
+    if cfg.resume and path.is_file():
+        return Plan.load(path)
+    overrides = dict(cfg.plan)
+    overrides.setdefault("divisor", 2 ** cfg.depth)
+    if cfg.patch_size is not None:
+        overrides["patch_size"] = tuple(cfg.patch_size)
+    try:
+        plan = make_plan(train_cases, overrides=overrides, seed=cfg.seed)
+    except ValueError as exc:
+        raise InputError(cfg.images, "training cases a preprocessing plan can be fitted to", str(exc)) from exc
+    if chief:
+        plan.save(path)
+    return plan
+
+
+# --- diagnostics ------------------------------------------------------------------------------------------
+def make_diagnostics(cfg: TrainConfig, write_dir: Path, dataset=None):
+    """The training-diagnostics callback (:class:`medseg.train.diagnostics.Diagnostics`).
+
+    With the training ``dataset`` it checks the labels of the first batch and the augmentation
+    alignment self-check (image and mask warped together must stay in register).
+    """
+    from medseg.train.diagnostics import Diagnostics
+
+    sample_batch, alignment = None, None
+    maker = getattr(dataset, "batch_maker", None)
+    if maker is not None:
+        sample_batch = maker.batch(0)
+        if maker.augmenter is not None:
+            from medseg.transforms.augment import check_alignment
+
+            alignment = check_alignment(maker.augmenter, n=16, size=32, channels=maker.context_slices,
+                                        seed=cfg.seed)
+    # verbose=0: RunKeeper prints the epoch's summary line (with the same loss split).
+    return Diagnostics(sample_batch=sample_batch, alignment_dice=alignment, verbose=0)
+
+
+def write_warnings(diagnostics, run_dir: Path, previous: list[dict] | None = None) -> Path:
+    """``warnings.json``: the diagnostics' warnings (those of the run before a resume kept)."""
+    seen = list(previous or [])
+    keys = {(w.get("kind"), w.get("epoch")) for w in seen}
+    seen += [w for w in getattr(diagnostics, "warnings", []) if (w.get("kind"), w.get("epoch")) not in keys]
+    return atomic_write_json(Path(run_dir) / "warnings.json", {"warnings": seen})
+
+
+# --- data ----------------------------------------------------------------------------------------------
+def make_train_dataset(train_cases, plan, cfg: TrainConfig, global_batch: int, start_epoch: int, cache_dir=None):
+    """The endless lesion-aware patch stream (:func:`medseg.data.pipeline.make_dataset`).
+
+    Batch ``i`` depends only on ``(seed, i)``, so a run resumed at ``start_epoch`` starts at batch
+    ``start_epoch * steps_per_epoch`` and sees exactly what the uninterrupted run would have seen.
+    Each element is one global batch; Keras splits it over the replicas. Under multi-worker
+    training every worker builds the same stream and keeps its own share (DATA sharding).
+    """
+    import tensorflow as tf
+
+    from medseg.data.pipeline import make_dataset
+
+    ds = make_dataset(train_cases, plan, batch_size=global_batch, seed=cfg.seed,
+                      start_batch=start_epoch * cfg.steps_per_epoch, num_parallel_calls=cfg.workers,
+                      cache_dir=cache_dir)
+    maker = ds.batch_maker
+    heads = targets_for_heads(cfg)
+    if heads is not None:
+        ds = ds.map(heads)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
+    ds.batch_maker = maker
+    return ds

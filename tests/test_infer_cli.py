@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.cli.infer import main
+from medseg.cli.infer import find_model, main
 from medseg.data.plan import Plan
 from medseg.errors import InputError
 from medseg.infer.bundle import load_bundle, save_bundle
@@ -115,25 +115,26 @@ def test_default_output_in_current_folder_and_model_from_env(run_dir, tmp_path, 
     assert f"using model {run_dir.resolve()} ($MEDSEG_MODEL" in capsys.readouterr().err
 
 
-def test_latest_run_in_runs_folder_and_model_precedence(run_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_model_discovery_order(run_dir, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(run_dir, runs / "old")
     shutil.copytree(run_dir, runs / "new")
+    shutil.copytree(run_dir, runs / "group" / "nested")  # runs/<name>/<fold>/ layouts count too
     (runs / "crashed").mkdir()  # newest folder, but no bundle.json: not a model
     now = time.time()
-    os.utime(runs / "old" / "bundle.json", (now - 100, now - 100))
-    os.utime(runs / "new" / "bundle.json", (now - 50, now - 50))
+    for name, age in (("old", 100), ("new", 50), ("group/nested", 75)):
+        os.utime(runs / name / "bundle.json", (now - age, now - age))
+    assert find_model(None, environ={}, cwd=tmp_path) == (runs / "new", "latest run in ./runs")
+    env = {"MEDSEG_MODEL": str(runs / "old")}
+    assert find_model(None, environ=env, cwd=tmp_path) == (runs / "old", "$MEDSEG_MODEL")
+    assert find_model(str(runs / "group" / "nested"), environ=env, cwd=tmp_path) == (runs / "group" / "nested", "--model")
+    os.utime(runs / "group" / "nested" / "bundle.json", (now, now))
+    assert find_model(None, environ={}, cwd=tmp_path)[0] == runs / "group" / "nested"
+    # and the bare command right after medseg-train: the newest run, said on stderr
+    monkeypatch.chdir(tmp_path)
     assert main([str(NRRD), "-o", "a.nii.gz"]) == 0
-    assert f"using model {(runs / 'new').resolve()} (latest run in ./runs" in capsys.readouterr().err
-
-    monkeypatch.setenv("MEDSEG_MODEL", str(runs / "old"))  # $MEDSEG_MODEL beats ./runs
-    assert main([str(NRRD), "-o", "b.nii.gz"]) == 0
-    assert f"using model {(runs / 'old').resolve()} ($MEDSEG_MODEL" in capsys.readouterr().err
-
-    monkeypatch.setenv("MEDSEG_MODEL", str(tmp_path / "missing"))  # --model beats $MEDSEG_MODEL
-    assert main([str(NRRD), "-o", "c.nii.gz", "--model", str(runs / "new")]) == 0
-    assert f"using model {(runs / 'new').resolve()} (--model" in capsys.readouterr().err
+    assert f"using model {(runs / 'group' / 'nested').resolve()} (latest run in ./runs" in capsys.readouterr().err
+    assert (tmp_path / "a.nii.gz").is_file()
 
 
 def test_no_model_anywhere_is_one_clear_line(tmp_path, monkeypatch, capsys):

@@ -355,14 +355,15 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
 
     start = time.perf_counter()
     volume = read_volume(job.source, case_id=job.case_id)
-    probability = predictor.predict_proba(volume)
-    labels = predictor.labels_from_proba(
-        probability, threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, largest_component=args.largest_component
-    )
+    post = dict(threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, largest_component=args.largest_component)
     if job.prob_path is None:
-        del probability  # the label map is all that is written: free the float volume early
+        # Labels only: thresholded part by part, no float volume of the input's size is kept.
+        probability, labels = None, predictor.segment(volume, **post)
+    else:
+        probability = predictor.predict_proba(volume)
+        labels = predictor.labels_from_proba(probability, **post)
     write_volume(labels, job.seg_path, overwrite=args.overwrite)
-    if job.prob_path is not None:
+    if probability is not None:
         write_volume(probability, job.prob_path, overwrite=args.overwrite)
     lesion_ml = float(labels.array.sum(dtype="int64")) * labels.voxel_volume_ml
     written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")

@@ -4,11 +4,15 @@
 resampling, normalization, 2.5D context), runs the model on batches of slices while streaming
 through the volume, and maps the foreground probabilities back onto the input's exact grid.
 
-Memory: only one batch of slices exists at a time (padded to the network's multiple), and the
-probabilities are written into a preallocated stack. That stack is the preprocessed array itself,
-overwritten a few slices behind the batch being read (the 2.5D context of later batches never
-looks further back), so peak memory is the input volume, its preprocessed copy, the restored
-probability map and the label map, whatever the number of slices.
+Memory, whatever the number of slices:
+
+- only one batch of slices exists at a time (padded to the network's multiple);
+- the probabilities overwrite the preprocessed slices a few slices behind the batch being read
+  (later batches never look further back for their 2.5D context), so no second stack exists;
+- with a voxel-wise normalization (CT window, fixed z-score) the volume is preprocessed, predicted
+  and restored in chunks of ``chunk_slices`` input slices (plus their context): the result is the
+  same as for the whole volume, and peak memory is the input, the output and one chunk.
+  Per-volume statistics (MR z-score) need the whole volume preprocessed at once.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
+#: Default chunk length (input slices) for streamed preprocessing: 64 slices of 512 x 512 take
+#: about 0.5 GB of temporaries, whatever the volume's length.
+CHUNK_SLICES = 64
 #: Test-time augmentation: in-plane flips of a (B, H, W, C) batch, as array axes to reverse.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 
@@ -132,6 +139,8 @@ class Predictor:
         self.context_slices = int(self.plan.context_slices)
         self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))
         self.num_classes = int(self.model.outputs[0].shape[-1])
+        #: Input slices preprocessed at a time when the normalization is voxel-wise (see _parts).
+        self.chunk_slices = CHUNK_SLICES
         self._forward = self._compile()
 
     def __repr__(self) -> str:
@@ -227,19 +236,31 @@ class Predictor:
         Returns:
             float32 :class:`Volume` in ``[0, 1]`` with the input's shape, affine, case id and meta.
         """
-        from medseg.transforms.preprocess import preprocess_image, restore
-
         self.check_modality(volume)
-        prepared = preprocess_image(volume, self.plan)
+        out: np.ndarray | None = None
+        for index, probs in self._parts(volume):
+            if index is None:  # the whole volume in one part: no copy
+                out = probs
+                break
+            if out is None:
+                out = np.empty(volume.shape, dtype=np.float32)
+            out[index] = probs
+        return volume.with_array(out)
+
+    # --- streaming machinery ---------------------------------------------------------------------
+    def _stream(self, prepared, start: int, stop: int, protect: np.ndarray) -> np.ndarray:
+        """Predict plan-space slices ``[start, stop)`` of ``prepared`` batch by batch.
+
+        Returns a stack shaped like ``prepared.array`` whose slices ``[start, stop)`` hold the
+        foreground probabilities (other slices: unspecified). The probabilities overwrite the
+        preprocessed slices once no later batch needs them as context (the next batch looks back
+        ``context_slices // 2`` slices), so no second stack is allocated. Only done on our own
+        writable float32 copy, never on memory shared with ``protect`` (the caller's volume).
+        """
         stack = prepared.array
-        n = int(stack.shape[0])
-        # The probabilities overwrite the preprocessed slices once no later batch needs them as
-        # context. Only done on our own writable float32 copy (never on the caller's volume).
-        in_place = (
-            stack.dtype == np.float32 and stack.flags.writeable and not np.shares_memory(stack, volume.array)
-        )
+        in_place = stack.dtype == np.float32 and stack.flags.writeable and not np.shares_memory(stack, protect)
         out = stack if in_place else np.empty(stack.shape, dtype=np.float32)
-        reach = self.context_slices // 2  # how far back the next batch's context looks
+        reach = self.context_slices // 2 if in_place else 0
         pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
 
         def flush(limit: int) -> None:
@@ -256,12 +277,74 @@ class Predictor:
                     pending[0] = (first + k, probs[k:])
                     return
 
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            pending.append((start, self.predict_slices(prepared.slices(start, stop))))
-            flush(stop - reach if in_place else stop)
-        flush(n)
-        return restore(prepared, out)
+        for begin in range(start, stop, self.batch_size):
+            end = min(begin + self.batch_size, stop)
+            pending.append((begin, self.predict_slices(prepared.slices(begin, end))))
+            flush(end - reach)
+        flush(stop)
+        return out
+
+    def _chunkable(self, volume: "Volume") -> tuple[int, bool] | None:
+        """(input axis that becomes the plan's slice axis, flipped?) when chunks give exact results.
+
+        Preprocessing is exact chunk by chunk when the normalization is voxel-wise (CT window,
+        or z-score/percentile with fixed values): reorientation is a permutation, resampling is
+        in-plane only. Per-volume statistics (MR z-score) need the whole volume: None.
+        """
+        norm = self.plan.normalization
+        kind = norm.get("kind")
+        voxelwise = (
+            kind == "ct_window"
+            or (kind == "zscore" and all(norm.get(k) is not None for k in ("mean", "std", "clip_low", "clip_high")))
+            or (kind == "percentile" and norm.get("low") is not None and norm.get("high") is not None)
+        )
+        if not voxelwise:
+            return None
+        from medseg.transforms.spatial import reorientation
+
+        reo = reorientation(volume.affine, volume.shape, self.plan.orientation)
+        # transform[i] = (output axis, +1/-1) of input axis i (nibabel orientation transform).
+        axis = int(np.flatnonzero(reo.transform[:, 0] == self.plan.slice_axis)[0])
+        if volume.shape[axis] <= self.chunk_slices:
+            return None
+        return axis, bool(reo.transform[axis, 1] < 0)
+
+    def _parts(self, volume: "Volume"):
+        """Yield ``(index, probabilities)`` covering ``volume``: ``index`` None for the whole volume,
+        else a tuple of slices into the input array (chunks along the input's slice axis).
+
+        Chunks keep peak memory independent of the number of slices: only ``chunk_slices``
+        slices (plus their 2.5D context) are preprocessed at a time.
+        """
+        from medseg.io.volume import Volume
+        from medseg.transforms.preprocess import preprocess_image, restore
+
+        chunking = self._chunkable(volume)
+        if chunking is None:
+            prepared = preprocess_image(volume, self.plan)
+            yield None, restore(prepared, self._stream(prepared, 0, prepared.n_slices, volume.array)).array
+            return
+        axis, flipped = chunking
+        n = volume.shape[axis]
+        reach = self.context_slices // 2
+        # Whole batches per chunk: the model sees the same batch sizes as without chunks.
+        size = max(self.batch_size, self.chunk_slices // self.batch_size * self.batch_size)
+        for first in range(0, n, size):
+            last = min(first + size, n)
+            low, high = max(0, first - reach), min(n, last + reach)  # context from the neighbours
+            part = [slice(None)] * 3
+            part[axis] = slice(low, high)
+            affine = volume.affine.copy()
+            affine[:3, 3] += volume.affine[:3, axis] * low  # voxel `low` is the sub-volume's first
+            sub = Volume(volume.array[tuple(part)], affine, volume.case_id, volume.meta)
+            prepared = preprocess_image(sub, self.plan)
+            # Plan slices of input indices [first, last): reversed when the axis is flipped.
+            begin = (high - last) if flipped else (first - low)
+            stack = self._stream(prepared, begin, begin + (last - first), volume.array)
+            restored = restore(prepared, stack).array
+            keep, target = [slice(None)] * 3, [slice(None)] * 3
+            keep[axis], target[axis] = slice(first - low, last - low), slice(first, last)
+            yield tuple(target), restored[tuple(keep)]
 
     def check_post_settings(self, threshold: float | None = None, min_lesion_ml: float = 0.0) -> float:
         """Validate post-processing settings; returns the threshold to use (the bundle's if None).
@@ -316,11 +399,19 @@ class Predictor:
     ) -> "Volume":
         """Label volume (``uint8``, 0 background, 1 lesion) of ``volume`` on its exact grid.
 
-        Equivalent to :meth:`predict_proba` followed by :meth:`labels_from_proba`; the
-        probability map is released as soon as the labels exist.
+        The same labels as :meth:`predict_proba` followed by :meth:`labels_from_proba`, but the
+        probabilities are thresholded part by part, so no float volume of the input's size is
+        kept when the preprocessing runs in chunks.
         """
-        self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
-        probability = self.predict_proba(volume)
-        return self.labels_from_proba(
-            probability, threshold=threshold, min_lesion_ml=min_lesion_ml, largest_component=largest_component
-        )
+        t = self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
+        self.check_modality(volume)
+        mask = np.empty(volume.shape, dtype=bool)
+        for index, probs in self._parts(volume):
+            np.greater_equal(probs, t, out=mask if index is None else mask[index])
+            del probs
+        labels = mask.view(np.uint8)  # bool -> uint8 without a copy
+        if min_lesion_ml > 0:
+            labels = remove_small_lesions(labels, volume.spacing_mm, min_lesion_ml)
+        if largest_component:
+            labels = keep_largest_component(labels)
+        return volume.with_array(labels)

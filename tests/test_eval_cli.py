@@ -197,3 +197,29 @@ def test_help_is_fast_and_imports_no_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert "--empty-distance" in out.stdout and "TF False" in out.stdout
+
+
+def test_largest_disagreement_slice():
+    from medseg.eval.report import largest_disagreement_slice
+
+    ref = np.zeros((6, 6, 9), bool)
+    pred = np.zeros_like(ref)
+    ref[1:4, 1:4, 2:8] = True
+    pred[1:4, 1:4, 2:8] = True
+    pred[0:5, 0:5, 6] = True  # most disagreement on slice 6 of the coarsest axis (2)
+    assert largest_disagreement_slice(pred, ref, (1.0, 1.0, 3.0)) == (2, 6)
+    assert largest_disagreement_slice(pred, ref, (3.0, 1.0, 1.0))[0] == 0
+    assert largest_disagreement_slice(ref, ref, (1.0, 1.0, 3.0)) == (2, 2)  # agree: largest reference slice
+    assert largest_disagreement_slice(ref & False, ref & False, (1.0, 1.0, 3.0)) == (2, 4)
+
+
+def test_image_on_another_grid_is_resampled_for_display(tmp_path):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[5:10, 6:12, 3:7] = 1
+    _save(tmp_path / "ref" / "p1.nii.gz", ref)
+    _save(tmp_path / "pred" / "p1.nii.gz", ref)
+    image = np.zeros((12, 10, 5), np.float32)
+    image[2:5, 3:6, 1:4] = 100.0
+    _save(tmp_path / "img" / "p1.nii.gz", image, _affine(spacing=tuple(2 * s for s in SPACING)))
+    assert main(_args(tmp_path, "out", "--images", str(tmp_path / "img"))) == 0
+    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 2

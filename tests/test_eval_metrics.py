@@ -248,7 +248,7 @@ def test_area_table_equals_surface_distance_table():
 
 
 def test_corrupt_area_table_is_refused(monkeypatch):
-    monkeypatch.setattr(surface_mod, "_AREA_VECTORS_EIGHTHS", ("111,222",))
+    monkeypatch.setattr(surface_mod, "_AREA_VECTORS_EIGHTHS", ("111,", "222"))
     with pytest.raises(RuntimeError, match="2 codes instead of 256"):
         surface_mod._parse_area_vectors()
 

@@ -210,13 +210,8 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         image = None
         if pair.image_path is not None:
             image_vol = read_volume(pair.image_path)
-            if image_vol.shape == ref_vol.shape:
-                image = image_vol.array
-            else:
-                log.warning(
-                    "%s: image grid %s differs from the reference %s; drawing on a blank background",
-                    pair.image_path, image_vol.shape, ref_vol.shape,
-                )
+            # Display only: an image on another grid is brought onto the reference grid.
+            image = image_vol.array if image_vol.same_grid(ref_vol) else resample_nearest(image_vol, ref_vol)
         figure = case_figure_png(pair.case_id, pred, ref, spacing, image=image, dsc=metrics["dsc"])
     return {
         "case_id": pair.case_id,

@@ -17,6 +17,7 @@ offsets exactly as scipy's EDT does, so values agree bit-for-bit up to ties.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,19 +67,37 @@ _AREA_VECTORS_EIGHTHS = (
 # Corners processed per chunk along axis 0 are chosen so that a chunk holds about this many
 # corners: bounds the temporary uint8 code arrays (a few bytes per corner) on large boxes.
 _CHUNK_CORNERS = 1 << 22
+# Below this many queries the KD-tree search runs in the calling thread (threads cost more).
+_MIN_QUERIES_FOR_THREADS = 20_000
 
 
-def _parse_area_vectors() -> list[np.ndarray]:
-    vectors = []
-    for entry in "".join(_AREA_VECTORS_EIGHTHS).split(","):
-        triangles = [[int(ch) / 8.0 for ch in tri] for tri in entry.split()]
-        vectors.append(np.asarray(triangles, dtype=np.float64).reshape(-1, 3))
-    if len(vectors) != 256:
-        raise RuntimeError(f"surface area table is corrupt: {len(vectors)} codes instead of 256")
-    return vectors
+def _parse_area_vectors() -> tuple[np.ndarray, np.ndarray]:
+    """(code of each triangle (T,), area vector of each triangle (T, 3)) from the compact table."""
+    entries = "".join(_AREA_VECTORS_EIGHTHS).split(",")
+    if len(entries) != 256:
+        raise RuntimeError(f"surface area table is corrupt: {len(entries)} codes instead of 256")
+    codes, vectors = [], []
+    for code, entry in enumerate(entries):
+        for tri in entry.split():
+            codes.append(code)
+            vectors.append([int(ch) / 8.0 for ch in tri])
+    return np.asarray(codes, dtype=np.intp), np.asarray(vectors, dtype=np.float64)
 
 
-_VECTORS = _parse_area_vectors()
+_TRIANGLE_CODES, _TRIANGLE_VECTORS = _parse_area_vectors()
+
+
+@functools.lru_cache(maxsize=64)
+def _area_table_cached(s0: float, s1: float, s2: float) -> np.ndarray:
+    # A triangle's area vector scales with the product of the two other spacings.
+    n0 = _TRIANGLE_VECTORS[:, 0] * s1 * s2
+    n1 = _TRIANGLE_VECTORS[:, 1] * s0 * s2
+    n2 = _TRIANGLE_VECTORS[:, 2] * s0 * s1
+    areas = np.sqrt(n0 * n0 + n1 * n1 + n2 * n2)
+    # bincount adds each code's triangles in order, starting from 0.
+    table = np.bincount(_TRIANGLE_CODES, weights=areas, minlength=256)
+    table.flags.writeable = False
+    return table
 
 
 def surfel_area_table(spacing_mm) -> np.ndarray:
@@ -88,20 +107,10 @@ def surfel_area_table(spacing_mm) -> np.ndarray:
         spacing_mm: voxel size along the three array axes, mm.
 
     Returns:
-        float64 array (256,); entries 0 and 255 (no surface) are 0.
+        read-only float64 array (256,); entries 0 and 255 (no surface) are 0.
     """
     s0, s1, s2 = (float(s) for s in spacing_mm)
-    table = np.zeros(256, dtype=np.float64)
-    for code, vec in enumerate(_VECTORS):
-        # A triangle's area vector scales with the product of the two other spacings.
-        n0 = vec[:, 0] * s1 * s2
-        n1 = vec[:, 1] * s0 * s2
-        n2 = vec[:, 2] * s0 * s1
-        total = 0.0
-        for area in np.sqrt(n0 * n0 + n1 * n1 + n2 * n2):
-            total += float(area)
-        table[code] = total
-    return table
+    return _area_table_cached(s0, s1, s2)
 
 
 def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -202,6 +211,8 @@ def _nearest_distances_mm(src: Surface, dst: Surface, spacing: np.ndarray, worke
     if dst.empty:
         return np.full(src.corners.shape[0], np.inf)
     tree = cKDTree(dst.corners * spacing, leafsize=16)
+    if src.corners.shape[0] < _MIN_QUERIES_FOR_THREADS:
+        workers = 1
     _, nearest = tree.query(src.corners * spacing, k=1, workers=workers)
     # Recompute from integer offsets like scipy's EDT (offset * spacing, squared, summed over
     # axes in order, sqrt) so the values match the distance-transform definition exactly.

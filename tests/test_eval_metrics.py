@@ -22,6 +22,13 @@ from surface_distance import lookup_tables  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.fixture(params=["lattice", "kdtree"])
+def nn_stage(request, monkeypatch):
+    """Run a test with the lattice-offset stage on every element, or with the KD-tree only."""
+    monkeypatch.setattr(surface_mod, "_MIN_QUERIES_FOR_LATTICE", 0 if request.param == "lattice" else 10**9)
+    return request.param
+
+
 def _blob(rng: np.random.Generator, shape, sigma=1.5) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.random(shape), sigma)
     return field > np.quantile(field, rng.uniform(0.55, 0.9))
@@ -171,7 +178,7 @@ def _brute_force(pred, ref, spacing, percentile=95, tol=1.0):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_brute_force_all_pairs(seed):
+def test_brute_force_all_pairs(seed, nn_stage):
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in rng.integers(5, 10, 3))
     spacing = tuple(float(s) for s in rng.uniform(0.4, 2.5, 3))
@@ -200,7 +207,7 @@ def _surface_distance_metrics(pred, ref, spacing, percentile=95, tol=1.0):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_matches_surface_distance_random_blobs(seed):
+def test_matches_surface_distance_random_blobs(seed, nn_stage):
     rng = np.random.default_rng(100 + seed)
     shape = tuple(int(s) for s in rng.integers(6, 40, 3))
     spacing = tuple(float(s) for s in rng.uniform(0.3, 3.0, 3))
@@ -215,7 +222,7 @@ def test_matches_surface_distance_random_blobs(seed):
         assert abs(got[key] - value) <= 1e-6, (key, got[key], value)
 
 
-def test_matches_surface_distance_far_island_and_border():
+def test_matches_surface_distance_far_island_and_border(nn_stage):
     # Masks touching the array border (outside = background) and a far false-positive island.
     spacing = (0.7, 0.7, 2.5)
     ref = np.zeros((60, 50, 20), bool)
@@ -226,6 +233,39 @@ def test_matches_surface_distance_far_island_and_border():
     got = compute_metrics(pred, ref, spacing)
     for key, value in expected.items():
         assert abs(got[key] - value) <= 1e-6, key
+
+
+def test_large_surface_with_island_default_stages_and_capped_grid(monkeypatch):
+    # Large enough for the lattice stage by default (> 4096 elements), with a far island whose
+    # elements fall back to the KD-tree; then the same with the occupancy grid disallowed.
+    spacing = (0.7, 0.7, 2.5)
+    rng = np.random.default_rng(5)
+    ref = _blob(rng, (70, 64, 24), sigma=3.0)
+    pred = np.roll(ref, (2, -1, 1), axis=(0, 1, 2)) ^ (rng.random(ref.shape) > 0.995)
+    pred[2:5, 58:62, 20:23] = True
+    assert surface_mod.extract_surface(ref, spacing).corners.shape[0] > surface_mod._MIN_QUERIES_FOR_LATTICE
+    expected = _surface_distance_metrics(pred, ref, spacing)
+    got = compute_metrics(pred, ref, spacing)
+    monkeypatch.setattr(surface_mod, "_MAX_OCCUPANCY_CORNERS", 0)
+    capped = compute_metrics(pred, ref, spacing)
+    for key, value in expected.items():
+        assert abs(got[key] - value) <= 1e-6, key
+        assert abs(capped[key] - value) <= 1e-6, key
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_bounding_box_matches_argwhere(order):
+    rng = np.random.default_rng(11)
+    for shape in [(5, 6, 7), (8, 4, 4), (3, 3, 8)]:
+        for _ in range(20):
+            mask = np.asarray(rng.random(shape) > 0.95, order=order)
+            box = surface_mod.bounding_box(mask)
+            idx = np.argwhere(mask)
+            if idx.size == 0:
+                assert box is None
+            else:
+                np.testing.assert_array_equal(box[0], idx.min(axis=0))
+                np.testing.assert_array_equal(box[1], idx.max(axis=0) + 1)
 
 
 def test_full_mask_has_a_surface():

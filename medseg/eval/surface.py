@@ -8,11 +8,13 @@ is the marching-cubes surface inside that cell. Voxels outside the array are bac
 mask touching the border still has a closed surface. The distance from a surfel of A to the
 surface of B is the Euclidean distance, in mm, to the nearest surfel corner of B.
 
-surface-distance obtains these distances from a Euclidean distance transform over the whole
-joint bounding box; here a KD-tree over the surfel corners in mm gives the same nearest corner
-while its cost grows with the surface, not with the box (a far-away false-positive island makes
-the box huge but adds few surfels). The distance is then recomputed from the integer corner
-offsets exactly as scipy's EDT does, so values agree bit-for-bit up to ties.
+surface-distance obtains these distances from Euclidean distance transforms over the whole
+joint bounding box, whose cost grows with the box (a far-away false-positive island makes it
+huge). Here the cost grows with the surface: each element first tries the shortest lattice
+offsets against an occupancy grid of the other surface (most elements lie within a few voxels
+of it), and the remaining ones query a KD-tree over the other surface's corners in mm. Both
+stages are exact, and distances are computed from integer corner offsets with the same floating
+point operations as scipy's EDT, so values agree with surface-distance bit for bit up to ties.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ _AREA_VECTORS_EIGHTHS = (
 _CHUNK_CORNERS = 1 << 22
 # Below this many queries the KD-tree search runs in the calling thread (threads cost more).
 _MIN_QUERIES_FOR_THREADS = 20_000
+# Nearest-neighbour search, stage 1: this many shortest lattice offsets are tried per element,
+# against an occupancy grid of at most this many corners (else only the KD-tree is used).
+_N_LATTICE_OFFSETS = 256
+_MIN_QUERIES_FOR_LATTICE = 4096  # fewer elements: the KD-tree alone is faster
+_MAX_OCCUPANCY_CORNERS = 1 << 26
 
 
 def _parse_area_vectors() -> tuple[np.ndarray, np.ndarray]:
@@ -115,15 +122,23 @@ def surfel_area_table(spacing_mm) -> np.ndarray:
 
 def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Inclusive-exclusive bounding box ``(lo, hi)`` of the True voxels, or None when empty."""
-    proj01 = mask.any(axis=2)
-    rows = np.flatnonzero(proj01.any(axis=1))
+    n0 = mask.shape[0]
+    if mask.size == 0:
+        return None
+    if mask.flags.c_contiguous and (mask.size // n0) % 8 == 0:
+        # Rows of 8-byte words: OR-reducing them is ~10x faster than any() along inner axes.
+        rows = np.bitwise_or.reduce(mask.reshape(n0, -1).view(np.uint64), axis=1) != 0
+    else:
+        rows = mask.any(axis=(1, 2))
+    rows = np.flatnonzero(rows)
     if rows.size == 0:
         return None
-    cols = np.flatnonzero(proj01.any(axis=0))
-    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    deps = np.flatnonzero(mask[i0:i1, j0:j1].any(axis=(0, 1)))
-    lo = np.array([i0, j0, deps[0]], dtype=np.int64)
-    hi = np.array([i1, j1, deps[-1] + 1], dtype=np.int64)
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    proj = mask[i0:i1].any(axis=0)  # reduction over the outer axis: vectorised, fast
+    cols = np.flatnonzero(proj.any(axis=1))
+    deps = np.flatnonzero(proj.any(axis=0))
+    lo = np.array([i0, cols[0], deps[0]], dtype=np.int64)
+    hi = np.array([i1, cols[-1] + 1, deps[-1] + 1], dtype=np.int64)
     return lo, hi
 
 
@@ -152,8 +167,8 @@ def extract_surface(
 ) -> Surface:
     """Surface elements of a 3D boolean mask (voxels outside the array count as background).
 
-    Works on the mask's bounding box only, in chunks along axis 0, so memory stays a few bytes
-    per corner of a chunk whatever the array size.
+    Works on the mask's bounding box only, in slabs along axis 0 each cropped to its own
+    bounding box, so memory stays a few bytes per corner of a slab whatever the array size.
 
     Args:
         mask: bool array (I, J, K).
@@ -170,19 +185,25 @@ def extract_surface(
     if box is None:
         return Surface(np.zeros((0, 3), np.int64), np.zeros(0, np.float64))
     lo, hi = box
-    n0, n1, n2 = (hi - lo).tolist()
-    # Corner c (0..n) of the box lies between box voxels c-1 and c: the box padded with one
-    # background voxel on each side gives every corner its full 2x2x2 neighbourhood.
-    rows_per_chunk = max(1, _CHUNK_CORNERS // ((n1 + 1) * (n2 + 1)))
+    n0 = int(hi[0] - lo[0])
+    block = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    # Corner c of an axis lies between voxels c-1 and c, so corner rows c0..c1-1 need voxel rows
+    # c0-1..c1-1. Each slab of rows is cropped to its own (j, k) box: a far-away island then
+    # costs its own size, not the size of the box spanning it and the main structure.
+    rows_per_chunk = max(1, min(16, _CHUNK_CORNERS // int((hi[1] - lo[1] + 1) * (hi[2] - lo[2] + 1))))
     all_corners, all_areas = [], []
     for c0 in range(0, n0 + 1, rows_per_chunk):
         c1 = min(n0 + 1, c0 + rows_per_chunk)
-        # padded voxel rows c0 .. c1 (inclusive) = box rows c0-1 .. c1-1
-        padded = np.zeros((c1 - c0 + 1, n1 + 2, n2 + 2), dtype=np.uint8)
         r0, r1 = max(c0 - 1, 0), min(c1, n0)
-        padded[r0 - (c0 - 1) : r1 - (c0 - 1), 1:-1, 1:-1] = mask[
-            lo[0] + r0 : lo[0] + r1, lo[1] : hi[1], lo[2] : hi[2]
-        ]
+        sub = block[r0:r1]
+        proj = sub.any(axis=0)
+        cols = np.flatnonzero(proj.any(axis=1))
+        if cols.size == 0:
+            continue  # no voxel next to these corners: no surface here
+        deps = np.flatnonzero(proj.any(axis=0))
+        j0, j1, k0, k1 = int(cols[0]), int(cols[-1]) + 1, int(deps[0]), int(deps[-1]) + 1
+        padded = np.zeros((c1 - c0 + 1, j1 - j0 + 2, k1 - k0 + 2), dtype=np.uint8)
+        padded[r0 - (c0 - 1) : r1 - (c0 - 1), 1:-1, 1:-1] = sub[:, j0:j1, k0:k1]
         # Separable encoding: lower neighbour along axis 2 weighs 2, axis 1 weighs 4, axis 0 16.
         code = padded[:, :, :-1] * np.uint8(2)
         code += padded[:, :, 1:]
@@ -198,28 +219,81 @@ def extract_surface(
         all_areas.append(table[code3[idx]])
         del code3, surf
         corners = np.stack(idx, axis=1).astype(np.int64)
-        corners += lo
-        corners[:, 0] += c0
+        corners += lo + np.array([c0, j0, k0], dtype=np.int64)
         all_corners.append(corners)
     return Surface(np.concatenate(all_corners), np.concatenate(all_areas))
 
 
+def _offset_lengths_mm(offsets: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Length in mm of integer lattice offsets (M, 3), computed like scipy's EDT does.
+
+    (offset * spacing), squared, summed over the axes in order, square root: the same floating
+    point operations as ``distance_transform_edt(..., sampling=spacing)``, so values agree
+    bit for bit with surface-distance's distance maps.
+    """
+    scaled = offsets.astype(np.float64) * spacing
+    scaled *= scaled
+    return np.sqrt(scaled[:, 0] + scaled[:, 1] + scaled[:, 2])
+
+
+@functools.lru_cache(maxsize=16)
+def _short_offsets(s0: float, s1: float, s2: float) -> tuple[np.ndarray, np.ndarray]:
+    """The :data:`_N_LATTICE_OFFSETS` shortest lattice offsets and their lengths, ascending."""
+    spacing = np.array([s0, s1, s2])
+    # A box holding at least that many offsets around 0, then the shortest of them.
+    radius = (_N_LATTICE_OFFSETS * s0 * s1 * s2 / (4 / 3 * np.pi)) ** (1 / 3) + spacing.max()
+    half = np.maximum(np.ceil(radius / spacing).astype(int), 1)
+    grid = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), axis=-1).reshape(-1, 3)
+    lengths = _offset_lengths_mm(grid, spacing)
+    order = np.argsort(lengths, kind="stable")[:_N_LATTICE_OFFSETS]
+    return grid[order], lengths[order]
+
+
 def _nearest_distances_mm(src: Surface, dst: Surface, spacing: np.ndarray, workers: int) -> np.ndarray:
-    """Distance in mm from each element of ``src`` to the nearest element of ``dst`` (inf if none)."""
-    if src.empty:
+    """Distance in mm from each element of ``src`` to the nearest element of ``dst`` (inf if none).
+
+    Two exact stages. Most surface elements lie within a few voxels of the other surface: for
+    them, the lattice offsets are tried shortest first against an occupancy grid of ``dst``, and
+    the first hit is the nearest element. The rest (far from ``dst``) go to a KD-tree over
+    ``dst``'s corners in mm; its nearest corner's distance is recomputed from the integer offset.
+    """
+    n_src = src.corners.shape[0]
+    if n_src == 0:
         return np.zeros(0, np.float64)
     if dst.empty:
-        return np.full(src.corners.shape[0], np.inf)
-    tree = cKDTree(dst.corners * spacing, leafsize=16)
-    if src.corners.shape[0] < _MIN_QUERIES_FOR_THREADS:
-        workers = 1
-    _, nearest = tree.query(src.corners * spacing, k=1, workers=workers)
-    # Recompute from integer offsets like scipy's EDT (offset * spacing, squared, summed over
-    # axes in order, sqrt) so the values match the distance-transform definition exactly.
-    offset = (dst.corners[nearest] - src.corners).astype(np.float64)
-    offset *= spacing
-    offset *= offset
-    return np.sqrt(offset[:, 0] + offset[:, 1] + offset[:, 2])
+        return np.full(n_src, np.inf)
+    dist = np.full(n_src, np.nan)
+    todo = np.arange(n_src)
+    offsets, lengths = _short_offsets(*(float(s) for s in spacing))
+    pad = np.abs(offsets).max(axis=0)
+    lo = dst.corners.min(axis=0) - pad
+    dims = dst.corners.max(axis=0) + pad + 1 - lo
+    if n_src >= _MIN_QUERIES_FOR_LATTICE and int(np.prod(dims)) <= _MAX_OCCUPANCY_CORNERS:
+        occupancy = np.zeros(int(np.prod(dims)), dtype=bool)
+        strides = np.array([dims[1] * dims[2], dims[2], 1], dtype=np.int64)
+        occupancy[(dst.corners - lo) @ strides] = True
+        rel = src.corners - lo
+        # Only elements whose whole offset neighbourhood lies inside the grid are tried here.
+        inside = np.all((rel >= pad) & (rel < dims - pad), axis=1)
+        cand = np.flatnonzero(inside)
+        flat = rel[cand] @ strides
+        for shift, length in zip(offsets @ strides, lengths):
+            hit = occupancy[flat + shift]
+            if hit.any():
+                dist[cand[hit]] = length
+                miss = ~hit
+                cand, flat = cand[miss], flat[miss]
+                if cand.size == 0:
+                    break
+        del occupancy
+        todo = np.flatnonzero(np.isnan(dist))
+    if todo.size:
+        tree = cKDTree(dst.corners * spacing, leafsize=16, balanced_tree=False)
+        _, nearest = tree.query(
+            src.corners[todo] * spacing, k=1, workers=workers if todo.size >= _MIN_QUERIES_FOR_THREADS else 1
+        )
+        dist[todo] = _offset_lengths_mm(dst.corners[nearest] - src.corners[todo], spacing)
+    return dist
 
 
 @dataclass(frozen=True)

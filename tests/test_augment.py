@@ -17,9 +17,15 @@ from medseg.transforms.compose import Compose
 HEAVY = AugmentConfig(rotate_prob=1.0, max_rotate_deg=30, scale_prob=1.0, elastic_prob=0.5)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cv2"])
 @pytest.mark.parametrize("config", [AugmentConfig(), HEAVY, AugmentConfig.flips_only()], ids=["default", "heavy", "flips"])
-def test_image_equal_to_mask_stays_equal(config):
+def test_image_equal_to_mask_stays_equal(config, backend, monkeypatch):
     """The issue's proof of alignment: every augmented pair has Dice 1, over many seeds."""
+    from medseg.transforms import sampling
+
+    if backend == "cv2":
+        pytest.importorskip("cv2")
+    monkeypatch.setattr(sampling, "_BACKEND", backend)
     aug = Augmenter(config)
     for seed in range(8):
         assert check_alignment(aug, n=32, size=48, channels=2, seed=seed) == 1.0
@@ -85,7 +91,13 @@ def _params(B, brightness=1.0, contrast=1.0, gamma=1.0, noise=0.0):
                            np.zeros(B, int), np.ones(B))
 
 
-def test_intensity_hand_values():
+@pytest.mark.parametrize("backend", ["numpy", "cv2"])
+def test_intensity_hand_values(backend, monkeypatch):
+    from medseg.transforms import sampling
+
+    if backend == "cv2":
+        pytest.importorskip("cv2")
+    monkeypatch.setattr(sampling, "_BACKEND", backend)
     aug = Augmenter()
     x = np.array([0.0, 0.5, 1.0, 2.0], np.float32).reshape(1, 2, 2, 1)
     # gamma 2 on the patch rescaled to [0, 1] ([0, .25, .5, 1]) -> [0, .0625, .25, 1], back to [0, 2].
@@ -143,3 +155,20 @@ def test_elastic_moves_pixels_smoothly():
     assert not np.array_equal(out_masks, masks)  # the square was deformed
     assert abs(int(out_masks.sum()) - int(masks.sum())) < 0.3 * masks.sum()  # but not destroyed
     np.testing.assert_array_equal(out_images[..., 0] > 0.5, out_masks.astype(bool))
+
+
+def test_warp_backend_env_override(monkeypatch):
+    from medseg.transforms import sampling
+
+    monkeypatch.setattr(sampling, "_BACKEND", None)
+    monkeypatch.setenv("MEDSEG_WARP_BACKEND", "numpy")
+    assert sampling.warp_backend() == "numpy"
+    monkeypatch.setattr(sampling, "_BACKEND", None)
+    monkeypatch.delenv("MEDSEG_WARP_BACKEND")
+    try:
+        import cv2  # noqa: F401
+
+        expected = "cv2"
+    except ImportError:
+        expected = "numpy"
+    assert sampling.warp_backend() == expected

@@ -123,11 +123,21 @@ def test_batch_maker_shapes_determinism_fraction(plan):
 
 def test_disk_cache_batches_equal_memory_batches(plan, tmp_path):
     arrays = synthetic()
-    mem = BatchMaker(VolumeCache.from_arrays(arrays, plan), plan, batch_size=4, seed=1, release_every=1)
-    disk = BatchMaker(VolumeCache.from_arrays(arrays, plan, mode="disk", cache_dir=tmp_path), plan, batch_size=4,
-                      seed=1, release_every=1)
+    mem = BatchMaker(VolumeCache.from_arrays(arrays, plan), plan, batch_size=4, seed=1)
+    disk_cache = VolumeCache.from_arrays(arrays, plan, mode="disk", cache_dir=tmp_path)
+    disk = BatchMaker(disk_cache, plan, batch_size=4, seed=1)
+    assert not mem.release_pages and disk.release_pages
+    released = []
+    original = disk_cache.release_slices
+    disk_cache.release_slices = lambda *args: (released.append(args), original(*args))
     for i in range(3):
+        released.clear()
         np.testing.assert_array_equal(mem.batch(i)[0], disk.batch(i)[0])
+        # Each patch's slices (with their 2.5D neighbours, clamped) were handed back.
+        c = disk.last_params["centres"]
+        assert released == [(case, max(0, s - 1), min(5, s + 1)) for case, s in zip(c["case"], c["slice"])]
+    disk_cache.release_pages()  # everything at once also works, and data read back unchanged
+    np.testing.assert_array_equal(mem.batch(0)[0], disk.batch(0)[0])
 
 
 @pytest.mark.slow

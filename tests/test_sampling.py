@@ -142,8 +142,18 @@ def _params(B, flip_h=False, flip_w=False, k=0, angle=0.0, scale=1.0):
                          np.full(B, float(scale)))
 
 
+def backends():
+    try:
+        import cv2  # noqa: F401
+
+        return ["numpy", "cv2"]
+    except ImportError:
+        return ["numpy"]
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("flip_h, flip_w, k", [(fh, fw, k) for fh in (0, 1) for fw in (0, 1) for k in range(4)])
-def test_discrete_ops_match_numpy_in_both_paths(flip_h, flip_w, k):
+def test_discrete_ops_match_numpy_in_both_paths(flip_h, flip_w, k, backend):
     rng = np.random.default_rng(3)
     image = rng.random((1, 40, 40), dtype=np.float32)
     src = source((image > 0.7).astype(np.uint8), image=image)
@@ -153,18 +163,20 @@ def test_discrete_ops_match_numpy_in_both_paths(flip_h, flip_w, k):
     expected = np.rot90(window[::-1 if flip_h else 1, ::-1 if flip_w else 1], k)
     np.testing.assert_array_equal(plain[0, ..., 0], expected)
     # The interpolating path with an (almost) identity warp gives the same patch.
-    warped, warped_mask = render([src], c, (16, 16), spatial=_params(1, flip_h, flip_w, k, scale=1 + 1e-7))
+    warped, warped_mask = render([src], c, (16, 16), spatial=_params(1, flip_h, flip_w, k, scale=1 + 1e-7),
+                                 backend=backend)
     np.testing.assert_allclose(warped[0, ..., 0], expected, atol=1e-4)
     np.testing.assert_array_equal(warped_mask, plain_mask)
 
 
-def test_rotation_matches_scipy_affine_transform():
+@pytest.mark.parametrize("backend", backends())
+def test_rotation_matches_scipy_affine_transform(backend):
     rng = np.random.default_rng(4)
     image = ndimage.gaussian_filter(rng.random((1, 80, 80)), 2).astype(np.float32)
     src = source(np.zeros((1, 80, 80), np.uint8), image=image)
     c = Centres(np.array([0]), np.array([0]), np.array([40]), np.array([40]), np.array([False]))
     angle, scale = 12.0, 1.2
-    out, _ = render([src], c, (32, 32), spatial=_params(1, angle=angle, scale=scale))
+    out, _ = render([src], c, (32, 32), spatial=_params(1, angle=angle, scale=scale), backend=backend)
     t = np.deg2rad(angle)
     m = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) / scale
     centre_out = np.array([15.5, 15.5])
@@ -187,6 +199,8 @@ def test_errors():
     c = Centres(np.array([0]), np.array([0]), np.array([8]), np.array([8]), np.array([False]))
     with pytest.raises(ValueError, match="odd 90-degree rotations need a square patch"):
         render([src], c, (16, 32), spatial=_params(1, k=1))
+    with pytest.raises(ValueError, match="backend must be 'cv2' or 'numpy'"):
+        render([src], c, (16, 16), backend="torch")
 
 
 def test_rand_lesion_patchd_dict_transform():
@@ -205,3 +219,15 @@ def test_rand_lesion_patchd_dict_transform():
         RandLesionPatchd(num_samples=0)
     with pytest.raises(ValueError, match="differ in shape"):
         t({"image": image, "label": lab[:2]})
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_warped_patch_outside_volume_reads_padding(backend):
+    image = np.ones((1, 20, 20), np.float32)
+    lab = np.ones((1, 20, 20), np.uint8)
+    src = source(lab, image=image, pad=-3.0)
+    c = Centres(np.array([0]), np.array([0]), np.array([0]), np.array([0]), np.array([False]))
+    out, mask = render([src], c, (16, 16), spatial=_params(1, angle=5.0), backend=backend)
+    # The top-left quadrant lies outside the volume, the bottom-right inside.
+    assert np.all(out[0, :5, :5, 0] == -3.0) and np.all(mask[0, :5, :5] == 0)
+    assert np.all(out[0, -4:, -4:, 0] == 1.0) and np.all(mask[0, -4:, -4:] == 1)

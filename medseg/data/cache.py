@@ -8,7 +8,9 @@ indexed (:func:`medseg.transforms.sampling.build_index`), and the arrays are kep
 - ``mode="disk"``: as ``.npy`` files in ``cache_dir``, opened as read-only memory maps. Only the
   pages patches touch are read; :meth:`VolumeCache.release_pages` drops them from the process
   (``madvise(MADV_DONTNEED)``, the kernel's page cache keeps them), so resident memory stays
-  flat however large the dataset. Files are named by case id and a key of the preprocessing
+  flat however large the dataset (the batch maker releases the cases of each batch once it is
+  built: the kernel maps file pages in folios of up to 2 MB, so a 256x256 patch can map whole
+  slices). Files are named by case id and a key of the preprocessing
   fields of the Plan and the source file's size and time, so a later run with the same Plan
   reuses them and a changed Plan or file never reads a stale one. Writes are atomic.
 - ``mode="auto"`` (default): memory while the cache stays under ``memory_limit_mb`` (default
@@ -58,9 +60,12 @@ def available_memory_mb() -> float:
         return 4096.0
 
 
-def open_npy_mmap(path: str | os.PathLike) -> tuple[np.ndarray, mmap.mmap]:
+def open_npy_mmap(path: str | os.PathLike) -> tuple[np.ndarray, mmap.mmap | None, int]:
     """Open a ``.npy`` file as a read-only array backed by a memory map we own (so pages can be
     released with ``madvise``).
+
+    Returns:
+        ``(array, mmap or None for an empty array, byte offset of the data in the file)``.
 
     Raises:
         InputError: if the file is not a C-ordered ``.npy`` file.
@@ -78,10 +83,48 @@ def open_npy_mmap(path: str | os.PathLike) -> tuple[np.ndarray, mmap.mmap]:
         offset = fh.tell()
         count = int(np.prod(shape))
         if count == 0:
-            return np.zeros(shape, dtype), None  # type: ignore[return-value]
+            return np.zeros(shape, dtype), None, offset
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     array = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
-    return array, mm
+    return array, mm, offset
+
+
+_M_MMAP_THRESHOLD = -3
+_MALLOC_FIXED = False
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _fix_mmap_threshold() -> None:
+    """Pin glibc's mmap threshold at 1 MiB (glibc only; elsewhere a no-op).
+
+    By default glibc raises the threshold after each large free (up to 32 MB), so the
+    per-slice and per-volume temporaries of preprocessing end up on the heap, where fragments of
+    about 8 MB per volume stay resident: a process that cached 4x more cases would train with a
+    larger footprint. A fixed threshold (what ``MALLOC_MMAP_THRESHOLD_=1048576`` does) returns
+    every large array to the OS when it is freed.
+    """
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    _MALLOC_FIXED = True
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS after building (glibc only; elsewhere a no-op)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _atomic_save(path: Path, save) -> None:
@@ -156,10 +199,12 @@ class VolumeCache:
 
         if mode not in CACHE_MODES:
             raise ValueError(f"cache mode must be one of {CACHE_MODES}, found {mode!r}")
+        _fix_mmap_threshold()
         self.plan = plan
         self.mode = mode
         self.memory_limit_mb = float(memory_limit_mb) if memory_limit_mb is not None else available_memory_mb() / 2
-        self._mmaps: list[mmap.mmap] = []
+        # Per case: (map, data offset, bytes per slice) of its image and label files.
+        self._case_maps: list[list[tuple[mmap.mmap, int, int]]] = []
         self._dir: Path | None = Path(cache_dir) if cache_dir is not None else None
         self._plan_key = hashlib.sha1(json.dumps({k: getattr(plan, k) for k in _PLAN_KEYS}, sort_keys=True,
                                                  default=str).encode()).hexdigest()
@@ -177,6 +222,7 @@ class VolumeCache:
             self._add(image, label, identity, seed + n)
         if not self.sources:
             raise ValueError("VolumeCache needs at least one case, found none")
+        _trim_heap()
         log.info("cache: %d cases, %.0f MB in memory, %d on disk%s", len(self.sources), self._memory_bytes / 2 ** 20,
                  sum(self.on_disk), f" ({self._dir})" if self._dir else "")
 
@@ -212,6 +258,7 @@ class VolumeCache:
         if not to_disk:
             self.sources.append(SampleSource(prepared.array, lab, index, pad, image.case_id))
             self.on_disk.append(False)
+            self._case_maps.append([])
             self._memory_bytes += prepared.array.nbytes + lab.nbytes
             return
         if paths is None:  # in-memory Volume: a fresh entry per run
@@ -223,12 +270,13 @@ class VolumeCache:
         self._open(image.case_id, paths)
 
     def _open(self, case_id: str, paths: dict[str, Path]) -> None:
-        image, mm_i = open_npy_mmap(paths["image"])
-        label, mm_l = open_npy_mmap(paths["label"])
+        image, mm_i, off_i = open_npy_mmap(paths["image"])
+        label, mm_l, off_l = open_npy_mmap(paths["label"])
         with np.load(paths["index"]) as z:
             index = LesionIndex.from_arrays(z)
             pad = float(z["pad_value"])
-        self._mmaps += [m for m in (mm_i, mm_l) if m is not None]
+        self._case_maps.append([(m, off, arr.strides[0]) for m, off, arr in ((mm_i, off_i, image), (mm_l, off_l, label))
+                                if m is not None])
         self.sources.append(SampleSource(image, label, index, pad, case_id))
         self.on_disk.append(True)
 
@@ -245,9 +293,10 @@ class VolumeCache:
         """
         if mode not in ("memory", "disk"):
             raise ValueError(f"from_arrays mode must be 'memory' or 'disk', found {mode!r}")
+        _fix_mmap_threshold()
         self = cls.__new__(cls)
         self.plan, self.mode, self.memory_limit_mb = plan, mode, float("inf")
-        self._mmaps, self._dir, self._memory_bytes = [], Path(cache_dir) if cache_dir else None, 0
+        self._case_maps, self._dir, self._memory_bytes = [], Path(cache_dir) if cache_dir else None, 0
         self._plan_key = "arrays"
         self.sources, self.on_disk = [], []
         for n, (case_id, image, label) in enumerate(arrays):
@@ -261,6 +310,7 @@ class VolumeCache:
             if mode == "memory":
                 self.sources.append(SampleSource(image, label, index, pad, case_id))
                 self.on_disk.append(False)
+                self._case_maps.append([])
                 self._memory_bytes += image.nbytes + label.nbytes
                 continue
             paths = self._paths(case_id, f"arrays|{os.getpid()}|{id(self)}|{n}")
@@ -270,6 +320,7 @@ class VolumeCache:
             self._open(case_id, paths)
         if not self.sources:
             raise ValueError("VolumeCache needs at least one case, found none")
+        _trim_heap()
         return self
 
     # --- use -----------------------------------------------------------------------------------
@@ -292,16 +343,37 @@ class VolumeCache:
     def cache_dir(self) -> Path | None:
         return self._dir
 
-    def release_pages(self) -> None:
-        """Drop the memory-mapped pages from this process (they are re-read on the next touch)."""
+    def release_pages(self, cases: Iterable[int] | None = None) -> None:
+        """Drop the memory-mapped pages of ``cases`` (default all) from this process.
+
+        The data stay in the kernel's page cache and are mapped again on the next touch.
+        """
         advice = getattr(mmap, "MADV_DONTNEED", None)
         if advice is None:
             return
-        for mm in self._mmaps:
+        indices = range(len(self._case_maps)) if cases is None else cases
+        for mm, _, _ in (m for i in indices for m in self._case_maps[int(i)]):
             try:
                 mm.madvise(advice)
             except (OSError, ValueError):  # closed map or platform without madvise
                 pass
+
+    def release_slices(self, case: int, first: int, last: int) -> None:
+        """Drop the mapped pages of slices ``first..last`` (inclusive) of ``case``, plus 2 MB on
+        each side (the kernel maps file pages in folios of up to 2 MB). No-op for memory cases."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        page, margin = mmap.PAGESIZE, 2 << 20
+        for mm, offset, slice_bytes in self._case_maps[int(case)]:
+            size = len(mm)
+            start = max(0, offset + int(first) * slice_bytes - margin) // page * page
+            stop = min(size, offset + (int(last) + 1) * slice_bytes + margin)
+            if stop > start:
+                try:
+                    mm.madvise(advice, start, stop - start)
+                except (OSError, ValueError):
+                    pass
 
     def __repr__(self) -> str:
         return (f"VolumeCache({len(self)} cases, {self.memory_mb:.0f} MB in memory, {sum(self.on_disk)} on disk"

@@ -58,15 +58,15 @@ class BatchMaker:
             :class:`AugmentConfig` or a dict of its fields.
         lesion_fraction: overrides ``plan.lesion_fraction``.
         inside_body: random patches centred inside the body.
-        release_every: drop memory-mapped pages every this many batches (disk caches), so
-            resident memory stays flat.
+        release_pages: with a disk cache, drop the memory-mapped pages of each patch's slices as
+            soon as it is cut, so resident memory stays flat however large the data.
 
     Raises:
         ValueError: if ``batch_size < 1``.
     """
 
     def __init__(self, cache: VolumeCache, plan: Any, *, batch_size: int = 16, seed: int = 0, augment: Any = True,
-                 lesion_fraction: float | None = None, inside_body: bool = True, release_every: int = 32):
+                 lesion_fraction: float | None = None, inside_body: bool = True, release_pages: bool = True):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
         self.cache = cache
@@ -79,7 +79,7 @@ class BatchMaker:
         self.augmenter = _augmenter(augment)
         if self.augmenter is not None:
             self.augmenter._noise_bank()  # built once here, not raced by parallel workers
-        self.release_every = max(1, int(release_every))
+        self.release_pages = bool(release_pages) and any(cache.on_disk)
         self.last_params: dict | None = None
 
     def rng(self, index: int) -> np.random.Generator:
@@ -87,22 +87,27 @@ class BatchMaker:
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch number ``index``: ``(images float32 (B, H, W, C), masks int32 (B, H, W))``."""
+        images, masks = self.batch_uint8(index)
+        return images, masks.astype(np.int32)
+
+    def batch_uint8(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`batch` with uint8 masks (a quarter of the bytes to hand to TensorFlow)."""
         index = int(index)
-        if index % self.release_every == 0 and any(self.cache.on_disk):
-            self.cache.release_pages()
         rng = self.rng(index)
         centres = self.sampler.draw(self.batch_size, rng)
         spatial = None
         if self.augmenter is not None:
             spatial = self.augmenter.draw_spatial(self.batch_size, rng, square=self.patch_size[0] == self.patch_size[1])
-        images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial)
+        after = self.cache.release_slices if self.release_pages else None
+        images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial,
+                               after_patch=after)
         params: dict[str, Any] = {"index": index, "centres": centres.as_dict()}
         if self.augmenter is not None:
             intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)
             self.augmenter.apply_intensity(images, intensity)
             params.update(spatial=spatial.as_dict(), intensity=intensity.as_dict())
         self.last_params = params
-        return images, masks.astype(np.int32)
+        return images, masks
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         i = 0
@@ -148,8 +153,8 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
     mask_shape = (maker.batch_size, ph, pw)
 
     def build(index):
-        images, masks = tf.numpy_function(maker.batch, [index], (tf.float32, tf.int32), stateful=False)
-        return tf.ensure_shape(images, image_shape), tf.ensure_shape(masks, mask_shape)
+        images, masks = tf.numpy_function(maker.batch_uint8, [index], (tf.float32, tf.uint8), stateful=False)
+        return tf.ensure_shape(images, image_shape), tf.cast(tf.ensure_shape(masks, mask_shape), tf.int32)
 
     autotune = tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(int(start_batch), int(stop))

@@ -26,9 +26,10 @@ DATA = Path(__file__).parent / "data"
 REAL_CASES = ("brain1", "brain2", "breast1")
 REPO = Path(__file__).resolve().parents[1]
 
-#: Settings that keep a run to seconds on a CPU.
+#: Settings that keep a run to seconds on a CPU (eager steps: tracing the training graph would
+#: take longer than the few steps themselves).
 TINY = dict(filters=[4, 8, 16], depth=2, patch_size=[32, 32], batch_size=2, steps_per_epoch=2, epochs=2,
-            verbose=0, precision="float32")
+            verbose=0, precision="float32", run_eagerly=True)
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_real_data_run_resume_and_bundle(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["--images", str(images), "--labels", str(labels), "--run-dir", str(run_dir), "--epochs", "1",
                  "--steps-per-epoch", "2", "--batch-size", "2", "--filters", "4", "8", "16", "--depth", "2",
-                 "--patch-size", "32", "32", "--precision", "float32", "--verbose", "2"])
+                 "--patch-size", "32", "32", "--precision", "float32", "--verbose", "2", "--run-eagerly"])
     out = capsys.readouterr().out
     assert code == 0
     assert "epoch 1/1  loss" in out and "val 3D DSC" in out and "best" in out

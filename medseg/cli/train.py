@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: float16 on GPUs with compute capability >= 7, bfloat16 on CPUs with native "
                    "bf16, else float32")
     h.add_argument("--workers", type=int, help="parallel data-pipeline calls (default: autotune)")
+    p.add_argument("--run-eagerly", dest="run_eagerly", action="store_const", const=True,
+                   help="run training steps eagerly (debugging: no graph tracing, slower steps)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), help="1: progress bar, 2: one line per epoch, 0: silent")
     add_common_args(p)
     return p
@@ -102,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
                     "max_val_cases", "early_stopping", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
                     "warmup_epochs", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
-                    "dropout", "l2", "gpus", "precision", "workers", "verbose")
+                    "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly")
     }
     if args.debug:
         flags["debug"] = True

@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("dice_ce", "dice", "ce")
 #: Fields that may change when a run is resumed (everything else must match the saved run).
 RESUME_MUTABLE = ("epochs", "early_stopping", "val_every", "verbose", "debug", "resume", "gpus", "devices",
-                  "precision", "workers")
+                  "precision", "workers", "run_eagerly", "max_val_cases")
 
 
 @dataclass
@@ -76,6 +76,8 @@ class TrainConfig:
         max_val_cases: validate on at most this many held-out patients (None: all).
         plan: overrides of the automatic :class:`medseg.data.plan.Plan` fields.
         verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
+        run_eagerly: run the training step eagerly (Keras' debugging aid: slow steps, but no
+            graph tracing; worth it only for runs of a few steps, such as tests).
         debug: re-raise errors with tracebacks.
     """
 
@@ -112,6 +114,7 @@ class TrainConfig:
     max_val_cases: int | None = None
     plan: dict[str, Any] = field(default_factory=dict)
     verbose: int = 1
+    run_eagerly: bool = False
     debug: bool = False
 
     # --- construction ---------------------------------------------------------------------

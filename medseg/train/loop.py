@@ -265,9 +265,11 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float) -> None:
             loss={h: make_loss(cfg) for h in heads},
             loss_weights=dict(zip(heads, deep_supervision_weights(cfg.depth))),
             metrics={heads[-1]: metrics},
+            run_eagerly=cfg.run_eagerly,
         )
     else:
-        model.compile(optimizer=make_optimizer(cfg, learning_rate), loss=make_loss(cfg), metrics=metrics)
+        model.compile(optimizer=make_optimizer(cfg, learning_rate), loss=make_loss(cfg), metrics=metrics,
+                      run_eagerly=cfg.run_eagerly)
 
 
 def targets_for_heads(cfg: TrainConfig):
@@ -331,6 +333,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     """
     cfg = resolve_config(config)
     import keras
+    import tensorflow as tf
 
     from medseg.train import strategy as strat
 
@@ -341,6 +344,8 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     precision = strat.resolve_precision(cfg.precision, strategy)
     global_batch = cfg.batch_size * replicas
     learning_rate = strat.scaled_learning_rate(cfg.lr, replicas)
+    strategy_name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                     else type(strategy).__name__.lstrip("_"))
 
     verbose = cfg.verbose if chief else 0
     # The dataset check runs before anything is written: a refused dataset leaves no run folder.
@@ -374,7 +379,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         plan = _plan_for_run(cfg, train_cases, run_dir, chief)
         if verbose:
             print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients; "
-                  f"{type(strategy).__name__} with {replicas} replica(s), global batch {global_batch}, "
+                  f"{strategy_name} with {replicas} replica(s), global batch {global_batch}, "
                   f"peak lr {learning_rate:g} ({cfg.lr:g} x {replicas}), precision {precision}; "
                   f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s)", flush=True)
 
@@ -386,6 +391,8 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         with strategy.scope():
             model = build_model(cfg, plan, sync_batch_norm=replicas > 1)
             compile_model(model, cfg, learning_rate)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            _fix_multi_worker_build(model, strategy)
 
         from medseg.train.callbacks import RunKeeper, WarningsWriter, WholeVolumeValidation, new_state
 
@@ -447,9 +454,47 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         run_dir=run_dir, best_dsc=best, best_epoch=int(state["best_epoch"]), epochs_completed=int(state["epoch"]),
         stopped_early=bool(state.get("stopped_early")), history=list(state["history"]), bundle_dir=run_dir,
         replicas=replicas, global_batch_size=global_batch, learning_rate=learning_rate, precision=precision,
-        strategy=type(strategy).__name__, train_cases=[c.case_id for c in train_cases],
+        strategy=strategy_name, train_cases=[c.case_id for c in train_cases],
         val_cases=[c.case_id for c in val_cases], model=twin,
     )
+
+
+def _fix_multi_worker_build(model, strategy) -> None:
+    """Let ``model.fit`` run under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+
+    Before the first epoch Keras 3 builds the model on one batch, which it gets by a ``MEAN``
+    ``strategy.reduce`` of the whole ``(x, y)`` structure; the multi-worker cross-device reduce
+    accepts single values only and fails. Building needs shapes and dtypes, not a mean, so this
+    replacement takes this worker's first replica's batch instead. Nothing else changes.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v,
+                    batch,
+                )
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
+
+    # Same bug, every step: the logs of the step are reduced with a multi-worker
+    # ``reduce("MEAN", value, axis=0)``, which fails on scalars. The logs are metric results,
+    # already identical on all replicas, so giving them a length-1 axis makes that mean exact.
+    train_step = model.train_step
+
+    def train_step_with_vector_logs(data):
+        logs = train_step(data)
+        return {k: tf.reshape(v, (1,)) for k, v in logs.items()}
+
+    object.__setattr__(model, "train_step", train_step_with_vector_logs)
 
 
 def make_tensorboard(write_dir: Path):

@@ -177,8 +177,10 @@ def bench_case(name, pred, ref, spacing, *, repeats_medseg, repeats_peer, log) -
     t_mp, mpv = _best_time(lambda: run_medpy(pred, ref, spacing), 1)
     max_diff = max(abs(m[k] - sdv[k]) for k in sdv)
     log(f"[{name}] MedPy {t_mp:.3f} s")
-    log(f"[{name}] medseg:           " + ", ".join(f"{k} {m[k]:.4f}" for k in ("dsc", "hd_mm", "hd95_mm", "assd_mm", "masd_mm", "nsd")))
-    log(f"[{name}] surface-distance: " + ", ".join(f"{k} {v:.4f}" for k, v in sdv.items()) + f"  (max |diff| {max_diff:.2e})")
+    shown = ("dsc", "hd_mm", "hd95_mm", "assd_mm", "masd_mm", "nsd")
+    log(f"[{name}] medseg:           " + ", ".join(f"{k} {m[k]:.4f}" for k in shown))
+    log(f"[{name}] surface-distance: " + ", ".join(f"{k} {v:.4f}" for k, v in sdv.items())
+        + f"  (max |diff| {max_diff:.2e})")
     log(f"[{name}] MedPy (voxel centres, unweighted): " + ", ".join(f"{k} {v:.4f}" for k, v in mpv.items()))
     return {
         "medseg_s": t_ms,
@@ -211,7 +213,8 @@ def main() -> None:
     log(f"[small] {SMALL_SHAPE} at {SMALL_SPACING} mm, ref {int(ref_b.sum())} voxels, pred {int(pred_b.sum())}")
     small = bench_case("small", pred_b, ref_b, SMALL_SPACING, repeats_medseg=10, repeats_peer=5, log=log)
     pred_a, ref_a = large_case()
-    log(f"[large] {LARGE_SHAPE} at {LARGE_SPACING} mm, ref {ref_a.mean() * 100:.2f} % of voxels, pred {int(pred_a.sum())}")
+    log(f"[large] {LARGE_SHAPE} at {LARGE_SPACING} mm, ref {ref_a.mean() * 100:.2f} % of voxels, "
+        f"pred {int(pred_a.sum())} voxels")
     large = bench_case("large", pred_a, ref_a, LARGE_SPACING, repeats_medseg=3, repeats_peer=2, log=log)
     peak = measure_peak_mb(pred_a, ref_a)
     log(f"[large] medseg peak memory beyond inputs: {peak['rss_peak_delta_mb']:.1f} MB RSS, "

@@ -66,7 +66,12 @@ def test_two_voxels_diagonal_offset_anisotropic():
     ref[4, 3, 1] = True
     # Corner offsets (in voxels) from each of pred's corners to ref's nearest corner:
     # (2, 1), (3, 2), (3, 1), (2, 2) in (i, j), each for two k levels; symmetric the other way.
-    d = [math.hypot(2 * 0.5, 1 * 0.8), math.hypot(3 * 0.5, 2 * 0.8), math.hypot(3 * 0.5, 1 * 0.8), math.hypot(2 * 0.5, 2 * 0.8)]
+    d = [
+        math.hypot(2 * 0.5, 1 * 0.8),
+        math.hypot(3 * 0.5, 2 * 0.8),
+        math.hypot(3 * 0.5, 1 * 0.8),
+        math.hypot(2 * 0.5, 2 * 0.8),
+    ]
     m = compute_metrics(pred, ref, spacing)
     assert m["hd_mm"] == pytest.approx(max(d), abs=1e-12)
     assert m["hd95_mm"] == pytest.approx(max(d), abs=1e-12)

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pred", required=True, help="folder of predicted masks, one file per case id")
     parser.add_argument("--ref", required=True, help="folder of reference masks, one file per case id")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--images", help="folder of images (nnU-Net _0000 names allowed), drawn under the outlines")
+    parser.add_argument(
+        "--images", help="folder of images (nnU-Net _0000 names allowed), drawn under the outlines"
+    )
     parser.add_argument(
         "--resample-pred", action="store_true",
         help="resample predictions on another grid onto the reference grid (nearest neighbour) instead of refusing",
@@ -50,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reference lesion is detected when the prediction covers at least this fraction of it "
         "(default 0: one voxel of overlap)",
     )
-    parser.add_argument("--nsd-tolerance-mm", type=float, default=1.0, help="tolerance of the normalized surface Dice (mm)")
-    parser.add_argument("--percentile", type=float, default=95.0, help="percentile of the robust Hausdorff distance (default 95)")
+    parser.add_argument(
+        "--nsd-tolerance-mm", type=float, default=1.0, help="tolerance of the normalized surface Dice (mm)"
+    )
+    parser.add_argument(
+        "--percentile", type=float, default=95.0, help="percentile of the robust Hausdorff distance (default 95)"
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the per-patient slice figures (faster)")
     add_common_args(parser)
     return parser

@@ -9,7 +9,6 @@ Pairing, reading with geometry, grid and label checks, metrics and lesion-wise s
 from __future__ import annotations
 
 import logging
-import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass

@@ -272,3 +272,20 @@ def test_users_recipe_collapses_and_is_flagged():
     assert set(kinds(diag)) == {"class_weights", "collapse", "flat_dice"}
     assert h["loss"][0] > 1 and h["data_loss"][0] < 1      # the L2 term explains loss > 1
     assert h["loss"][-1] < h["loss"][0] and h["fg_fraction"][-1] == 0.0
+
+
+def test_reads_the_deepest_head_and_not_the_true_fraction():
+    # Deep supervision logs one metric per head; the reference fraction must not be mistaken
+    # for the predicted one.
+    rows = [{"loss": 1.0, "head_1_fg_fraction": 0.3, "head_4_fg_fraction": 0.0,
+             "head_4_true_fg_fraction": 0.05, "head_4_foreground_dice": 0.0}] * 3
+    diag = Diagnostics(collapse_epochs=3, verbose=0)
+    with pytest.warns(DiagnosticsWarning, match=r"\[collapse\] epoch 3"):
+        feed(diag, rows)
+    inp = keras.Input((4, 4, 1))
+    model = keras.Model(inp, [keras.layers.Softmax(name="out_a")(inp),
+                              keras.layers.Softmax(name="out_b")(inp)])
+    rows = [{"loss": 1.0, "out_a_fg_fraction": 0.0, "out_b_fg_fraction": 0.2}] * 3
+    quiet = Diagnostics(collapse_epochs=3, verbose=0)
+    feed(quiet, rows, model=model)            # the last output (out_b) is read
+    assert quiet.warnings_seen == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings as _warnings
 from collections.abc import Sequence
 from typing import Any
@@ -168,13 +169,17 @@ def _loss_class_weights(loss) -> list[tuple[list[float], bool]]:
     return found
 
 
-def _find_key(logs: dict, name: str, prefix: str = "") -> str | None:
-    """Log key of metric ``name`` (exact, else ``head_L_<name>`` of the deepest head)."""
+def _find_key(logs: dict, name: str, output_names: Sequence[str] = (), prefix: str = "") -> str | None:
+    """Log key of metric ``name``: exact, else ``<output>_<name>`` of the last model output
+    (the deepest head), else ``head_L_<name>`` with the largest ``L``."""
     if prefix + name in logs:
         return prefix + name
-    matches = sorted(k for k in logs if k.startswith(prefix) and k.endswith("_" + name)
-                     and (prefix or not k.startswith("val_")))
-    return matches[-1] if matches else None
+    for output in reversed(list(output_names)):
+        if f"{prefix}{output}_{name}" in logs:
+            return f"{prefix}{output}_{name}"
+    pattern = re.compile(rf"^{re.escape(prefix)}head_(\d+)_{re.escape(name)}$")
+    heads = sorted((int(m.group(1)), k) for k in logs if (m := pattern.match(k)))
+    return heads[-1][1] if heads else None
 
 
 def _finite(value) -> float | None:
@@ -378,8 +383,9 @@ class Diagnostics(keras.callbacks.Callback):
             logs["val_reg_loss"] = reg_end
             logs["val_data_loss"] = float(logs["val_loss"]) - reg_end
 
-        dice_key = _find_key(logs, self.dice_key)
-        fraction_key = _find_key(logs, self.fraction_key)
+        outputs = list(getattr(self.model, "output_names", None) or [])
+        dice_key = _find_key(logs, self.dice_key, outputs)
+        fraction_key = _find_key(logs, self.fraction_key, outputs)
         dice = _finite(logs.get(dice_key)) if dice_key else None
         fraction = _finite(logs.get(fraction_key)) if fraction_key else None
         if (dice_key is None or fraction_key is None) and self.sample_batch is not None:

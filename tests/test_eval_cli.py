@@ -132,11 +132,19 @@ def test_exclude_policy_and_missing_error(folders, capsys):
 
 
 @pytest.mark.slow
-def test_workers_give_identical_results(folders):
+def test_workers_give_identical_results(folders, capsys):
     assert main(_args(folders, "w1", "--no-figures")) == 0
     assert main(_args(folders, "w2", "--no-figures", "--workers", "2")) == 0
     assert (folders / "w1" / "metrics.csv").read_text() == (folders / "w2" / "metrics.csv").read_text()
     assert _strict_json(folders / "w1" / "summary.json") == _strict_json(folders / "w2" / "summary.json")
+    # An error inside a worker process reaches the user as the same one-line message.
+    bad = np.zeros(SHAPE, np.uint8)
+    bad[1, 1, 1] = 3
+    _save(folders / "pred" / "case_b.nii.gz", bad)
+    assert main(_args(folders, "w3", "--no-figures", "--workers", "2")) == 2
+    err = capsys.readouterr().err
+    assert "case_b.nii.gz: expected a binary mask with values {0, 1}, found other values: 3" in err
+    assert not (folders / "w3").exists()
 
 
 def test_grid_mismatch_refused_then_resampled(tmp_path, capsys):

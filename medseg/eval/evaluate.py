@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DatasetError, InputError
+from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.eval.aggregate import aggregate, check_policy
 from medseg.eval.lesions import lesion_metrics
 from medseg.eval.metrics import compute_metrics, image_diagonal_mm
@@ -233,7 +233,20 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
 
 def _evaluate_in_worker(pair: CasePair, options: EvalOptions) -> dict:
     # One thread per process: the pool already uses the cores.
-    return evaluate_case(pair, options, kd_workers=1)
+    try:
+        return evaluate_case(pair, options, kd_workers=1)
+    except InputError as exc:
+        # medseg's errors do not survive pickling (their __init__ takes several arguments):
+        # send the fields back and raise the same error in the parent.
+        return {"_error": ("input", exc.path, exc.expected, exc.found, exc.hint)}
+    except MedsegError as exc:
+        return {"_error": ("other", str(exc))}
+
+
+def _raise_worker_error(error: tuple) -> None:
+    if error[0] == "input":
+        raise InputError(*error[1:])
+    raise MedsegError(error[1])
 
 
 def evaluate_folders(
@@ -294,7 +307,10 @@ def evaluate_folders(
                 futures = {pool.submit(_evaluate_in_worker, pair, options): pair for pair in pairs}
                 try:
                     for future in as_completed(futures):
-                        results[futures[future].case_id] = future.result()
+                        record = future.result()
+                        if "_error" in record:
+                            _raise_worker_error(record["_error"])
+                        results[futures[future].case_id] = record
                         bar.update(1)
                 except BaseException:
                     for future in futures:

@@ -1,0 +1,215 @@
+"""Inference benchmark: Predictor throughput vs a bare ``model.predict``, and peak memory vs volume length.
+
+Run: ``python benchmarks/infer.py`` (about 4-6 minutes on 2 CPU cores). Last line: one JSON object.
+
+1. Throughput. One UNet++ (default widths of the first levels, ``filters=(16, 32, 64)``, depth 2
+   unless ``--filters``/``--depth`` say otherwise) and a 256 x 256 x 32 CT volume already on the
+   Plan's grid. ``Predictor.predict_proba(volume)`` (preprocessing, batches, padding check,
+   restore: everything) is timed against ``model.predict`` over the same preprocessed slices
+   (``Prepared.slices``, batch size 8). Both are warmed up first; the runs alternate, and the
+   ratio of the median times is reported: ``throughput_ratio_vs_predict`` =
+   t(model.predict) / t(Predictor) (1.0 = as fast, the issue asks >= 0.95).
+2. Peak memory. A fresh subprocess per volume length (512 x 512 x 100 and x 400 int16 CT), a
+   one-convolution model (what the network holds per batch does not depend on the volume's
+   length; a real UNet++ would only make the run slower): ``Predictor.segment(volume)``; peak RSS is the
+   ``resource.getrusage`` high-water mark. ``peak_mb_growth_400_vs_100`` is compared with the size
+   of the 300 extra slices of the input (int16) and the output (uint8) arrays. The same is measured
+   for an MR plan (per-volume z-score), which must preprocess the whole volume at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def _ct_volume(n_slices: int, size: int, seed: int = 0):
+    """An int16 CT-like volume (RAS, 0.8 x 0.8 x 2.5 mm): air, a body, brighter blobs."""
+    from medseg.io.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+    array = np.full((size, size, n_slices), -1000, dtype=np.int16)
+    array[body] = 40
+    array += rng.integers(-20, 20, size=(size, size, 1), dtype=np.int16)  # cheap texture, no big temporaries
+    blob = ((yy - size / 3) ** 2 + (xx - size / 2) ** 2) < (0.08 * size) ** 2
+    array[blob, n_slices // 4 : max(n_slices // 4 + 1, n_slices // 2)] = 120
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    return Volume(array, affine, f"ct{n_slices}", {"modality": "CT"})
+
+
+def _plan(modality: str, divisor: int):
+    from medseg.data.plan import Plan
+
+    norm = (
+        {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 400.0}
+        if modality == "CT"
+        else {"kind": "zscore"}  # per-volume mean/std over the body: needs the whole volume
+    )
+    return Plan(modality=modality, context_slices=3, divisor=divisor, patch_size=(divisor * 4,) * 2, normalization=norm)
+
+
+def _bundle(filters, depth, modality, folder):
+    """A saved and reloaded bundle; ``filters=None``: a one-convolution model (memory runs)."""
+    import keras
+
+    from medseg.infer.bundle import load_bundle, save_bundle
+    from medseg.nets.unetpp import build_unetpp
+
+    keras.utils.set_random_seed(0)
+    if filters is None:
+        inputs = keras.Input((None, None, 3))
+        logits = keras.layers.Conv2D(2, 3, padding="same")(inputs)
+        model = keras.Model(inputs, keras.layers.Activation("softmax")(logits))
+    else:
+        model = build_unetpp(input_channels=3, filters=filters, depth=depth, deep_supervision=False)
+    save_bundle(folder, model, _plan(modality, 2**depth))
+    return load_bundle(folder)
+
+
+# --- 1. throughput ---------------------------------------------------------------------------------
+def throughput(filters, depth, n_slices, size, repeats, batch_size=8) -> dict:
+    from medseg.infer.predictor import Predictor
+    from medseg.transforms.preprocess import preprocess_image
+
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = _bundle(filters, depth, "CT", folder)
+    predictor = Predictor(bundle, batch_size=batch_size)
+    model = predictor.model  # the very model the Predictor runs
+    volume = _ct_volume(n_slices, size)
+    x = preprocess_image(volume, bundle.plan).slices(0, n_slices)  # the same preprocessed slices
+
+    def run_predictor():
+        return predictor.predict_proba(volume)
+
+    def run_predict():
+        return model.predict(x, batch_size=batch_size, verbose=0)
+
+    prob = run_predictor()  # warm-up: graph tracing on both sides
+    bare = run_predict()
+    np.testing.assert_allclose(prob.array.transpose(2, 0, 1), bare[..., 1], atol=1e-4)  # same computation
+    times = {"predictor": [], "predict": []}
+    for _ in range(repeats):  # alternate, so load changes on the machine hit both alike
+        for name, fn in (("predict", run_predict), ("predictor", run_predictor)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    t_pred, t_bare = statistics.median(times["predictor"]), statistics.median(times["predict"])
+    return {
+        "model_params": int(model.count_params()),
+        "volume": f"{size}x{size}x{n_slices}",
+        "predictor_s": [round(t, 3) for t in times["predictor"]],
+        "predict_s": [round(t, 3) for t in times["predict"]],
+        "predictor_slices_per_s": round(n_slices / t_pred, 3),
+        "predict_slices_per_s": round(n_slices / t_bare, 3),
+        "throughput_ratio_vs_predict": round(t_bare / t_pred, 4),
+        "throughput_ratio_best_of": round(min(times["predict"]) / min(times["predictor"]), 4),
+    }
+
+
+# --- 2. peak memory (child process) ----------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def memory_child(n_slices: int, modality: str) -> dict:
+    from medseg.infer.predictor import Predictor
+
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = _bundle(None, 2, modality, folder)
+    predictor = Predictor(bundle, batch_size=8)
+    predictor.segment(_ct_volume(8, 512, seed=1))  # warm-up (tracing) on a short volume
+    rss_before = _rss_mb()
+    volume = _ct_volume(n_slices, 512)
+    if modality == "MR":
+        volume = volume.with_array(volume.array, modality="MR")
+    start = time.perf_counter()
+    labels = predictor.segment(volume)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    return {
+        "slices": n_slices, "modality": modality, "peak_mb": round(peak_mb, 1), "rss_before_mb": round(rss_before, 1),
+        "input_mb": round(volume.array.nbytes / 2**20, 1), "output_mb": round(labels.array.nbytes / 2**20, 1),
+        "seconds": round(seconds, 2),
+    }
+
+
+def memory(sizes, modality) -> list[dict]:
+    rows = []
+    for n in sizes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(n), "--modality", modality],
+            capture_output=True, text=True, check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"memory child ({n} slices, {modality}) failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--memory-sizes", type=int, nargs=2, default=[100, 400])
+    parser.add_argument("--skip-mr", action="store_true", help="skip the MR (whole-volume preprocessing) memory runs")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--modality", default="CT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.modality)))
+        return 0
+
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    result: dict = {"cpu_threads": os.cpu_count(), "tensorflow": tf.__version__}
+    tp = throughput(tuple(args.filters), args.depth, args.slices, args.size, args.repeats)
+    print(f"throughput: Predictor {tp['predictor_slices_per_s']} slices/s, model.predict {tp['predict_slices_per_s']} "
+          f"slices/s -> ratio {tp['throughput_ratio_vs_predict']} (median of {args.repeats}; best-of ratio "
+          f"{tp['throughput_ratio_best_of']}); UNet++ {tp['model_params']} params on {tp['volume']}", flush=True)
+    result.update(tp)
+
+    small, large = args.memory_sizes
+    extra = large - small
+    for modality in ("CT",) if args.skip_mr else ("CT", "MR"):
+        rows = memory([small, large], modality)
+        growth = rows[1]["peak_mb"] - rows[0]["peak_mb"]
+        extra_io = (rows[1]["input_mb"] + rows[1]["output_mb"]) - (rows[0]["input_mb"] + rows[0]["output_mb"])
+        for row in rows:
+            print(f"memory {modality} 512x512x{row['slices']}: peak {row['peak_mb']} MB (before the volume "
+                  f"{row['rss_before_mb']} MB; input {row['input_mb']} MB, output {row['output_mb']} MB, "
+                  f"{row['seconds']} s)", flush=True)
+        print(f"memory {modality}: peak growth {growth:.1f} MB for {extra} more slices; extra input+output arrays "
+              f"{extra_io:.1f} MB -> ratio {growth / extra_io:.2f}", flush=True)
+        key = "" if modality == "CT" else "_mr_zscore"
+        result[f"peak_mb_growth_{large}_vs_{small}{key}"] = round(growth, 1)
+        result[f"extra_input_output_mb{key}"] = round(extra_io, 1)
+        result[f"growth_vs_extra_io{key}"] = round(growth / extra_io, 3)
+        result[f"memory_rows{key}"] = rows
+    result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

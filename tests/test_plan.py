@@ -69,8 +69,6 @@ def test_plan_from_dict_and_load_errors(tmp_path):
 
 
 def test_make_plan_real_mr_cases():
-    from medseg.io import read_volume
-
     pairs = [{"image": NRRD / f"{c}_image.nrrd", "label": NRRD / f"{c}_label.nrrd"} for c in ("brain1", "brain2")]
     plan = make_plan(pairs)
     assert plan.modality == "MR"  # NRRD has no modality tag; intensities are non-negative

@@ -27,9 +27,19 @@ from medseg.data.cache import VolumeCache
 from medseg.transforms.augment import AugmentConfig, Augmenter
 from medseg.transforms.sampling import PatchSampler, render
 
-__all__ = ["BatchMaker", "make_dataset", "dataset_from_folders"]
+__all__ = ["BatchMaker", "make_dataset", "dataset_from_folders", "default_workers"]
 
 log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    """Parallel batch builders: a quarter of the CPU cores, 1 to 4.
+
+    Batches are built by Python code holding the GIL between numpy/OpenCV calls, so threads
+    beyond a few contend instead of helping; on a 2-core machine two builders were measured
+    2x slower than one (``benchmarks/pipeline.py``). Prefetching overlaps the GPU either way.
+    """
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _augmenter(augment: Any) -> Augmenter | None:
@@ -132,7 +142,7 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
         augment: see :class:`BatchMaker`.
         start_batch: index of the first batch (resume: ``epoch * steps_per_epoch``).
         num_batches: number of batches, or None for an endless stream (use ``steps_per_epoch``).
-        num_parallel_calls: parallel batch builders (default ``tf.data.AUTOTUNE``).
+        num_parallel_calls: parallel batch builders (default :func:`default_workers`).
         prefetch: batches prefetched (default ``tf.data.AUTOTUNE``).
         lesion_fraction: overrides ``plan.lesion_fraction``.
         inside_body: random patches centred inside the body.
@@ -158,7 +168,7 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
 
     autotune = tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(int(start_batch), int(stop))
-    ds = ds.map(build, num_parallel_calls=num_parallel_calls or autotune, deterministic=True)
+    ds = ds.map(build, num_parallel_calls=num_parallel_calls or default_workers(), deterministic=True)
     ds = ds.prefetch(prefetch if prefetch is not None else autotune)
     ds.batch_maker = maker  # type: ignore[attr-defined]
     return ds

@@ -231,3 +231,47 @@ def test_image_on_another_grid_is_resampled_for_display(tmp_path):
     _save(tmp_path / "img" / "p1.nii.gz", image, _affine(spacing=tuple(2 * s for s in SPACING)))
     assert main(_args(tmp_path, "out", "--images", str(tmp_path / "img"))) == 0
     assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # surface-distance uses old scipy namespaces
+def test_real_nrrd_cases_against_surface_distance(tmp_path, capsys):
+    """pyradiomics' brain/breast MR lesion masks (tests/data/nrrd) against an eroded copy.
+
+    The copy is written by SimpleITK and the oracle reads both with SimpleITK (z-first arrays,
+    LPS): medseg's reader, orientation handling and metrics must give surface-distance's values.
+    """
+    import shutil
+
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    surface_distance = pytest.importorskip("surface_distance")
+    data = Path(__file__).parent / "data" / "nrrd"
+    expected = {}
+    for case in ("brain1", "breast1"):
+        (tmp_path / "ref").mkdir(exist_ok=True)
+        (tmp_path / "img").mkdir(exist_ok=True)
+        shutil.copy(data / f"{case}_label.nrrd", tmp_path / "ref" / f"{case}.nrrd")
+        shutil.copy(data / f"{case}_image.nrrd", tmp_path / "img" / f"{case}.nrrd")
+        ref_img = sitk.ReadImage(str(data / f"{case}_label.nrrd"))
+        ref = sitk.GetArrayFromImage(ref_img).astype(bool)
+        pred = ndimage.binary_erosion(ref, structure=np.ones((1, 3, 3), bool))
+        pred_img = sitk.GetImageFromArray(pred.astype(np.uint8))
+        pred_img.CopyInformation(ref_img)
+        (tmp_path / "pred").mkdir(exist_ok=True)
+        sitk.WriteImage(pred_img, str(tmp_path / "pred" / f"{case}.nrrd"))
+        spacing = ref_img.GetSpacing()[::-1]  # SimpleITK arrays are (z, y, x)
+        sd = surface_distance.compute_surface_distances(ref, pred, spacing)
+        expected[case] = {
+            "dsc": 2 * np.count_nonzero(ref & pred) / (ref.sum() + pred.sum()),
+            "hd_mm": surface_distance.compute_robust_hausdorff(sd, 100),
+            "hd95_mm": surface_distance.compute_robust_hausdorff(sd, 95),
+            "nsd": surface_distance.compute_surface_dice_at_tolerance(sd, 1.0),
+            "vol_ref_ml": ref.sum() * np.prod(spacing) / 1000,
+        }
+    assert main(_args(tmp_path, "out", "--images", str(tmp_path / "img"))) == 0
+    rows = {r["case_id"]: r for r in csv.DictReader((tmp_path / "out" / "metrics.csv").open())}
+    for case, values in expected.items():
+        for key, value in values.items():
+            assert float(rows[case][key]) == pytest.approx(value, abs=1e-6), (case, key)
+    assert "brain1" in capsys.readouterr().out

@@ -93,39 +93,69 @@ def largest_disagreement_slice(pred: np.ndarray, ref: np.ndarray, spacing_mm) ->
     return axis, pred.shape[axis] // 2
 
 
+def _zoom_window(masks: list[np.ndarray], spacing_2d: np.ndarray, margin_mm: float = 25.0):
+    """(r0, r1, c0, c1) around the True pixels of the slices, with a margin; None when empty."""
+    union = np.logical_or.reduce(masks)
+    if not union.any():
+        return None
+    rows = np.flatnonzero(union.any(axis=1))
+    cols = np.flatnonzero(union.any(axis=0))
+    pad_r = int(np.ceil(margin_mm / spacing_2d[0]))
+    pad_c = int(np.ceil(margin_mm / spacing_2d[1]))
+    return (
+        max(rows[0] - pad_r, 0), min(rows[-1] + 1 + pad_r, union.shape[0]),
+        max(cols[0] - pad_c, 0), min(cols[-1] + 1 + pad_c, union.shape[1]),
+    )
+
+
 def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm, *, image=None, dsc=math.nan) -> str:
     """Base64 PNG of the slice with the largest disagreement, outlines of reference and prediction.
 
     The slice is taken across the coarsest axis (the acquisition's slice axis for anisotropic
     scans); reference in green, prediction in red, on the image (1st-99th percentile window of
-    the slice) or on a black background. Pixels keep their physical aspect ratio.
+    the slice) or on a black background. Left: the whole slice (the zoomed region framed in
+    yellow); right: a zoom on the outlines with a 25 mm margin. Pixels keep their physical
+    aspect ratio; the slice's first remaining array axis runs left to right.
     """
+    from matplotlib.patches import Rectangle
+
     plt = _pyplot()
     axis, index = largest_disagreement_slice(pred, ref, spacing_mm)
     take = [slice(None)] * 3
     take[axis] = index
     take = tuple(take)
-    rows, cols = [a for a in range(3) if a != axis]
+    horiz, vert = [a for a in range(3) if a != axis]
     spacing = np.asarray(spacing_mm, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=90)
+    # Displayed arrays are (vertical, horizontal) = the slice transposed.
+    shown = [np.asarray(m[take], dtype=bool).T for m in (ref, pred)]
+    if image is not None:
+        background = np.asarray(image[take], dtype=np.float64).T
+        finite = background[np.isfinite(background)]
+        low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    else:
+        background = np.zeros(shown[0].shape)
+        low, high = 0.0, 1.0
+    window = _zoom_window(shown, np.array([spacing[vert], spacing[horiz]]))
+    fig, axes = plt.subplots(1, 2, figsize=(6.0, 3.2), dpi=90)
     try:
-        if image is not None:
-            img = np.asarray(image[take], dtype=np.float64).T
-            finite = img[np.isfinite(img)]
-            low, high = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-            ax.imshow(img, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6),
-                      aspect=spacing[cols] / spacing[rows], interpolation="nearest")
-        else:
-            ax.imshow(np.zeros((pred.shape[cols], pred.shape[rows])), cmap="gray", origin="lower",
-                      vmin=0, vmax=1, aspect=spacing[cols] / spacing[rows])
-        for mask, colour in ((ref, "#00e000"), (pred, "#ff3030")):
-            sl = np.asarray(mask[take], dtype=np.float32).T
-            if sl.any() and not sl.all():
-                ax.contour(sl, levels=[0.5], colors=colour, linewidths=1.0)
-        ax.set_title(f"{case_id}  axis {axis} slice {index}\nDSC {_fmt(dsc)}  green: reference, red: prediction",
-                     fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        for ax, zoomed in zip(axes, (False, True)):
+            ax.imshow(background, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6),
+                      aspect=spacing[vert] / spacing[horiz], interpolation="nearest")
+            for mask, colour in zip(shown, ("#00e000", "#ff3030")):
+                if mask.any() and not mask.all():
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if window is not None:
+                r0, r1, c0, c1 = window
+                if zoomed:
+                    ax.set_xlim(c0 - 0.5, c1 - 0.5)
+                    ax.set_ylim(r0 - 0.5, r1 - 0.5)
+                else:
+                    ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                                           edgecolor="#ffd700", linewidth=0.8))
+        fig.suptitle(f"{case_id}: array axis {axis}, slice {index}; DSC {_fmt(dsc)}\n"
+                     "green: reference, red: prediction", fontsize=8)
         return _png_b64(fig)
     finally:
         plt.close(fig)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from medseg.cli.evaluate import main
-from medseg.errors import InputError
+from medseg.errors import DatasetError, InputError
 from medseg.eval import compute_metrics, lesion_metrics
 from medseg.eval.evaluate import evaluate_folders, pair_cases
 
@@ -193,8 +193,28 @@ def test_missing_folder_and_bad_flags(tmp_path, capsys):
 def test_library_argument_errors(folders):
     with pytest.raises(ValueError, match="missing must be one of"):
         pair_cases(folders / "pred", folders / "ref", missing="skip")
+    with pytest.raises(DatasetError, match=r"1 of 4 reference cases have no prediction") as exc:
+        pair_cases(folders / "pred", folders / "ref", missing="error")
+    assert exc.value.problems == [f"case_d: no prediction for {folders / 'ref' / 'case_d.nii.gz'}"]
+    pairs, unmatched = pair_cases(folders / "pred", folders / "ref", images_dir=folders / "img")
+    assert [p.case_id for p in pairs] == ["case_a", "case_b", "case_c", "case_d"] and unmatched == ["stray"]
+    assert pairs[3].pred_path is None and pairs[0].image_path.name == "case_a_0000.nii.gz"
     with pytest.raises(ValueError, match="workers must be >= 1"):
         evaluate_folders(folders / "pred", folders / "ref", workers=0)
+
+
+def test_binary_mask_and_worker_error_transport():
+    from medseg.errors import MedsegError
+    from medseg.eval.evaluate import _raise_worker_error, binary_mask
+
+    labels = np.array([0, 1, 2, 7, 1])
+    with pytest.raises(InputError, match=r"m.nii.gz: expected a binary mask with values \{0, 1\}, found other values: 2, 7"):
+        binary_mask(labels, "m.nii.gz", None)
+    np.testing.assert_array_equal(binary_mask(labels, "m.nii.gz", 7), labels == 7)
+    with pytest.raises(InputError, match="a.nii: expected x, found y \\(hint\\)"):
+        _raise_worker_error(("input", "a.nii", "x", "y", "hint"))
+    with pytest.raises(MedsegError, match="dataset problem"):
+        _raise_worker_error(("other", "dataset problem"))
 
 
 def test_help_is_fast_and_imports_no_tensorflow():

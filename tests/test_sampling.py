@@ -158,7 +158,7 @@ def test_discrete_ops_match_numpy_in_both_paths(flip_h, flip_w, k, backend):
     image = rng.random((1, 40, 40), dtype=np.float32)
     src = source((image > 0.7).astype(np.uint8), image=image)
     c = Centres(np.array([0]), np.array([0]), np.array([20]), np.array([21]), np.array([False]))
-    plain, plain_mask = render([src], c, (16, 16), spatial=_params(1, flip_h, flip_w, k))
+    plain, plain_mask = render([src], c, (16, 16), spatial=_params(1, flip_h, flip_w, k), backend=backend)
     window = image[0, 12:28, 13:29]
     expected = np.rot90(window[::-1 if flip_h else 1, ::-1 if flip_w else 1], k)
     np.testing.assert_array_equal(plain[0, ..., 0], expected)

@@ -208,7 +208,8 @@ def test_binary_mask_and_worker_error_transport():
     from medseg.eval.evaluate import _raise_worker_error, binary_mask
 
     labels = np.array([0, 1, 2, 7, 1])
-    with pytest.raises(InputError, match=r"m.nii.gz: expected a binary mask with values \{0, 1\}, found other values: 2, 7"):
+    expected = r"m.nii.gz: expected a binary mask with values \{0, 1\}, found other values: 2, 7"
+    with pytest.raises(InputError, match=expected):
         binary_mask(labels, "m.nii.gz", None)
     np.testing.assert_array_equal(binary_mask(labels, "m.nii.gz", 7), labels == 7)
     with pytest.raises(InputError, match="a.nii: expected x, found y \\(hint\\)"):

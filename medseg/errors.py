@@ -27,12 +27,20 @@ class InputError(MedsegError, ValueError):
             msg += f" ({hint})"
         super().__init__(msg)
 
+    def __reduce__(self):
+        # Rebuild from the constructor's arguments so the error survives process pools.
+        return (type(self), (self.path, self.expected, self.found, self.hint))
+
 
 class DatasetError(MedsegError, ValueError):
     """A dataset (folders of images and labels) has problems; ``problems`` lists all of them."""
 
     def __init__(self, message: str, problems: list[str] | None = None):
         self.problems = list(problems or [])
+        self.headline = message
         if self.problems:
             message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.headline, self.problems))

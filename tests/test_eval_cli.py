@@ -296,3 +296,19 @@ def test_real_nrrd_cases_against_surface_distance(tmp_path, capsys):
         for key, value in values.items():
             assert float(rows[case][key]) == pytest.approx(value, abs=1e-6), (case, key)
     assert "brain1" in capsys.readouterr().out
+
+
+def test_pairs_medseg_infer_output_names(tmp_path):
+    """medseg-infer writes <case>_seg.nii.gz: those pair with <case>; an exact id still wins."""
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[2:5, 2:5, 2:4] = 1
+    for cid in ("p1", "p2", "x_seg"):
+        _save(tmp_path / "ref" / f"{cid}.nii.gz", ref)
+    _save(tmp_path / "pred" / "p1_seg.nii.gz", ref)
+    _save(tmp_path / "pred" / "p2.nii.gz", ref)
+    _save(tmp_path / "pred" / "p2_seg.nii.gz", ref)  # p2 exists exactly: this one stays unmatched
+    _save(tmp_path / "pred" / "x_seg.nii.gz", ref)
+    pairs, unmatched = pair_cases(tmp_path / "pred", tmp_path / "ref")
+    by_id = {p.case_id: p.pred_path.name for p in pairs}
+    assert by_id == {"p1": "p1_seg.nii.gz", "p2": "p2.nii.gz", "x_seg": "x_seg.nii.gz"}
+    assert unmatched == ["p2_seg"]

@@ -100,7 +100,7 @@ def pair_cases(
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, found {missing!r}")
     refs = list_volume_files(ref_dir)
-    preds = list_volume_files(pred_dir)
+    preds = _strip_prediction_suffixes(list_volume_files(pred_dir), refs)
     images = list_volume_files(images_dir, images=True) if images_dir is not None else {}
     absent = [cid for cid in refs if cid not in preds]
     if absent and missing == "error":
@@ -112,6 +112,27 @@ def pair_cases(
     unmatched = [cid for cid in preds if cid not in refs]
     pairs = [CasePair(cid, refs[cid], preds.get(cid), images.get(cid)) for cid in refs]
     return pairs, unmatched
+
+
+#: Suffixes prediction writers add to the case id (``medseg-infer`` writes ``<case>_seg.nii.gz``).
+PREDICTION_SUFFIXES = ("_seg", "_pred", "_prediction")
+
+
+def _strip_prediction_suffixes(preds: dict, refs: dict) -> dict:
+    """Map ``case_seg`` to ``case`` when only the stripped id names a reference case.
+
+    An exact id match always wins, so a reference really named ``x_seg`` still pairs with ``x_seg``.
+    """
+    out = {}
+    for cid, path in preds.items():
+        if cid not in refs:
+            for suffix in PREDICTION_SUFFIXES:
+                base = cid[: -len(suffix)]
+                if cid.endswith(suffix) and base in refs and base not in preds:
+                    cid = base
+                    break
+        out[cid] = path
+    return out
 
 
 def _grid_text(vol) -> str:

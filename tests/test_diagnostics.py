@@ -289,3 +289,22 @@ def test_reads_the_deepest_head_and_not_the_true_fraction():
     quiet = Diagnostics(collapse_epochs=3, verbose=0)
     feed(quiet, rows, model=model)            # the last output (out_b) is read
     assert quiet.warnings_seen == []
+
+
+def test_reg_loss_is_the_mean_over_steps_not_the_end_value():
+    keras.utils.set_random_seed(0)
+    model = build_unetpp(filters=(2, 2, 2), depth=2, l2=0.5, deep_supervision=False)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05),
+                  loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
+    y = (x[..., 0] > 0.5).astype("int32")
+    start = regularization_loss(model)
+    after_first = []
+    probe = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: after_first.append(regularization_loss(model)))
+    diag = Diagnostics(verbose=0)
+    h = model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[diag, probe]).history
+    end = regularization_loss(model)
+    # Two steps: the loss of step 1 used the initial weights, step 2 those after update 1.
+    assert h["reg_loss"][0] == pytest.approx((start + after_first[0]) / 2, rel=1e-5)
+    assert end < h["reg_loss"][0] < start

@@ -52,6 +52,23 @@ def regularization_loss(model: keras.Model) -> float:
     return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses))
 
 
+def _compiled_regularization(model: keras.Model):
+    """A no-argument function returning ``sum(model.losses)``; one graph call per use.
+
+    Evaluating ~100 regularizers eagerly costs tens of milliseconds of Python per call, too
+    much to do before every step on a GPU; traced once, it is one small kernel launch.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return lambda: regularization_loss(model)
+    import tensorflow as tf
+
+    @tf.function(autograph=False)
+    def total():
+        return tf.add_n([tf.cast(v, tf.float32) for v in model.losses])
+
+    return lambda: float(total())
+
+
 def _label_arrays(data, max_batches: int):
     """Label arrays from an array, an ``(x, y)`` pair or a dataset of ``(x, y[, w])``."""
     if isinstance(data, np.ndarray):
@@ -349,8 +366,13 @@ class Diagnostics(keras.callbacks.Callback):
         # The reported loss averages each step's loss, computed with the weights as they are
         # before that step's update: sample the penalty at the same moments (it can halve within
         # an epoch early on, so the end-of-epoch value would misstate the data loss).
-        if self.model is not None and self.model.losses:
-            self._reg_sum += regularization_loss(self.model)
+        if self.model is None:
+            return
+        if getattr(self, "_reg_fn_model", None) is not self.model:
+            self._reg_fn_model = self.model
+            self._reg_fn = _compiled_regularization(self.model) if self.model.losses else None
+        if self._reg_fn is not None:
+            self._reg_sum += self._reg_fn()
             self._reg_steps += 1
 
     def _sample_metrics(self) -> tuple[float | None, float | None]:

@@ -113,6 +113,13 @@ def test_sample_weight_per_slice():
     metric = ForegroundDice()
     metric.update_state(ref, probs_from_labels(pred), sample_weight=np.array([1.0, 0.0]))
     assert float(metric.result()) == pytest.approx(1.0)       # slice B ignored
+    per_slice = LesionSliceDice()
+    per_slice.update_state(ref, probs_from_labels(pred), sample_weight=np.array([0.0, 1.0]))
+    assert float(per_slice.result()) == pytest.approx(0.5)     # slice A ignored
+    per_pixel = LesionSliceDice()
+    per_pixel.update_state(ref, probs_from_labels(pred),
+                           sample_weight=np.stack([np.zeros((2, 2)), np.ones((2, 2))]))
+    assert float(per_pixel.result()) == pytest.approx(0.5)
 
 
 def test_evaluate_reports_epoch_value_not_batch_mean():

@@ -130,7 +130,10 @@ class LesionSliceDice(keras.metrics.Metric):
         n_ref = ops.sum(ops.cast(ref_fg, "float32"), axis=axes)
         has_lesion = ops.cast(n_ref > 0, "float32")
         if sample_weight is not None:
-            has_lesion = has_lesion * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+            sw = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+            if len(sw.shape) > 1:       # per-pixel weights: a slice counts with their mean
+                sw = ops.mean(ops.reshape(sw, (ops.shape(sw)[0], -1)), axis=-1)
+            has_lesion = has_lesion * ops.reshape(sw, (-1,))
         dice = 2.0 * tp / ops.maximum(n_pred + n_ref, 1.0)
         self.dice_sum.assign_add(ops.sum(dice * has_lesion))
         self.slice_count.assign_add(ops.sum(has_lesion))

@@ -51,11 +51,13 @@ def bundle3(tmp_path_factory):
 
 
 def reference_proba(model: keras.Model, volume: Volume, plan: Plan, divisor: int) -> Volume:
-    """All slices at once through model.predict (no streaming), edge-padded to ``divisor``."""
+    """All slices at once through model.predict (no streaming), padded to ``divisor`` with the
+    preprocessed volume's minimum (the background value training pads patches with; the
+    predictor's rule for plans with per-volume statistics, which all callers here use)."""
     prepared = preprocess_image(volume, plan)
     x = prepared.slices(0, prepared.n_slices)
     (t, b), (l, r) = padding_for(x.shape[1], divisor), padding_for(x.shape[2], divisor)
-    xp = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), mode="edge")
+    xp = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=prepared.array.min())
     out = model.predict(xp, batch_size=len(xp), verbose=0)
     out = out[-1] if isinstance(out, list) else out
     return restore(prepared, out[:, t : t + x.shape[1], l : l + x.shape[2], 1])
@@ -127,11 +129,13 @@ def test_padding_to_the_divisor_for_odd_sizes(bundle3):
     assert padding_for(45, 4) == (1, 2) and padding_for(120, 4) == (0, 0) and padding_for(7, 16) == (4, 5)
     predictor = Predictor(bundle3)
     x = np.random.default_rng(0).normal(size=(2, 45, 121, 3)).astype(np.float32)
-    out = predictor.predict_slices(x)
-    assert out.shape == (2, 45, 121)
-    padded = np.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)), mode="edge")  # 48 x 124
-    full = bundle3.model.predict(padded, verbose=0)[-1][..., 1]
-    np.testing.assert_allclose(out, full[:, 1:46, 1:122], atol=1e-5)
+    for pad_value in (None, 0.25):
+        out = predictor.predict_slices(x, pad_value=pad_value)
+        assert out.shape == (2, 45, 121)
+        fill = x.min() if pad_value is None else pad_value
+        padded = np.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)), constant_values=fill)  # 48 x 124
+        full = bundle3.model.predict(padded, verbose=0)[-1][..., 1]
+        np.testing.assert_allclose(out, full[:, 1:46, 1:122], atol=1e-5)
 
 
 def test_tta_is_the_mean_of_flipped_predictions(bundle3):

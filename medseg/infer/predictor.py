@@ -193,15 +193,18 @@ class Predictor:
 
         return tf.function(forward, reduce_retracing=True)
 
-    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+    def predict_slices(self, x: np.ndarray, *, pad_value: float | None = None) -> np.ndarray:
         """Foreground probabilities of one batch of preprocessed slices.
 
-        Pads the slices to a multiple of the network's divisor (edge values repeated, centred),
-        runs the model once per TTA variant, crops back and averages.
+        Pads the slices to a multiple of the network's divisor (centred), runs the model once per
+        TTA variant, crops back and averages.
 
         Args:
-            x: ``(B, H, W, context_slices)`` float32 in plan space, ``B <= batch_size`` is not
-                enforced here (:meth:`predict_proba` streams in batches of ``batch_size``).
+            x: ``(B, H, W, context_slices)`` float32 in plan space (:meth:`predict_proba` streams
+                batches of ``batch_size``).
+            pad_value: value of the padding, in plan space. Training pads patches that reach past
+                the image with the case's background (the minimum of its preprocessed volume), so
+                the volume methods pass that; None uses the minimum of ``x``.
 
         Returns:
             ``(B, H, W)`` float32 in ``[0, 1]``.
@@ -216,13 +219,16 @@ class Predictor:
             )
         b, h, w, _ = x.shape
         (top, bottom), (left, right) = padding_for(h, self.divisor), padding_for(w, self.divisor)
+        padded = None
+        if top or bottom or left or right:
+            fill = float(x.min()) if pad_value is None else float(pad_value)
+            padded = np.full((b, h + top + bottom, w + left + right, x.shape[-1]), fill, dtype=np.float32)
         total = None
         for axes in TTA_FLIPS if self.tta else ((),):
             xi = _flip(x, axes)
-            if top or bottom or left or right:
-                # Edge padding: the border continues the image, which keeps the network's
-                # receptive field away from an artificial step at the slice border.
-                xi = np.pad(xi, ((0, 0), (top, bottom), (left, right), (0, 0)), mode="edge")
+            if padded is not None:
+                padded[:, top : top + h, left : left + w] = xi
+                xi = padded
             else:
                 xi = np.ascontiguousarray(xi)
             p = np.asarray(self._forward(xi))[:, top : top + h, left : left + w]
@@ -274,7 +280,7 @@ class Predictor:
         return volume.with_array(out)
 
     # --- streaming machinery ---------------------------------------------------------------------
-    def _stream(self, prepared, start: int, stop: int, protect: np.ndarray) -> np.ndarray:
+    def _stream(self, prepared, start: int, stop: int, protect: np.ndarray, pad_value: float) -> np.ndarray:
         """Predict plan-space slices ``[start, stop)`` of ``prepared`` batch by batch.
 
         Returns a stack shaped like ``prepared.array`` whose slices ``[start, stop)`` hold the
@@ -305,10 +311,20 @@ class Predictor:
 
         for begin in range(start, stop, self.batch_size):
             end = min(begin + self.batch_size, stop)
-            pending.append((begin, self.predict_slices(prepared.slices(begin, end))))
+            pending.append((begin, self.predict_slices(prepared.slices(begin, end), pad_value=pad_value)))
             flush(end - reach)
         flush(stop)
         return out
+
+    def _voxelwise(self) -> bool:
+        """True when the Plan's normalization depends on each voxel alone (no volume statistics)."""
+        norm = self.plan.normalization
+        kind = norm.get("kind")
+        return (
+            kind == "ct_window"
+            or (kind == "zscore" and all(norm.get(k) is not None for k in ("mean", "std", "clip_low", "clip_high")))
+            or (kind == "percentile" and norm.get("low") is not None and norm.get("high") is not None)
+        )
 
     def _chunkable(self, volume: "Volume") -> tuple[int, bool] | None:
         """(input axis that becomes the plan's slice axis, flipped?) when chunks give exact results.
@@ -317,14 +333,7 @@ class Predictor:
         or z-score/percentile with fixed values): reorientation is a permutation, resampling is
         in-plane only. Per-volume statistics (MR z-score) need the whole volume: None.
         """
-        norm = self.plan.normalization
-        kind = norm.get("kind")
-        voxelwise = (
-            kind == "ct_window"
-            or (kind == "zscore" and all(norm.get(k) is not None for k in ("mean", "std", "clip_low", "clip_high")))
-            or (kind == "percentile" and norm.get("low") is not None and norm.get("high") is not None)
-        )
-        if not voxelwise:
+        if not self._voxelwise():
             return None
         from medseg.transforms.spatial import reorientation
 
@@ -334,6 +343,17 @@ class Predictor:
         if volume.shape[axis] <= self.chunk_slices:
             return None
         return axis, bool(reo.transform[axis, 1] < 0)
+
+    def _background(self, volume: "Volume") -> float:
+        """The preprocessed volume's minimum without preprocessing it all (chunked path).
+
+        Valid for the voxel-wise normalizations chunks are used with: they are monotonic, and
+        linear resampling never goes below the input's minimum.
+        """
+        from medseg.transforms.intensity import normalize
+
+        raw_min = np.full((1, 1, 1), np.min(volume.array), dtype=np.float32)
+        return float(normalize(raw_min, self.plan.normalization, modality=self.plan.modality)[0, 0, 0])
 
     def _parts(self, volume: "Volume"):
         """Yield ``(index, probabilities)`` covering ``volume``: ``index`` None for the whole volume,
@@ -346,11 +366,20 @@ class Predictor:
         from medseg.transforms.preprocess import preprocess_image, restore
 
         chunking = self._chunkable(volume)
+        voxelwise = self._voxelwise()
         if chunking is None:
             prepared = preprocess_image(volume, self.plan)
-            yield None, restore(prepared, self._stream(prepared, 0, prepared.n_slices, volume.array)).array
+            # The background value the training cache pads with: the preprocessed minimum.
+            # Voxel-wise normalizations take it from the raw minimum, as chunks must (the two
+            # differ only by resampling), so results never depend on the chunk length.
+            background = (
+                self._background(volume) if voxelwise else float(prepared.array.min()) if prepared.array.size else 0.0
+            )
+            stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background)
+            yield None, restore(prepared, stack).array
             return
         axis, flipped = chunking
+        background = self._background(volume)
         n = volume.shape[axis]
         reach = self.context_slices // 2
         # Whole batches per chunk: the model sees the same batch sizes as without chunks.
@@ -366,7 +395,7 @@ class Predictor:
             prepared = preprocess_image(sub, self.plan)
             # Plan slices of input indices [first, last): reversed when the axis is flipped.
             begin = (high - last) if flipped else (first - low)
-            stack = self._stream(prepared, begin, begin + (last - first), volume.array)
+            stack = self._stream(prepared, begin, begin + (last - first), volume.array, background)
             restored = restore(prepared, stack).array
             keep, target = [slice(None)] * 3, [slice(None)] * 3
             keep[axis], target[axis] = slice(first - low, last - low), slice(first, last)

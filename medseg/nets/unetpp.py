@@ -85,9 +85,8 @@ def head_names(depth: int = 4) -> list[str]:
 def head_levels(model: keras.Model) -> list[int]:
     """Levels ``L`` of the ``head_L`` outputs of a UNet++ model, in output order."""
     levels = []
-    for tensor in keras.tree.flatten(model.outputs):
-        layer_name = tensor._keras_history.operation.name
-        if not layer_name.startswith("head_"):
+    for layer_name in model.output_names:
+        if not layer_name.startswith("head_") or not layer_name[5:].isdigit():
             raise ValueError(
                 f"model {model.name!r} output {layer_name!r} is not a UNet++ head "
                 "(expected layers named head_1..head_<depth>, as built by build_unetpp)"

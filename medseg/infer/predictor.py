@@ -129,11 +129,12 @@ def _looks_like(volume: "Volume") -> str | None:
         modality = "MR"
     if modality:
         return modality
-    flat = np.asarray(volume.array).reshape(-1)
-    if flat.size == 0:
+    array = np.asarray(volume.array)
+    if array.size == 0:
         return None
-    step = max(1, flat.size // 100_000)
-    return "CT" if np.percentile(flat[::step], 1) < -900 else None
+    # A strided view of about 100 000 voxels: no copy of the volume, whatever its memory layout.
+    step = max(1, round((array.size / 100_000) ** (1 / 3)))
+    return "CT" if np.percentile(array[::step, ::step, ::step], 1) < -900 else None
 
 
 class Predictor:

@@ -80,6 +80,7 @@ def test_save_roundtrip(tmp_path):
         ({"filters": [8, 16], "depth": 2}, "filters with depth \\+ 1 = 3 values"),
         ({"early_stopping": 0}, "early_stopping to be a positive number"),
         ({"max_val_cases": 0}, "max_val_cases to be a positive integer"),
+        ({"max_time_s": 0}, "max_time_s to be a positive number of seconds"),
         ({"gpus": [0], "devices": ["/cpu:0"]}, "either gpus or devices"),
         ({"epochs": "many"}, "epochs of type int"),
         ({"epochs": 2.5}, "epochs of type int"),
@@ -304,3 +305,54 @@ def test_validation_summary_rules():
     logs = {"loss": 1, "head_1_foreground_dice": 0.1, "head_4_foreground_dice": 0.4, "val_dsc_3d": 0.2}
     assert find_dice_key(logs) == "head_4_foreground_dice"
     assert find_dice_key({"loss": 1}) is None
+
+
+def test_run_keeper_best_model_early_stopping_time_budget_and_files(tmp_path, capsys):
+    """RunKeeper's bookkeeping on hand-made epoch logs: best by val_dsc_3d, patience, budget."""
+    from medseg.train.callbacks import RunKeeper, new_state
+    from medseg.train.checkpoint import latest_checkpoint
+    from medseg.train.curves import read_history_csv
+
+    model = _tiny_model(0)
+    model.optimizer.build(model.trainable_variables)
+    saved = []
+    state = new_state(seed=3)
+    keeper = RunKeeper(tmp_path, state, save_best=lambda m, epoch, logs: saved.append((epoch, logs["val_dsc_3d"])),
+                       epochs=10, patience=2, verbose=1)
+    keeper.set_model(model)
+    keeper.on_train_begin()
+    epochs = [
+        {"loss": 1.5, "reg_loss": 0.5, "head_2_foreground_dice": 0.1, "val_dsc_3d": 0.2},
+        {"loss": 1.2, "reg_loss": 0.4, "head_2_foreground_dice": 0.3},  # not validated
+        {"loss": 1.0, "reg_loss": 0.3, "head_2_foreground_dice": 0.5, "val_dsc_3d": 0.6},
+        {"loss": 0.9, "reg_loss": 0.3, "head_2_foreground_dice": 0.6, "val_dsc_3d": 0.5},
+        {"loss": 0.8, "reg_loss": 0.3, "head_2_foreground_dice": 0.6, "val_dsc_3d": float("nan")},
+    ]
+    for epoch, logs in enumerate(epochs):
+        keeper.on_epoch_begin(epoch)
+        keeper.on_epoch_end(epoch, dict(logs))
+        if model.stop_training:
+            break
+    assert saved == [(0, 0.2), (2, 0.6)]  # improvements only
+    assert state["best_dsc"] == 0.6 and state["best_epoch"] == 3
+    assert state["stopped_early"] and epoch == 4 and state["wait"] == 2  # 0.5 and NaN: 2 without improvement
+    rows = read_history_csv(tmp_path / "history.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["data_loss"] == pytest.approx(1.0) and rows[0]["dice"] == pytest.approx(0.1)
+    assert "val_dsc_3d" not in rows[1]
+    assert latest_checkpoint(tmp_path).name == "epoch-0005"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("epoch 1/10  loss 1.5000 (data 1.0000 + reg 0.5000)  train Dice 0.100  val 3D DSC 0.200 *best*")
+    assert "val 3D DSC -" in out[1]
+    assert (tmp_path / "curves.png").is_file()
+
+    # A spent wall-clock budget stops after the epoch, which is still checkpointed.
+    model.stop_training = False
+    timed = RunKeeper(tmp_path / "timed", new_state(0), save_best=lambda *a: None, epochs=10, verbose=0,
+                      max_time_s=1e-9)
+    timed.set_model(model)
+    timed.on_train_begin()
+    timed.on_epoch_begin(0)
+    timed.on_epoch_end(0, {"loss": 1.0})
+    assert model.stop_training and timed.state["stopped_by_time"]
+    assert latest_checkpoint(tmp_path / "timed").name == "epoch-0001"

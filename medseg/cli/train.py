@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after PATIENCE validations without a better 3D DSC (default: off)")
     t = p.add_argument_group("optimization")
     t.add_argument("--epochs", type=int, help="epochs (default 100)")
+    t.add_argument("--max-time-s", type=float, help="wall-clock budget: stop after the epoch that ends past it")
     t.add_argument("--steps-per-epoch", type=int, help="optimizer steps per epoch (default 250)")
     t.add_argument("--batch-size", type=int, help="patches per replica and step (default 8)")
     t.add_argument("--lr", type=float, help="learning rate of one replica (default 1e-3, scaled by replicas)")
@@ -102,7 +103,7 @@ def config_from_args(args: argparse.Namespace):
     flags = {
         key: getattr(args, key)
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
-                    "max_val_cases", "early_stopping", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
+                    "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
                     "warmup_epochs", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly")
     }

@@ -182,12 +182,14 @@ class RunKeeper(keras.callbacks.Callback):
         extra_state: callable returning more JSON-serialisable state for the checkpoint.
         verbose: print the summary line when > 0.
         write_files: False on non-chief workers that must still take part in saving.
+        max_time_s: stop after the epoch that ends past this many seconds since training began.
     """
 
     def __init__(self, run_dir: str | Path, state: dict[str, Any], save_best: Callable[[keras.Model, int, dict], None],
                  validation: WholeVolumeValidation | None = None, epochs: int | None = None,
                  patience: int | None = None, dice_key: str | None = None,
-                 extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True):
+                 extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True,
+                 max_time_s: float | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.state = state
@@ -199,7 +201,11 @@ class RunKeeper(keras.callbacks.Callback):
         self.extra_state = extra_state
         self.verbose = int(verbose)
         self.write_files = write_files
-        self._t0 = time.perf_counter()
+        self.max_time_s = max_time_s
+        self._t0 = self._t_start = time.perf_counter()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._t_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._t0 = time.perf_counter()
@@ -240,6 +246,10 @@ class RunKeeper(keras.callbacks.Callback):
             if self.validation is not None:
                 state["validation_rows"].extend(self.validation.last_rows)
         row["time_s"] = time.perf_counter() - self._t0
+        if self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s:
+            # Wall-clock budget spent: this epoch is complete (checkpointed below), stop here.
+            self.model.stop_training = True
+            state["stopped_by_time"] = True
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if self.extra_state is not None:

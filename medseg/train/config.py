@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("dice_ce", "dice", "ce")
 #: Fields that may change when a run is resumed (everything else must match the saved run).
 RESUME_MUTABLE = ("epochs", "early_stopping", "val_every", "verbose", "debug", "resume", "gpus", "devices",
-                  "precision", "workers", "run_eagerly", "max_val_cases")
+                  "precision", "workers", "run_eagerly", "max_val_cases", "max_time_s")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class TrainConfig:
         folds, fold: K-fold cross-validation by patient; train on all folds but ``fold``.
         val_every: validate on whole volumes every N epochs (and after the last epoch).
         early_stopping: stop after this many validations without a better 3D DSC (None: off).
+        max_time_s: stop at the end of the first epoch that ends after this many seconds of
+            training (a wall-clock budget; None: no limit).
         gpus: GPU indices to use (None: all visible).
         devices: explicit TensorFlow device names for MirroredStrategy (tests, advanced use).
         precision: ``auto`` | ``float32`` | ``mixed_float16`` | ``mixed_bfloat16``.
@@ -99,6 +101,7 @@ class TrainConfig:
     fold: int | None = None
     val_every: int = 1
     early_stopping: int | None = None
+    max_time_s: float | None = None
     gpus: list[int] | None = None
     devices: list[str] | None = None
     precision: str = "auto"
@@ -190,6 +193,8 @@ class TrainConfig:
                              f"{len(self.filters)} values {list(self.filters)}")
         if self.early_stopping is not None and self.early_stopping < 1:
             raise bad("early_stopping", "to be a positive number of validations")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise bad("max_time_s", "to be a positive number of seconds")
         if self.max_val_cases is not None and self.max_val_cases < 1:
             raise bad("max_val_cases", "to be a positive integer")
         if self.gpus is not None and self.devices is not None:

@@ -420,7 +420,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
             })
 
         keeper = RunKeeper(write_dir, state, save_best, validation=validation, epochs=cfg.epochs,
-                           patience=cfg.early_stopping, verbose=verbose, write_files=True)
+                           patience=cfg.early_stopping, verbose=verbose, write_files=True, max_time_s=cfg.max_time_s)
         callbacks_ = [validation, keeper]
         if verbose:
             # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
@@ -435,6 +435,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         tensorboard = make_tensorboard(write_dir)
         if tensorboard is not None:
             callbacks_.append(tensorboard)
+        state.pop("stopped_by_time", None)  # a new invocation has a new time budget
         if start_epoch < cfg.epochs and not state.get("stopped_early"):
             model.fit(dataset, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=cfg.steps_per_epoch,
                       callbacks=callbacks_, verbose=_keras_verbose(verbose), shuffle=False)

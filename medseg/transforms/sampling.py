@@ -212,50 +212,54 @@ class PatchSampler:
         return base + int(rng.random() < expected - base)
 
     def draw(self, batch_size: int, rng: np.random.Generator) -> Centres:
-        """Centres of one batch; lesion-centred ones first."""
-        n_les = self.n_lesion_patches(batch_size, rng)
-        case = np.empty(batch_size, np.int64)
-        sl = np.empty(batch_size, np.int64)
-        hh = np.empty(batch_size, np.int64)
-        ww = np.empty(batch_size, np.int64)
+        """Centres of one batch; lesion-centred ones first.
+
+        All random numbers of the batch are drawn in a few vectorised calls; the loops only look
+        up coordinates.
+        """
+        B = int(batch_size)
+        n_les = self.n_lesion_patches(B, rng)
         ph, pw = self.patch_size
-        for b in range(n_les):
-            c = int(self.lesion_cases[rng.integers(self.lesion_cases.size)])
-            idx = self.sources[c].index
-            comp = int(rng.integers(idx.n_components))
-            lo, hi = idx.offsets[comp], idx.offsets[comp + 1]
-            s, h, w = idx.coords[rng.integers(lo, hi)]
-            case[b], sl[b] = c, s
-            hh[b] = h + rng.integers(-self.jitter[0], self.jitter[0] + 1)
-            ww[b] = w + rng.integers(-self.jitter[1], self.jitter[1] + 1)
-        n_rand = batch_size - n_les
-        if n_rand:
-            flat_slices = rng.integers(0, self._slice_cum[-1], size=n_rand)
+        jh, jw = self.jitter
+        case = np.empty(B, np.int64)
+        sl = np.empty(B, np.int64)
+        hh = np.empty(B, np.int64)
+        ww = np.empty(B, np.int64)
+        u = rng.random((B, 4))  # case / component / voxel (or slice / row / column) choices
+        jitter = np.stack([rng.integers(-jh, jh + 1, B), rng.integers(-jw, jw + 1, B)], axis=1)
+        if n_les:
+            chosen = self.lesion_cases[(u[:n_les, 0] * self.lesion_cases.size).astype(np.int64)]
+            for b, c in enumerate(chosen):
+                idx = self.sources[int(c)].index
+                comp = int(u[b, 1] * idx.n_components)
+                lo, hi = int(idx.offsets[comp]), int(idx.offsets[comp + 1])
+                s, h, w = idx.coords[lo + int(u[b, 2] * (hi - lo))]
+                case[b], sl[b], hh[b], ww[b] = c, s, h + jitter[b, 0], w + jitter[b, 1]
+        if B > n_les:
+            flat_slices = (u[n_les:, 0] * self._slice_cum[-1]).astype(np.int64)
             cases = np.searchsorted(self._slice_cum, flat_slices, side="right")
-            for j, (c, g) in enumerate(zip(cases, flat_slices)):
-                b = n_les + j
+            for b, c, g in zip(range(n_les, B), cases, flat_slices):
                 src = self.sources[int(c)]
                 n, H, W = src.image.shape
                 case[b] = c
                 body = src.index.body
                 if self.inside_body and body.shape[0]:
-                    s, h, w = body[rng.integers(body.shape[0])]
-                    sl[b] = s
-                    hh[b] = h + rng.integers(-self.jitter[0], self.jitter[0] + 1)
-                    ww[b] = w + rng.integers(-self.jitter[1], self.jitter[1] + 1)
+                    s, h, w = body[int(u[b, 1] * body.shape[0])]
+                    sl[b], hh[b], ww[b] = s, h + jitter[b, 0], w + jitter[b, 1]
                 else:
                     sl[b] = g - (self._slice_cum[c] - n)
-                    hh[b] = _uniform_centre(H, ph, rng)
-                    ww[b] = _uniform_centre(W, pw, rng)
+                    hh[b] = _uniform_centre(H, ph, u[b, 2])
+                    ww[b] = _uniform_centre(W, pw, u[b, 3])
         return Centres(case, sl, hh, ww, np.arange(batch_size) < n_les)
 
 
-def _uniform_centre(size: int, patch: int, rng: np.random.Generator) -> int:
-    """Centre (index of patch pixel ``patch // 2``) of a window that lies inside ``size`` when it can."""
+def _uniform_centre(size: int, patch: int, u: float) -> int:
+    """Centre (index of patch pixel ``patch // 2``) of a window that lies inside ``size`` when it
+    can, from a uniform number ``u`` in [0, 1)."""
     if size >= patch:
-        return int(rng.integers(0, size - patch + 1)) + patch // 2
+        return int(u * (size - patch + 1)) + patch // 2
     # Image smaller than the patch: the image lies somewhere inside the patch.
-    return int(rng.integers(size - patch, 1)) + patch // 2
+    return int(u * (patch - size + 1)) + size - patch + patch // 2
 
 
 # --- spatial parameters and rendering ---------------------------------------------------------
@@ -446,6 +450,13 @@ def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, 
     out_mask[...] = _bilinear(label_plane, corners, fy, fx, invalid, 0.0) > np.float32(0.5)
 
 
+def _cv2_ready(window: np.ndarray) -> np.ndarray:
+    """float32 with unit column stride (OpenCV reads row-strided views without a copy)."""
+    if window.dtype == np.float32 and window.strides[1] == 4 and window.strides[0] > 0:
+        return window
+    return np.ascontiguousarray(window, dtype=np.float32)
+
+
 def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad) -> None:
     """The same warp with OpenCV (bilinear; agrees with :func:`_warp_numpy` to about 1e-5).
 
@@ -472,14 +483,12 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
         # OpenCV is x-first and maps destination (x, y) to source (x, y) with WARP_INVERSE_MAP.
         affine = np.array([[m[1, 1], m[1, 0], cx - m[1, 1] * half[1] - m[1, 0] * half[0]],
                            [m[0, 1], m[0, 0], cy - m[0, 1] * half[1] - m[0, 0] * half[0]]])
-        warp = [cv2.warpAffine(np.ascontiguousarray(w, dtype=np.float32), affine, (pw, ph),
-                               flags=flags | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-                for w in windows]
+        warp = [cv2.warpAffine(_cv2_ready(w), affine, (pw, ph), flags=flags | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_REPLICATE) for w in windows]
     else:
         yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
         map_y, map_x = yy - np.float32(y_lo), xx - np.float32(x_lo)
-        warp = [cv2.remap(np.ascontiguousarray(w, dtype=np.float32), map_x, map_y, flags,
-                          borderMode=cv2.BORDER_REPLICATE) for w in windows]
+        warp = [cv2.remap(_cv2_ready(w), map_x, map_y, flags, borderMode=cv2.BORDER_REPLICATE) for w in windows]
     for c in range(len(planes)):
         out_image[:, :, c] = warp[c]
     out_mask[...] = warp[-1] > np.float32(0.5)

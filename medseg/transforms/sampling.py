@@ -344,7 +344,7 @@ def _orient(view: np.ndarray, flip_h: bool, flip_w: bool, k: int, fast: bool = F
         flip_h, flip_w, k = not flip_h, not flip_w, 0
     if k == 0:
         return view[::-1 if flip_h else 1, ::-1 if flip_w else 1]
-    if fast and view.dtype in (np.float32, np.uint8) and view.strides[1] == view.itemsize and view.strides[0] > 0:
+    if fast and view.dtype in (np.float32, np.uint8) and _cv2_layout(view):
         import cv2
 
         turned = cv2.rotate(view, cv2.ROTATE_90_COUNTERCLOCKWISE if k == 1 else cv2.ROTATE_90_CLOCKWISE)
@@ -450,6 +450,12 @@ def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, 
     out_mask[...] = _bilinear(label_plane, corners, fy, fx, invalid, 0.0) > np.float32(0.5)
 
 
+def _cv2_layout(a: np.ndarray) -> bool:
+    """Whether OpenCV can read ``a`` in place: positive row stride, packed pixels and channels."""
+    packed = a.itemsize * (a.shape[2] if a.ndim == 3 else 1)
+    return a.strides[0] > 0 and a.strides[1] == packed and (a.ndim == 2 or a.strides[2] == a.itemsize)
+
+
 def _cv2_ready(window: np.ndarray) -> np.ndarray:
     """float32 with unit column stride (OpenCV reads row-strided views without a copy)."""
     if window.dtype == np.float32 and window.strides[1] == 4 and window.strides[0] > 0:
@@ -474,8 +480,11 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
     y_lo, x_lo = (int(np.floor(v - margin)) for v in pts.min(axis=0))
     y_hi, x_hi = (int(np.ceil(v + margin)) for v in pts.max(axis=0))
     wh, ww = y_hi - y_lo + 1, x_hi - x_lo + 1
-    windows = [_crop(p, y_lo, x_lo, wh, ww, pad) for p in planes]
-    windows.append(_crop(label_plane, y_lo, x_lo, wh, ww, 0).astype(np.float32))
+    # Mask first, then the image channels, one single-channel call each: OpenCV's single-channel
+    # float path is exact, its multi-channel path quantizes positions to 1/32 pixel (and merging
+    # channels first was measured slower than separate calls).
+    sources = [_crop(label_plane, y_lo, x_lo, wh, ww, 0).astype(np.float32)]
+    sources += [_cv2_ready(_crop(p, y_lo, x_lo, wh, ww, pad)) for p in planes]
     flags = cv2.INTER_LINEAR
     if disp is None:
         m = np.asarray(matrix, dtype=np.float64)
@@ -483,15 +492,15 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
         # OpenCV is x-first and maps destination (x, y) to source (x, y) with WARP_INVERSE_MAP.
         affine = np.array([[m[1, 1], m[1, 0], cx - m[1, 1] * half[1] - m[1, 0] * half[0]],
                            [m[0, 1], m[0, 0], cy - m[0, 1] * half[1] - m[0, 0] * half[0]]])
-        warp = [cv2.warpAffine(_cv2_ready(w), affine, (pw, ph), flags=flags | cv2.WARP_INVERSE_MAP,
-                               borderMode=cv2.BORDER_REPLICATE) for w in windows]
+        warped = [cv2.warpAffine(src, affine, (pw, ph), flags=flags | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_REPLICATE) for src in sources]
     else:
         yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
         map_y, map_x = yy - np.float32(y_lo), xx - np.float32(x_lo)
-        warp = [cv2.remap(_cv2_ready(w), map_x, map_y, flags, borderMode=cv2.BORDER_REPLICATE) for w in windows]
+        warped = [cv2.remap(src, map_x, map_y, flags, borderMode=cv2.BORDER_REPLICATE) for src in sources]
+    out_mask[...] = warped[0] > np.float32(0.5)
     for c in range(len(planes)):
-        out_image[:, :, c] = warp[c]
-    out_mask[...] = warp[-1] > np.float32(0.5)
+        out_image[:, :, c] = warped[c + 1]
 
 
 def render(

@@ -90,6 +90,8 @@ def test_cache_errors(plan, tmp_path):
         VolumeCache.from_arrays([("x", np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))], plan)
     with pytest.raises(ValueError, match="from_arrays mode must be"):
         VolumeCache.from_arrays([], plan, mode="auto")
+    with pytest.raises(ValueError, match="at least one case"):
+        VolumeCache.from_arrays([], plan)
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not a numpy file")
     with pytest.raises(InputError, match="an invalid header"):
@@ -216,3 +218,14 @@ def test_split_errors():
         patient_groups(["a", "a"])
     with pytest.raises(ValueError, match="does not match case id 'zz'"):
         patient_groups(["zz"], r"^p(\d+)")
+
+
+def test_folders_without_labels_rejected(tmp_path):
+    from medseg.data.pipeline import dataset_from_folders
+    from medseg.errors import DatasetError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "brain1.nrrd").symlink_to(NRRD / "brain1_image.nrrd")
+    with pytest.raises(DatasetError, match="no labelled cases found in"):
+        dataset_from_folders(images)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
@@ -218,14 +217,6 @@ def resample_inplane(stack: np.ndarray, grid: InPlaneGrid, *, nearest: bool = Fa
     pad_origin = tuple(o - s for o, s in zip(src[1], src[0]))
     out = _sitk_resample(padded, src[0], pad_origin, dst[0], dst[1], dst[2], nearest)
     return out.astype(stack.dtype if nearest else np.float32, copy=False)
-
-
-def _check_nibabel() -> None:  # pragma: no cover - import guard for old nibabel
-    if not hasattr(nio, "inv_ornt_aff"):
-        raise ImportError(f"nibabel {nib.__version__} lacks orientations.inv_ornt_aff; medseg needs nibabel >= 5")
-
-
-_check_nibabel()
 
 
 # --- dictionary transforms on {"image": Volume, "label": Volume} -------------------------------

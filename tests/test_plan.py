@@ -127,8 +127,9 @@ def test_make_plan_errors():
         make_plan([])
     with pytest.raises(ValueError, match=r"unknown Plan fields in overrides: \['spacing'\]"):
         make_plan([ct], overrides={"spacing": 1})
-    with pytest.raises(ValueError, match=r"mix modalities \['CT', 'MR'\]"):
-        make_plan([ct, mr])
+    mixed = make_plan([ct, mr])
+    assert mixed.modality == "MIXED" and mixed.normalization["kind"] == "zscore"
+    assert mixed.fingerprint["modalities"] == ["CT", "MR"]
     assert make_plan([ct, mr], overrides={"modality": "CT"}).modality == "CT"
     with pytest.raises(ValueError, match="slice_axis must be 0, 1 or 2"):
         make_plan([ct], overrides={"slice_axis": 5})

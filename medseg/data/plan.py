@@ -47,6 +47,10 @@ DEFAULT_PATCH = 256
 _SAMPLES_PER_CASE = 10_000
 
 
+#: Plan.modality of a training set that mixes modalities (normalized by per-volume z-score).
+MIXED = "MIXED"
+
+
 def _zscore_mr() -> dict:
     return {"kind": "zscore", "mean": None, "std": None, "clip_low": None, "clip_high": None,
             "clip_percentiles": [0.5, 99.5], "region": "body"}
@@ -57,7 +61,8 @@ class Plan:
     """Preprocessing decisions shared by training and inference (see module docstring).
 
     Attributes:
-        modality: ``"CT"``, ``"MR"``, ... (CT enables HU-based body masks).
+        modality: ``"CT"``, ``"MR"``, ... (CT enables HU-based body masks); ``"MIXED"`` when the
+            training cases mix modalities (per-volume z-score, Otsu body masks).
         orientation: canonical axis codes every volume is reoriented to.
         slice_axis: array axis (after reorientation) along which 2D slices are taken.
         target_spacing_mm: in-plane spacing (mm) for the two non-slice axes, in array order, or
@@ -329,7 +334,9 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     elif len(modalities) == 1:
         modality = modalities[0]
     else:
-        raise ValueError(f"cases mix modalities {modalities}; pass overrides={{'modality': ...}} to choose one")
+        # Several modalities (e.g. MR brain and CT chest cases): HU windows would be meaningless
+        # for the MR cases, so every volume is z-scored over its own body, which suits both.
+        modality = MIXED
 
     spacings = np.array([e["spacing_mm"] for e in entries])
     median_spacing = np.median(spacings, axis=0)

@@ -356,3 +356,28 @@ def test_run_keeper_best_model_early_stopping_time_budget_and_files(tmp_path, ca
     timed.on_epoch_end(0, {"loss": 1.0})
     assert model.stop_training and timed.state["stopped_by_time"]
     assert latest_checkpoint(tmp_path / "timed").name == "epoch-0001"
+
+
+def test_whole_volume_validation_schedule():
+    from medseg.train.callbacks import WholeVolumeValidation
+
+    calls = []
+
+    def evaluate(model):
+        calls.append(model)
+        return [{"case_id": "a", "dsc": 0.5, "hd95_mm": 3.0}, {"case_id": "b", "dsc": 0.7, "hd95_mm": 5.0}]
+
+    val = WholeVolumeValidation(evaluate, every=3, epochs=7)
+    assert [e for e in range(7) if val.due(e)] == [2, 5, 6]  # every 3rd and the last
+    logs = {}
+    val.on_epoch_end(0, logs)
+    assert logs == {} and not calls
+    val.on_epoch_end(2, logs)
+    assert logs["val_dsc_3d"] == pytest.approx(0.6) and logs["val_hd95_mm"] == pytest.approx(4.0)
+    assert [r["epoch"] for r in val.last_rows] == [3, 3]
+    # The epoch that spends the time budget is validated even off schedule.
+    timed = WholeVolumeValidation(evaluate, every=10, epochs=100, max_time_s=1e-9)
+    timed.on_train_begin()
+    logs = {}
+    timed.on_epoch_end(0, logs)
+    assert timed.time_up and "val_dsc_3d" in logs

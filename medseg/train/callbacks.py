@@ -106,21 +106,36 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         evaluate: callable ``model -> list[dict]`` (see above).
         every: validate when ``(epoch + 1) % every == 0``.
         epochs: total epochs of the run; the last one is always validated.
+        max_time_s: the run's wall-clock budget; the epoch that spends it is validated too.
     """
 
-    def __init__(self, evaluate: Callable[[keras.Model], list[dict]], every: int = 1, epochs: int | None = None):
+    def __init__(self, evaluate: Callable[[keras.Model], list[dict]], every: int = 1, epochs: int | None = None,
+                 max_time_s: float | None = None):
         super().__init__()
         self.evaluate = evaluate
         self.every = int(every)
         self.epochs = epochs
+        self.max_time_s = max_time_s
         self.last_rows: list[dict] = []
         self.last_epoch: int | None = None
+        self.time_up = False
+        self._t_start = time.perf_counter()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._t_start = time.perf_counter()
+        self.time_up = False
 
     def due(self, epoch: int) -> bool:
-        """True when validation runs at the end of (0-based) ``epoch``."""
-        return (epoch + 1) % self.every == 0 or (self.epochs is not None and epoch + 1 >= self.epochs)
+        """True when validation runs at the end of (0-based) ``epoch``: every ``every`` epochs,
+        after the last epoch, and after the epoch that spends the wall-clock budget."""
+        return ((epoch + 1) % self.every == 0 or (self.epochs is not None and epoch + 1 >= self.epochs)
+                or self.time_up)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s:
+            # Decided here, before validating, so the run's last epoch is always validated;
+            # RunKeeper stops on this same decision.
+            self.time_up = True
         if logs is None or not self.due(epoch):
             return
         rows = self.evaluate(self.model)
@@ -246,7 +261,11 @@ class RunKeeper(keras.callbacks.Callback):
             if self.validation is not None:
                 state["validation_rows"].extend(self.validation.last_rows)
         row["time_s"] = time.perf_counter() - self._t0
-        if self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s:
+        if self.validation is not None and self.validation.max_time_s is not None:
+            time_up = self.validation.time_up
+        else:
+            time_up = self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s
+        if time_up:
             # Wall-clock budget spent: this epoch is complete (checkpointed below), stop here.
             self.model.stop_training = True
             state["stopped_by_time"] = True

@@ -408,7 +408,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
 
         dataset = make_train_dataset(train_cases, plan, cfg, global_batch, start_epoch)
         validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir),
-                                           every=cfg.val_every, epochs=cfg.epochs)
+                                           every=cfg.val_every, epochs=cfg.epochs, max_time_s=cfg.max_time_s)
 
         def save_best(model_, epoch, logs):
             from medseg.infer.bundle import save_bundle

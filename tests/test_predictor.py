@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -240,6 +241,8 @@ def test_modality_mismatch_warns(bundle3, breast, tmp_path, caplog):
     assert "trained on MR but this volume is CT (from its header)" in message and message in caplog.text
     guessed = breast.with_array(breast.array.astype(np.float32) - 1024.0)  # air at -1000: looks like CT
     assert "is CT (from its intensities)" in predictor.check_modality(guessed)
+    mixed = dataclasses.replace(bundle3, plan=bundle3.plan.replace(modality="MIXED"))  # trained on CT and MR
+    assert Predictor(mixed).check_modality(ct) is None
 
 
 # --- golden: a model computing a known function -----------------------------------------------------

@@ -246,8 +246,10 @@ class Predictor:
             The warning text, or None when the modality matches or cannot be told.
         """
         expected = str(getattr(self.plan, "modality", "") or "").upper()
+        if not expected or expected == "MIXED":  # a model trained on several modalities: no claim
+            return None
         found = _looks_like(volume)
-        if not expected or not found or found == expected:
+        if not found or found == expected:
             return None
         source = volume.meta.get("source_path") or volume.case_id or "<volume>"
         how = "header" if volume.meta.get("modality") else "intensities"

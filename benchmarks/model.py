@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="time after which no further timed steps start (s)")
     parser.add_argument("--skip-peer", action="store_true", help="do not time the user's model")
+    parser.add_argument("--policies", default="float32,mixed_bfloat16",
+                        help="comma-separated Keras dtype policies to time medseg's model under")
     args = parser.parse_args(argv)
 
     import keras
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     result["tensorflow"] = tf.__version__
-    for policy in ("float32", "mixed_bfloat16"):
+    for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
         keras.config.set_dtype_policy(policy)
         keras.utils.set_random_seed(0)
         model = build_unetpp()
@@ -147,14 +149,15 @@ def main(argv=None) -> int:
         result["params_trainable"] = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
         median, times = time_steps(model, DiceCELoss(), x, y, args.warmup, args.steps, heads=4,
                                    deadline=deadline)
-        key = "float32" if policy == "float32" else "bfloat16"
+        key = {"float32": "float32", "mixed_bfloat16": "bfloat16"}.get(policy, policy)
         result[f"step_s_{key}"] = round(median, 3)
         result[f"timed_steps_{key}"] = len(times)
         print(f"medseg UNet++ {policy}: steps {[round(t, 3) for t in times]} s", flush=True)
         del model
         keras.backend.clear_session()
     keras.config.set_dtype_policy("float32")
-    result["bf16_speedup"] = round(result["step_s_float32"] / result["step_s_bfloat16"], 2)
+    if "step_s_float32" in result and "step_s_bfloat16" in result:
+        result["bf16_speedup"] = round(result["step_s_float32"] / result["step_s_bfloat16"], 2)
 
     if not args.skip_peer:
         keras.utils.set_random_seed(0)

@@ -31,8 +31,8 @@ SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("dice_ce", "dice", "ce")
 #: Fields that may change when a run is resumed (everything else must match the saved run).
-RESUME_MUTABLE = ("epochs", "early_stopping", "val_every", "verbose", "debug", "resume", "gpus", "devices",
-                  "precision", "workers", "run_eagerly", "max_val_cases", "max_time_s")
+RESUME_MUTABLE = ("epochs", "early_stopping", "val_every", "max_time_s", "max_val_cases", "gpus", "devices",
+                  "precision", "workers", "run_eagerly", "images", "labels", "verbose", "debug", "resume")
 
 
 @dataclass

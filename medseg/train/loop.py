@@ -119,8 +119,8 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         if mine != getattr(defaults, name) and mine != getattr(saved, name):
             changed.append(f"{name}={mine!r} (run has {getattr(saved, name)!r})")
     if changed:
-        raise InputError(run_dir, "only epochs, early_stopping, val_every, gpus, devices, precision to change on resume",
-                         "; ".join(changed))
+        allowed = [n for n in RESUME_MUTABLE if n not in ("resume", "debug", "verbose")]
+        raise InputError(run_dir, f"only {', '.join(allowed)} to change on resume", "; ".join(changed))
     for name in RESUME_MUTABLE:
         mine = getattr(cfg, name)
         if mine != getattr(defaults, name):

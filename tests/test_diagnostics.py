@@ -47,7 +47,8 @@ def healthy_rows(n=6):
 
 
 def test_healthy_logs_no_warning(recwarn):
-    diag = Diagnostics(verbose=0, sample_batch=(np.zeros((2, 4, 4, 1)), np.eye(4)[None].repeat(2, 0).astype(int)))
+    labels = np.eye(4, dtype=int)[None].repeat(2, axis=0)
+    diag = Diagnostics(verbose=0, sample_batch=(np.zeros((2, 4, 4, 1)), labels))
     feed(diag, healthy_rows())
     assert diag.warnings_seen == []
     assert not [w for w in recwarn if issubclass(w.category, DiagnosticsWarning)]

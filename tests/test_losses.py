@@ -164,6 +164,8 @@ def test_gradients_finite_on_empty_and_perfect_samples(loss):
         (lambda: DiceLoss(epsilon=-1.0), r"DiceLoss: epsilon must be >= 0, found -1.0"),
         (lambda: FocalTverskyLoss(alpha=0.0), r"FocalTverskyLoss: alpha must be > 0"),
         (lambda: DiceCELoss(dice_weight=0.0, ce_weight=0.0), r"not both 0"),
+        (lambda: GeneralizedDiceLoss(class_weights=[1.0, 2.0]),
+         r"GeneralizedDiceLoss takes no class_weights: its class weights are 1/G\*\*2"),
     ],
 )
 def test_bad_arguments_at_construction(make, match):

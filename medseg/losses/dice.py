@@ -191,7 +191,11 @@ class GeneralizedDiceLoss(_OverlapLoss):
 
     def __init__(self, include_background=True, batch_dice=False, epsilon=1e-6,
                  from_logits=False, name="generalized_dice_loss", **kwargs):
-        kwargs.pop("class_weights", None)
+        if kwargs.pop("class_weights", None) is not None:
+            raise ValueError(
+                "GeneralizedDiceLoss takes no class_weights: its class weights are 1/G**2 "
+                "(use DiceLoss(class_weights=...) for fixed weights)"
+            )
         super().__init__(None, include_background, batch_dice, epsilon, from_logits,
                          name=name, **kwargs)
 

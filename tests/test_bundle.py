@@ -116,6 +116,13 @@ def test_save_rejects_bad_settings(tmp_path, model, kwargs, match):
     assert not (tmp_path / BUNDLE_FILE).exists()
 
 
+def test_save_rejects_a_model_without_defined_channels(tmp_path):
+    inputs = keras.Input((None, None, None))
+    model = keras.Model(inputs, keras.layers.Activation("softmax")(inputs))
+    with pytest.raises(ValueError, match="has an undefined channel dimension in its input shape"):
+        save_bundle(tmp_path, model, mr_plan())
+
+
 def test_save_rejects_model_plan_channel_mismatch(tmp_path, model):
     with pytest.raises(ValueError, match="takes 3 input channels but the plan has context_slices=5"):
         save_bundle(tmp_path, model, mr_plan(context_slices=5))
@@ -156,6 +163,15 @@ def _corrupt(run: Path, what: str) -> Path:
     elif what == "classes":
         info["classes"] = ["background", "lesion", "edema"]
         info_path.write_text(json.dumps(info))
+    elif what == "bad_divisor":
+        info["divisor"] = 0
+        info_path.write_text(json.dumps(info))
+    elif what == "bad_channels":
+        info["input_channels"] = "three"
+        info_path.write_text(json.dumps(info))
+    elif what == "plan_context":
+        info["plan"]["context_slices"] = 5
+        info_path.write_text(json.dumps(info))
     return info_path
 
 
@@ -173,6 +189,9 @@ def _corrupt(run: Path, what: str) -> Path:
         ("bad_model", r"expected a Keras 3 model file \(.keras zip\)"),
         ("channels", "expected a model taking 5 input channels .bundle.json., found 3 channels"),
         ("classes", "expected 2 class names .the model's output channels., found 3"),
+        ("bad_divisor", "divisor must be a positive integer, found 0"),
+        ("bad_channels", "input_channels must be a positive integer, found 'three'"),
+        ("plan_context", "expected plan.context_slices equal to the model's 3 input channels, found context_slices=5"),
     ],
 )
 def test_load_errors_name_the_file(tmp_path, model, what, match):
@@ -194,6 +213,7 @@ def test_load_errors_for_missing_or_non_folder(tmp_path):
 def test_changed_model_file_is_reported(tmp_path, model, caplog):
     save_bundle(tmp_path, model, mr_plan())
     other = tiny_unetpp()
+    other.set_weights([w + 1.0 for w in other.get_weights()])  # other weights: the file must differ
     other.save(tmp_path / MODEL_FILE)  # replaced behind bundle.json's back
     with caplog.at_level("WARNING", logger="medseg"):
         load_bundle(tmp_path)

@@ -129,7 +129,8 @@ def test_model_discovery_order(run_dir, tmp_path, monkeypatch, capsys):
     assert find_model(None, environ={}, cwd=tmp_path) == (runs / "new", "latest run in ./runs")
     env = {"MEDSEG_MODEL": str(runs / "old")}
     assert find_model(None, environ=env, cwd=tmp_path) == (runs / "old", "$MEDSEG_MODEL")
-    assert find_model(str(runs / "group" / "nested"), environ=env, cwd=tmp_path) == (runs / "group" / "nested", "--model")
+    nested = runs / "group" / "nested"
+    assert find_model(str(nested), environ=env, cwd=tmp_path) == (nested, "--model")
     os.utime(runs / "group" / "nested" / "bundle.json", (now, now))
     assert find_model(None, environ={}, cwd=tmp_path)[0] == runs / "group" / "nested"
     # and the bare command right after medseg-train: the newest run, said on stderr
@@ -222,9 +223,16 @@ def test_bad_output_paths(run_dir, tmp_path, monkeypatch, capsys, extra, match):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_output_path_that_is_a_folder(run_dir, tmp_path, capsys):
+    (tmp_path / "breast1_image_seg.nii.gz").mkdir()
+    assert main([str(NRRD), "--model", str(run_dir), "-o", str(tmp_path)]) == 2
+    assert "breast1_image_seg.nii.gz: expected an output file path, found an existing folder" in capsys.readouterr().err
+
+
 def test_input_errors(run_dir, tmp_path, capsys):
     assert main([str(tmp_path / "nope.nii.gz"), "--model", str(run_dir)]) == 2
-    assert "nope.nii.gz: expected existing volume files or folders, found no such file or folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope.nii.gz: expected existing volume files or folders, found no such file or folder" in err
     (tmp_path / "d1").mkdir()
     (tmp_path / "d2").mkdir()
     shutil.copy(NRRD, tmp_path / "d1" / "same.nrrd")

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from medseg.data.plan import Plan
+from medseg.errors import InputError
 from medseg.infer.bundle import load_bundle, save_bundle
 from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
 from medseg.infer.predictor import Predictor, padding_for
@@ -201,6 +202,13 @@ def test_head_level_uses_the_pruned_head(breast, tmp_path):
     # without head_level the deepest head (the full UNet++) is used
     full = Predictor(bundle_of(tmp_path / "full", model, mr_plan()))
     np.testing.assert_allclose(full.predict_slices(x), model.predict(x, verbose=0)[-1][..., 1], atol=1e-5)
+
+
+def test_head_level_the_model_lacks(tmp_path):
+    bundle = bundle_of(tmp_path, tiny_unetpp(3), mr_plan(), head_level=3)  # depth 2: heads 1 and 2
+    match = "expected a UNet\\+\\+ with head_3 .bundle head_level., found .*no output 'head_3'"
+    with pytest.raises(InputError, match=match):
+        Predictor(bundle)
 
 
 def test_bad_batch_size_and_threshold(bundle3, breast):

@@ -65,21 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="RUN_DIR", help="run folder holding model.keras and bundle.json")
     parser.add_argument(
         "-o", "--out", metavar="OUT",
-        help=f"output file (one input; .nii.gz, .nii, .nrrd or .mha) or folder (default: ./<case>{SEG_SUFFIX}{DEFAULT_EXT})",
+        help=(
+            "output file (one input; .nii.gz, .nii, .nrrd or .mha) or folder "
+            f"(default: ./<case>{SEG_SUFFIX}{DEFAULT_EXT})"
+        ),
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over in-plane flips (4x slower)")
+    parser.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: average over in-plane flips (4x slower)"
+    )
     parser.add_argument(
         "--probabilities", action="store_true",
         help=f"also write the foreground probability map <case>{PROB_SUFFIX}{DEFAULT_EXT} (float32)",
     )
-    parser.add_argument("--threshold", type=_unit_float, metavar="T", help="probability threshold in [0, 1] (default: the bundle's)")
+    parser.add_argument(
+        "--threshold", type=_unit_float, metavar="T", help="probability threshold in [0, 1] (default: the bundle's)"
+    )
     parser.add_argument(
         "--min-lesion-ml", type=_non_negative_float, default=0.0, metavar="V",
         help="remove connected lesions smaller than V ml (default 0: keep all)",
     )
     parser.add_argument("--largest-component", action="store_true", help="keep only the largest lesion")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)"
+    )
     add_common_args(parser)
     return parser
 
@@ -115,7 +124,9 @@ def _positive_int(text: str) -> int:
 
 
 # --- model discovery ---------------------------------------------------------------------------
-def find_model(explicit: str | os.PathLike | None = None, *, environ=None, cwd: str | os.PathLike | None = None) -> tuple[Path, str]:
+def find_model(
+    explicit: str | os.PathLike | None = None, *, environ=None, cwd: str | os.PathLike | None = None
+) -> tuple[Path, str]:
     """The run folder to use and how it was chosen.
 
     Order: ``explicit`` (``--model``), then ``$MEDSEG_MODEL``, then the run under ``./runs/``
@@ -257,10 +268,12 @@ def plan_outputs(
         if _write_ext(out_path):
             as_file = True
         elif _looks_like_file_name(out_path) or out_path.is_file():
-            raise InputError(out_path, "an output ending in " + ", ".join(_WRITE_EXTS) + " or a folder", f"{out_path.name!r}")
+            expected = "an output ending in " + ", ".join(_WRITE_EXTS) + " or a folder"
+            raise InputError(out_path, expected, f"{out_path.name!r}")
     if as_file and len(cases) > 1:
         raise InputError(
-            out_path, f"an output folder for {len(cases)} inputs", "a file name", "give a folder with -o, e.g. -o predictions/"
+            out_path, f"an output folder for {len(cases)} inputs", "a file name",
+            "give a folder with -o, e.g. -o predictions/",
         )
     folder = cwd if out_path is None else out_path
     jobs = []
@@ -282,7 +295,8 @@ def plan_outputs(
     if onto_inputs:
         raise InputError(
             onto_inputs[0], "an output path different from every input", "an input file",
-            "medseg-infer never overwrites an input; choose another -o" + (f" ({len(onto_inputs)} such outputs)" if len(onto_inputs) > 1 else ""),
+            "medseg-infer never overwrites an input; choose another -o"
+            + (f" ({len(onto_inputs)} such outputs)" if len(onto_inputs) > 1 else ""),
         )
     folders = [str(p) for p in outputs if p.is_dir()]
     if folders:
@@ -291,7 +305,9 @@ def plan_outputs(
         existing = [str(p) for p in outputs if p.exists()]
         if existing:
             shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-            raise InputError(None, "outputs that do not exist yet", f"existing files {shown}", "pass --overwrite to replace them")
+            raise InputError(
+                None, "outputs that do not exist yet", f"existing files {shown}", "pass --overwrite to replace them"
+            )
     return jobs
 
 
@@ -304,7 +320,10 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.infer.bundle import load_bundle
 
     bundle = load_bundle(run_dir)
-    print(f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality}, trained on {bundle.info.get('created', '?')})", file=sys.stderr)
+    saved = bundle.info.get("created", "at an unknown time")
+    print(
+        f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})", file=sys.stderr
+    )
 
     from medseg.infer.predictor import Predictor
 

@@ -96,7 +96,9 @@ def _versions() -> dict[str, str]:
 
     import medseg
 
-    return {"medseg": medseg.__version__, "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+    return {
+        "medseg": medseg.__version__, "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -204,7 +206,9 @@ def save_bundle(
         )
     n_out = _model_output_classes(model)
     if n_out is not None and n_out != len(classes):
-        raise ValueError(f"model {model.name!r} outputs {n_out} classes but {len(classes)} class names were given: {list(classes)}")
+        raise ValueError(
+            f"model {model.name!r} outputs {n_out} classes but {len(classes)} class names were given: {list(classes)}"
+        )
     plan_dict = plan.to_dict()
     divisor = math.lcm(int(plan_dict.get("divisor") or 1), model_divisor(model))
     try:
@@ -261,11 +265,13 @@ def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     version = info.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise InputError(
-            path, f"bundle format_version <= {FORMAT_VERSION}", f"{version!r}", "written by a newer medseg? upgrade medseg"
+            path, f"bundle format_version <= {FORMAT_VERSION}", f"{version!r}",
+            "written by a newer medseg? upgrade medseg",
         )
     missing = [k for k in ("plan", "classes", "threshold", "divisor", "input_channels") if k not in info]
     if missing:
-        raise InputError(path, "the keys plan, classes, threshold, divisor, input_channels", f"{', '.join(missing)} missing")
+        expected = "the keys plan, classes, threshold, divisor, input_channels"
+        raise InputError(path, expected, f"{', '.join(missing)} missing")
     try:
         _check_settings(info["classes"], info["threshold"], info.get("head_level"))
         if not isinstance(info["divisor"], int) or info["divisor"] < 1:
@@ -299,7 +305,8 @@ def load_bundle(run_dir: str | os.PathLike) -> Bundle:
     try:
         plan = Plan.from_dict(info["plan"])
     except (TypeError, ValueError, KeyError) as exc:
-        raise InputError(bundle_path, "a valid preprocessing plan under 'plan'", f"{type(exc).__name__}: {exc}") from exc
+        found = f"{type(exc).__name__}: {exc}"
+        raise InputError(bundle_path, "a valid preprocessing plan under 'plan'", found) from exc
 
     model_path = run_dir / info.get("model_file", MODEL_FILE)
     if not model_path.is_file():
@@ -323,7 +330,8 @@ def load_bundle(run_dir: str | os.PathLike) -> Bundle:
     classes = _model_output_classes(model)
     if classes is not None and classes != len(info["classes"]):
         raise InputError(
-            bundle_path, f"{classes} class names (the model's output channels)", f"{len(info['classes'])}: {info['classes']}"
+            bundle_path, f"{classes} class names (the model's output channels)",
+            f"{len(info['classes'])}: {info['classes']}",
         )
     _warn_on_version_change(info.get("versions") or {}, bundle_path)
     return Bundle(

@@ -102,7 +102,8 @@ def inference_model(bundle: Bundle) -> "keras.Model":
         try:
             return prune_unetpp(model, bundle.head_level)
         except ValueError as exc:
-            raise InputError(bundle.model_path, f"a UNet++ with head_{bundle.head_level} (bundle head_level)", str(exc)) from exc
+            expected = f"a UNet++ with head_{bundle.head_level} (bundle head_level)"
+            raise InputError(bundle.model_path, expected, str(exc)) from exc
     if len(model.outputs) == 1:
         return model
     levels = _output_levels(model)

@@ -362,3 +362,138 @@ def test_plan_preprocessd(brain1):
     shifted = Volume(label.array, label.affine @ np.diag([2.0, 1, 1, 1]), "brain1")
     with pytest.raises(ValueError, match="is not on the image's grid"):
         t({"image": image, "label": shifted})
+
+
+# --- whole-volume normalization: exact and lean --------------------------------------------------
+def _reference_normalize(x, spec, modality="MR"):
+    """The straightforward formulas, one full-size temporary after another (float64 statistics)."""
+    x = np.asarray(x, dtype=np.float32)
+    body = body_mask(x, modality)
+    if spec["kind"] == "ct_window":
+        return ((np.clip(x, spec["low_hu"], spec["high_hu"]) - spec["low_hu"])
+                / (spec["high_hu"] - spec["low_hu"])).astype(np.float32)
+    if spec["kind"] == "percentile":
+        lo, hi = np.percentile(x[body], [spec.get("low_pct", 0.5), spec.get("high_pct", 99.5)])
+        return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    region = x[body] if spec.get("region", "body") == "body" else x.ravel()
+    lo, hi = np.percentile(region, spec.get("clip_percentiles", [0.5, 99.5]))
+    clipped = np.clip(x, np.float32(lo), np.float32(hi))
+    values = (clipped[body] if spec.get("region", "body") == "body" else clipped.ravel()).astype(np.float64)
+    return ((clipped - np.float32(values.mean())) / np.float32(values.std())).astype(np.float32)
+
+
+def _mr_like(shape, seed=0, dtype=np.int16):
+    """Air (noise around 0) around an ellipsoidal body of tissue intensities, MR-like."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = sum(g**2 for g in grid) < 0.8
+    arr = np.abs(rng.normal(0, 8, shape)) + inside * rng.normal(600, 150, shape)
+    return arr.astype(dtype)
+
+
+@pytest.mark.parametrize("spec", [
+    {"kind": "zscore"},
+    {"kind": "zscore", "region": "all", "clip_percentiles": [2.0, 98.0]},
+    {"kind": "percentile"},
+    {"kind": "ct_window", "low_hu": -100.0, "high_hu": 900.0},
+])
+def test_preprocess_normalization_is_bit_identical_to_reference(spec):
+    # 120 x 100 x 24: more than 2**16 body voxels, so the blockwise float64 sums really split.
+    arr = _mr_like((120, 100, 24), seed=3)
+    vol = Volume(arr, np.diag([0.9, 0.9, 3.0, 1.0]), "mr", {"modality": "MR"})
+    plan = Plan(modality="MR", slice_axis=2, target_spacing_mm=None, patch_size=(32, 32), normalization=spec)
+    got = preprocess_image(vol, plan).array
+    expected = _reference_normalize(np.moveaxis(arr, 2, 0), spec)
+    assert got.dtype == np.float32 and got.shape == (24, 120, 100)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))  # same bits, not just close
+    # The public function gives the same bits and leaves its input alone.
+    before = arr.copy()
+    np.testing.assert_array_equal(normalize(arr, spec).view(np.uint32), _reference_normalize(arr, spec).view(np.uint32))
+    np.testing.assert_array_equal(arr, before)
+
+
+def test_blockwise_mean_std_equal_numpy_float64_bits():
+    from medseg.transforms.intensity import _mean_std
+
+    rng = np.random.default_rng(7)
+    for n in (1, 9, 130, 2**16, 2**16 + 1, 300_007):
+        v = (rng.normal(300, 120, n)).astype(np.float32)
+        # float64 mean of float32 values summed in another order differs in the last bits:
+        # the blockwise sums must follow numpy's pairwise order exactly.
+        assert _mean_std(v) == (float(v.astype(np.float64).mean()), float(v.astype(np.float64).std()))
+
+
+def test_normalize_inplace_overwrites_and_refuses_other_arrays():
+    from medseg.transforms.intensity import normalize_inplace
+
+    x = _mr_like((30, 20, 10), seed=1).astype(np.float32)
+    expected = normalize(x, {"kind": "zscore"})
+    out = normalize_inplace(x, {"kind": "zscore"})
+    assert out is x
+    np.testing.assert_array_equal(x, expected)
+    with pytest.raises(TypeError, match="writable C-contiguous float32 ndarray, found float64"):
+        normalize_inplace(np.zeros((2, 2)), {"kind": "zscore"})
+    with pytest.raises(TypeError, match="C-contiguous=False"):
+        normalize_inplace(np.zeros((4, 4), np.float32)[:, ::2], {"kind": "zscore"})
+
+
+def test_preprocess_restore_slabs_equal_whole_stack():
+    # Reoriented (LPS input), resampled in-plane, more slices than one slab: the slab-wise
+    # preprocessing and restore equal resampling the whole stack with the spatial functions.
+    from medseg.transforms.preprocess import SLAB_SLICES
+
+    arr = _mr_like((40, 36, SLAB_SLICES * 2 + 5), seed=2)
+    vol = Volume(arr, np.diag([-1.1, -0.9, 2.0, 1.0]), "lps", {"modality": "MR"})
+    plan = Plan(modality="MR", slice_axis=2, target_spacing_mm=(1.4, 1.3), patch_size=(32, 32),
+                normalization={"kind": "zscore", "mean": 100.0, "std": 50.0, "clip_low": 0.0, "clip_high": 900.0})
+    prep = preprocess_image(vol, plan)
+    reo = reorientation(vol.affine, vol.shape, "RAS")
+    stack = np.ascontiguousarray(to_stack(reorient_array(arr, reo), 2))
+    whole = resample_inplane(stack, prep.inverse.grid)
+    np.testing.assert_array_equal(prep.array, normalize(whole, plan.normalization))
+    probs = np.random.default_rng(0).random(prep.shape).astype(np.float32)
+    back = restore(prep, probs)
+    expected = reorient_array(np.ascontiguousarray(from_stack(resample_inplane(probs, prep.inverse.grid, inverse=True), 2)),
+                              reo, inverse=True)
+    assert back.array.flags.c_contiguous and back.array.dtype == np.float32
+    np.testing.assert_array_equal(back.array, expected)
+
+
+def test_restore_without_resampling_makes_no_copy():
+    arr = _mr_like((20, 18, 12), seed=4)
+    vol = Volume(arr, np.diag([-1.0, 1.0, 2.0, 1.0]), "v", {"modality": "MR"})  # LAS: a flip to undo
+    plan = Plan(modality="MR", slice_axis=2, target_spacing_mm=None, patch_size=(16, 16))
+    prep = preprocess_image(vol, plan)
+    back = restore(prep, prep.array)
+    assert np.shares_memory(back.array, prep.array)  # a view: no second float32 volume
+    np.testing.assert_array_equal(back.array, np.moveaxis(prep.array, 0, 2)[::-1])
+
+
+def test_whole_volume_preprocessing_peak_memory(monkeypatch):
+    # Python's tracemalloc sees numpy's array buffers. Before: 5.35 times the float32 result
+    # at the peak for an MR z-score; now the result itself plus the body voxels (float32) and
+    # chunk-sized temporaries.
+    import tracemalloc
+
+    import medseg.transforms.intensity as intensity
+    import medseg.transforms.preprocess as preprocess
+
+    monkeypatch.setattr(intensity, "_CHUNK_VOXELS", 1 << 15)
+    monkeypatch.setattr(preprocess, "SLAB_SLICES", 4)
+    arr = _mr_like((96, 96, 80), seed=5)
+    vol = Volume(arr, np.diag([1.0, 1.0, 3.0, 1.0]), "big", {"modality": "MR"})
+    plan = Plan(modality="MR", slice_axis=2, target_spacing_mm=None, patch_size=(32, 32),
+                normalization={"kind": "zscore"})
+    body_fraction = float(body_mask(arr.astype(np.float32)).mean())
+    # Otsu's threshold reads a subsample of at most ~1e6 voxels, whatever the volume's length
+    # (here: all of them, as float64): left out of the measurement, same threshold.
+    threshold = intensity._body_threshold(np.moveaxis(arr, 2, 0).astype(np.float32), "MR")
+    monkeypatch.setattr(intensity, "_body_threshold", lambda x, modality: threshold)
+    tracemalloc.start()
+    try:
+        prep = preprocess_image(vol, plan)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    stack = prep.array.nbytes
+    assert peak < stack * (1.0 + body_fraction) + 2 * 2**20, (peak / stack, body_fraction)

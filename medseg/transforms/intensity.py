@@ -26,6 +26,8 @@ __all__ = [
     "body_mask",
     "otsu_threshold",
     "normalize",
+    "normalize_inplace",
+    "needs_body",
     "NORMALIZATION_KINDS",
     "check_normalization",
     "NormalizeIntensityd",
@@ -52,8 +54,16 @@ def ct_window(array: np.ndarray, low_hu: float, high_hu: float) -> np.ndarray:
     low, high = float(low_hu), float(high_hu)
     if not high > low:
         raise ValueError(f"CT window needs high_hu > low_hu, found low_hu={low}, high_hu={high}")
-    x = np.asarray(array, dtype=np.float32)
-    return ((np.clip(x, low, high) - low) / (high - low)).astype(np.float32)
+    return _ct_window_(np.array(array, dtype=np.float32), low, high)
+
+
+def _ct_window_(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    # In place on a float32 array the caller owns; the same float32 operations as
+    # ``(clip(x, low, high) - low) / (high - low)``, so the result is bit-identical.
+    np.clip(x, low, high, out=x)
+    np.subtract(x, low, out=x)
+    np.divide(x, high - low, out=x)
+    return x
 
 
 def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
@@ -83,15 +93,19 @@ def body_mask(array: np.ndarray, modality: str = "MR") -> np.ndarray:
     speed. If the result is empty (a constant image) every voxel counts as body.
     """
     x = np.asarray(array)
-    if str(modality).upper() == "CT":
-        mask = x > CT_BODY_HU
-    else:
-        flat = x.ravel()
-        step = max(1, flat.size // 1_000_000)
-        mask = x > otsu_threshold(flat[::step])
+    mask = x > _body_threshold(x, modality)
     if not mask.any():
         mask = np.ones(x.shape, dtype=bool)
     return mask
+
+
+def _body_threshold(x: np.ndarray, modality: str) -> float:
+    """:func:`body_mask` is ``x > _body_threshold(x, modality)`` (all voxels where that is empty)."""
+    if str(modality).upper() == "CT":
+        return CT_BODY_HU
+    flat = x.ravel()
+    step = max(1, flat.size // 1_000_000)
+    return otsu_threshold(flat[::step])
 
 
 def _region(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -99,6 +113,30 @@ def _region(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return x.ravel()
     values = x[np.asarray(mask, dtype=bool)]
     return values if values.size else x.ravel()
+
+
+#: Voxels compared with the body threshold at a time by :func:`_region_above` (16 MB of float32).
+_CHUNK_VOXELS = 1 << 22
+
+
+def _region_above(x: np.ndarray, threshold: float) -> np.ndarray:
+    """``_region(x, body_mask(x))`` for a C-contiguous ``x``, without the boolean mask of ``x``'s size.
+
+    The voxels above ``threshold`` in C order (a new array), or ``x.ravel()`` (a view) when there
+    are none, as with ``body_mask``'s all-voxels fallback.
+    """
+    flat = x.reshape(-1)
+    chunks = range(0, flat.size, _CHUNK_VOXELS)
+    counts = [int(np.count_nonzero(flat[i : i + _CHUNK_VOXELS] > threshold)) for i in chunks]
+    if not sum(counts):
+        return flat
+    out = np.empty(sum(counts), dtype=x.dtype)
+    at = 0
+    for i, count in zip(chunks, counts):
+        chunk = flat[i : i + _CHUNK_VOXELS]
+        out[at : at + count] = chunk[chunk > threshold]
+        at += count
+    return out
 
 
 def percentile_clip(
@@ -119,17 +157,72 @@ def percentile_clip(
     if not 0 <= low_pct < high_pct <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, found low={low_pct}, high={high_pct}")
     x = np.asarray(array, dtype=np.float32)
-    low, high = np.percentile(_region(x, mask), [low_pct, high_pct])
-    return _clip_scale(x, float(low), float(high), scale)
+    low, high = _percentiles(_region(x, mask), x, (low_pct, high_pct))
+    return _clip_scale_(np.array(x, dtype=np.float32), low, high, scale)
 
 
-def _clip_scale(x: np.ndarray, low: float, high: float, scale: bool) -> np.ndarray:
-    out = np.clip(x, low, high)
+def _percentiles(region: np.ndarray, x: np.ndarray, pcts) -> tuple[float, float]:
+    """``np.percentile(region, pcts)`` (linear) where ``region`` holds values of ``x``.
+
+    A region that is a fresh copy (``x[mask]``) is partitioned in place rather than copied again;
+    the result only depends on the values, so it is the same as without overwriting. A view of
+    ``x`` is copied by numpy as usual (``x`` is never reordered).
+    """
+    owned = not np.may_share_memory(region, x)
+    low, high = np.percentile(region, list(pcts), overwrite_input=owned)
+    return float(low), float(high)
+
+
+def _clip_scale_(x: np.ndarray, low: float, high: float, scale: bool) -> np.ndarray:
+    # In place on a float32 array the caller owns (same float32 operations as out-of-place).
+    np.clip(x, low, high, out=x)
     if not scale:
-        return out.astype(np.float32)
+        return x
     if high <= low:
-        return np.zeros_like(x, dtype=np.float32)
-    return ((out - low) / (high - low)).astype(np.float32)
+        x[...] = 0.0
+        return x
+    np.subtract(x, low, out=x)
+    np.divide(x, high - low, out=x)
+    return x
+
+
+#: Leaf length of :func:`_pairwise_sum_f64`: a float64 temporary of this many values at a time.
+_SUM_LEAF = 1 << 16
+
+
+def _pairwise_sum_f64(values: np.ndarray, fn) -> float:
+    """``float(np.sum(fn(values)))`` for 1D float32 ``values``, one leaf at a time.
+
+    ``fn`` maps a float32 block to float64 values elementwise. numpy sums a contiguous float64
+    array pairwise, splitting ``n > 128`` values at ``n // 2`` rounded down to a multiple of 8;
+    splitting the same way down to ``_SUM_LEAF`` values and letting numpy sum each leaf gives
+    bit-identical sums without a float64 copy of the whole region (tested against numpy).
+    """
+    def tree(start: int, n: int) -> float:
+        if n <= _SUM_LEAF:
+            return float(np.add.reduce(fn(values[start : start + n])))
+        half = n // 2
+        half -= half % 8
+        return tree(start, half) + tree(start + half, n - half)
+
+    return tree(0, int(values.size)) if values.size else 0.0
+
+
+def _mean_std(region: np.ndarray) -> tuple[float, float]:
+    """``region.astype(float64).mean()`` and ``.std()``, bit for bit, without the float64 copy."""
+    n = int(region.size)
+    if n == 0:  # an empty volume: numpy's mean/std of nothing
+        return float("nan"), float("nan")
+    mean = _pairwise_sum_f64(region, lambda b: b.astype(np.float64)) / n
+
+    def squared_deviation(block: np.ndarray) -> np.ndarray:
+        d = block.astype(np.float64)
+        d -= mean
+        d *= d
+        return d
+
+    std = float(np.sqrt(_pairwise_sum_f64(region, squared_deviation) / n))
+    return float(mean), std
 
 
 def zscore(
@@ -145,11 +238,17 @@ def zscore(
     """
     x = np.asarray(array, dtype=np.float32)
     if mean is None or std is None:
-        region = _region(x, mask).astype(np.float64)
-        mean = float(region.mean()) if mean is None else mean
-        std = float(region.std()) if std is None else std
+        mean, std = _fill_stats(mean, std, _region(x, mask))
     std = float(std) if float(std) > 0 else 1.0
-    return ((x - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    out = np.subtract(x, np.float32(mean))  # a new float32 array: the input is left alone
+    np.divide(out, np.float32(std), out=out)
+    return out
+
+
+def _fill_stats(mean: float | None, std: float | None, region: np.ndarray) -> tuple[float, float]:
+    """``mean``/``std``, the missing ones taken from ``region``."""
+    region_mean, region_std = _mean_std(region)
+    return (region_mean if mean is None else mean), (region_std if std is None else std)
 
 
 def check_normalization(spec: Mapping[str, Any]) -> dict:
@@ -204,27 +303,87 @@ def normalize(
         ValueError: from :func:`check_normalization`.
     """
     spec = check_normalization(spec)
+    return normalize_inplace(np.array(array, dtype=np.float32, order="C"), spec, modality=modality, body=body)
+
+
+def needs_body(spec: Mapping[str, Any]) -> bool:
+    """True when :func:`normalize` with ``spec`` uses the body mask (per-volume body statistics).
+
+    Raises:
+        ValueError: from :func:`check_normalization`.
+    """
+    spec = check_normalization(spec)
+    if spec["kind"] == "percentile":
+        return spec["low"] is None or spec["high"] is None
+    if spec["kind"] == "zscore":
+        return spec["region"] == "body" and any(spec[k] is None for k in ("mean", "std", "clip_low", "clip_high"))
+    return False
+
+
+def normalize_inplace(
+    x: np.ndarray, spec: Mapping[str, Any], *, modality: str = "MR", body: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`normalize` overwriting ``x``, a C-contiguous float32 array the caller owns; returns ``x``.
+
+    The same values as :func:`normalize`, bit for bit. Without ``body`` no boolean mask of ``x``'s
+    size is made (the body voxels are picked chunk by chunk); the only temporary of the volume's
+    order of size is one float32 copy of the body voxels (for the percentiles, then again for the
+    mean/std), so whole-volume preprocessing peaks at one float32 volume plus its body voxels.
+
+    Raises:
+        TypeError: if ``x`` is not a writable C-contiguous float32 ndarray.
+        ValueError: from :func:`check_normalization`.
+    """
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous):
+        found = (type(x).__name__ if not isinstance(x, np.ndarray) else
+                 f"{x.dtype} array (writeable={x.flags.writeable}, C-contiguous={x.flags.c_contiguous})")
+        raise TypeError(f"normalize_inplace needs a writable C-contiguous float32 ndarray, found {found}")
+    spec = check_normalization(spec)
     kind = spec["kind"]
     if kind == "ct_window":
-        return ct_window(array, spec["low_hu"], spec["high_hu"])
-    x = np.asarray(array, dtype=np.float32)
+        return _ct_window_(x, float(spec["low_hu"]), float(spec["high_hu"]))
+    if kind == "percentile" and spec["low"] is not None and spec["high"] is not None:
+        return _clip_scale_(x, float(spec["low"]), float(spec["high"]), True)
+    if not needs_body(spec):  # z-score over all voxels, or with every value fixed
+        def region() -> np.ndarray:
+            return x.ravel()
+    elif body is not None:
+        def region() -> np.ndarray:
+            return _region(x, body)
+    else:
+        # The body of the voxels as given: the threshold is taken before x is overwritten.
+        threshold = _body_threshold(x, modality)
+
+        def region() -> np.ndarray:
+            return _region_above(x, threshold)
+
     if kind == "percentile":
-        if spec["low"] is not None and spec["high"] is not None:
-            return _clip_scale(x, float(spec["low"]), float(spec["high"]), True)
-        mask = body if body is not None else body_mask(x, modality)
-        return percentile_clip(x, spec["low_pct"], spec["high_pct"], mask=mask)
-    # zscore
-    needs_region = any(spec[k] is None for k in ("mean", "std", "clip_low", "clip_high"))
-    mask = None
-    if needs_region and spec["region"] == "body":
-        mask = body if body is not None else body_mask(x, modality)
+        low, high = _percentiles(region(), x, (spec["low_pct"], spec["high_pct"]))
+        return _clip_scale_(x, low, high, True)
+    # zscore: clip to the region's percentiles, then (x - mean) / std over the clipped region.
     lo, hi = spec["clip_low"], spec["clip_high"]
     if lo is None or hi is None:
-        plo, phi = np.percentile(_region(x, mask), spec["clip_percentiles"])
-        lo = float(plo) if lo is None else lo
-        hi = float(phi) if hi is None else hi
-    x = np.clip(x, np.float32(lo), np.float32(hi))
-    return zscore(x, mean=spec["mean"], std=spec["std"], mask=mask)
+        plo, phi = _percentiles(region(), x, spec["clip_percentiles"])
+        lo = plo if lo is None else lo
+        hi = phi if hi is None else hi
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    mean, std = spec["mean"], spec["std"]
+    if (mean is None or std is None) and needs_body(spec):
+        # The body is picked from the unclipped voxels (clipping could lift air above the body
+        # threshold), then clipped: the values and order of clip(x)[body].
+        values = region()
+        np.clip(values, lo32, hi32, out=values)  # a view of x only when x is all body: clipped next anyway
+        mean, std = _fill_stats(mean, std, values)
+        del values
+        np.clip(x, lo32, hi32, out=x)
+    else:
+        np.clip(x, lo32, hi32, out=x)
+        if mean is None or std is None:
+            mean, std = _fill_stats(mean, std, x.ravel())
+    std = float(std) if float(std) > 0 else 1.0
+    np.subtract(x, np.float32(mean), out=x)
+    np.divide(x, np.float32(std), out=x)
+    return x
 
 
 # --- dictionary transforms ---------------------------------------------------------------------

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from nibabel import orientations as nio
 
 from medseg.io.volume import Volume
-from medseg.transforms.intensity import body_mask, normalize
+from medseg.transforms.intensity import body_mask, needs_body, normalize_inplace
 from medseg.transforms.slicing import context_slices, from_stack, to_stack
 from medseg.transforms.spatial import (
     InPlaneGrid,
@@ -125,11 +126,39 @@ def plan_geometry(volume: Volume, plan: Any) -> tuple[Reorientation, InPlaneGrid
     return reo, grid
 
 
+#: Slices resampled at a time: resampling's temporaries (a float32 copy of the slab, its
+#: edge-padded copy, the result) then take a few MB whatever the volume's length. Resampling is
+#: slice by slice, so the result is the same as for the whole stack at once.
+SLAB_SLICES = 16
+
+
 def _to_plan_space(array: np.ndarray, reo: Reorientation, grid: InPlaneGrid, slice_axis: int,
                    nearest: bool) -> np.ndarray:
     stack = to_stack(reorient_array(array, reo), slice_axis)
     stack = np.ascontiguousarray(stack)
     return resample_inplane(stack, grid, nearest=nearest)
+
+
+def _plan_view(array: np.ndarray, transform: np.ndarray, slice_axis: int) -> np.ndarray:
+    """``array`` reoriented by ``transform`` and slice-first: a view (axes permuted/flipped)."""
+    return to_stack(nio.apply_orientation(array, transform), slice_axis)
+
+
+def _image_to_plan_space(array: np.ndarray, reo: Reorientation, grid: InPlaneGrid, slice_axis: int) -> np.ndarray:
+    """The float32 plan-space stack ``(n, H', W')`` of ``array``: the only array of its size made.
+
+    The same values as reorienting, copying slice-first and resampling the whole stack (linear),
+    but the input is read through a view and cast or resampled slab by slab into the result.
+    """
+    view = _plan_view(array, reo.transform, slice_axis)
+    out = np.empty((view.shape[0], *grid.output_hw), dtype=np.float32)
+    for start in range(0, view.shape[0], SLAB_SLICES):
+        part = view[start : start + SLAB_SLICES]
+        if grid.is_identity:
+            out[start : start + SLAB_SLICES] = part  # the cast resample_inplane's astype makes
+        else:
+            out[start : start + SLAB_SLICES] = resample_inplane(np.ascontiguousarray(part), grid)
+    return out
 
 
 def preprocess_image(volume: Volume, plan: Any, *, with_body: bool = False) -> Prepared:
@@ -148,11 +177,14 @@ def preprocess_image(volume: Volume, plan: Any, *, with_body: bool = False) -> P
     raw = np.asarray(volume.array)
     if raw.dtype == np.bool_:
         raw = raw.astype(np.uint8)
-    stack = _to_plan_space(raw, reo, grid, plan.slice_axis, nearest=False)
-    body = body_mask(stack, plan.modality)
+    stack = _image_to_plan_space(raw, reo, grid, plan.slice_axis)
     # Normalization after resampling: the body mask and percentiles are then computed on the
-    # exact voxels the network sees, at training and inference alike.
-    array = normalize(stack, plan.normalization, modality=plan.modality, body=body)
+    # exact voxels the network sees, at training and inference alike. The mask is only made
+    # when it is used (not for a CT window), and the stack is normalized in place, so whole-volume
+    # preprocessing holds one float32 stack (plus the body mask and, for per-volume statistics,
+    # one float32 copy of the body voxels) rather than a chain of full-size temporaries.
+    body = body_mask(stack, plan.modality) if with_body or needs_body(plan.normalization) else None
+    array = normalize_inplace(stack, plan.normalization, modality=plan.modality, body=body)
     inverse = Inverse(volume.shape, volume.affine.copy(), volume.case_id, dict(volume.meta), reo,
                       plan.slice_axis, grid)
     return Prepared(np.ascontiguousarray(array, dtype=np.float32), inverse, plan.context_slices,
@@ -192,7 +224,9 @@ def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
             (float32 result), integer/bool (class maps) by nearest neighbour (dtype kept).
 
     Returns:
-        A Volume with exactly the input's shape, affine, case id and metadata.
+        A Volume with exactly the input's shape, affine, case id and metadata. Without in-plane
+        resampling its array is a view of ``stack`` (float32 or integer input: no copy of the
+        volume, possibly not C-contiguous); with resampling a new C-contiguous array.
 
     Raises:
         ValueError: if ``stack``'s shape is not ``prepared.array``'s.
@@ -204,8 +238,17 @@ def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
     inv = prepared.inverse
     nearest = stack.dtype == np.bool_ or np.issubdtype(stack.dtype, np.integer)
     data = stack.astype(np.uint8) if stack.dtype == np.bool_ else stack
-    back = resample_inplane(np.ascontiguousarray(data), inv.grid, nearest=nearest, inverse=True)
-    array = reorient_array(np.ascontiguousarray(from_stack(back, inv.slice_axis)), inv.reorientation, inverse=True)
+    if inv.grid.is_identity:
+        # Reorientation and slice-first are axis permutations/flips: undo them as a view.
+        back = resample_inplane(data, inv.grid, nearest=nearest, inverse=True)
+        array = nio.apply_orientation(from_stack(back, inv.slice_axis), inv.reorientation.inverse_transform)
+    else:
+        # Resample slab by slab straight into the result, seen through its plan-space view.
+        array = np.empty(inv.shape, dtype=data.dtype if nearest else np.float32)
+        target = _plan_view(array, inv.reorientation.transform, inv.slice_axis)
+        for start in range(0, data.shape[0], SLAB_SLICES):
+            part = np.ascontiguousarray(data[start : start + SLAB_SLICES])
+            target[start : start + SLAB_SLICES] = resample_inplane(part, inv.grid, nearest=nearest, inverse=True)
     if stack.dtype == np.bool_:
         array = array.astype(bool)
     return Volume(array, inv.affine.copy(), inv.case_id, dict(inv.meta))

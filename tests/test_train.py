@@ -89,8 +89,8 @@ def test_help_is_fast_and_does_not_import_tensorflow():
     assert out.returncode == 0, out.stderr
     assert "--images" in out.stdout and "--resume RUN_DIR" in out.stdout and "--precision" in out.stdout
     last = out.stdout.split()[-4:]
-    assert last[:2] == ["TF", "False"]
-    assert float(last[3]) < 2.0
+    assert last[:2] == ["TF", "False"]  # what makes --help fast: no TensorFlow import
+    assert float(last[3]) < 5.0  # < 2 s on an idle machine; slack for a loaded CI runner
 
 
 def test_cli_needs_images_and_labels_or_resume(capsys):

@@ -89,11 +89,14 @@ def test_two_logical_cpus_under_mirrored_strategy_match_one_device(tmp_path):
     assert info1["lr"] == pytest.approx(info2["lr"]) == pytest.approx(2e-3)
     np.testing.assert_allclose(info2["losses"], info1["losses"], rtol=1e-4)
     assert len(w1) == len(w2)
+    # Gradients are summed in another order across replicas; Adam divides by sqrt(v), which
+    # magnifies that rounding for near-zero gradients: allow 5 % of one Adam step (lr 2e-3).
     for a, b in zip(w1, w2):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
-    # and the trajectory moved: the weights are not the initial ones of both runs
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+    # Both checkpoints hold the same variables, and both optimizers took the 3 steps.
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert a.keys() == b.keys()
+    assert int(a["optimizer/vars/0"]) == int(b["optimizer/vars/0"]) == 3  # Adam's iteration counter
 
 
 @pytest.mark.slow

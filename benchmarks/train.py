@@ -131,6 +131,9 @@ def main(argv=None) -> int:
         "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
         "checkpoint_written": bool(os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))),
     }
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(json.dumps(result))
     return 0
 

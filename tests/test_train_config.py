@@ -381,3 +381,12 @@ def test_whole_volume_validation_schedule():
     logs = {}
     timed.on_epoch_end(0, logs)
     assert timed.time_up and "val_dsc_3d" in logs
+
+
+def test_flat_dice_window_covers_at_least_1000_steps():
+    from medseg.train.loop import flat_dice_window
+
+    assert flat_dice_window(250) == 4      # default epochs: 4 x 250 = 1000 steps
+    assert flat_dice_window(1000) == 4     # never shorter than 4 epochs
+    assert flat_dice_window(25) == 40      # the demo's short epochs: 40 x 25 = 1000 steps
+    assert flat_dice_window(300) == 4 and flat_dice_window(200) == 5

@@ -33,6 +33,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,7 +564,18 @@ def make_diagnostics(cfg: TrainConfig, write_dir: Path, dataset=None):
             alignment = check_alignment(maker.augmenter, n=16, size=32, channels=maker.context_slices,
                                         seed=cfg.seed)
     # verbose=0: RunKeeper prints the epoch's summary line (with the same loss split).
-    return Diagnostics(sample_batch=sample_batch, alignment_dice=alignment, verbose=0)
+    return Diagnostics(sample_batch=sample_batch, alignment_dice=alignment, verbose=0,
+                       flat_epochs=flat_dice_window(cfg.steps_per_epoch))
+
+
+#: The flat-Dice rule looks at least this many optimizer steps back: in the first few hundred
+#: steps of a healthy run the cross-entropy part falls while the hard Dice is still near 0.
+FLAT_DICE_MIN_STEPS = 1000
+
+
+def flat_dice_window(steps_per_epoch: int) -> int:
+    """Epochs of the flat-Dice window: 4, or more when epochs are short (>= 1000 steps in all)."""
+    return max(4, math.ceil(FLAT_DICE_MIN_STEPS / max(1, int(steps_per_epoch))))
 
 
 def write_warnings(diagnostics, run_dir: Path, previous: list[dict] | None = None) -> Path:

@@ -115,28 +115,45 @@ def _region(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return values if values.size else x.ravel()
 
 
-#: Voxels compared with the body threshold at a time by :func:`_region_above` (16 MB of float32).
+#: Voxels read at a time when the region's values are streamed (16 MB of float32).
 _CHUNK_VOXELS = 1 << 22
 
 
-def _region_above(x: np.ndarray, threshold: float) -> np.ndarray:
-    """``_region(x, body_mask(x))`` for a C-contiguous ``x``, without the boolean mask of ``x``'s size.
+def _region_chunks(x: np.ndarray, body: np.ndarray | None, threshold: float | None):
+    """The values of ``_region(x, mask)`` chunk by chunk, in the same (C) order, without copying them all.
 
-    The voxels above ``threshold`` in C order (a new array), or ``x.ravel()`` (a view) when there
-    are none, as with ``body_mask``'s all-voxels fallback.
+    The mask is ``body``, else ``x > threshold`` (evaluated when the chunks are read), else all
+    voxels; an empty mask means all voxels, as in :func:`body_mask` and :func:`_region`.
+    ``x`` must be C-contiguous.
+
+    Returns:
+        ``(make_chunks, n)``: ``make_chunks()`` returns a new iterator over 1D float32 chunks
+        (views of ``x`` for all voxels, copies otherwise), ``n`` the number of values.
     """
     flat = x.reshape(-1)
-    chunks = range(0, flat.size, _CHUNK_VOXELS)
-    counts = [int(np.count_nonzero(flat[i : i + _CHUNK_VOXELS] > threshold)) for i in chunks]
-    if not sum(counts):
-        return flat
-    out = np.empty(sum(counts), dtype=x.dtype)
-    at = 0
-    for i, count in zip(chunks, counts):
-        chunk = flat[i : i + _CHUNK_VOXELS]
-        out[at : at + count] = chunk[chunk > threshold]
-        at += count
-    return out
+    starts = range(0, flat.size, _CHUNK_VOXELS)
+    select = None
+    if body is not None:
+        mask = np.asarray(body, dtype=bool)
+        if mask.shape != x.shape:  # whatever numpy makes of it (an IndexError, mostly)
+            region = _region(x, mask)
+            return (lambda: iter((region,))), int(region.size)
+        mask = mask.reshape(-1)
+
+        def select(i: int, chunk: np.ndarray) -> np.ndarray:
+            return mask[i : i + _CHUNK_VOXELS]
+    elif threshold is not None:
+        def select(i: int, chunk: np.ndarray) -> np.ndarray:
+            return chunk > threshold
+    if select is not None:
+        n = sum(int(np.count_nonzero(select(i, flat[i : i + _CHUNK_VOXELS]))) for i in starts)
+        if n:
+            def selected():
+                for i in starts:
+                    chunk = flat[i : i + _CHUNK_VOXELS]
+                    yield chunk[select(i, chunk)]
+            return selected, n
+    return (lambda: (flat[i : i + _CHUNK_VOXELS] for i in starts)), int(flat.size)
 
 
 def percentile_clip(
@@ -190,30 +207,58 @@ def _clip_scale_(x: np.ndarray, low: float, high: float, scale: bool) -> np.ndar
 _SUM_LEAF = 1 << 16
 
 
-def _pairwise_sum_f64(values: np.ndarray, fn) -> float:
-    """``float(np.sum(fn(values)))`` for 1D float32 ``values``, one leaf at a time.
+def _pairwise_sum_f64(chunks, n: int, fn) -> float:
+    """``float(np.sum(fn(values)))`` for the ``n`` float32 values that ``chunks`` yields in order.
 
     ``fn`` maps a float32 block to float64 values elementwise. numpy sums a contiguous float64
     array pairwise, splitting ``n > 128`` values at ``n // 2`` rounded down to a multiple of 8;
     splitting the same way down to ``_SUM_LEAF`` values and letting numpy sum each leaf gives
-    bit-identical sums without a float64 copy of the whole region (tested against numpy).
+    bit-identical sums (tested against numpy) without a float64 copy of all values, and without
+    holding more than one chunk and one leaf of them.
     """
-    def tree(start: int, n: int) -> float:
-        if n <= _SUM_LEAF:
-            return float(np.add.reduce(fn(values[start : start + n])))
-        half = n // 2
-        half -= half % 8
-        return tree(start, half) + tree(start + half, n - half)
+    leaves: list[int] = []
 
-    return tree(0, int(values.size)) if values.size else 0.0
+    def split(m: int) -> None:
+        if m <= _SUM_LEAF:
+            leaves.append(m)
+            return
+        half = m // 2 - (m // 2) % 8
+        split(half)
+        split(m - half)
+
+    split(n)
+    sums = []
+    stream, buffer = iter(chunks), np.empty(0, dtype=np.float32)
+    for m in leaves:
+        parts = []
+        while m:
+            while not buffer.size:
+                buffer = next(stream)
+            parts.append(buffer[:m])
+            m -= parts[-1].size
+            buffer = buffer[parts[-1].size :]
+        sums.append(float(np.add.reduce(fn(parts[0] if len(parts) == 1 else np.concatenate(parts)))))
+    ordered = iter(sums)
+
+    def combine(m: int) -> float:
+        if m <= _SUM_LEAF:
+            return next(ordered)
+        half = m // 2 - (m // 2) % 8
+        return combine(half) + combine(m - half)
+
+    return combine(n)
 
 
 def _mean_std(region: np.ndarray) -> tuple[float, float]:
     """``region.astype(float64).mean()`` and ``.std()``, bit for bit, without the float64 copy."""
-    n = int(region.size)
+    return _mean_std_chunks(lambda: iter((region.reshape(-1),)), int(region.size))
+
+
+def _mean_std_chunks(make_chunks, n: int) -> tuple[float, float]:
+    """:func:`_mean_std` of the ``n`` values that ``make_chunks()`` yields in order (read twice)."""
     if n == 0:  # an empty volume: numpy's mean/std of nothing
         return float("nan"), float("nan")
-    mean = _pairwise_sum_f64(region, lambda b: b.astype(np.float64)) / n
+    mean = _pairwise_sum_f64(make_chunks(), n, lambda b: b.astype(np.float64)) / n
 
     def squared_deviation(block: np.ndarray) -> np.ndarray:
         d = block.astype(np.float64)
@@ -221,8 +266,72 @@ def _mean_std(region: np.ndarray) -> tuple[float, float]:
         d *= d
         return d
 
-    std = float(np.sqrt(_pairwise_sum_f64(region, squared_deviation) / n))
+    std = float(np.sqrt(_pairwise_sum_f64(make_chunks(), n, squared_deviation) / n))
     return float(mean), std
+
+
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys in the order of the float32 ``values`` (NaN excluded)."""
+    u = values.view(np.uint32)
+    return np.where(u >> 31, ~u, u | np.uint32(0x80000000))
+
+
+def _from_sort_key(key: int) -> np.float32:
+    u = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return np.array(u, dtype=np.uint32).view(np.float32)[()]
+
+
+def _order_statistics(make_chunks, ranks) -> dict[int, np.float32]:
+    """The values of 0-based ``ranks`` in the ascending order of the values ``make_chunks()`` yields.
+
+    Exact, in two passes over the chunks (a radix select on the float32 bit patterns: a histogram
+    of the top 16 bits, then of the low 16 bits inside the buckets holding the ranks), with
+    memory of one chunk: no copy of all values. NaN must not occur.
+    """
+    top = np.zeros(1 << 16, dtype=np.int64)
+    for chunk in make_chunks():
+        top += np.bincount(_sort_keys(chunk) >> 16, minlength=1 << 16)
+    below = np.cumsum(top)
+    bucket = {r: int(np.searchsorted(below, r, side="right")) for r in ranks}
+    low = {b: np.zeros(1 << 16, dtype=np.int64) for b in set(bucket.values())}
+    for chunk in make_chunks():
+        keys = _sort_keys(chunk)
+        high = keys >> 16
+        for b, hist in low.items():
+            hist += np.bincount(keys[high == b] & 0xFFFF, minlength=1 << 16)
+    out = {}
+    for r, b in bucket.items():
+        inside = r - (int(below[b - 1]) if b else 0)
+        k = int(np.searchsorted(np.cumsum(low[b]), inside, side="right"))
+        out[r] = _from_sort_key((b << 16) | k)
+    return out
+
+
+def _percentiles_chunks(make_chunks, n: int, pcts) -> tuple[float, float]:
+    """``np.percentile(values, pcts)`` (linear) of the ``n`` float32 values ``make_chunks()`` yields.
+
+    Bit-identical to numpy without its copy of the values: numpy's result is its linear
+    interpolation between the values of ranks ``floor(v)`` and ``floor(v) + 1`` (``v = (n - 1) q``,
+    the maximum where ``v >= n - 1``) with weight ``v - floor(v)``; these values are found by
+    :func:`_order_statistics` and numpy's own ``quantile`` interpolates between them (on the two
+    values with ``q`` = the weight, the same operations). NaN values fall back to numpy's percentile.
+    """
+    if any(np.isnan(chunk).any() for chunk in make_chunks()):
+        return _percentiles(np.concatenate(list(make_chunks())), np.empty(0), pcts)
+    virtual = (n - 1) * np.true_divide(list(pcts), 100)  # as np.percentile computes it
+    previous = np.floor(virtual)
+    ranks = set()
+    for v, p in zip(virtual, previous):
+        ranks.update((n - 1,) if v >= n - 1 else (int(p), int(p) + 1))
+    value = _order_statistics(make_chunks, sorted(ranks))
+    out = []
+    for v, p in zip(virtual, previous):
+        if v >= n - 1:
+            pair, weight = (value[n - 1], value[n - 1]), 1.0
+        else:
+            pair, weight = (value[int(p)], value[int(p) + 1]), v - p
+        out.append(float(np.quantile(np.array(pair, dtype=np.float32), np.array([weight]))[0]))
+    return out[0], out[1]
 
 
 def zscore(
@@ -245,9 +354,13 @@ def zscore(
     return out
 
 
-def _fill_stats(mean: float | None, std: float | None, region: np.ndarray) -> tuple[float, float]:
-    """``mean``/``std``, the missing ones taken from ``region``."""
-    region_mean, region_std = _mean_std(region)
+def _fill_stats(mean: float | None, std: float | None, region: np.ndarray, make_chunks=None,
+                n: int = 0) -> tuple[float, float]:
+    """``mean``/``std``, the missing ones taken from ``region`` (or the values ``make_chunks()`` yields)."""
+    if make_chunks is None:
+        region_mean, region_std = _mean_std(region)
+    else:
+        region_mean, region_std = _mean_std_chunks(make_chunks, n)
     return (region_mean if mean is None else mean), (region_std if std is None else std)
 
 
@@ -325,10 +438,11 @@ def normalize_inplace(
 ) -> np.ndarray:
     """:func:`normalize` overwriting ``x``, a C-contiguous float32 array the caller owns; returns ``x``.
 
-    The same values as :func:`normalize`, bit for bit. Without ``body`` no boolean mask of ``x``'s
-    size is made (the body voxels are picked chunk by chunk); the only temporary of the volume's
-    order of size is one float32 copy of the body voxels (for the percentiles, then again for the
-    mean/std), so whole-volume preprocessing peaks at one float32 volume plus its body voxels.
+    The same values as :func:`normalize`, bit for bit, with no temporary of the volume's order of
+    size: the body (or all) voxels are read chunk by chunk (``_CHUNK_VOXELS``) for the percentiles
+    (an exact selection, not numpy's partitioned copy) and for the float64 mean/std (summed in
+    numpy's pairwise order, not on a float64 copy), and without ``body`` no boolean mask of
+    ``x``'s size is made. Whole-volume preprocessing thus peaks at about one float32 volume.
 
     Raises:
         TypeError: if ``x`` is not a writable C-contiguous float32 ndarray.
@@ -345,36 +459,35 @@ def normalize_inplace(
     if kind == "percentile" and spec["low"] is not None and spec["high"] is not None:
         return _clip_scale_(x, float(spec["low"]), float(spec["high"]), True)
     if not needs_body(spec):  # z-score over all voxels, or with every value fixed
-        def region() -> np.ndarray:
-            return x.ravel()
-    elif body is not None:
-        def region() -> np.ndarray:
-            return _region(x, body)
+        make_chunks, n = _region_chunks(x, None, None)
     else:
-        # The body of the voxels as given: the threshold is taken before x is overwritten.
-        threshold = _body_threshold(x, modality)
+        # The body of the voxels as given: the threshold is taken before x is overwritten, and
+        # the chunks are read below before x is.
+        make_chunks, n = _region_chunks(x, body, None if body is not None else _body_threshold(x, modality))
 
-        def region() -> np.ndarray:
-            return _region_above(x, threshold)
+    def percentiles(pcts) -> tuple[float, float]:
+        if n == 0:  # numpy's error for an empty volume
+            return _percentiles(x.ravel(), x, pcts)
+        return _percentiles_chunks(make_chunks, n, pcts)
 
     if kind == "percentile":
-        low, high = _percentiles(region(), x, (spec["low_pct"], spec["high_pct"]))
+        low, high = percentiles((spec["low_pct"], spec["high_pct"]))
         return _clip_scale_(x, low, high, True)
     # zscore: clip to the region's percentiles, then (x - mean) / std over the clipped region.
     lo, hi = spec["clip_low"], spec["clip_high"]
     if lo is None or hi is None:
-        plo, phi = _percentiles(region(), x, spec["clip_percentiles"])
+        plo, phi = percentiles(spec["clip_percentiles"])
         lo = plo if lo is None else lo
         hi = phi if hi is None else hi
     lo32, hi32 = np.float32(lo), np.float32(hi)
     mean, std = spec["mean"], spec["std"]
     if (mean is None or std is None) and needs_body(spec):
         # The body is picked from the unclipped voxels (clipping could lift air above the body
-        # threshold), then clipped: the values and order of clip(x)[body].
-        values = region()
-        np.clip(values, lo32, hi32, out=values)  # a view of x only when x is all body: clipped next anyway
-        mean, std = _fill_stats(mean, std, values)
-        del values
+        # threshold), then clipped chunk by chunk: the values and order of clip(x)[body].
+        def clipped():
+            return (np.clip(chunk, lo32, hi32) for chunk in make_chunks())
+
+        mean, std = _fill_stats(mean, std, None, clipped, n)
         np.clip(x, lo32, hi32, out=x)
     else:
         np.clip(x, lo32, hi32, out=x)

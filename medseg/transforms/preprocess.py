@@ -21,7 +21,7 @@ import numpy as np
 from nibabel import orientations as nio
 
 from medseg.io.volume import Volume
-from medseg.transforms.intensity import body_mask, needs_body, normalize_inplace
+from medseg.transforms.intensity import body_mask, normalize_inplace
 from medseg.transforms.slicing import context_slices, from_stack, to_stack
 from medseg.transforms.spatial import (
     InPlaneGrid,
@@ -179,11 +179,11 @@ def preprocess_image(volume: Volume, plan: Any, *, with_body: bool = False) -> P
         raw = raw.astype(np.uint8)
     stack = _image_to_plan_space(raw, reo, grid, plan.slice_axis)
     # Normalization after resampling: the body mask and percentiles are then computed on the
-    # exact voxels the network sees, at training and inference alike. The mask is only made
-    # when it is used (not for a CT window), and the stack is normalized in place, so whole-volume
-    # preprocessing holds one float32 stack (plus the body mask and, for per-volume statistics,
-    # one float32 copy of the body voxels) rather than a chain of full-size temporaries.
-    body = body_mask(stack, plan.modality) if with_body or needs_body(plan.normalization) else None
+    # exact voxels the network sees, at training and inference alike. The stack is normalized
+    # in place and its body statistics are read chunk by chunk (no boolean mask of the volume is
+    # made unless training asks for it), so whole-volume preprocessing holds one float32 stack
+    # rather than a chain of full-size temporaries.
+    body = body_mask(stack, plan.modality) if with_body else None
     array = normalize_inplace(stack, plan.normalization, modality=plan.modality, body=body)
     inverse = Inverse(volume.shape, volume.affine.copy(), volume.case_id, dict(volume.meta), reo,
                       plan.slice_axis, grid)

@@ -26,62 +26,16 @@ import os
 import statistics
 import time
 
+from user_recipe import dice_loss, nest_unet  # benchmarks/ is on sys.path when run as a script
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def user_nest_unet(input_size=(None, None, 1), num_class=2, dropout_rate=0.5, l2=1e-4):
-    """The user's ``Nest_UNet`` (deep_supervision=False -> output_4), in Keras 3 syntax."""
-    import keras
-    from keras import layers
-
-    reg = keras.regularizers.L2(l2)
-
-    def standard_unit(x, stage, nb_filter):
-        for k in (1, 2):
-            x = layers.Conv2D(nb_filter, 3, padding="same", activation="relu",
-                              kernel_initializer="he_normal", kernel_regularizer=reg,
-                              name=f"conv{stage}_{k}")(x)
-            x = layers.Dropout(dropout_rate, name=f"dp{stage}_{k}")(x)
-        return x
-
-    def up(x, nb_filter, name):
-        return layers.Conv2DTranspose(nb_filter, 2, strides=2, padding="same", activation="relu",
-                                      kernel_initializer="he_normal", kernel_regularizer=reg,
-                                      name=name)(x)
-
-    nb = [32, 64, 128, 256, 512]
-    img = keras.Input(input_size, name="main_input")
-    c11 = standard_unit(img, "11", nb[0])
-    c21 = standard_unit(layers.MaxPooling2D(2, name="pool1")(c11), "21", nb[1])
-    c12 = standard_unit(layers.concatenate([up(c21, nb[0], "up12"), c11], name="merge12"), "12", nb[0])
-    c31 = standard_unit(layers.MaxPooling2D(2, name="pool2")(c21), "31", nb[2])
-    c22 = standard_unit(layers.concatenate([up(c31, nb[1], "up22"), c21], name="merge22"), "22", nb[1])
-    c13 = standard_unit(layers.concatenate([up(c22, nb[0], "up13"), c11, c12], name="merge13"), "13", nb[0])
-    c41 = standard_unit(layers.MaxPooling2D(2, name="pool3")(c31), "41", nb[3])
-    c32 = standard_unit(layers.concatenate([up(c41, nb[2], "up32"), c31], name="merge32"), "32", nb[2])
-    c23 = standard_unit(layers.concatenate([up(c32, nb[1], "up23"), c21, c22], name="merge23"), "23", nb[1])
-    c14 = standard_unit(layers.concatenate([up(c23, nb[0], "up14"), c11, c12, c13], name="merge14"), "14", nb[0])
-    c51 = standard_unit(layers.MaxPooling2D(2, name="pool4")(c41), "51", nb[4])
-    c42 = standard_unit(layers.concatenate([up(c51, nb[3], "up42"), c41], name="merge42"), "42", nb[3])
-    c33 = standard_unit(layers.concatenate([up(c42, nb[2], "up33"), c31, c32], name="merge33"), "33", nb[2])
-    c24 = standard_unit(layers.concatenate([up(c33, nb[1], "up24"), c21, c22, c23], name="merge24"), "24", nb[1])
-    c15 = standard_unit(layers.concatenate([up(c24, nb[0], "up15"), c11, c12, c13, c14], name="merge15"), "15", nb[0])
-    out4 = layers.Conv2D(num_class, 1, activation="softmax", name="output_4",
-                         kernel_initializer="he_normal", padding="same", kernel_regularizer=reg)(c15)
-    return keras.Model(inputs=img, outputs=out4)
-
-
 def user_dice_loss(y_true, y_pred):
-    """The user's weighted Dice (0.3 background, 0.7 lesion, smooth 1, flattened batch)."""
+    """The user's weighted Dice on class-index masks (the benchmark's batches are not one-hot)."""
     from keras import ops
 
-    y_true = ops.one_hot(ops.cast(y_true, "int32"), 2)
-
-    def coef(c):
-        t, p = ops.reshape(y_true[..., c], (-1,)), ops.reshape(y_pred[..., c], (-1,))
-        return (2.0 * ops.sum(t * p) + 1.0) / (ops.sum(t) + ops.sum(p) + 1.0)
-
-    return 1.0 - (0.3 * coef(0) + 0.7 * coef(1))
+    return dice_loss(ops.one_hot(ops.cast(y_true, "int32"), 2), y_pred)
 
 
 def time_steps(model, loss, x, y, warmup, steps, heads, deadline):
@@ -161,7 +115,7 @@ def main(argv=None) -> int:
 
     if not args.skip_peer:
         keras.utils.set_random_seed(0)
-        peer = user_nest_unet()
+        peer = nest_unet()
         result["peer"] = "user's Keras recipe (Nest_UNet, dropout 0.5, L2 1e-4, smooth-1 Dice)"
         result["peer_params"] = int(peer.count_params())
         median, times = time_steps(peer, user_dice_loss, x, y, args.warmup, args.steps, heads=1,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, error_line, run_command, setup_logging
 from medseg.errors import InputError, MedsegError
+from medseg.io.atomic import same_file
 
 PROG = "medseg-infer"
 #: Environment variable naming the default model bundle (a run folder).
@@ -281,17 +282,9 @@ def plan_outputs(
         seg = out_path if as_file else folder / f"{case_id}{SEG_SUFFIX}{DEFAULT_EXT}"
         jobs.append(Job(case_id, source, seg, prob_path_for(seg) if probabilities else None))
 
-    def same(a: Path, b: Path) -> bool:
-        try:
-            if a.exists() and b.exists():
-                return os.path.samefile(a, b)
-        except OSError:
-            pass
-        return os.path.realpath(a) == os.path.realpath(b)
-
     sources = [job.source for job in jobs]
     outputs = [p for job in jobs for p in (job.seg_path, job.prob_path) if p is not None]
-    onto_inputs = [str(p) for p in outputs if any(same(p, s) for s in sources)]
+    onto_inputs = [str(p) for p in outputs if any(same_file(p, s) for s in sources)]
     if onto_inputs:
         raise InputError(
             onto_inputs[0], "an output path different from every input", "an input file",

@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 from medseg.errors import InputError
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name the same file (by inode when both exist, else by real path)."""
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
@@ -44,7 +45,7 @@ def check_output_path(
     """
     path = Path(path)
     for src in protect:
-        if src is not None and _same_file(path, Path(src)):
+        if src is not None and same_file(path, Path(src)):
             raise InputError(
                 path, "an output path different from the input", "the input file itself",
                 "medseg never overwrites an input; choose another output path",

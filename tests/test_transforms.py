@@ -453,8 +453,8 @@ def test_preprocess_restore_slabs_equal_whole_stack():
     np.testing.assert_array_equal(prep.array, normalize(whole, plan.normalization))
     probs = np.random.default_rng(0).random(prep.shape).astype(np.float32)
     back = restore(prep, probs)
-    expected = reorient_array(np.ascontiguousarray(from_stack(resample_inplane(probs, prep.inverse.grid, inverse=True), 2)),
-                              reo, inverse=True)
+    whole_back = resample_inplane(probs, prep.inverse.grid, inverse=True)
+    expected = reorient_array(np.ascontiguousarray(from_stack(whole_back, 2)), reo, inverse=True)
     assert back.array.flags.c_contiguous and back.array.dtype == np.float32
     np.testing.assert_array_equal(back.array, expected)
 
@@ -519,3 +519,15 @@ def test_streamed_percentiles_equal_numpy_bits(pcts):
             got = _percentiles_chunks(lambda: iter(np.array_split(v, 4)), v.size, pcts)
             expected = [float(p) for p in np.percentile(v, pcts)]
         assert np.array_equal(got, expected, equal_nan=True), (v.size, got, expected)
+
+
+def test_needs_body_only_for_per_volume_body_statistics():
+    from medseg.transforms.intensity import needs_body
+
+    assert needs_body({"kind": "zscore"}) and needs_body({"kind": "percentile", "low": 0})
+    assert not needs_body({"kind": "zscore", "region": "all"})
+    assert not needs_body({"kind": "zscore", "mean": 0, "std": 1, "clip_low": -1, "clip_high": 1})
+    assert not needs_body({"kind": "percentile", "low": 0, "high": 1})
+    assert not needs_body({"kind": "ct_window", "low_hu": -1000, "high_hu": 400})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        needs_body({"kind": "gauss"})

@@ -1,6 +1,7 @@
 """Intensity normalization: CT window, z-score over the body, percentile clipping.
 
-Every function is pure (array in, float32 array out). :func:`normalize` applies the
+Every public function but :func:`normalize_inplace` (which overwrites a float32 array the caller
+owns, for whole-volume preprocessing) is pure (array in, float32 array out). :func:`normalize` applies the
 ``Plan.normalization`` dictionary, which is the only record of what was done, so inference
 repeats exactly the training-time operation:
 

@@ -390,3 +390,17 @@ def test_flat_dice_window_covers_at_least_1000_steps():
     assert flat_dice_window(1000) == 4     # never shorter than 4 epochs
     assert flat_dice_window(25) == 40      # the demo's short epochs: 40 x 25 = 1000 steps
     assert flat_dice_window(300) == 4 and flat_dice_window(200) == 5
+
+
+def test_summary_line_states_infinite_hd95(tmp_path):
+    """An empty prediction has HD95 inf: the epoch line says so instead of printing 'nan mm'."""
+    from medseg.train.callbacks import RunKeeper, new_state
+
+    keeper = RunKeeper(tmp_path, new_state(seed=0), save_best=lambda *a: None, epochs=5, verbose=0)
+    base = {"loss": 0.5, "data_loss": 0.5, "reg_loss": 0.0, "lr": 1e-3, "time_s": 3.0, "val_dsc_3d": 0.0}
+    all_empty = keeper.summary_line(0, {**base, "val_hd95_mm": float("nan"), "val_hd95_inf": 1.0}, True, False)
+    assert "HD95 inf (1 empty prediction)" in all_empty and "nan mm" not in all_empty
+    some = keeper.summary_line(0, {**base, "val_hd95_mm": 12.34, "val_hd95_inf": 2.0}, True, False)
+    assert "HD95 12.3 mm (2 empty: inf)" in some
+    finite = keeper.summary_line(0, {**base, "val_hd95_mm": 7.0, "val_hd95_inf": 0.0}, True, False)
+    assert "HD95 7.0 mm  " in finite

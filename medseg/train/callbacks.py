@@ -303,7 +303,11 @@ class RunKeeper(keras.callbacks.Callback):
         if validated:
             hd = row.get("val_hd95_mm", float("nan"))
             parts.append(f"val 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
-            parts.append(f"HD95 {hd:.1f} mm")
+            n_inf = int(row.get("val_hd95_inf", 0) or 0)
+            if np.isfinite(hd):
+                parts.append(f"HD95 {hd:.1f} mm" + (f" ({n_inf} empty: inf)" if n_inf else ""))
+            elif n_inf:  # every validation patient's prediction was empty
+                parts.append(f"HD95 inf ({n_inf} empty prediction{'s' if n_inf > 1 else ''})")
         else:
             parts.append("val 3D DSC -")
         if self.state["best_epoch"]:

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.atomic import atomic_path
 from medseg.transforms.preprocess import preprocess_image, preprocess_label
 from medseg.transforms.sampling import LesionIndex, SampleSource, build_index
 
@@ -140,16 +141,9 @@ def libc_trim() -> None:
 
 
 def _atomic_save(path: Path, save) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             save(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _safe_name(case_id: str) -> str:

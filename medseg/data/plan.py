@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.atomic import atomic_path
 from medseg.transforms.intensity import body_mask, check_normalization
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
@@ -160,15 +160,8 @@ class Plan:
         """Write the Plan as JSON, atomically (temporary file + ``os.replace``)."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(text + "\n")
         return path
 
     @classmethod

@@ -6,10 +6,10 @@ import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from medseg.io.atomic import atomic_path
 from medseg.train.checkpoint import atomic_write_text
 
 #: Columns shown first in history.csv, in this order (others follow alphabetically).
@@ -97,13 +97,6 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -32,7 +32,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.transforms.intensity import body_mask, check_normalization
+from medseg.transforms.intensity import body_mask, check_normalization, guess_modality
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
 
@@ -222,25 +222,14 @@ def load_pair(item: Any):
     raise TypeError(f"make_plan expects Cases, Volumes, (image, label) pairs or dicts, found {type(item).__name__}")
 
 
-def _guess_modality(image, rng: np.random.Generator) -> str:
-    modality = str(image.meta.get("modality") or "").upper()
-    if modality in ("CT", "MR", "PT", "US"):
-        return modality
-    if modality == "MRI":
-        return "MR"
-    # Without a header: CT stores air at about -1000 HU, other modalities are non-negative.
-    flat = image.array.ravel()
-    sample = flat[rng.integers(0, flat.size, size=min(flat.size, 100_000))]
-    return "CT" if np.percentile(sample, 1) < -900 else "MR"
-
-
 def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     reo = reorientation(image.affine, image.shape, orientation)
     arr = reorient_array(np.asarray(image.array), reo)
     spacing = np.linalg.norm(reo.output_affine[:3, :3], axis=0)
-    modality = _guess_modality(image, rng)
+    # Without a CT-like header or HU range, treat the scan as MR (z-score: no absolute scale).
+    modality = guess_modality(image) or "MR"
     body = body_mask(arr, modality)
     body_vals = arr[body]
     body_vals = body_vals[rng.integers(0, body_vals.size, size=min(body_vals.size, _SAMPLES_PER_CASE))]

@@ -30,6 +30,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.infer.bundle import Bundle
 from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
+from medseg.transforms.intensity import guess_modality
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -121,21 +122,6 @@ def padding_for(size: int, divisor: int) -> tuple[int, int]:
     """
     total = (-int(size)) % int(divisor)
     return total // 2, total - total // 2
-
-
-def _looks_like(volume: "Volume") -> str | None:
-    """Modality of ``volume``: from its header, else guessed (CT stores air at about -1000 HU)."""
-    modality = str(volume.meta.get("modality") or "").upper()
-    if modality == "MRI":
-        modality = "MR"
-    if modality:
-        return modality
-    array = np.asarray(volume.array)
-    if array.size == 0:
-        return None
-    # A strided view of about 100 000 voxels: no copy of the volume, whatever its memory layout.
-    step = max(1, round((array.size / 100_000) ** (1 / 3)))
-    return "CT" if np.percentile(array[::step, ::step, ::step], 1) < -900 else None
 
 
 class Predictor:
@@ -249,7 +235,7 @@ class Predictor:
         expected = str(getattr(self.plan, "modality", "") or "").upper()
         if not expected or expected == "MIXED":  # a model trained on several modalities: no claim
             return None
-        found = _looks_like(volume)
+        found = guess_modality(volume)
         if not found or found == expected:
             return None
         source = volume.meta.get("source_path") or volume.case_id or "<volume>"

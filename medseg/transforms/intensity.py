@@ -41,6 +41,8 @@ NORMALIZATION_KINDS = ("ct_window", "zscore", "percentile")
 
 #: HU above which a CT voxel belongs to the body (air is -1000, fat about -100).
 CT_BODY_HU = -500.0
+#: Header modalities taken at their word; others (``OT``, ``SEG``, ...) are guessed from intensities.
+KNOWN_MODALITIES = ("CT", "MR", "PT", "US")
 
 
 def ct_window(array: np.ndarray, low_hu: float, high_hu: float) -> np.ndarray:
@@ -65,6 +67,25 @@ def _ct_window_(x: np.ndarray, low: float, high: float) -> np.ndarray:
     np.subtract(x, low, out=x)
     np.divide(x, high - low, out=x)
     return x
+
+
+def guess_modality(volume) -> str | None:
+    """Modality of a Volume: from its header (``meta["modality"]`` in :data:`KNOWN_MODALITIES`),
+    else guessed from intensities.
+
+    The guess only recognises CT (air is stored at about -1000 HU: 1st percentile below -900);
+    anything else returns None ("cannot tell"). It reads a strided view of about 100 000 voxels,
+    so it never copies the volume whatever its memory layout.
+    """
+    modality = str(volume.meta.get("modality") or "").upper()
+    modality = "MR" if modality == "MRI" else modality
+    if modality in KNOWN_MODALITIES:
+        return modality
+    array = np.asarray(volume.array)
+    if array.size == 0:
+        return None
+    step = max(1, round((array.size / 100_000) ** (1 / 3)))
+    return "CT" if np.percentile(array[::step, ::step, ::step], 1) < -900 else None
 
 
 def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:

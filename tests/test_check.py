@@ -108,6 +108,12 @@ def test_parse_and_apply_label_map():
             parse_label_map(bad)
     with pytest.raises(InputError, match=r"found 1 mapped twice in '1:0,1:1'"):
         parse_label_map("1:0,1:1")
+    # "*" stands for every other value: one organ out of a multi-organ map
+    assert parse_label_map("5:1,*:0") == {5: 1, "*": 0}
+    labels = np.array([0, 5, 3, 5, 117, 1], dtype=np.uint8)
+    np.testing.assert_array_equal(apply_label_map(labels, parse_label_map("5:1,*:0")), [0, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(labels, [0, 5, 3, 5, 117, 1])  # input untouched
+    np.testing.assert_array_equal(apply_label_map(labels, {"*": 1, 0: 0}), [0, 1, 1, 1, 1, 1])
 
 
 # --- synthetic broken datasets -------------------------------------------------------------------
@@ -188,8 +194,8 @@ def test_every_problem_is_reported_at_once(broken):
     [p] = found["direction"]
     assert p.message.startswith("image/label direction mismatch: image RAS (1, 0, 0, 0, 1, 0, 0, 0, 1), label LAS (-1, 0,")
     [p] = found["multi"]
-    assert p.message.startswith("label values {0, 1, 2} outside {0, 1}; medseg segments one lesion class")
-    assert "2:1 to merge all into lesion, or 1:0,2:1 to keep only 2" in p.message
+    assert p.message.startswith("label values {0, 1, 2} outside {0, 1}; medseg segments one foreground class")
+    assert "2:1 to merge all into one, or 2:1,*:0 to keep only 2" in p.message
     [p] = found["unreadable"]
     assert p.severity == FATAL and p.path.endswith("labels/unreadable.nii.gz")
     assert p.message.startswith("unreadable label: expected a readable NIfTI file, found a truncated or corrupt")

@@ -74,7 +74,7 @@ def test_save_roundtrip(tmp_path):
         ({"l2": -1.0}, "l2, weight_decay and warmup_epochs >= 0"),
         ({"folds": 5}, "folds and fold given together"),
         ({"folds": 3, "fold": 3}, "0 <= fold < folds"),
-        ({"val_fraction": 1.5}, r"val_fraction to be in \(0, 1\)"),
+        ({"val_fraction": 1.5}, r"val_fraction to be in \[0, 1\)"),
         ({"patch_size": [32]}, "patch_size to be two positive integers"),
         ({"patch_size": [40, 40], "depth": 4}, "patch_size multiples of 2\\*\\*depth = 16"),
         ({"filters": [8, 16], "depth": 2}, "filters with depth \\+ 1 = 3 values"),

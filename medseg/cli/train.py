@@ -18,6 +18,17 @@ examples:
   medseg-train --images imgs --labels labs --epochs 200 --batch-size 12 --schedule cosine --gpus 0,1
   medseg-train --images imgs --labels labs --folds 5 --fold 2 --config my.yaml
   medseg-train --resume runs/20260101-120000          # continue after an interruption
+  medseg-train --images imgs --labels labs --max-time-s 300 --map-labels 5:1,*:0
+
+Budget mode (--max-time-s S): S seconds of wall clock from start-up to the last optimizer step,
+kept to the step (one final whole-volume validation follows and its time is reported). The
+learning rate decays over the budget, reaching its end value at S, whatever the epochs say;
+--epochs stays an upper limit. On a CPU with the network left at its defaults, a short probe of
+real steps picks the network width (see plan.json, fingerprint.cpu_sizing). Example, one labelled
+CT (liver = label 5 of a multi-organ map), 5 minutes on a laptop CPU:
+  medseg-train --images imagesTr --labels labelsTr --map-labels 5:1,*:0 --max-time-s 300
+With one labelled case (or --val-fraction 0) validation runs on the training cases, says so,
+and the model kept is the last one.
 
 Precedence: defaults < --config file (YAML or JSON, TrainConfig field names) < flags.
 --batch-size is per replica: the global batch is batch size x replicas, and --lr is scaled
@@ -49,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--images", help="folder of images (NIfTI, NRRD, MHA, DICOM folders)")
     d.add_argument("--labels", help="folder of label maps, paired with the images by case id")
+    d.add_argument("--map-labels", metavar="FROM:TO[,FROM:TO]",
+                   help="map label values first, e.g. 255:1, or 5:1,*:0 to train on label 5 alone (* = all others)")
     d.add_argument("--out", help="parent folder of run folders (default: runs)")
     d.add_argument("--run-dir", help="exact run folder instead of OUT/<timestamp>")
     d.add_argument("--config", help="YAML or JSON file of settings (TrainConfig field names)")
     d.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     s = p.add_argument_group("split and validation")
-    s.add_argument("--val-fraction", type=float, help="fraction of patients held out (default 0.2)")
+    s.add_argument("--val-fraction", type=float,
+                   help="fraction of patients held out (default 0.2); 0: train on all, validate on the training cases")
     s.add_argument("--folds", type=int, help="K of patient-level K-fold cross-validation")
     s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
     s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")
@@ -63,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after PATIENCE validations without a better 3D DSC (default: off)")
     t = p.add_argument_group("optimization")
     t.add_argument("--epochs", type=int, help="epochs (default 100)")
-    t.add_argument("--max-time-s", type=float, help="wall-clock budget: stop after the epoch that ends past it")
+    t.add_argument("--max-time-s", type=float,
+                   help="wall-clock budget in seconds, kept to the step; the learning rate decays over it")
     t.add_argument("--steps-per-epoch", type=int, help="optimizer steps per epoch (default 250)")
     t.add_argument("--batch-size", type=int, help="patches per replica and step (default 8)")
     t.add_argument("--lr", type=float, help="learning rate of one replica (default 1e-3, scaled by replicas)")
@@ -76,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--filters", type=int, nargs="+", help="UNet++ filters per level (depth + 1 values)")
     m.add_argument("--depth", type=int, help="UNet++ depth (default 4)")
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
+    m.add_argument("--no-cpu-sizing", dest="cpu_sizing", action="store_const", const=False,
+                   help="on a CPU, keep the paper's network instead of timing a few steps to size it")
     m.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_const", const=False,
                    help="train the deepest head only")
     m.add_argument("--dropout", type=float, help="dropout after each convolution (default 0)")
@@ -105,7 +122,8 @@ def config_from_args(args: argparse.Namespace):
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
                     "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
                     "warmup_epochs", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
-                    "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly")
+                    "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
+                    "cpu_sizing")
     }
     if args.debug:
         flags["debug"] = True
@@ -114,7 +132,31 @@ def config_from_args(args: argparse.Namespace):
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
     if args.quiet and args.verbose is None:
         cfg.verbose = 0
+    elif args.verbose is None and cfg.verbose == 1 and not sys.stdout.isatty():
+        cfg.verbose = 2  # a log file gets one plain line per epoch, no progress-bar escapes
     return cfg
+
+
+STOP_REASONS = {"epochs": "all epochs done", "budget": "time budget spent", "early_stopping": "early stopping"}
+
+
+def done_line(result) -> str:
+    """The last line of a run: epochs and steps, why it stopped, the schedule's end, the model kept."""
+    parts = [f"medseg-train: done, {result.epochs_completed} epochs ({result.steps} steps), "
+             f"stopped: {STOP_REASONS.get(result.stop_reason, result.stop_reason or 'unknown')}"]
+    if result.budget:
+        b = result.budget
+        parts.append(f"{b.get('spent_s', 0):.0f} s of a {b.get('max_time_s', 0):.0f} s budget"
+                     + (f" + final validation {result.final_validation_s:.0f} s" if result.final_validation_s else ""))
+    if result.final_lr is not None:
+        parts.append(f"lr at the last step {result.final_lr:.2e} (schedule end 0, peak {result.learning_rate:.2e})")
+    if result.best_epoch == 0:
+        parts.append("no validation score")
+    elif result.validation == "training cases":
+        parts.append(f"last model kept, 3D DSC {result.best_dsc:.4f} on the training cases")
+    else:
+        parts.append(f"best 3D validation DSC {result.best_dsc:.4f} at epoch {result.best_epoch}")
+    return "; ".join(parts) + f"; bundle in {result.run_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from medseg.train.loop import train
 
         result = train(cfg)
-        best = "none" if result.best_epoch == 0 else f"{result.best_dsc:.4f} at epoch {result.best_epoch}"
-        print(f"medseg-train: done, {result.epochs_completed} epochs, best 3D validation DSC {best}"
-              + (" (early stopping)" if result.stopped_early else "") + f"; bundle in {result.run_dir}",
-              file=sys.stdout, flush=True)
+        print(done_line(result), file=sys.stdout, flush=True)
         return 0
 
     return run_command("medseg-train", args, run)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from medseg.io.labels import apply_label_map, parse_label_map  # noqa: F401  (re-exported)
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.io import Case, Volume, read_volume
 
@@ -40,44 +41,6 @@ class Problem(NamedTuple):
     case_id: str
     path: str | None
     message: str
-
-
-def parse_label_map(text: str) -> dict[int, int]:
-    """Parse ``"255:1"`` or ``"1:0,2:1"`` (``--map-labels``) into ``{255: 1}`` / ``{1: 0, 2: 1}``.
-
-    Raises:
-        InputError: malformed text, non-integer values, or a value mapped twice.
-    """
-    mapping: dict[int, int] = {}
-    for item in str(text).replace(" ", "").split(","):
-        if not item:
-            continue
-        src, sep, dst = item.partition(":")
-        try:
-            if not sep:
-                raise ValueError(item)
-            key, value = int(src), int(dst)
-        except ValueError as exc:
-            raise InputError(None, "--map-labels as FROM:TO pairs like '255:1' or '1:0,2:1'", repr(text)) from exc
-        if key in mapping:
-            raise InputError(None, "each label value mapped once in --map-labels", f"{key} mapped twice in {text!r}")
-        mapping[key] = value
-    if not mapping:
-        raise InputError(None, "--map-labels as FROM:TO pairs like '255:1' or '1:0,2:1'", repr(text))
-    return mapping
-
-
-def apply_label_map(array: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
-    """``array`` with each value ``k`` of ``label_map`` replaced by ``label_map[k]`` (simultaneously).
-
-    Values not in the map are kept; the input is not modified.
-    """
-    if not label_map:
-        return array
-    out = array.copy()
-    for src, dst in label_map.items():
-        out[array == src] = dst
-    return out
 
 
 def slice_axis_of(spacing_mm: Iterable[float]) -> int:
@@ -326,10 +289,9 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
             fix = f"map them with --map-labels {nonzero[0]:g}:1"
         else:
             fix = (
-                "medseg segments one lesion class: map them with --map-labels, e.g. "
+                "medseg segments one foreground class: map them with --map-labels, e.g. "
                 + ",".join(f"{v:g}:1" for v in nonzero if v != 1)
-                + " to merge all into lesion, or "
-                + ",".join(f"{v:g}:0" for v in nonzero[:-1]) + f",{nonzero[-1]:g}:1 to keep only {nonzero[-1]:g}"
+                + f" to merge all into one, or {nonzero[-1]:g}:1,*:0 to keep only {nonzero[-1]:g}"
             )
         mapped_note = " after --map-labels" if label_map else ""
         problems.append(f"label values {{{shown}}}{mapped_note} outside {{0, 1}}; {fix}")
@@ -388,6 +350,12 @@ def check_case(
         add(FATAL, case.label_path, f"unreadable label: {_without_path(exc, case.label_path)}")
         return problems, stats
     if image is not None:
+        aligned = label.onto_grid_of(image)
+        if aligned is not None and aligned is not label:
+            # Same voxels in another axis order (e.g. LAS label, LPS DICOM): read exactly onto
+            # the image's grid wherever labels are used, so this is no problem.
+            stats["label_orientation"] = label.orientation
+            label = aligned
         for message in _grid_problems(image, label, tolerance_mm, direction_tolerance):
             add(FATAL, case.label_path, message)
     value_problems, mask = _label_value_problems(label.array, label_map)

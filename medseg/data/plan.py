@@ -198,7 +198,12 @@ def _json_default(obj: Any) -> Any:
 
 # --- fingerprint ---------------------------------------------------------------------------
 def load_pair(item: Any):
-    """(image Volume, label Volume or None) from a Case, dict, tuple, Volume or path."""
+    """(image Volume, label Volume or None) from a Case, dict, tuple, Volume or path.
+
+    A Case's label gets its ``label_map`` applied, and a label holding the image's voxels in
+    another axis order (e.g. stored LAS for an LPS DICOM series) is brought onto the image's
+    grid exactly (:meth:`medseg.io.volume.Volume.onto_grid_of`).
+    """
     from medseg.io.volume import Volume
 
     def read(x, case_id=None):
@@ -211,15 +216,24 @@ def load_pair(item: Any):
     if isinstance(item, Volume):
         return item, None
     if isinstance(item, Mapping):
-        return read(item["image"]), read(item.get("label"))
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return read(item[0]), read(item[1])
-    if hasattr(item, "image_path"):
+        image, label = read(item["image"]), read(item.get("label"))
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        image, label = read(item[0]), read(item[1])
+    elif hasattr(item, "image_path"):
         cid = getattr(item, "case_id", None)
-        return read(item.image_path, cid), read(getattr(item, "label_path", None), cid)
-    if isinstance(item, (str, os.PathLike)):
+        image, label = read(item.image_path, cid), read(getattr(item, "label_path", None), cid)
+        label_map = getattr(item, "label_map", None)
+        if label is not None and label_map:
+            from medseg.io.labels import apply_label_map
+
+            label = label.with_array(apply_label_map(np.asarray(label.array), label_map))
+    elif isinstance(item, (str, os.PathLike)):
         return read(item), None
-    raise TypeError(f"make_plan expects Cases, Volumes, (image, label) pairs or dicts, found {type(item).__name__}")
+    else:
+        raise TypeError(f"make_plan expects Cases, Volumes, (image, label) pairs or dicts, found {type(item).__name__}")
+    if label is not None:
+        label = label.onto_grid_of(image) or label
+    return image, label
 
 
 def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DatasetError, InputError
@@ -54,11 +54,14 @@ class Case:
         case_id: patient/case id, e.g. ``"brain1"``.
         image_path: image file or DICOM folder.
         label_path: label file or folder; None when the dataset has no labels.
+        label_map: ``--map-labels`` mapping applied whenever the label is read
+            (:func:`medseg.io.labels.apply_label_map`); None: values as stored.
     """
 
     case_id: str
     image_path: Path
     label_path: Path | None = None
+    label_map: dict | None = field(default=None, compare=False)
 
 
 def volume_suffix(path: str | os.PathLike) -> str:

@@ -116,6 +116,40 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=atol_dir)
         )
 
+    def onto_grid_of(self, fixed: "Volume", atol_vox: float = 1e-3) -> "Volume | None":
+        """This volume's voxels on ``fixed``'s grid when both grids hold the same voxel centres in
+        another axis order or direction (e.g. a label map stored LAS for an LPS DICOM series), or
+        None when they do not.
+
+        Exact (a transpose and flips of the array, no interpolation): the returned Volume has
+        ``fixed``'s affine, this volume's ``case_id`` and ``meta``. Returns ``self`` when the grids
+        are already the same.
+        """
+        if self.same_grid(fixed):
+            return self
+        # fixed voxel index -> this volume's voxel index, one homogeneous matrix.
+        m = np.linalg.inv(self.affine) @ fixed.affine
+        rot, shift = m[:3, :3], m[:3, 3]
+        signed = np.round(rot)
+        if not np.allclose(rot, signed, atol=atol_vox) or not np.array_equal(np.abs(signed).sum(axis=0), [1, 1, 1]) \
+                or not np.array_equal(np.abs(signed).sum(axis=1), [1, 1, 1]):
+            return None
+        perm = [int(np.argmax(np.abs(signed[:, a]))) for a in range(3)]
+        flips = []
+        for a, src in enumerate(perm):
+            sign = signed[src, a]
+            if fixed.shape[a] != self.shape[src]:
+                return None
+            start = 0.0 if sign > 0 else float(self.shape[src] - 1)
+            if abs(shift[src] - start) > atol_vox:
+                return None
+            if sign < 0:
+                flips.append(a)
+        array = np.transpose(np.asarray(self.array), perm)
+        if flips:
+            array = np.flip(array, axis=tuple(flips))
+        return Volume(np.ascontiguousarray(array), fixed.affine.copy(), self.case_id, dict(self.meta))
+
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.4g}" for s in self.spacing_mm)
         return (

@@ -35,6 +35,10 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     ``poly_decay``, nnU-Net's power 0.9); ``cosine``: ``decay = (1 + cos(pi * progress)) / 2``.
 
     The optimizer's step counter drives it, so a resumed run continues the schedule exactly.
+    With ``clock=True`` (a wall-clock budget, :mod:`medseg.train.budget`) ``progress`` is the
+    larger of the step fraction and ``clock_progress``, a non-trainable variable that
+    :class:`~medseg.train.budget.BudgetClock` sets before every step to the fraction of the
+    budget spent when that step ends; the decay then reaches its end value at the budget.
 
     Args:
         initial_learning_rate: learning rate after warm-up.
@@ -43,10 +47,12 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         power: exponent of the poly decay.
         warmup_steps: steps of linear warm-up (0: none).
         final_learning_rate: value reached at ``total_steps``.
+        clock: follow ``clock_progress`` as well (budgeted training).
     """
 
     def __init__(self, initial_learning_rate: float, total_steps: int, kind: str = "poly", power: float = 0.9,
-                 warmup_steps: int = 0, final_learning_rate: float = 0.0, name: str | None = None):
+                 warmup_steps: int = 0, final_learning_rate: float = 0.0, name: str | None = None,
+                 clock: bool = False):
         if kind not in ("poly", "cosine", "constant"):
             raise ValueError(f"kind must be 'poly', 'cosine' or 'constant', found {kind!r}")
         if int(total_steps) < 1:
@@ -58,6 +64,9 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = int(warmup_steps)
         self.final_learning_rate = float(final_learning_rate)
         self.name = name
+        self.clock = bool(clock)
+        self.clock_progress = (keras.Variable(0.0, trainable=False, dtype="float32", name="clock_progress")
+                               if self.clock else None)
 
     def __call__(self, step):
         ops = keras.ops
@@ -67,6 +76,8 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
             warm = ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
         span = float(max(1, self.total_steps - self.warmup_steps))
         progress = ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
+        if self.clock_progress is not None:
+            progress = ops.maximum(progress, ops.clip(ops.cast(self.clock_progress, "float32"), 0.0, 1.0))
         if self.kind == "poly":
             decay = ops.power(1.0 - progress, self.power)
         elif self.kind == "cosine":
@@ -85,6 +96,7 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps,
             "final_learning_rate": self.final_learning_rate,
             "name": self.name,
+            "clock": self.clock,
         }
 
 
@@ -107,15 +119,22 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         every: validate when ``(epoch + 1) % every == 0``.
         epochs: total epochs of the run; the last one is always validated.
         max_time_s: the run's wall-clock budget; the epoch that spends it is validated too.
+        clock: a :class:`medseg.train.budget.BudgetClock` (placed before this callback) whose
+            ``time_up`` decides the last epoch instead of ``max_time_s``.
+
+    Attributes:
+        last_duration_s: seconds the last validation took.
     """
 
     def __init__(self, evaluate: Callable[[keras.Model], list[dict]], every: int = 1, epochs: int | None = None,
-                 max_time_s: float | None = None):
+                 max_time_s: float | None = None, clock: Any = None):
         super().__init__()
         self.evaluate = evaluate
         self.every = int(every)
         self.epochs = epochs
         self.max_time_s = max_time_s
+        self.clock = clock
+        self.last_duration_s = 0.0
         self.last_rows: list[dict] = []
         self.last_epoch: int | None = None
         self.time_up = False
@@ -132,13 +151,17 @@ class WholeVolumeValidation(keras.callbacks.Callback):
                 or self.time_up)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s:
+        if self.clock is not None:
+            self.time_up = bool(self.clock.time_up)
+        elif self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s:
             # Decided here, before validating, so the run's last epoch is always validated;
             # RunKeeper stops on this same decision.
             self.time_up = True
         if logs is None or not self.due(epoch):
             return
+        t0 = time.perf_counter()
         rows = self.evaluate(self.model)
+        self.last_duration_s = time.perf_counter() - t0
         self.last_rows = [dict(r, epoch=epoch + 1) for r in rows]
         self.last_epoch = epoch
         logs.update(summarize_validation(rows))
@@ -198,13 +221,25 @@ class RunKeeper(keras.callbacks.Callback):
         verbose: print the summary line when > 0.
         write_files: False on non-chief workers that must still take part in saving.
         max_time_s: stop after the epoch that ends past this many seconds since training began.
+        clock: a :class:`medseg.train.budget.BudgetClock`; its ``time_up`` stops the run (instead
+            of ``max_time_s``), its state goes into the checkpoint and the summary line shows the
+            time left.
+        selection: ``"best"`` keeps the model with the best validation DSC; ``"last"`` (the
+            validation cases are training cases, so a "best" would be chosen on training data)
+            keeps the last validated model, and early stopping is off.
+        schedule_end_lr: the learning-rate schedule's end value (recorded in ``state.json``).
+
+    The state records ``steps`` (optimizer steps so far), ``stop_reason`` (``"epochs"``,
+    ``"budget"`` or ``"early_stopping"``), ``final_lr`` (learning rate at the last step) and
+    ``schedule_end_lr``; each history row has ``steps`` and, under a budget, ``time_left_s``.
     """
 
     def __init__(self, run_dir: str | Path, state: dict[str, Any], save_best: Callable[[keras.Model, int, dict], None],
                  validation: WholeVolumeValidation | None = None, epochs: int | None = None,
                  patience: int | None = None, dice_key: str | None = None,
                  extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True,
-                 max_time_s: float | None = None):
+                 max_time_s: float | None = None, clock: Any = None, selection: str = "best",
+                 schedule_end_lr: float | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.state = state
@@ -217,6 +252,11 @@ class RunKeeper(keras.callbacks.Callback):
         self.verbose = int(verbose)
         self.write_files = write_files
         self.max_time_s = max_time_s
+        self.clock = clock
+        if selection not in ("best", "last"):
+            raise ValueError(f"selection must be 'best' or 'last', found {selection!r}")
+        self.selection = selection
+        self.schedule_end_lr = schedule_end_lr
         self._t0 = self._t_start = time.perf_counter()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -247,7 +287,13 @@ class RunKeeper(keras.callbacks.Callback):
         value = logs.get(MONITOR)
         validated = value is not None
         improved = validated and math.isfinite(float(value)) and float(value) > state["best_dsc"]
-        if validated:
+        if validated and self.selection == "last":
+            # Validation on training cases: the model kept is the last one, whatever its score.
+            state["best_dsc"] = float(value) if math.isfinite(float(value)) else float("nan")
+            state["best_epoch"] = epoch + 1
+            improved = False
+            self.save_best(self.model, epoch, logs)
+        elif validated:
             if improved:
                 state["best_dsc"] = float(value)
                 state["best_epoch"] = epoch + 1
@@ -258,10 +304,15 @@ class RunKeeper(keras.callbacks.Callback):
                 if self.patience is not None and state["wait"] >= self.patience:
                     self.model.stop_training = True
                     state["stopped_early"] = True
-            if self.validation is not None:
-                state["validation_rows"].extend(self.validation.last_rows)
+                    state["stop_reason"] = "early_stopping"
+        if validated and self.validation is not None:
+            state["validation_rows"].extend(self.validation.last_rows)
         row["time_s"] = time.perf_counter() - self._t0
-        if self.validation is not None and self.validation.max_time_s is not None:
+        if self.clock is not None:
+            time_up = bool(self.clock.time_up)
+            row["time_left_s"] = self.clock.time_left_s()
+            state["budget"] = self.clock.state()
+        elif self.validation is not None and self.validation.max_time_s is not None:
             time_up = self.validation.time_up
         else:
             time_up = self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s
@@ -269,6 +320,16 @@ class RunKeeper(keras.callbacks.Callback):
             # Wall-clock budget spent: this epoch is complete (checkpointed below), stop here.
             self.model.stop_training = True
             state["stopped_by_time"] = True
+            state["stop_reason"] = "budget"
+        elif self.epochs is not None and epoch + 1 >= self.epochs and not state.get("stopped_early"):
+            state["stop_reason"] = "epochs"
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            row["steps"] = int(keras.ops.convert_to_numpy(optimizer.iterations))
+            state["steps"] = row["steps"]
+        state["final_lr"] = row.get("lr")
+        if self.schedule_end_lr is not None:
+            state["schedule_end_lr"] = float(self.schedule_end_lr)
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if self.extra_state is not None:
@@ -302,7 +363,8 @@ class RunKeeper(keras.callbacks.Callback):
             parts.append(f"train Dice {row['dice']:.3f}")
         if validated:
             hd = row.get("val_hd95_mm", float("nan"))
-            parts.append(f"val 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
+            on = " (training cases)" if self.selection == "last" else ""
+            parts.append(f"val{on} 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
             n_inf = int(row.get("val_hd95_inf", 0) or 0)
             if np.isfinite(hd):
                 parts.append(f"HD95 {hd:.1f} mm" + (f" ({n_inf} empty: inf)" if n_inf else ""))
@@ -310,10 +372,12 @@ class RunKeeper(keras.callbacks.Callback):
                 parts.append(f"HD95 inf ({n_inf} empty prediction{'s' if n_inf > 1 else ''})")
         else:
             parts.append("val 3D DSC -")
-        if self.state["best_epoch"]:
+        if self.state["best_epoch"] and self.selection == "best":
             parts.append(f"best {self.state['best_dsc']:.3f} @ {self.state['best_epoch']}")
         parts.append(f"lr {row.get('lr', float('nan')):.2e}")
         parts.append(f"{row['time_s']:.0f} s")
+        if "time_left_s" in row:
+            parts.append(f"{row['time_left_s']:.0f} s left")
         return "  ".join(parts)
 
     def get_config(self) -> dict:

@@ -58,15 +58,25 @@ class TrainConfig:
         warmup_epochs: linear warm-up from 0 over this many epochs (helps with large scaled LRs).
         weight_decay: decoupled weight decay of AdamW (0 means plain Adam).
         val_fraction: fraction of patients held out for validation (ignored with ``folds``).
+            0 trains on every labelled case and validates on the training cases (labelled so
+            everywhere); the model kept is then the last one. A dataset with one labelled case
+            is trained this way automatically.
         folds, fold: K-fold cross-validation by patient; train on all folds but ``fold``.
         val_every: validate on whole volumes every N epochs (and after the last epoch).
         early_stopping: stop after this many validations without a better 3D DSC (None: off).
-        max_time_s: stop at the end of the first epoch that ends after this many seconds of
-            training (a wall-clock budget; None: no limit).
+        max_time_s: wall-clock budget in seconds from the start of the run to its last step
+            (one final validation may follow); the learning-rate schedule decays over it
+            (:mod:`medseg.train.budget`). None: no limit, the schedule follows the epochs.
         gpus: GPU indices to use (None: all visible).
         devices: explicit TensorFlow device names for MirroredStrategy (tests, advanced use).
         precision: ``auto`` | ``float32`` | ``mixed_float16`` | ``mixed_bfloat16``.
         patch_size: training patch (H, W) in plan space (None: from the plan).
+        cpu_sizing: with no GPU visible and ``filters``, ``depth``, ``patch_size`` and
+            ``batch_size`` left at their defaults, time a few real training steps of candidate
+            network widths and take the widest whose step stays near the target
+            (:mod:`medseg.train.sizing`); False keeps the paper's network.
+        map_labels: label values mapped before anything reads the labels, ``"FROM:TO,..."``;
+            ``*`` stands for every other value (``"5:1,*:0"``: label 5 is the foreground).
         filters: UNet++ filters per level (None: ``(32, 64, 128, 256, 512)`` cut to ``depth``).
         depth: UNet++ depth (number of down-samplings).
         deep_supervision: train all heads (weighted losses); the bundle keeps the deepest.
@@ -106,6 +116,8 @@ class TrainConfig:
     devices: list[str] | None = None
     precision: str = "auto"
     patch_size: list[int] | None = None
+    cpu_sizing: bool = True
+    map_labels: str | None = None
     filters: list[int] | None = None
     depth: int = 4
     deep_supervision: bool = True
@@ -181,8 +193,15 @@ class TrainConfig:
         if self.folds is not None:
             if self.folds < 2 or not 0 <= self.fold < self.folds:
                 raise InputError(where, "folds >= 2 and 0 <= fold < folds", f"folds={self.folds}, fold={self.fold}")
-        elif not 0.0 < self.val_fraction < 1.0:
-            raise bad("val_fraction", "to be in (0, 1)")
+        elif not 0.0 <= self.val_fraction < 1.0:
+            raise bad("val_fraction", "to be in [0, 1) (0: validate on the training cases)")
+        if self.val_fraction == 0 and self.folds is None and self.early_stopping is not None:
+            raise InputError(where, "early_stopping only with held-out validation cases (val_fraction > 0)",
+                             "val_fraction=0 (validation on the training cases)")
+        if self.map_labels is not None:
+            from medseg.io.labels import parse_label_map
+
+            parse_label_map(self.map_labels)
         if self.patch_size is not None and (len(self.patch_size) != 2 or min(self.patch_size) < 1):
             raise bad("patch_size", "to be two positive integers (H W)")
         if self.patch_size is not None and any(p % 2 ** self.depth for p in self.patch_size):

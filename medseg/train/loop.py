@@ -29,6 +29,7 @@ Run folder (``out/<YYYYmmdd-HHMMSS>`` by default)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
 SPLIT_FILE = "split.json"
+#: ``split.json``/bundle value of ``validation`` when the validation cases are the training cases.
+ON_TRAINING = "training cases"
+HELD_OUT = "held-out cases"
 
 
 @dataclass
@@ -72,6 +76,13 @@ class RunResult:
         train_cases, val_cases: patient ids of the split.
         model: the model with the final weights (float32, outside any strategy); the bundle
             holds the best one instead.
+        validation: ``"held-out cases"`` or ``"training cases"`` (see :func:`check_and_split`).
+        stop_reason: ``"epochs"``, ``"budget"`` or ``"early_stopping"``.
+        steps: optimizer steps run in all (including before a resume).
+        final_lr: learning rate at the last step.
+        budget: the budget state (``max_time_s``, ``spent_s``, ``progress``, ``step_s``), or None.
+        final_validation_s: duration of the last validation, under a budget.
+        wall_s: seconds this invocation took.
     """
 
     run_dir: Path
@@ -89,6 +100,13 @@ class RunResult:
     train_cases: list[str] = field(default_factory=list)
     val_cases: list[str] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
+    validation: str = HELD_OUT
+    stop_reason: str | None = None
+    steps: int = 0
+    final_lr: float | None = None
+    budget: dict | None = None
+    final_validation_s: float | None = None
+    wall_s: float = 0.0
 
 
 # --- configuration and run folder ------------------------------------------------------------------
@@ -164,25 +182,40 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 def check_and_split(cfg: TrainConfig):
     """Discover cases, run the dataset check (fatal problems raise), split patients.
 
+    With ``val_fraction == 0`` (and no folds), or a dataset of one labelled case, every case
+    trains and validation runs on the training cases (a one-line note says so for the latter).
+
     Returns:
-        ``(report, train_cases, val_cases)``.
+        ``(report, train_cases, val_cases, validation)`` with ``validation`` either
+        :data:`HELD_OUT` or :data:`ON_TRAINING`.
 
     Raises:
-        DatasetError: listing every fatal problem of the dataset check, or too few patients.
+        DatasetError: listing every fatal problem of the dataset check, or no labelled patient
+            (or fewer than the folds need).
     """
     from medseg.data.check import check_dataset
     from medseg.io import pair_cases
+    from medseg.io.labels import parse_label_map
 
+    label_map = parse_label_map(cfg.map_labels) if cfg.map_labels else None
     cases, unpaired = pair_cases(cfg.images, cfg.labels)
-    report = check_dataset(cases, extra_problems=unpaired)
+    if label_map:
+        cases = [dataclasses.replace(c, label_map=label_map) for c in cases]
+    report = check_dataset(cases, label_map=label_map, extra_problems=unpaired)
     report.raise_if_fatal()
     labelled = [c for c in cases if c.label_path is not None]
-    if len(labelled) < 2:
-        raise DatasetError(f"training needs at least 2 labelled patients (one to validate), found {len(labelled)}",
+    if not labelled:
+        raise DatasetError("training needs at least 1 labelled patient, found 0",
                            [f"images: {cfg.images}", f"labels: {cfg.labels}"])
+    if cfg.folds is None and (cfg.val_fraction == 0 or len(labelled) == 1):
+        if len(labelled) == 1 and cfg.val_fraction != 0 and cfg.verbose:
+            print(f"medseg-train: 1 labelled case ({labelled[0].case_id}): training on it and validating on it "
+                  f"(marked 'training cases'); the model kept is the last one, not a 'best' chosen on training "
+                  f"data", flush=True)
+        return report, list(labelled), list(labelled), ON_TRAINING
     train_ids, val_ids = split_ids([c.case_id for c in labelled], cfg)
     by_id = {c.case_id: c for c in labelled}
-    return report, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+    return report, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], HELD_OUT
 
 
 def split_ids(case_ids: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -240,14 +273,15 @@ def make_loss(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig, learning_rate: float):
-    """Adam (AdamW with ``weight_decay``) driven by the per-step :class:`WarmupDecay` schedule."""
+    """Adam (AdamW with ``weight_decay``) driven by the per-step :class:`WarmupDecay` schedule;
+    under a time budget (``max_time_s``) the schedule also follows the clock."""
     import keras
 
     from medseg.train.callbacks import WarmupDecay
 
     total = cfg.epochs * cfg.steps_per_epoch
     schedule = WarmupDecay(learning_rate, total_steps=total, kind=cfg.schedule, power=cfg.poly_power,
-                           warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch)
+                           warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch, clock=cfg.max_time_s is not None)
     if cfg.weight_decay > 0:
         return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     return keras.optimizers.Adam(learning_rate=schedule)
@@ -332,6 +366,9 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         DatasetError: the dataset check found fatal problems (all listed), or too few patients.
         InputError: bad configuration, input folders, or ``resume`` folder.
     """
+    from medseg.train import budget as budget_clock
+
+    started_at = budget_clock.now()  # the budget counts from here: start-up is part of the run
     cfg = resolve_config(config)
     import keras
     import tensorflow as tf
@@ -343,20 +380,18 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     replicas = strat.num_replicas(strategy)
     chief = strat.is_chief(strategy)
     precision = strat.resolve_precision(cfg.precision, strategy)
-    global_batch = cfg.batch_size * replicas
     learning_rate = strat.scaled_learning_rate(cfg.lr, replicas)
     strategy_name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
                      else type(strategy).__name__.lstrip("_"))
 
     verbose = cfg.verbose if chief else 0
     # The dataset check runs before anything is written: a refused dataset leaves no run folder.
-    report, train_cases, val_cases = check_and_split(cfg)
+    report, train_cases, val_cases, validation_kind = check_and_split(cfg)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
+    saved_state = _saved_state(run_dir) if cfg.resume else None
+    replanned = _replan_budget(cfg, saved_state)
     write_dir = strat.writing_dir(run_dir)
     write_dir.mkdir(parents=True, exist_ok=True)
-    if chief:
-        cfg.run_dir = os.fspath(run_dir)
-        cfg.save(run_dir / CONFIG_FILE)
     if verbose:
         print(f"medseg-train: run folder {run_dir}", flush=True)
 
@@ -371,18 +406,38 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
                 raise InputError(cfg.images, "every patient of the run being resumed", f"{', '.join(missing)} missing")
             train_cases = [by_id[i] for i in split["train"]]
             val_cases = [by_id[i] for i in split["val"]]
+            validation_kind = split.get("validation", HELD_OUT)
         if chief:
             atomic_write_json(run_dir / "check.json", report.to_dict())
             atomic_write_json(run_dir / SPLIT_FILE, {"train": [c.case_id for c in train_cases],
                                                      "val": [c.case_id for c in val_cases], "seed": cfg.seed,
                                                      "folds": cfg.folds, "fold": cfg.fold,
-                                                     "val_fraction": None if cfg.folds else cfg.val_fraction})
+                                                     "val_fraction": None if cfg.folds else cfg.val_fraction,
+                                                     "validation": validation_kind})
         plan = _plan_for_run(cfg, train_cases, run_dir, chief)
+        if _cpu_sizing_wanted(cfg, strategy):
+            from medseg.train.sizing import choose_network
+
+            sizing = choose_network(cfg, plan, precision=precision, verbose=verbose)
+            cfg.filters, cfg.depth = list(sizing["chosen"]["filters"]), int(sizing["chosen"]["depth"])
+            plan = plan.replace(fingerprint=dict(plan.fingerprint, cpu_sizing=sizing),
+                                divisor=2 ** cfg.depth)
+            keras.utils.set_random_seed(cfg.seed)  # the probes drew random numbers
+            if chief:
+                plan.save(run_dir / PLAN_FILE)
+        if chief:
+            # Saved once the network is decided, so a resume rebuilds the same one.
+            cfg.run_dir = os.fspath(run_dir)
+            cfg.save(run_dir / CONFIG_FILE)
+        global_batch = cfg.batch_size * replicas
         if verbose:
-            print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients; "
-                  f"{strategy_name} with {replicas} replica(s), global batch {global_batch}, "
+            print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients"
+                  + (" (the training cases)" if validation_kind == ON_TRAINING else "")
+                  + f"; {strategy_name} with {replicas} replica(s), global batch {global_batch}, "
                   f"peak lr {learning_rate:g} ({cfg.lr:g} x {replicas}), precision {precision}; "
                   f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s)", flush=True)
+            if replanned is not None and replanned.message:
+                print(f"medseg-train: {replanned.message}", flush=True)
 
         # Twin: float32, outside the strategy, shares nothing with the trained model. Validation
         # and the bundle use it, so inference sees exactly what will be shipped.
@@ -408,8 +463,19 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         start_epoch = int(state["epoch"])
 
         dataset = make_train_dataset(train_cases, plan, cfg, global_batch, start_epoch)
+        clock = None
+        if replanned is not None:
+            from medseg.train.budget import BudgetClock, strategy_agree
+
+            clock = BudgetClock(cfg.max_time_s, started_at=started_at, remaining_s=replanned.remaining_s,
+                                start_progress=replanned.start_progress,
+                                spent_s=float((saved_state or {}).get("budget", {}).get("spent_s", 0.0)),
+                                step_s=float((saved_state or {}).get("budget", {}).get("step_s", 0.0) or 0.0),
+                                progress=model.optimizer._learning_rate.clock_progress,
+                                agree=strategy_agree(strategy))
         validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir),
-                                           every=cfg.val_every, epochs=cfg.epochs, max_time_s=cfg.max_time_s)
+                                           every=cfg.val_every, epochs=cfg.epochs, clock=clock)
+        selection = "last" if validation_kind == ON_TRAINING else "best"
 
         def save_best(model_, epoch, logs):
             from medseg.infer.bundle import save_bundle
@@ -418,15 +484,23 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
             save_bundle(write_dir, twin, plan, extra={
                 "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
                 "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
+                "validation": validation_kind,
+                "selection": ("last model (validation on the training cases)" if selection == "last"
+                              else "best mean 3D validation DSC on held-out cases"),
+                "map_labels": cfg.map_labels,
+                "network": {"filters": cfg.unet_filters, "depth": cfg.depth},
             })
 
         keeper = RunKeeper(write_dir, state, save_best, validation=validation, epochs=cfg.epochs,
-                           patience=cfg.early_stopping, verbose=verbose, write_files=True, max_time_s=cfg.max_time_s)
+                           patience=cfg.early_stopping, verbose=verbose, write_files=True, clock=clock,
+                           selection=selection, schedule_end_lr=0.0)
         callbacks_ = [validation, keeper]
-        if verbose:
+        if verbose == 1:
             # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
             # comes before RunKeeper's one-line summary.
             callbacks_.insert(1, keras.callbacks.ProgbarLogger())
+        if clock is not None:
+            callbacks_.insert(0, clock)  # before validation: its time_up makes the final validation
         diagnostics = make_diagnostics(cfg, write_dir, dataset)
         callbacks_.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others
         previous_warnings = _read_warnings(run_dir) if cfg.resume else []
@@ -457,8 +531,57 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         stopped_early=bool(state.get("stopped_early")), history=list(state["history"]), bundle_dir=run_dir,
         replicas=replicas, global_batch_size=global_batch, learning_rate=learning_rate, precision=precision,
         strategy=strategy_name, train_cases=[c.case_id for c in train_cases],
-        val_cases=[c.case_id for c in val_cases], model=twin,
+        val_cases=[c.case_id for c in val_cases], model=twin, validation=validation_kind,
+        stop_reason=state.get("stop_reason"), steps=int(state.get("steps", 0)), final_lr=state.get("final_lr"),
+        budget=state.get("budget"), final_validation_s=validation.last_duration_s if clock is not None else None,
+        wall_s=budget_clock.now() - started_at,
     )
+
+
+def _saved_state(run_dir: Path) -> dict | None:
+    """The training state of the newest checkpoint of ``run_dir`` (None without one)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    try:
+        return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _replan_budget(cfg: TrainConfig, saved_state: dict | None):
+    """The budget plan of this invocation (:func:`medseg.train.budget.replan`), None without a budget.
+
+    Raises:
+        InputError: a resumed run whose budget is already spent.
+    """
+    if cfg.max_time_s is None:
+        return None
+    from medseg.train.budget import replan
+
+    saved = (saved_state or {}).get("budget")
+    try:
+        return replan(cfg.max_time_s, saved)
+    except ValueError as exc:
+        raise InputError(cfg.resume or cfg.run_dir, "a budget with time left to train", str(exc)) from exc
+
+
+def _cpu_sizing_wanted(cfg: TrainConfig, strategy) -> bool:
+    """CPU-aware network sizing: no GPU in the strategy, the network and batch left at defaults."""
+    if not cfg.cpu_sizing or cfg.resume:
+        return False
+    defaults = TrainConfig()
+    if (cfg.filters is not None or cfg.depth != defaults.depth or cfg.patch_size is not None
+            or cfg.batch_size != defaults.batch_size or "patch_size" in cfg.plan):
+        return False
+    devices = [d.lower() for d in getattr(strategy.extended, "worker_devices", ())]
+    return not any("gpu" in d for d in devices) and not _gpus_visible()
+
+
+def _gpus_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def _fix_multi_worker_build(model, strategy) -> None:

@@ -1,0 +1,102 @@
+"""CPU-aware network size: time real training steps, keep the widest network that stays fast.
+
+On a CPU, model size decides whether anything is learned in minutes: the paper's UNet++
+(filters 32..512, 9.04 M parameters) takes tens of seconds per step of 8 patches on two cores,
+a 0.57 M one a fraction of a second. When no GPU is visible and the user left the network and
+batch at their defaults, :func:`choose_network` builds each candidate of :data:`CANDIDATES`
+(narrowest first), runs a few real optimizer steps on random patches of the plan's patch size,
+and keeps the widest whose median step time is at most :data:`TARGET_STEP_S` (the narrowest
+when none is). The figures go into ``plan.json`` (``fingerprint.cpu_sizing``) and onto the
+terminal, with the flags that override the choice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+#: Candidate networks, narrowest first: (filters per level, depth).
+CANDIDATES: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((8, 16, 32, 64, 128), 4),
+    ((16, 32, 64, 128, 256), 4),
+    ((32, 64, 128, 256, 512), 4),
+)
+#: Target median seconds per optimizer step (a few hundred steps a minute on a CPU).
+TARGET_STEP_S = 0.5
+#: Timed steps per candidate, after one untimed step that traces the graph.
+PROBE_STEPS = 3
+
+
+def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = PROBE_STEPS) -> float:
+    """Median seconds of ``steps`` real optimizer steps of a fresh model (random patches)."""
+    import dataclasses
+
+    import keras
+
+    from medseg.train.loop import build_model, compile_model, output_heads
+
+    trial = dataclasses.replace(cfg, filters=list(filters), depth=int(depth), max_time_s=None)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = build_model(trial, plan.replace(divisor=2 ** int(depth)))
+        compile_model(model, trial, 1e-3)
+        rng = np.random.default_rng(0)
+        h, w = plan.patch_size
+        x = rng.standard_normal((trial.batch_size, h, w, int(plan.context_slices))).astype("float32")
+        y = (rng.random((trial.batch_size, h, w)) < 0.1).astype("int32")
+        targets = {name: y for name in output_heads(trial)} if trial.deep_supervision else y
+        model.train_on_batch(x, targets)  # traces the graph: not timed
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model.train_on_batch(x, targets)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+    finally:
+        keras.config.set_dtype_policy(previous)
+        keras.backend.clear_session(free_memory=False)
+
+
+def choose_network(cfg, plan, *, precision: str, target_step_s: float = TARGET_STEP_S,
+                   candidates=CANDIDATES, timer=None, verbose: int = 1) -> dict[str, Any]:
+    """Time the candidates narrowest first and keep the widest within ``target_step_s``.
+
+    Args:
+        cfg: the run's :class:`~medseg.train.config.TrainConfig` (batch size, loss, ...).
+        plan: the run's plan (patch size, context slices).
+        precision: Keras dtype policy of the run.
+        target_step_s: the largest acceptable median step time.
+        candidates: (filters, depth) pairs, narrowest first.
+        timer: ``(filters, depth) -> seconds`` (tests); default :func:`time_steps`.
+        verbose: print the decision.
+
+    Returns:
+        ``{"target_step_s", "batch_size", "patch_size", "precision", "probes": [{"filters",
+        "depth", "step_s"}...], "chosen": {"filters", "depth", "step_s"}, "probe_s"}``.
+        Timing stops at the first candidate over the target (a wider one would be slower).
+    """
+    t0 = time.perf_counter()
+    timer = timer or (lambda f, d: time_steps(cfg, plan, f, d, precision=precision))
+    probes = []
+    chosen = None
+    for filters, depth in candidates:
+        step_s = float(timer(filters, depth))
+        probes.append({"filters": list(filters), "depth": int(depth), "step_s": step_s})
+        if step_s <= target_step_s:
+            chosen = probes[-1]
+        else:
+            break
+    if chosen is None:
+        chosen = probes[0]
+    result = {"target_step_s": float(target_step_s), "batch_size": int(cfg.batch_size),
+              "patch_size": list(plan.patch_size), "precision": precision, "probes": probes,
+              "chosen": chosen, "probe_s": time.perf_counter() - t0}
+    if verbose:
+        timed = ", ".join(f"{p['filters'][0]}..{p['filters'][-1]}: {p['step_s']:.2f} s" for p in probes)
+        print(f"medseg-train: no GPU: network sized to this CPU (step time target {target_step_s:g} s; timed "
+              f"{timed}); chosen filters {' '.join(map(str, chosen['filters']))}, depth {chosen['depth']}. "
+              f"Override with --filters/--depth/--patch-size/--batch-size or --no-cpu-sizing", flush=True)
+    return result

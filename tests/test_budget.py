@@ -1,0 +1,299 @@
+"""Budgeted training: the clock is kept to the step, the schedule ends at the budget, resume
+continues it, one labelled case is enough, CPU sizing picks by measured step time.
+
+Whole runs use a fake clock (``medseg.train.budget.now``) that advances a fixed amount per
+optimizer step and not at all otherwise: the figures do not depend on this machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.train import budget
+from medseg.train.budget import BudgetClock, replan
+
+DATA = Path(__file__).parent / "data"
+
+TINY = dict(filters=[4, 8], depth=1, deep_supervision=False, patch_size=[32, 32], batch_size=2,
+            steps_per_epoch=5, epochs=1000, verbose=0, precision="float32", run_eagerly=True)
+
+
+class FakeClock:
+    """Seconds that pass only when a step runs (``step_s`` per optimizer step)."""
+
+    def __init__(self, step_s: float = 1.0):
+        self.t = 1000.0
+        self.step_s = step_s
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def slow_steps(clock: FakeClock):
+    """A callback making every optimizer step last ``clock.step_s`` fake seconds, and recording
+    the learning rate each step ran with."""
+    import keras
+
+    class Slow(keras.callbacks.Callback):
+        lrs: list = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            # Runs after medseg's clock has set the step's position: this is the step's lr.
+            self.lrs.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+            clock.t += clock.step_s  # the step "takes" step_s seconds
+
+    Slow.lrs = []
+    return Slow()
+
+
+def lesion_dataset(root: Path, cases=("brain1", "brain2")) -> tuple[Path, Path]:
+    images, labels = root / "images", root / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for case in cases:
+        shutil.copy(DATA / "nrrd" / f"{case}_image.nrrd", images / f"{case}.nrrd")
+        shutil.copy(DATA / "nrrd" / f"{case}_label.nrrd", labels / f"{case}.nrrd")
+    return images, labels
+
+
+# --- the clock alone ------------------------------------------------------------------------------
+class _Model:
+    stop_training = False
+
+
+class _Var:
+    value = None
+
+    def assign(self, v):
+        self.value = v
+
+
+def run_clock(clock: BudgetClock, fake: FakeClock, steps_per_epoch: int, max_steps: int, epoch_end_s: float = 0.0):
+    """Drive the callback as ``model.fit`` would; returns the positions each step ran at."""
+    model = _Model()
+    clock.set_model(model)
+    clock.set_params({"steps": steps_per_epoch})
+    clock.on_train_begin()
+    positions = []
+    epoch = 0
+    while len(positions) < max_steps and not model.stop_training:
+        clock.on_epoch_begin(epoch)
+        for b in range(steps_per_epoch):
+            clock.on_train_batch_begin(b)
+            positions.append(clock.position)
+            fake.t += fake.step_s
+            clock.on_train_batch_end(b, {})
+            if model.stop_training:
+                break
+        clock.on_epoch_end(epoch, {})
+        fake.t += epoch_end_s
+        epoch += 1
+    return positions
+
+
+def test_clock_stops_at_the_budget_and_schedule_reaches_its_end():
+    fake = FakeClock(step_s=1.0)
+    var = _Var()
+    clock = BudgetClock(100.0, started_at=fake.t - 10.0, clock=fake, progress=var)  # 10 s of start-up
+    positions = run_clock(clock, fake, steps_per_epoch=7, max_steps=1000, epoch_end_s=2.0)
+    elapsed = fake.t - clock.started_at
+    assert clock.time_up
+    # the last step ended where no further step (1 s) plus epoch-end work (2 s) fitted
+    assert 100.0 - 3.0 - 0.5 <= clock.stop_at_s <= 100.0 + 0.5
+    assert elapsed <= 100.0 * 1.05
+    assert positions[0] == pytest.approx(0.0, abs=0.02) and positions[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(positions) >= 0) and var.value == positions[-1]
+    # 90 s of training minus 2 s per epoch end: about 90 * 7 / 9 steps
+    assert 66 <= len(positions) <= 72
+
+
+def test_clock_budget_spent_during_start_up():
+    fake = FakeClock()
+    clock = BudgetClock(5.0, started_at=fake.t - 6.0, clock=fake)
+    model = _Model()
+    clock.set_model(model)
+    clock.on_train_begin()
+    assert clock.time_up and model.stop_training
+
+
+def test_epoch_end_work_that_would_overrun_makes_this_epoch_the_last():
+    fake = FakeClock(step_s=1.0)
+    clock = BudgetClock(20.0, started_at=fake.t, clock=fake)
+    positions = run_clock(clock, fake, steps_per_epoch=5, max_steps=1000, epoch_end_s=8.0)
+    # epochs end at 5, (13) 18: after the second epoch's validation (8 s) no step fits
+    assert len(positions) == 10 and clock.time_up
+
+
+def test_replan_messages_and_positions():
+    assert replan(300, None).remaining_s == 300 and replan(300, None).start_progress == 0
+    same = replan(300, {"max_time_s": 300, "spent_s": 120, "progress": 0.4})
+    assert same.remaining_s == pytest.approx(180) and same.start_progress == pytest.approx(0.4)
+    assert "continues from 40%" in same.message
+    longer = replan(600, {"max_time_s": 300, "spent_s": 120, "progress": 0.4})
+    assert longer.remaining_s == pytest.approx(480) and "300 s -> 600 s" in longer.message
+    restart = replan(600, {"max_time_s": 300, "spent_s": 300, "progress": 1.0})
+    assert restart.start_progress == 0 and "warm restart" in restart.message
+    with pytest.raises(ValueError, match="already trained 300 s of a 200 s budget"):
+        replan(200, {"max_time_s": 300, "spent_s": 300, "progress": 1.0})
+
+
+def test_schedule_follows_clock_progress():
+    from medseg.train.callbacks import WarmupDecay
+
+    schedule = WarmupDecay(0.01, total_steps=10_000, kind="poly", power=0.9, clock=True)
+    assert float(schedule(5)) == pytest.approx(0.01, rel=1e-3)
+    schedule.clock_progress.assign(0.5)
+    assert float(schedule(5)) == pytest.approx(0.01 * 0.5 ** 0.9, rel=1e-4)
+    schedule.clock_progress.assign(1.0)
+    assert float(schedule(5)) == 0.0
+    # the step fraction still counts: an epoch limit reached first ends the decay too
+    schedule.clock_progress.assign(0.0)
+    assert float(schedule(10_000)) == 0.0
+    again = WarmupDecay.from_config(schedule.get_config())
+    assert again.clock and again.clock_progress is not None
+
+
+# --- whole runs ---------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = FakeClock(step_s=1.0)
+    monkeypatch.setattr(budget, "now", clock)
+    return clock
+
+
+@pytest.mark.slow
+def test_budgeted_run_stops_on_time_with_the_schedule_at_its_end(tmp_path, fake_clock):
+    from medseg.train.loop import train
+
+    images, labels = lesion_dataset(tmp_path)
+    slow = slow_steps(fake_clock)
+    result = train(dict(TINY, images=str(images), labels=str(labels), run_dir=str(tmp_path / "run"),
+                        max_time_s=24.0, val_every=1000), callbacks=[slow])
+    assert result.stop_reason == "budget"
+    assert result.budget["spent_s"] <= 24.0 * 1.05
+    assert result.steps == len(slow.lrs) and 22 <= result.steps <= 25
+    peak = result.learning_rate
+    assert slow.lrs[0] == pytest.approx(peak, rel=0.1)
+    assert slow.lrs[-1] <= 0.05 * peak            # within 5 % of the schedule's end value (0)
+    assert np.all(np.diff(slow.lrs) <= 1e-12)     # decays monotonically over the budget
+    state = json.loads((result.run_dir / "state.json").read_text())
+    assert state["stop_reason"] == "budget" and state["steps"] == result.steps
+    assert state["schedule_end_lr"] == 0.0 and state["final_lr"] <= 0.05 * peak
+    assert state["budget"]["max_time_s"] == 24.0 and state["budget"]["progress"] == pytest.approx(1.0)
+    from medseg.train.curves import read_history_csv
+
+    rows = read_history_csv(result.run_dir / "history.csv")
+    assert rows[-1]["steps"] == result.steps and "time_left_s" in rows[-1]
+    # the epoch that spent the budget was validated although val_every is 1000
+    assert "val_dsc_3d" in rows[-1]
+
+
+@pytest.mark.slow
+def test_resume_under_a_budget_continues_the_schedule(tmp_path, fake_clock):
+    import keras
+
+    from medseg.train.loop import train
+
+    images, labels = lesion_dataset(tmp_path)
+    settings = dict(TINY, images=str(images), labels=str(labels), run_dir=str(tmp_path / "run"), max_time_s=30.0,
+                    val_every=1000)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    first = slow_steps(fake_clock)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, callbacks=[first, Interrupt()])
+    saved = json.loads((tmp_path / "run" / "state.json").read_text())["budget"]
+    assert saved["spent_s"] == pytest.approx(10.0, abs=0.01) and 0.2 < saved["progress"] < 0.5
+    second = slow_steps(fake_clock)
+    result = train(dict(resume=str(tmp_path / "run")), callbacks=[second])
+    # The schedule continues from where it stopped: the first resumed step's learning rate is
+    # the next one of the interrupted run (no jump back to the peak, no jump to the end).
+    step_lr = first.lrs[-1] - first.lrs[-2]
+    assert second.lrs[0] == pytest.approx(first.lrs[-1] + step_lr, abs=0.25 * abs(step_lr))
+    assert result.stop_reason == "budget" and result.budget["spent_s"] <= 30.0 * 1.05
+    assert second.lrs[-1] <= 0.05 * result.learning_rate
+    assert result.steps == len(first.lrs) + len(second.lrs)
+
+
+@pytest.mark.slow
+def test_one_labelled_case_trains_and_the_bundle_serves_medseg_infer(tmp_path, capsys):
+    from medseg.cli.infer import main as infer_main
+    from medseg.cli.train import main as train_main
+    from medseg.io import read_volume
+
+    images, labels = lesion_dataset(tmp_path, cases=("brain1",))
+    run = tmp_path / "run"
+    code = train_main(["--images", str(images), "--labels", str(labels), "--run-dir", str(run), "--epochs", "2",
+                       "--steps-per-epoch", "2", "--batch-size", "2", "--filters", "4", "8", "--depth", "1",
+                       "--no-deep-supervision", "--patch-size", "32", "32", "--precision", "float32",
+                       "--verbose", "2", "--run-eagerly"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 labelled case (brain1): training on it and validating on it" in out
+    assert "val (training cases) 3D DSC" in out and "*best*" not in out
+    assert "last model kept" in out.splitlines()[-1] and "stopped: all epochs done" in out.splitlines()[-1]
+    info = json.loads((run / "bundle.json").read_text())
+    assert info["extra"]["validation"] == "training cases" and info["extra"]["epoch"] == 2
+    assert "last model" in info["extra"]["selection"]
+    split = json.loads((run / "split.json").read_text())
+    assert split["train"] == split["val"] == ["brain1"] and split["validation"] == "training cases"
+    assert "training cases" in (run / "validation.csv").read_text() or split["validation"] == "training cases"
+    out_dir = tmp_path / "pred"
+    assert infer_main([str(images / "brain1.nrrd"), "--model", str(run), "-o", str(out_dir)]) == 0
+    pred = read_volume(next(out_dir.iterdir()))
+    assert pred.same_grid(read_volume(images / "brain1.nrrd"))
+
+
+def test_val_fraction_zero_and_early_stopping_refused():
+    from medseg.errors import InputError
+    from medseg.train.config import TrainConfig
+
+    assert TrainConfig.from_dict({"val_fraction": 0}).val_fraction == 0
+    with pytest.raises(InputError, match="early_stopping only with held-out validation cases"):
+        TrainConfig.from_dict({"val_fraction": 0, "early_stopping": 3})
+
+
+# --- CPU sizing ---------------------------------------------------------------------------------------
+def test_cpu_sizing_keeps_the_widest_network_within_the_target():
+    from medseg.data.plan import Plan
+    from medseg.train.config import TrainConfig
+    from medseg.train.sizing import choose_network
+
+    times = {8: 0.1, 16: 0.3, 32: 1.2}
+    timed = []
+
+    def timer(filters, depth):
+        timed.append(filters[0])
+        return times[filters[0]]
+
+    plan = Plan(patch_size=(128, 128))
+    chosen = choose_network(TrainConfig(), plan, precision="float32", target_step_s=0.5, timer=timer, verbose=0)
+    assert chosen["chosen"]["filters"][0] == 16 and timed == [8, 16, 32]
+    assert [p["step_s"] for p in chosen["probes"]] == [0.1, 0.3, 1.2]
+    # A slow machine: even the narrowest is over the target; it is used, wider ones are not timed.
+    timed.clear()
+    slow = choose_network(TrainConfig(), plan, precision="float32", target_step_s=0.05, timer=timer, verbose=0)
+    assert slow["chosen"]["filters"][0] == 8 and timed == [8]
+
+
+def test_cpu_sizing_only_when_the_network_is_left_at_defaults():
+    from medseg.train.config import TrainConfig
+    from medseg.train.loop import _cpu_sizing_wanted
+
+    class Default:
+        class extended:
+            worker_devices = ("/job:localhost/replica:0/task:0/device:CPU:0",)
+
+    assert _cpu_sizing_wanted(TrainConfig(), Default)
+    for changed in ({"filters": [8, 16, 32, 64, 128]}, {"depth": 3}, {"patch_size": [64, 64]}, {"batch_size": 4},
+                    {"cpu_sizing": False}):
+        assert not _cpu_sizing_wanted(TrainConfig.from_dict(changed), Default), changed

@@ -36,6 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from _needs import require  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 def _ct_volume(n_slices: int, size: int, seed: int = 0):
     """An int16 CT-like volume (RAS, 0.8 x 0.8 x 2.5 mm): air, a body, brighter blobs."""
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--modality", default="CT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    require("medseg", "keras", "tensorflow")
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.modality)))
         return 0

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from _needs import require  # benchmarks/ is on sys.path when run as a script
+
 LARGE_SHAPE, LARGE_SPACING = (512, 512, 128), (0.7, 0.7, 2.5)
 SMALL_SHAPE, SMALL_SPACING = (256, 256, 64), (1.0, 1.0, 3.0)
 
@@ -201,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require("medseg", "surface_distance", "medpy", "psutil")  # the peers and the memory sampler
     if args.peak_child:
         _peak_child(*args.peak_child)
         return

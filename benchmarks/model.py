@@ -11,7 +11,7 @@ Measures, on this machine's CPU:
   step is timed per model, more only within ``--budget-s`` (a step of the default model takes
   tens of seconds on 2 CPU cores, and bfloat16 is emulated, hence slower, on CPUs without
   AVX512-BF16/AMX);
-* the peer: the user's original Keras recipe (USER_STORY.md: ``Nest_UNet`` with Dropout 0.5
+* the peer: the user's original Keras recipe (docs/user_story.md: ``Nest_UNet`` with Dropout 0.5
   and L2 1e-4 after every convolution, the weighted-Dice loss with smooth = 1), ported to
   Keras 3 and timed the same way in float32.
 
@@ -26,7 +26,8 @@ import os
 import statistics
 import time
 
-from user_recipe import dice_loss, nest_unet  # benchmarks/ is on sys.path when run as a script
+from _needs import require  # benchmarks/ is on sys.path when run as a script
+from user_recipe import dice_loss, nest_unet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="float32,mixed_bfloat16",
                         help="comma-separated Keras dtype policies to time medseg's model under")
     args = parser.parse_args(argv)
+    require("medseg", "keras", "tensorflow")
 
     import keras
     import numpy as np

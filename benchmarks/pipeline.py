@@ -40,6 +40,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from _needs import require  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 PATCH = (256, 256)
 SHAPE = (100, 512, 512)  # plan space: slices first
 BATCH = 32
@@ -226,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer batches (a smoke run, noisier figures)")
     p.add_argument("--memory-child", nargs=3, metavar=("CASES", "BATCHES", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    require("medseg", "scipy", "tensorflow")
     if args.memory_child:
         memory_child(int(args.memory_child[0]), int(args.memory_child[1]), args.memory_child[2])
         return 0

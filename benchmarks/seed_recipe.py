@@ -1,34 +1,30 @@
-"""The user's original recipe vs medseg's defaults, same real lesion cases, same wall-clock budget.
+"""The user's original recipe vs medseg's defaults, same data, same wall-clock budget.
 
-The seed recipe is ported from the user's code (docs: /work/shared/USER_STORY.md, "README: the
-story"): Nest_UNet with Dropout(0.5) after every convolution, L2 1e-4 on every kernel,
-Conv2DTranspose up-sampling with ReLU, softmax output ``output_4``; loss
-``1 - (0.3 * Dice_background + 0.7 * Dice_lesion)`` over the flattened batch with smooth = 1;
-metric ``dsc`` (lesion Dice over the flattened batch, smooth = 1); Adam with per-epoch poly decay;
-every slice of the training volumes fed whole ("blind" slice sampling, most slices have no
-lesion), intensities divided by the volume maximum (the user's /255 on 0..255 data); augmentation
-by rotation 10 degrees, shifts 0.1 and horizontal flips applied to the images only, as
-``ImageDataGenerator.flow(x, y)`` does (the masks stay where they were).
+The seed recipe is ported from the user's code (docs/user_story.md): Nest_UNet with
+Dropout(0.5) after every convolution, L2 1e-4 on every kernel, Conv2DTranspose up-sampling with
+ReLU, softmax output ``output_4``; loss ``1 - (0.3 * Dice_background + 0.7 * Dice_foreground)``
+over the flattened batch with smooth = 1; metric ``dsc`` (foreground Dice over the flattened
+batch, smooth = 1); Adam with per-epoch poly decay; every slice of the training volumes fed
+whole ("blind" slice sampling), intensities scaled to [0, 1] per volume (the user's /255 on
+8-bit exports: min-max); augmentation by rotation 10 degrees, shifts 0.1 and horizontal flips
+applied to the images only, as ``ImageDataGenerator.flow(x, y)`` does (the masks stay put).
 
-medseg runs :func:`medseg.train.loop.train` with its defaults (plan, lesion-aware patches, joint
-augmentation, Dice + CE with deep supervision, whole-volume validation) and only the network
-width, batch size, epoch length, time budget and in-plane spacing set for a CPU. Both models
-have the same filters and see the same pixels: slices at ``--spacing-mm`` (1.5 mm, about half the
-native resolution, so a CPU gets enough steps into the budget), the recipe's whole slices padded
-to ``--size``.
+``--task liver`` (default): the demo's task (:mod:`liver_task`): both train on patient A
+(non-contrast CT), both are scored on patient B (contrast-enhanced CT DICOM series) in 3D on
+B's own grid. medseg runs as a new user runs it (``medseg-train`` defaults: CPU sizing,
+validation on the training case, budget schedule; the bundle segments B as ``medseg-infer``
+does); the recipe gets the network width medseg chose and the same in-plane pixels (A's 3 mm).
 
-Cases: the real MR lesion cases of tests/data/nrrd (brain1, brain2, breast1), leave-one-out:
-each case is held out once and both sides train on the other two (medseg through its own
-``--folds 3 --fold k``; its per-epoch whole-volume validation of the held-out patient is only
-recorded as a curve, and the score uses the final weights, so no model selection sees the
-held-out patient). Held-out cases are segmented whole and scored per patient in 3D
-(:func:`medseg.eval.compute_metrics`, DSC on the original grid).
+``--task lesions``: the real MR lesion cases of tests/data/nrrd (brain1, brain2, breast1),
+leave-one-out; medseg trains through ``--folds 3 --fold k`` and is scored with its final
+weights (its per-epoch validation of the held-out case is only a curve).
 
-Output: detail lines, the curves of both (loss falls; does the metric move?) as PNG files in
-``--out``, and last one JSON line with ``dsc_medseg`` and ``dsc_seed_recipe`` (mean per-patient
-held-out 3D DSC) and the per-patient values.
+Output: detail lines, each side's loss and metric curves per epoch in the JSON (the user's
+symptom: the loss falls, does the metric move?) and as PNG files in ``--out``, and last one
+JSON line with ``dsc_medseg`` and ``dsc_seed_recipe`` (goal: ``dsc_medseg >= dsc_seed_recipe +
+0.10``).
 
-    python benchmarks/seed_recipe.py [--budget-s 150] [--filters 16 32 64 128 256] [--batch 8]
+    python benchmarks/seed_recipe.py [--task liver|lesions] [--budget-s 300] [--batch 8]
 """
 
 from __future__ import annotations
@@ -43,7 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from user_recipe import dice_loss, dsc, nest_unet  # benchmarks/ is on sys.path when run as a script
+from liver_task import lay_out, patient_b, require, score_patient_b, train_liver  # benchmarks/ is on sys.path
+from user_recipe import dice_loss, dsc, nest_unet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -71,12 +68,13 @@ def _grid(volume, spacing_mm):
 
 
 def _recipe_slices(volume, size, spacing_mm):
-    """Axial slices (k, size, size, 1) as the user fed them, /max scaling (their /255 on 0..255
-    data); resampled to the benchmark's in-plane spacing so both sides see the same pixels."""
+    """Axial slices (k, size, size, 1) as the user fed them, scaled to [0, 1] per volume (their
+    /255 of 8-bit exports: min-max); resampled to the benchmark's in-plane spacing so both sides
+    see the same pixels."""
     import numpy as np
 
     arr = np.asarray(volume.array, dtype=np.float32)
-    arr = arr / max(float(arr.max()), 1e-6)
+    arr = (arr - float(arr.min())) / max(float(arr.max() - arr.min()), 1e-6)
     slices = _resize_slices(np.moveaxis(arr, 2, 0), _grid(volume, spacing_mm), order=1)
     return _pad_crop(slices, size)[..., None]
 
@@ -132,25 +130,29 @@ def _augment_images_only(x, rng):
     return out
 
 
-def run_recipe(train_cases, test_case, args, out_dir):
-    """Train the user's recipe for ``budget_s`` seconds; return (held-out row, curves)."""
+def _lesion_pair(case):
+    from medseg.io import read_volume
+
+    return read_volume(NRRD / f"{case}_image.nrrd"), read_volume(NRRD / f"{case}_label.nrrd")
+
+
+def run_recipe(train_pairs, test_pair, test_case, args, out_dir, filters):
+    """Train the user's recipe for ``budget_s`` seconds on ``(image, label)`` Volume pairs and
+    score ``test_pair`` in 3D; return (held-out row, curves)."""
     import keras
     import numpy as np
 
     from medseg.eval import compute_metrics
-    from medseg.io import read_volume
 
     keras.utils.set_random_seed(args.seed)
     xs, ys = [], []
-    for case in train_cases:
-        image = read_volume(NRRD / f"{case}_image.nrrd")
-        label = read_volume(NRRD / f"{case}_label.nrrd")
+    for image, label in train_pairs:
         xs.append(_recipe_slices(image, args.size, args.spacing_mm))
         ys.append(_recipe_mask(label, args.size, args.spacing_mm))
     x = np.concatenate(xs)
     y = np.concatenate(ys)
     y_onehot = np.stack([1 - y, y], axis=-1).astype(np.float32)
-    model = nest_unet(args.filters)
+    model = nest_unet(filters)
     n_epoch = args.recipe_epochs
     init_lr = args.lr
 
@@ -185,18 +187,33 @@ def run_recipe(train_cases, test_case, args, out_dir):
         epoch += 1
     train_s = time.perf_counter() - t0
 
-    image = read_volume(NRRD / f"{test_case}_image.nrrd")
-    label = read_volume(NRRD / f"{test_case}_label.nrrd")
+    image, label = test_pair
     gh, gw = _grid(image, args.spacing_mm)
     slices = _recipe_slices(image, args.size, args.spacing_mm)
     probs = model.predict(slices, batch_size=args.batch, verbose=0)
     pred = _unpad(np.argmax(probs, axis=-1).astype(np.uint8), gh, gw)
     pred = np.moveaxis(_resize_slices(pred, image.shape[:2], order=0), 0, 2)  # back to the native grid
-    metrics = compute_metrics(pred > 0, label.array > 0, image.spacing_mm)
+    metrics = compute_metrics(pred > 0, np.asarray(label.array) > 0, image.spacing_mm)
     _plot(curves, {"loss": "loss (1 - weighted Dice + L2)", "dsc": "metric dsc (flattened batch)"},
           out_dir / f"recipe_{test_case}.png", f"seed recipe, held out {test_case}")
     return {"case": test_case, "dsc": metrics["dsc"], "hd95_mm": metrics["hd95_mm"], "epochs": epoch,
             "train_s": round(train_s, 1), "steps": epoch * steps}, curves
+
+
+def run_medseg_liver(data, args, out_dir, work):
+    """medseg as a new user runs it on patient A for ``budget_s``; scored on patient B."""
+    run_dir = work / "run_liver"
+    t0 = time.perf_counter()
+    result = train_liver(data, run_dir, args.budget_s, seed=args.seed, batch_size=args.batch, lr=args.lr)
+    train_s = time.perf_counter() - t0
+    score = score_patient_b(data, run_dir)
+    curves = {"loss": [r.get("loss") for r in result.history], "data_loss": [r.get("data_loss") for r in result.history],
+              "train_dice": [r.get("dice") for r in result.history]}
+    _plot(curves, {"loss": "loss (Dice + CE, deep supervision)", "train_dice": "train Dice (patches, hard)"},
+          out_dir / "medseg_patientB.png", "medseg, trained on patient A")
+    return {"case": "patientB", "dsc": score["dsc"], "hd95_mm": score["hd95_mm"], "epochs": result.epochs_completed,
+            "train_s": round(train_s, 1), "steps": result.steps, "filters": result.model_config["filters"],
+            "largest_component": score["largest_component"]}, curves
 
 
 def run_medseg(test_case, args, out_dir, work):
@@ -213,7 +230,6 @@ def run_medseg(test_case, args, out_dir, work):
     from medseg.eval import compute_metrics
     from medseg.infer.bundle import Bundle
     from medseg.infer.predictor import Predictor
-    from medseg.io import read_volume
     from medseg.train.loop import train
 
     images, labels = work / "images", work / "labels"
@@ -238,8 +254,7 @@ def run_medseg(test_case, args, out_dir, work):
     plan = Plan.load(run_dir / "plan.json")
     final = Bundle(run_dir=run_dir, model=result.model, plan=plan, divisor=int(plan.divisor),
                    input_channels=int(plan.context_slices))
-    image = read_volume(NRRD / f"{test_case}_image.nrrd")
-    label = read_volume(NRRD / f"{test_case}_label.nrrd")
+    image, label = _lesion_pair(test_case)
     mask = Predictor(final, batch_size=8).segment(image)
     metrics = compute_metrics(mask.array > 0, label.array > 0, image.spacing_mm)
     curves = {
@@ -293,44 +308,72 @@ def _finite_or_null(value):
     return value
 
 
+def _describe(name, row, curve, dice_key):
+    (l0, l1), (d0, d1) = _trend(curve["loss"]), _trend(curve[dice_key])
+    return (f"{name}, held out {row['case']}: 3D DSC {row['dsc']:.4f} ({row['epochs']} epochs, {row['steps']} steps, "
+            f"{row['train_s']} s); loss {l0:.3f} -> {l1:.3f}, {dice_key} {d0:.3f} -> {d1:.3f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-s", type=float, default=200.0, help="training wall-clock budget per side and fold")
-    parser.add_argument("--filters", type=int, nargs=5, default=[8, 16, 32, 64, 128], help="filters, both models")
+    parser.add_argument("--task", choices=("liver", "lesions"), default="liver")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="training wall-clock budget per side (and fold); default 300 (liver), 200 (lesions)")
+    parser.add_argument("--filters", type=int, nargs=5, default=[8, 16, 32, 64, 128],
+                        help="lesions: filters of both models (liver: medseg sizes its network, the recipe copies it)")
     parser.add_argument("--batch", type=int, default=8, help="batch size, both")
     parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate, both")
-    parser.add_argument("--spacing-mm", type=float, default=1.5,
-                        help="in-plane spacing both sides train at (medseg: plan override; recipe: slices resized)")
-    parser.add_argument("--size", type=int, default=128, help="recipe: resized slices padded/cropped to this square")
+    parser.add_argument("--spacing-mm", type=float, default=None,
+                        help="in-plane spacing both sides train at; default 3 (liver: patient A's), 1.5 (lesions)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="recipe: slices padded/cropped to this square; default 176 (liver), 128 (lesions)")
     parser.add_argument("--recipe-epochs", type=int, default=100, help="recipe: epochs of its poly decay")
-    parser.add_argument("--medseg-steps", type=int, default=10, help="medseg: steps per epoch")
-    parser.add_argument("--val-every", type=int, default=2, help="medseg: whole-volume validation every N epochs")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), help="held out one at a time")
+    parser.add_argument("--medseg-steps", type=int, default=10, help="lesions: medseg steps per epoch")
+    parser.add_argument("--val-every", type=int, default=2, help="lesions: medseg whole-volume validation every N")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help="lesions: held out one at a time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for curves (default: a temporary folder)")
     args = parser.parse_args(argv)
+    liver = args.task == "liver"
+    args.budget_s = args.budget_s or (300.0 if liver else 200.0)
+    args.spacing_mm = args.spacing_mm or (3.0 if liver else 1.5)
+    args.size = args.size or (176 if liver else 128)
+    require("tensorflow", "skimage", "matplotlib")
 
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="medseg-seed-recipe-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="medseg-seed-work-"))
     rows_m, rows_r, curves_m, curves_r = [], [], {}, {}
-    for test_case in args.cases:
-        train_cases = [c for c in args.cases if c != test_case]
-        row, curve = run_recipe(train_cases, test_case, args, out_dir)
-        rows_r.append(row)
-        curves_r[test_case] = curve
-        print(f"seed recipe, held out {test_case}: 3D DSC {row['dsc']:.4f} ({row['epochs']} epochs, "
-              f"{row['steps']} steps, {row['train_s']} s); loss {curve['loss'][0]:.3f} -> {curve['loss'][-1]:.3f}, "
-              f"metric dsc {curve['dsc'][0]:.3f} -> {curve['dsc'][-1]:.3f}", flush=True)
-        row, curve = run_medseg(test_case, args, out_dir, work)
-        rows_m.append(row)
-        curves_m[test_case] = curve
-        (l0, l1), (d0, d1), (v0, v1) = (_trend(curve["loss"]), _trend(curve["train_dice"]),
-                                        _trend(curve["heldout_dsc_3d"]))
-        print(f"medseg, held out {test_case}: 3D DSC {row['dsc']:.4f} ({row['epochs']} epochs, {row['steps']} steps, "
-              f"{row['train_s']} s incl. validation); loss {l0:.3f} -> {l1:.3f}, train Dice {d0:.3f} -> {d1:.3f}, "
-              f"held-out 3D DSC {v0:.3f} -> {v1:.3f}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        if liver:
+            from medseg.data.plan import load_pair
+            from medseg.io import Case
+            from medseg.io.labels import parse_label_map
+
+            data = lay_out(work)
+            row, curve = run_medseg_liver(data, args, out_dir, work)
+            rows_m.append(row)
+            curves_m["patientB"] = curve
+            print(_describe("medseg", row, curve, "train_dice"), flush=True)
+            train_pair = load_pair(Case("patientA", data / "imagesTr" / "patientA.nii.gz",
+                                        data / "labelsTr" / "patientA.nii.gz", label_map=parse_label_map("5:1,*:0")))
+            row, curve = run_recipe([train_pair], patient_b_pair(data), "patientB", args, out_dir, row["filters"])
+            rows_r.append(row)
+            curves_r["patientB"] = curve
+            print(_describe("seed recipe", row, curve, "dsc"), flush=True)
+        else:
+            for test_case in args.cases:
+                train_pairs = [_lesion_pair(c) for c in args.cases if c != test_case]
+                row, curve = run_recipe(train_pairs, _lesion_pair(test_case), test_case, args, out_dir, args.filters)
+                rows_r.append(row)
+                curves_r[test_case] = curve
+                print(_describe("seed recipe", row, curve, "dsc"), flush=True)
+                row, curve = run_medseg(test_case, args, out_dir, work)
+                rows_m.append(row)
+                curves_m[test_case] = curve
+                print(_describe("medseg", row, curve, "train_dice"), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     def mean(rows):
         vals = [r["dsc"] for r in rows if math.isfinite(r["dsc"])]
@@ -339,10 +382,10 @@ def main(argv=None) -> int:
     result = {
         "dsc_medseg": mean(rows_m),
         "dsc_seed_recipe": mean(rows_r),
+        "task": args.task,
         "per_patient_medseg": {r["case"]: round(r["dsc"], 4) for r in rows_m},
         "per_patient_seed_recipe": {r["case"]: round(r["dsc"], 4) for r in rows_r},
         "budget_s": args.budget_s,
-        "filters": args.filters,
         "batch": args.batch,
         "spacing_mm": args.spacing_mm,
         "medseg_curves": curves_m,
@@ -353,6 +396,14 @@ def main(argv=None) -> int:
     }
     print(json.dumps(_finite_or_null(result)))
     return 0
+
+
+def patient_b_pair(data):
+    """Patient B as an (image, label) pair of Volumes on the DICOM grid (the recipe's test case)."""
+    import numpy as np
+
+    image, ref = patient_b(data)
+    return image, image.with_array(ref.astype(np.uint8))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from _needs import require  # benchmarks/ is on sys.path when run as a script
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch size")
     parser.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128], help="UNet++ filters")
     args = parser.parse_args(argv)
+    require("medseg", "keras", "tensorflow")
 
     import keras
     import numpy as np

@@ -1,4 +1,4 @@
-"""The user's original Keras recipe (shared/USER_STORY.md), ported to Keras 3 syntax.
+"""The user's original Keras recipe (docs/user_story.md), ported to Keras 3 syntax.
 
 Used as the named peer by ``benchmarks/model.py`` (step time) and ``benchmarks/seed_recipe.py``
 (held-out 3D DSC). Kept faithful on purpose: Dropout 0.5 after every convolution, L2 1e-4 on

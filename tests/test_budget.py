@@ -268,7 +268,7 @@ def test_cpu_sizing_keeps_the_widest_network_within_the_target():
     from medseg.train.config import TrainConfig
     from medseg.train.sizing import choose_network
 
-    times = {8: 0.1, 16: 0.3, 32: 1.2}
+    times = {8: 0.1, 16: 0.2, 32: 1.2}
     timed = []
 
     def timer(filters, depth):
@@ -278,11 +278,25 @@ def test_cpu_sizing_keeps_the_widest_network_within_the_target():
     plan = Plan(patch_size=(128, 128))
     chosen = choose_network(TrainConfig(), plan, precision="float32", target_step_s=0.5, timer=timer, verbose=0)
     assert chosen["chosen"]["filters"][0] == 16 and timed == [8, 16, 32]
-    assert [p["step_s"] for p in chosen["probes"]] == [0.1, 0.3, 1.2]
+    assert [p["step_s"] for p in chosen["probes"]] == [0.1, 0.2, 1.2]
+    # growth 0.1 -> 0.3 predicts 0.9 s for the widest: not built, not timed
+    times[16] = 0.3
+    timed.clear()
+    chosen = choose_network(TrainConfig(), plan, precision="float32", target_step_s=0.5, timer=timer, verbose=0)
+    assert chosen["chosen"]["filters"][0] == 16 and timed == [8, 16]
+    assert chosen["skipped"]["predicted_step_s"] == pytest.approx(0.9)
     # A slow machine: even the narrowest is over the target; it is used, wider ones are not timed.
     timed.clear()
     slow = choose_network(TrainConfig(), plan, precision="float32", target_step_s=0.05, timer=timer, verbose=0)
     assert slow["chosen"]["filters"][0] == 8 and timed == [8]
+
+
+def test_budget_target_leaves_room_for_enough_steps():
+    from medseg.train.sizing import BUDGET_MIN_STEPS, TARGET_STEP_S, budget_target_step_s
+
+    assert budget_target_step_s(None) == TARGET_STEP_S
+    assert budget_target_step_s(300) == pytest.approx(0.9 * 300 / BUDGET_MIN_STEPS)
+    assert budget_target_step_s(10_000) == TARGET_STEP_S  # a long budget: the plain target
 
 
 def test_cpu_sizing_only_when_the_network_is_left_at_defaults():
@@ -297,3 +311,24 @@ def test_cpu_sizing_only_when_the_network_is_left_at_defaults():
     for changed in ({"filters": [8, 16, 32, 64, 128]}, {"depth": 3}, {"patch_size": [64, 64]}, {"batch_size": 4},
                     {"cpu_sizing": False}):
         assert not _cpu_sizing_wanted(TrainConfig.from_dict(changed), Default), changed
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_chatter_is_silenced_unless_debugging():
+    """No absl/oneDNN/CUDA-stub lines (nor the error-level cuInit line) on a machine without a
+    GPU; with --debug they are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from medseg.cli._common import import_tensorflow_quietly as q; import sys; q({}); print('ready')"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-c", code.format("False")], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "ready"
+    assert "I0000" not in quiet.stderr and "absl" not in quiet.stderr and "cuInit" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code.format("True")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert loud.returncode == 0
+    if "absl" not in loud.stderr and "I0000" not in loud.stderr:
+        pytest.skip("this TensorFlow build prints nothing at start-up: nothing to silence")

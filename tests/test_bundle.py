@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -210,14 +211,48 @@ def test_load_errors_for_missing_or_non_folder(tmp_path):
         load_bundle(tmp_path / "file.txt")
 
 
-def test_changed_model_file_is_reported(tmp_path, model, caplog):
+def test_changed_model_file_is_refused_unless_accepted(tmp_path, model, caplog):
     save_bundle(tmp_path, model, mr_plan())
+    recorded = json.loads((tmp_path / BUNDLE_FILE).read_text())["model_sha256"]
     other = tiny_unetpp()
     other.set_weights([w + 1.0 for w in other.get_weights()])  # other weights: the file must differ
     other.save(tmp_path / MODEL_FILE)  # replaced behind bundle.json's back
-    with caplog.at_level("WARNING", logger="medseg"):
+    found = hashlib.sha256((tmp_path / MODEL_FILE).read_bytes()).hexdigest()
+    with pytest.raises(InputError) as info:
         load_bundle(tmp_path)
-    assert "SHA-256 mismatch" in caplog.text
+    assert info.value.path == str(tmp_path / MODEL_FILE)
+    message = str(info.value)
+    assert f"expected the model recorded in {tmp_path / BUNDLE_FILE} (SHA-256 {recorded[:12]}...)" in message
+    assert f"found another file (SHA-256 {found[:12]}...)" in message and "--accept-modified-model" in message
+    with caplog.at_level("WARNING", logger="medseg"):
+        bundle = load_bundle(tmp_path, accept_modified=True)
+    assert f"SHA-256 {found[:12]}... instead of {recorded[:12]}..." in caplog.text and "used anyway" in caplog.text
+    np.testing.assert_array_equal(bundle.model.get_weights()[0], other.get_weights()[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "flipped_byte"])
+def test_corrupt_model_file_is_named_corrupt_not_missing(tmp_path, model, damage):
+    save_bundle(tmp_path, model, mr_plan())
+    path = tmp_path / MODEL_FILE
+    data = path.read_bytes()
+    if damage == "truncated":  # an interrupted copy
+        path.write_bytes(data[: len(data) // 2])
+        found = f"a corrupt or truncated file (not a zip archive, {len(data) // 2} bytes)"
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+        found = "a corrupt or truncated file (not a zip archive, 4096 bytes)"
+    else:  # one bit of the weights flipped: the zip still opens, a member's CRC fails
+        member = data.index(b"model.weights.h5")
+        damaged = bytearray(data)
+        damaged[member + 2000] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        found = "a corrupt zip archive (damaged member"
+    for accept in (False, True):  # --accept-modified-model never makes a damaged file loadable
+        with pytest.raises(InputError) as info:
+            load_bundle(tmp_path, accept_modified=accept)
+        assert info.value.path == str(path)
+        assert f"expected a Keras 3 model file (.keras zip), found {found}" in str(info.value)
+        assert "not found" not in str(info.value).lower()
 
 
 def test_import_has_no_side_effects():

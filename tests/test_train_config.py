@@ -398,9 +398,21 @@ def test_summary_line_states_infinite_hd95(tmp_path):
 
     keeper = RunKeeper(tmp_path, new_state(seed=0), save_best=lambda *a: None, epochs=5, verbose=0)
     base = {"loss": 0.5, "data_loss": 0.5, "reg_loss": 0.0, "lr": 1e-3, "time_s": 3.0, "val_dsc_3d": 0.0}
-    all_empty = keeper.summary_line(0, {**base, "val_hd95_mm": float("nan"), "val_hd95_inf": 1.0}, True, False)
+    all_empty = keeper.summary_line(0, {**base, "val_hd95_mm": float("nan"), "val_hd95_inf": 1.0,
+                                        "val_empty_pred": 1.0, "val_empty_ref": 0.0}, True, False)
     assert "HD95 inf (1 empty prediction)" in all_empty and "nan mm" not in all_empty
-    some = keeper.summary_line(0, {**base, "val_hd95_mm": 12.34, "val_hd95_inf": 2.0}, True, False)
-    assert "HD95 12.3 mm (2 empty: inf)" in some
+    # An empty *reference* is not called an empty prediction.
+    no_ref = keeper.summary_line(0, {**base, "val_hd95_mm": float("nan"), "val_hd95_inf": 1.0,
+                                     "val_empty_pred": 0.0, "val_empty_ref": 1.0}, True, False)
+    assert "HD95 inf (1 empty reference)" in no_ref and "prediction" not in no_ref
+    some = keeper.summary_line(0, {**base, "val_hd95_mm": 12.34, "val_hd95_inf": 3.0, "val_empty_pred": 2.0,
+                                   "val_empty_ref": 1.0}, True, False)
+    assert "HD95 12.3 mm (2 empty predictions, 1 empty reference: inf)" in some
+    from medseg.train.callbacks import summarize_validation
+
+    counts = summarize_validation([{"dsc": 0.0, "hd95_mm": float("inf"), "pred_empty": 1.0, "ref_empty": 0.0},
+                                   {"dsc": float("nan"), "hd95_mm": float("inf"), "pred_empty": 0.0, "ref_empty": 1.0},
+                                   {"dsc": 0.5, "hd95_mm": 4.0, "pred_empty": 0.0, "ref_empty": 0.0}])
+    assert (counts["val_empty_pred"], counts["val_empty_ref"], counts["val_hd95_inf"]) == (1.0, 1.0, 2.0)
     finite = keeper.summary_line(0, {**base, "val_hd95_mm": 7.0, "val_hd95_inf": 0.0}, True, False)
     assert "HD95 7.0 mm  " in finite

@@ -18,10 +18,11 @@ Kept free of heavy imports: importing it must not import TensorFlow or nibabel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from medseg.errors import MedsegError
 
@@ -60,6 +61,39 @@ def setup_logging(args: argparse.Namespace | None = None, *, debug: bool = False
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@contextlib.contextmanager
+def native_stderr_silenced(enabled: bool = True) -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null inside the block.
+
+    TensorFlow's start-up lines (absl's "All log messages before absl::InitializeLog()", oneDNN
+    and CUDA-stub notices, and an error-level ``failed call to cuInit`` on machines without a
+    GPU) are written by C++ before ``TF_CPP_MIN_LOG_LEVEL`` applies. Python exceptions are not
+    affected: they propagate and are printed after the block.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow_quietly(debug: bool = False) -> None:
+    """Import TensorFlow and initialise its devices with the start-up chatter silenced
+    (shown with ``--debug``), so a command's output starts with its own lines."""
+    with native_stderr_silenced(not debug):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
 def error_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (a multi-line problem list is joined with ``"; "``)."""
     if isinstance(exc, OSError) and not isinstance(exc, MedsegError):
@@ -83,7 +117,8 @@ def run_command(prog: str, args: argparse.Namespace, func: Callable[[], int | No
         func: the command's work; its return value (None -> 0) is the exit code.
 
     Returns:
-        ``func``'s exit code, 2 for a :class:`MedsegError` or ``OSError``, 130 on Ctrl-C.
+        ``func``'s exit code, 2 for a :class:`MedsegError` or ``OSError``, 130 on Ctrl-C, 1 for
+        any other exception (one line naming it; ``--debug`` shows the traceback).
     """
     try:
         code = func()
@@ -98,3 +133,9 @@ def run_command(prog: str, args: argparse.Namespace, func: Callable[[], int | No
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback on request
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: unexpected {type(exc).__name__}: {error_line(exc)} "
+              f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_FAILED

@@ -5,7 +5,9 @@ Example::
     medseg-eval --pred runs/r1/pred --ref data/labelsTs --images data/imagesTs --out runs/r1/eval
 
 writes ``metrics.csv``, ``summary.json`` and ``report.html`` into ``--out`` and prints the
-per-patient table. Definitions: docs/eval.md.
+per-patient table. ``--pred`` and ``--ref`` may also be one prediction file and its reference
+file. ``--out`` is checked before any work: a folder that can be written, without the outputs of
+an earlier evaluation unless ``--overwrite``. Definitions: docs/eval.md.
 """
 
 from __future__ import annotations
@@ -24,17 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-patient evaluation of segmentations: DSC, Jaccard, HD, HD95, ASSD, MASD, NSD, "
         "volumes, lesion-wise detection; writes metrics.csv, summary.json and report.html.",
     )
-    parser.add_argument("--pred", required=True, help="folder of predicted masks, one file per case id")
-    parser.add_argument("--ref", required=True, help="folder of reference masks, one file per case id")
+    parser.add_argument("--pred", required=True,
+                        help="folder of predicted masks, one file per case id (or one predicted mask file)")
+    parser.add_argument("--ref", required=True,
+                        help="folder of reference masks, one file per case id (or the reference file of --pred)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the metrics.csv, summary.json and report.html of an earlier evaluation in --out")
     parser.add_argument(
-        "--images", help="folder of images (nnU-Net _0000 names allowed), drawn under the outlines"
+        "--images", help="folder of images (nnU-Net _0000 names allowed), drawn under the outlines; "
+        "one image file with one --pred/--ref pair"
     )
     parser.add_argument(
         "--resample-pred", action="store_true",
         help="resample predictions on another grid onto the reference grid (nearest neighbour) instead of refusing",
     )
     parser.add_argument("--label", type=int, help="evaluate the voxels equal to this label (default: masks must be 0/1)")
+    parser.add_argument("--map-labels", metavar="FROM:TO[,FROM:TO]",
+                        help="map the reference label values first, as medseg-train does: e.g. 5:1,*:0 scores "
+                        "label 5 of a multi-organ reference against 0/1 predictions (* = every other value)")
     parser.add_argument(
         "--empty-distance", choices=("worst", "exclude"), default="worst",
         help="in the statistics, an infinite distance (one mask empty) becomes the image diagonal (worst, "
@@ -65,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from medseg.eval.evaluate import EvalOptions, evaluate_folders
-    from medseg.eval.report import format_table, write_report
+    from medseg.eval.report import check_report_folder, format_table, write_report
+
+    from medseg.io.labels import parse_label_map
 
     options = EvalOptions(
         label=args.label,
+        map_labels=parse_label_map(args.map_labels) if args.map_labels else None,
         resample_pred=args.resample_pred,
         connectivity=args.connectivity,
         min_overlap_fraction=args.min_overlap_fraction,
@@ -76,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         figures=not args.no_figures,
     )
+    check_report_folder(args.out, overwrite=args.overwrite)  # before minutes of work, not after
     result = evaluate_folders(
         args.pred,
         args.ref,
@@ -97,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
         f"missing {policy['n_missing_prediction']})"
     )
     print(f"report: {paths['html']}")
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 

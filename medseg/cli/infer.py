@@ -8,23 +8,27 @@ Examples::
 
 INPUT is a volume file (NIfTI, NRRD, MHA), a DICOM series folder or a folder of such volumes
 (batch mode). Every check that needs no model (inputs exist, outputs are free, no output would
-replace an input) runs before the model is loaded, so a typo costs nothing. A file that cannot be
-read in a batch is reported on one line and skipped; the command ends with the list of failures
-and exit code 1.
+replace an input, every output folder can be written) runs before the model is loaded, so a typo
+costs nothing. A file that cannot be read in a batch, or whose voxels cannot be segmented (NaN,
+inf, one constant value), is reported on one line and skipped; the command ends with the list of
+failures and exit code 1. A case's label map and probability map are written together or not at
+all.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.cli._common import EXIT_FAILED, EXIT_OK, add_common_args, error_line, run_command, setup_logging
+from medseg.cli._common import (EXIT_FAILED, EXIT_OK, add_common_args, error_line, import_tensorflow_quietly,
+                                run_command, setup_logging)
 from medseg.errors import InputError, MedsegError
-from medseg.io.atomic import same_file
+from medseg.io.atomic import check_writable_folder, same_file
 
 PROG = "medseg-infer"
 #: Environment variable naming the default model bundle (a run folder).
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", metavar="RUN_DIR", help="run folder holding model.keras and bundle.json")
     parser.add_argument(
+        "--accept-modified-model", action="store_true",
+        help="use a model.keras whose SHA-256 differs from the one bundle.json recorded (refused by default)",
+    )
+    parser.add_argument(
         "-o", "--out", metavar="OUT",
         help=(
             "output file (one input; .nii.gz, .nii, .nrrd or .mha) or folder "
@@ -86,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-lesion-ml", type=_non_negative_float, default=0.0, metavar="V",
         help="remove connected lesions smaller than V ml (default 0: keep all)",
     )
-    parser.add_argument("--largest-component", action="store_true", help="keep only the largest lesion")
+    parser.add_argument("--largest-component", dest="largest_component", action="store_const", const=True,
+                        help="keep only the largest connected component (default: the bundle's choice, made on "
+                        "validation at training time)")
+    parser.add_argument("--all-components", dest="largest_component", action="store_const", const=False,
+                        help="keep every connected component, whatever the bundle chose")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)"
     )
@@ -260,7 +272,8 @@ def plan_outputs(
     Raises:
         InputError: ``out`` is a file name but there are several inputs, or has an extension
             medseg cannot write; an output would replace an input; outputs exist without
-            ``overwrite`` (all listed).
+            ``overwrite`` (all listed); an output folder cannot be written (read-only, no
+            permission, full disk).
     """
     cwd = Path.cwd() if cwd is None else cwd
     out_path = Path(out) if out else None
@@ -301,6 +314,9 @@ def plan_outputs(
             raise InputError(
                 None, "outputs that do not exist yet", f"existing files {shown}", "pass --overwrite to replace them"
             )
+    # Found now, not after the model has run on every case.
+    for parent in dict.fromkeys(p.parent for p in outputs):
+        check_writable_folder(parent)
     return jobs
 
 
@@ -310,9 +326,10 @@ def _run(args: argparse.Namespace) -> int:
     jobs = plan_outputs(cases, args.out, probabilities=args.probabilities, overwrite=args.overwrite)
     run_dir, how = find_model(args.model)
 
+    import_tensorflow_quietly(args.debug)
     from medseg.infer.bundle import load_bundle
 
-    bundle = load_bundle(run_dir)
+    bundle = load_bundle(run_dir, accept_modified=args.accept_modified_model)
     saved = bundle.info.get("created", "at an unknown time")
     print(
         f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})", file=sys.stderr
@@ -321,9 +338,13 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.infer.predictor import Predictor
 
     predictor = Predictor(bundle, batch_size=args.batch_size, tta=args.tta)
+    post = (bundle.info.get("extra") or {}).get("postprocessing") or {}
+    if args.largest_component is None and post.get("largest_component"):
+        print(f"{PROG}: post-processing: largest connected component kept (the bundle's choice: {post.get('reason')}; "
+              f"--all-components keeps every component)", file=sys.stderr)
     failures: list[str] = []
     progress = _progress(jobs, args)
-    for job in progress:
+    for n, job in enumerate(progress):
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(job.case_id)
         try:
@@ -337,12 +358,27 @@ def _run(args: argparse.Namespace) -> int:
             line = f"{job.source}: {error_line(exc)}" if str(job.source) not in str(exc) else error_line(exc)
             _write_line(progress, f"{PROG}: error: {line}")
             failures.append(line)
-    if failures:
+            if _output_exhausted(exc) and n + 1 < len(jobs):
+                # The disk filled up (or went read-only) meanwhile: every later case would fail alike.
+                left = len(jobs) - n - 1
+                _write_line(progress, f"{PROG}: stopped: the outputs cannot be written; "
+                            f"{left} input{'s' if left > 1 else ''} not segmented")
+                failures.extend(f"{j.source}: not segmented (stopped)" for j in jobs[n + 1:])
+                break
+    if failures and len(jobs) > 1:
         print(f"{PROG}: {len(failures)} of {len(jobs)} inputs failed:", file=sys.stderr)
         for line in failures:
             print(f"  - {line}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _output_exhausted(exc: BaseException) -> bool:
+    """True for an output error that every later case would hit too (full disk, read-only)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _progress(jobs: list[Job], args: argparse.Namespace):
@@ -363,10 +399,12 @@ def _write_line(progress, line: str, stream=None) -> None:
 
 
 def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
-    from medseg.io import read_volume, write_volume
+    from medseg.infer.predictor import check_image
+    from medseg.io import read_volume, write_volumes
 
     start = time.perf_counter()
     volume = read_volume(job.source, case_id=job.case_id)
+    check_image(volume, job.source)  # NaN or a constant image: refused before the model runs
     post = dict(threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, largest_component=args.largest_component)
     if job.prob_path is None:
         # Labels only: thresholded part by part, no float volume of the input's size is kept.
@@ -374,9 +412,8 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
     else:
         probability = predictor.predict_proba(volume)
         labels = predictor.labels_from_proba(probability, **post)
-    write_volume(labels, job.seg_path, overwrite=args.overwrite)
-    if probability is not None:
-        write_volume(probability, job.prob_path, overwrite=args.overwrite)
+    outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
+    write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
     lesion_ml = float(labels.array.sum(dtype="int64")) * labels.voxel_volume_ml
     written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
     message = f"{job.case_id}: lesion {lesion_ml:.2f} ml -> {written} ({time.perf_counter() - start:.1f} s)"

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from medseg.cli._common import add_common_args, run_command, setup_logging
+from medseg.cli._common import add_common_args, import_tensorflow_quietly, run_command, setup_logging
 
 EPILOG = """\
 examples:
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="patches per replica and step (default 8)")
     t.add_argument("--lr", type=float, help="learning rate of one replica (default 1e-3, scaled by replicas)")
     t.add_argument("--schedule", choices=("poly", "cosine", "constant"), help="learning-rate decay (default poly)")
+    t.add_argument("--schedule-over", choices=("budget", "epochs"),
+                   help="with --max-time-s: decay over the budget (default) or over epochs x steps (truncated)")
     t.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 0)")
     t.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="segmentation loss (default dice_ce)")
     t.add_argument("--seed", type=int, help="seed of split, initialisation and sampling (default 0)")
@@ -121,7 +123,7 @@ def config_from_args(args: argparse.Namespace):
         key: getattr(args, key)
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
                     "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
-                    "warmup_epochs", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
+                    "warmup_epochs", "schedule_over", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
                     "cpu_sizing")
     }
@@ -130,6 +132,7 @@ def config_from_args(args: argparse.Namespace):
     cfg.update(flags, source="command line")
     if args.context_slices is not None:
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
+        cfg.validate(source="command line")
     if args.quiet and args.verbose is None:
         cfg.verbose = 0
     elif args.verbose is None and cfg.verbose == 1 and not sys.stdout.isatty():
@@ -146,8 +149,9 @@ def done_line(result) -> str:
              f"stopped: {STOP_REASONS.get(result.stop_reason, result.stop_reason or 'unknown')}"]
     if result.budget:
         b = result.budget
-        parts.append(f"{b.get('spent_s', 0):.0f} s of a {b.get('max_time_s', 0):.0f} s budget"
-                     + (f" + final validation {result.final_validation_s:.0f} s" if result.final_validation_s else ""))
+        parts.append(f"last step at {b.get('last_step_s', 0):.0f} s of a {b.get('max_time_s', 0):.0f} s budget"
+                     + (f", then the final validation ({result.final_validation_s:.0f} s)"
+                        if result.final_validation_s else ""))
     if result.final_lr is not None:
         parts.append(f"lr at the last step {result.final_lr:.2e} (schedule end 0, peak {result.learning_rate:.2e})")
     if result.best_epoch == 0:
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg = config_from_args(args)
+        import_tensorflow_quietly(args.debug)
         from medseg.train.loop import train
 
         result = train(cfg)

@@ -418,7 +418,13 @@ def check_dataset(
             report.stats[case.case_id] = stats
     report.totals = _totals(report.stats)
     empty = report.totals["n_empty_labels"]
-    if empty:
+    if empty and empty == report.totals["n_labelled"]:
+        report.problems.append(Problem(
+            FATAL, "(dataset)", None,
+            f"every one of the {empty} valid labels is empty (no foreground voxel): there is nothing to learn"
+            + ("; check --map-labels" if label_map else "; wrong label folder, or a label value to map with --map-labels?"),
+        ))
+    elif empty:
         report.problems.append(Problem(
             WARNING, "(dataset)", None,
             f"{empty} of {report.totals['n_labelled']} valid labels are empty (no lesion): they only teach background",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.eval.aggregate import aggregate, check_policy
 from medseg.eval.lesions import lesion_metrics
 from medseg.eval.metrics import compute_metrics, image_diagonal_mm
+from medseg.io.atomic import same_file
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ class EvalOptions:
         nsd_tolerance_mm: tolerance of the normalized surface Dice.
         percentile: of the robust Hausdorff distance (``hd95_mm``).
         figures: draw the per-patient slice figure.
+        map_labels: ``--map-labels`` mapping applied to each reference label map first (as in
+            ``medseg-train``; ``{5: 1, "*": 0}`` scores label 5 of a multi-organ map).
     """
 
     label: int | None = None
+    map_labels: dict | None = None
     resample_pred: bool = False
     connectivity: int = 26
     min_overlap_fraction: float = 0.0
@@ -62,13 +66,15 @@ class CasePair:
 
 @dataclass
 class EvalResult:
-    """Per-case records (sorted by case id), the aggregate summary and pairing notes."""
+    """Per-case records (sorted by case id), the aggregate summary, pairing notes and warnings
+    (results that are computed but likely not what was meant, e.g. a label found nowhere)."""
 
     cases: list[dict]
     summary: dict
     unmatched_predictions: list[str]
     options: EvalOptions
     empty_distance: str
+    warnings: list[str] = field(default_factory=list)
 
 
 def pair_cases(
@@ -81,9 +87,11 @@ def pair_cases(
     """Pair reference and prediction files by case id (medseg's discovery rules).
 
     Args:
-        pred_dir: folder of predicted masks (file names = case ids, as ``medseg-infer`` writes).
-        ref_dir: folder of reference masks.
-        images_dir: optional folder of images (nnU-Net ``_0000`` suffixes allowed) for figures.
+        pred_dir: folder of predicted masks (file names = case ids, as ``medseg-infer`` writes),
+            or one prediction file (then ``ref_dir`` is its reference file).
+        ref_dir: folder of reference masks, or one reference file.
+        images_dir: optional folder of images (nnU-Net ``_0000`` suffixes allowed) for figures;
+            one image file with a single pair.
         missing: ``"score"`` (a reference without prediction is scored as a miss) or ``"error"``.
 
     Returns:
@@ -91,7 +99,8 @@ def pair_cases(
         ids of predictions without a reference (ignored).
 
     Raises:
-        InputError: a folder is missing or holds no volumes.
+        InputError: a folder is missing or holds no volumes; a file given with a folder;
+            predictions and references are the same folder or file.
         DatasetError: predictions are missing and ``missing="error"``.
         ValueError: unknown ``missing`` policy.
     """
@@ -99,6 +108,15 @@ def pair_cases(
 
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, found {missing!r}")
+    pred_path, ref_path = Path(pred_dir), Path(ref_dir)
+    if pred_path.exists() and ref_path.exists() and same_file(pred_path, ref_path):
+        what = "folder" if ref_path.is_dir() else "file"
+        raise InputError(
+            pred_path, "predictions different from the references", f"the reference {what} itself ({ref_path})",
+            "--pred and --ref name the same data: every score would be perfect",
+        )
+    if pred_path.is_file() or ref_path.is_file():
+        return [_single_pair(pred_path, ref_path, images_dir)], []
     refs = list_volume_files(ref_dir)
     preds = _strip_prediction_suffixes(list_volume_files(pred_dir), refs)
     images = list_volume_files(images_dir, images=True) if images_dir is not None else {}
@@ -112,6 +130,22 @@ def pair_cases(
     unmatched = [cid for cid in preds if cid not in refs]
     pairs = [CasePair(cid, refs[cid], preds.get(cid), images.get(cid)) for cid in refs]
     return pairs, unmatched
+
+
+def _single_pair(pred: Path, ref: Path, images: str | os.PathLike | None) -> CasePair:
+    """The one case of ``--pred FILE --ref FILE`` (the image: a file, or looked up in a folder)."""
+    from medseg.io.dataset import case_id_from_path, list_volume_files
+
+    for path, other in ((pred, ref), (ref, pred)):
+        if not path.is_file():
+            found = "a folder" if path.is_dir() else "no such file"
+            raise InputError(path, f"a volume file, as {other} is one (one prediction, one reference)", found)
+    case_id = case_id_from_path(ref)
+    image = None
+    if images is not None:
+        images = Path(images)
+        image = images if images.is_file() else list_volume_files(images, images=True).get(case_id)
+    return CasePair(case_id, ref, pred, image)
 
 
 #: Suffixes prediction writers add to the case id (``medseg-infer`` writes ``<case>_seg.nii.gz``).
@@ -141,13 +175,21 @@ def _grid_text(vol) -> str:
     return f"shape {vol.shape}, spacing ({sp}) mm, origin ({org}) mm, orientation {vol.orientation}"
 
 
-def binary_mask(array: np.ndarray, path, label: int | None) -> np.ndarray:
+def binary_mask(array: np.ndarray, path, label: int | None, role: str = "prediction") -> np.ndarray:
     """Foreground of a label map: ``array == label``, or the 0/1 map itself.
 
+    Args:
+        role: ``"prediction"`` or ``"reference"``: what the advice in an error speaks of.
+
     Raises:
-        InputError: without ``label``, when values other than 0 and 1 are present (the message
-            lists up to 10 of them and suggests ``--label N``).
+        InputError: non-integer values (a probability map or an image: ``--label`` cannot help);
+            without ``label``, values other than 0 and 1 (the message lists up to 10 of them and
+            suggests ``--label N``).
     """
+    if array.dtype.kind == "f":
+        fractional = array != np.trunc(array)  # also True for NaN
+        if fractional.any():
+            _refuse_non_integer(array, fractional, path, role)
     if label is not None:
         return array == label
     bad = (array != 0) & (array != 1)
@@ -159,6 +201,30 @@ def binary_mask(array: np.ndarray, path, label: int | None) -> np.ndarray:
             "pass --label N to evaluate the voxels equal to N",
         )
     return array.astype(bool, copy=False)
+
+
+def _refuse_non_integer(array: np.ndarray, fractional: np.ndarray, path, role: str) -> None:
+    values = array[fractional]
+    if np.isnan(values).any():
+        raise InputError(path, "a label map", f"{int(np.isnan(values).sum())} NaN voxels")
+    example = float(values[values.size // 2])
+    if 0.0 <= float(array.min()) and float(array.max()) <= 1.0:
+        hint = ("pass the label map, medseg-infer's _seg file, not the _prob file; or threshold the map "
+                "first, e.g. probability >= 0.5") if role == "prediction" else "a reference must be a label map"
+        raise InputError(path, "a label map (integer values)",
+                         f"a probability map (values between 0 and 1, such as {example:.3g})", hint)
+    raise InputError(path, "a label map (integer values)", f"non-integer values such as {example:g}",
+                     f"an image rather than a mask? pass the {role} label map")
+
+
+def _label_values(array: np.ndarray, limit: int = 10) -> list:
+    """Up to ``limit`` distinct values of a label map (shown when the asked label is absent)."""
+    if array.dtype.kind in "iub" and array.size:
+        low = int(array.min())
+        if int(array.max()) - low < 1 << 16:  # bincount: one pass, no sort of the whole volume
+            counts = np.bincount((np.asarray(array, dtype=np.int64) - low).ravel())
+            return [int(v) + low for v in np.flatnonzero(counts)[:limit]]
+    return [float(v) for v in np.unique(array)[:limit]]
 
 
 def resample_nearest(moving, fixed) -> np.ndarray:
@@ -187,7 +253,9 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
     Returns:
         a per-case record: ``case_id``, paths, ``missing``, ``pred_empty``, ``ref_empty``, grid,
         ``diagonal_mm``, ``metrics`` (:func:`compute_metrics`), ``lesions`` (counts and rates),
-        ``lesion_details`` (per lesion), ``resampled`` and ``figure_png`` (base64, or None).
+        ``lesion_details`` (per lesion), ``resampled``, ``reoriented`` (the prediction held the
+        reference's voxels in another axis order and was brought onto its grid exactly) and
+        ``figure_png`` (base64, or None).
 
     Raises:
         InputError: unreadable files, label values other than {0, 1} (without a label), or a
@@ -196,12 +264,22 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
     from medseg.io import read_volume
 
     ref_vol = read_volume(pair.ref_path)
-    ref = binary_mask(ref_vol.array, pair.ref_path, options.label)
-    resampled = False
+    ref_array = ref_vol.array
+    if options.map_labels:
+        from medseg.io.labels import apply_label_map
+
+        ref_array = apply_label_map(np.asarray(ref_array), options.map_labels)
+    ref = binary_mask(ref_array, pair.ref_path, options.label, role="reference")
+    resampled = reoriented = False
     if pair.pred_path is None:
         pred = np.zeros(ref.shape, dtype=bool)
     else:
         pred_vol = read_volume(pair.pred_path)
+        aligned = pred_vol.onto_grid_of(ref_vol)
+        if aligned is not None and aligned is not pred_vol:
+            # The same voxels stored in another axis order (e.g. an LPS prediction of a DICOM
+            # series and an LAS reference): paired by physical position, exactly.
+            pred_vol, reoriented = aligned, True
         if not pred_vol.same_grid(ref_vol):
             if not options.resample_pred:
                 raise InputError(
@@ -214,7 +292,7 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
             resampled = True
         else:
             pred_arr = pred_vol.array
-        pred = binary_mask(pred_arr, pair.pred_path, options.label)
+        pred = binary_mask(pred_arr, pair.pred_path, options.label, role="prediction")
     spacing = ref_vol.spacing_mm
     metrics = compute_metrics(
         pred, ref, spacing, percentile=options.percentile, nsd_tolerance_mm=options.nsd_tolerance_mm, workers=kd_workers
@@ -231,9 +309,10 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         if pair.image_path is not None:
             image_vol = read_volume(pair.image_path)
             # Display only: an image on another grid is brought onto the reference grid.
-            image = image_vol.array if image_vol.same_grid(ref_vol) else resample_nearest(image_vol, ref_vol)
+            aligned_image = image_vol.onto_grid_of(ref_vol)
+            image = aligned_image.array if aligned_image is not None else resample_nearest(image_vol, ref_vol)
         figure = case_figure_png(pair.case_id, pred, ref, spacing, image=image, dsc=metrics["dsc"])
-    return {
+    record = {
         "case_id": pair.case_id,
         "ref_path": str(pair.ref_path),
         "pred_path": None if pair.pred_path is None else str(pair.pred_path),
@@ -242,6 +321,7 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         "pred_empty": not bool(pred.any()),
         "ref_empty": not bool(ref.any()),
         "resampled": resampled,
+        "reoriented": reoriented,
         "shape": list(ref_vol.shape),
         "spacing_mm": [float(s) for s in spacing],
         "diagonal_mm": image_diagonal_mm(ref_vol.shape, spacing),
@@ -250,6 +330,10 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         "lesion_details": details,
         "figure_png": figure,
     }
+    if options.label is not None and not ref.any():
+        # For the warning on a label found nowhere (removed from the record by evaluate_folders).
+        record["_ref_values"] = _label_values(np.asarray(ref_array))
+    return record
 
 
 def _evaluate_in_worker(pair: CasePair, options: EvalOptions) -> dict:
@@ -294,7 +378,9 @@ def evaluate_folders(
         progress: show a progress bar over patients on stderr.
 
     Returns:
-        :class:`EvalResult` with cases sorted by id.
+        :class:`EvalResult` with cases sorted by id; its ``warnings`` name results that are
+        computed but likely not what was meant (a label in no reference, a prediction that is
+        its reference file).
 
     Raises:
         InputError, DatasetError: see :func:`pair_cases` and :func:`evaluate_case`.
@@ -340,8 +426,40 @@ def evaluate_folders(
     finally:
         bar.close()
     cases = [results[p.case_id] for p in pairs]
+    warnings = _warnings(pairs, cases, options)
     summary = aggregate(cases, empty_distance)
-    return EvalResult(cases, summary, unmatched, options, empty_distance)
+    return EvalResult(cases, summary, unmatched, options, empty_distance, warnings)
+
+
+def _warnings(pairs: list[CasePair], cases: list[dict], options: EvalOptions) -> list[str]:
+    """Results that are computed but likely not what was meant; drops the records' helper keys."""
+    out = []
+    copies = [p.case_id for p in pairs if p.pred_path is not None and _same_content(p.pred_path, p.ref_path)]
+    if copies:
+        out.append(f"{len(copies)} of {len(pairs)} predictions are their reference file or a copy of it "
+                   f"({', '.join(copies[:5])}{', ...' if len(copies) > 5 else ''}): their scores are perfect by "
+                   "construction; is --pred the right folder?")
+    values = sorted({v for c in cases for v in c.pop("_ref_values", [])})
+    if options.label is not None and cases and all(c["ref_empty"] for c in cases):
+        where = "no reference and no prediction" if all(c["pred_empty"] for c in cases) else "no reference"
+        n = f"{len(cases)} case" + ("s" if len(cases) > 1 else "")
+        held = f"; the references hold the values {', '.join(f'{v:g}' for v in values[:10])}" if values else ""
+        out.append(f"label {options.label} occurs in {where} ({n}): the scores compare empty masks "
+                   f"(DSC NaN){held}; check --label")
+    return out
+
+
+def _same_content(pred: Path, ref: Path) -> bool:
+    """The prediction is the reference file, or a byte-for-byte copy (a model's output hardly is)."""
+    import filecmp
+
+    if same_file(pred, ref):
+        return True
+    try:
+        # Sizes first (filecmp compares them before reading); a DICOM folder is never a copy here.
+        return pred.is_file() and ref.is_file() and filecmp.cmp(pred, ref, shallow=False)
+    except OSError:
+        return False
 
 
 def options_dict(options: EvalOptions) -> dict:

@@ -43,6 +43,8 @@ CSV_COLUMNS = (
     + LESION_RATE_KEYS
     + ("diagonal_mm", "pred_path", "ref_path")
 )
+#: The files :func:`write_report` writes into its folder.
+REPORT_FILES = ("metrics.csv", "summary.json", "report.html")
 #: Columns of the per-patient table printed to stdout and shown in the HTML page.
 TABLE_COLUMNS = (
     ("case_id", "case"),
@@ -285,6 +287,7 @@ def summary_dict(result) -> dict:
             "lesions": result.summary["lesions"],
             "options": options_dict(result.options),
             "unmatched_predictions": list(result.unmatched_predictions),
+            "warnings": list(getattr(result, "warnings", [])),
             "versions": versions(),
         }
     )
@@ -313,7 +316,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #
 table{border-collapse:collapse;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f2f2f2}td.id{text-align:left}tr.flag td{background:#fff3e0}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;padding:4px;text-align:center;font-size:0.8em}
-.note{color:#555;font-size:0.9em}
+.note{color:#555;font-size:0.9em}.warn{background:#fff3e0;border-left:4px solid #e65100;padding:6px 10px}
 """
 
 
@@ -342,6 +345,8 @@ def html_text(result, summary: dict) -> str:
         f"<li>reference empty, prediction not (false alarm): {policy['n_ref_empty_only']}</li>"
         f"<li>prediction file missing (scored as a miss): {policy['n_missing_prediction']}</li></ul>",
     ]
+    for warning in getattr(result, "warnings", []):
+        parts.append(f"<p class='warn'><b>Warning:</b> {esc(warning)}</p>")
     if result.unmatched_predictions:
         parts.append("<p class='note'>Predictions without reference (ignored): "
                      + esc(", ".join(result.unmatched_predictions)) + "</p>")
@@ -378,6 +383,8 @@ def html_text(result, summary: dict) -> str:
             notes.append("empty reference")
         if case.get("resampled"):
             notes.append("prediction resampled")
+        if case.get("reoriented"):
+            notes.append("prediction reoriented onto the reference's axis order (same voxels)")
         cls = " class='flag'" if notes else ""
         cells = []
         for key, _ in TABLE_COLUMNS:
@@ -398,16 +405,39 @@ def html_text(result, summary: dict) -> str:
     return "\n".join(parts)
 
 
+def check_report_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check ``out_dir`` before an evaluation starts: a folder (or none yet) that can be written,
+    without the outputs of an earlier evaluation unless ``overwrite``.
+
+    Raises:
+        InputError: naming the folder: a file, not writable (read-only, no permission, full
+            disk), or it holds :data:`REPORT_FILES` and ``overwrite`` is False.
+    """
+    from medseg.errors import InputError
+    from medseg.io.atomic import check_writable_folder
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "an output folder", "a file")
+    existing = [name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise InputError(out, "an output folder without an earlier evaluation", f"{', '.join(existing)}",
+                         "pass --overwrite to replace them, or choose another --out")
+    check_writable_folder(out)
+    return out
+
+
 def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``metrics.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` atomically.
 
-    Everything is rendered in memory first, so a failure leaves no half-written file; each file
-    then goes to a temp file in ``out_dir`` and is moved into place with ``os.replace``.
+    Everything is rendered in memory first; each file then goes to a temp file in ``out_dir``
+    and the three are moved into place together (:func:`medseg.io.atomic.atomic_paths`), so a
+    failure leaves neither a half-written file nor a report that belongs to another run.
 
     Returns:
         ``{"csv": path, "json": path, "html": path}``.
     """
-    from medseg.io.atomic import atomic_path
+    from medseg.io.atomic import atomic_paths
 
     out = Path(out_dir)
     summary = summary_dict(result)
@@ -417,9 +447,8 @@ def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
         "html": ("report.html", html_text(result, summary)),
     }
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for kind, (name, text) in texts.items():
-        with atomic_path(out / name) as tmp:
+    paths = {kind: out / name for kind, (name, _) in texts.items()}
+    with atomic_paths(list(paths.values())) as temps:
+        for tmp, (_, text) in zip(temps, texts.values()):
             tmp.write_text(text, encoding="utf-8")
-        paths[kind] = out / name
     return paths

@@ -146,21 +146,6 @@ def _check_settings(classes: Sequence[str], threshold: float, head_level: int | 
         raise ValueError(f"head_level must be None or an integer >= 1, found {head_level!r}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    from medseg.io.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def _atomic_save_model(model: "keras.Model", path: Path) -> None:
-    from medseg.io.atomic import atomic_path
-
-    # atomic_path's temp name keeps the ".keras" suffix, which Keras insists on.
-    with atomic_path(path) as tmp:
-        model.save(tmp, overwrite=True)
-
-
 # --- public API ------------------------------------------------------------------------------
 def save_bundle(
     run_dir: str | os.PathLike,
@@ -174,10 +159,11 @@ def save_bundle(
 ) -> Path:
     """Write ``model.keras`` and ``bundle.json`` into ``run_dir`` (created if missing).
 
-    Both files are written atomically (temporary file in ``run_dir`` + ``os.replace``), the model
-    first: a ``bundle.json`` therefore always sits next to the model it describes (its SHA-256 is
-    recorded), and a crash never leaves a half-written file. Existing files are replaced: a run
-    folder holds the latest bundle of its run.
+    Both files are written to temporary files in ``run_dir`` and moved into place together
+    (:func:`medseg.io.atomic.atomic_paths`): a ``bundle.json`` always sits next to the model it
+    describes (its SHA-256 is recorded, and :func:`load_bundle` refuses another model), and a
+    crash never leaves a half-written file or a new model under an old description. Existing
+    files are replaced: a run folder holds the latest bundle of its run.
 
     Args:
         run_dir: the run folder.
@@ -216,13 +202,26 @@ def save_bundle(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / MODEL_FILE
-    _atomic_save_model(model, model_path)
-    info = {
+    from medseg.io.atomic import atomic_paths
+
+    bundle_path = run_dir / BUNDLE_FILE
+    # atomic_paths' temp names keep the ".keras" suffix, which Keras insists on.
+    with atomic_paths([run_dir / MODEL_FILE, bundle_path]) as (tmp_model, tmp_info):
+        model.save(tmp_model, overwrite=True)
+        info = _bundle_info(_sha256(tmp_model), plan_dict, classes, threshold, head_level, divisor, channels,
+                            extra_dict)
+        tmp_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    log.debug("wrote bundle %s", bundle_path)
+    return bundle_path
+
+
+def _bundle_info(sha256: str, plan_dict: dict, classes, threshold, head_level, divisor: int, channels: int,
+                 extra_dict: dict) -> dict[str, Any]:
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_file": MODEL_FILE,
-        "model_sha256": _sha256(model_path),
+        "model_sha256": sha256,
         "plan": plan_dict,
         "classes": list(classes),
         "threshold": float(threshold),
@@ -233,10 +232,6 @@ def save_bundle(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra_dict,
     }
-    bundle_path = run_dir / BUNDLE_FILE
-    _atomic_write_text(bundle_path, json.dumps(info, indent=2) + "\n")
-    log.debug("wrote bundle %s", bundle_path)
-    return bundle_path
 
 
 def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -284,18 +279,22 @@ def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def load_bundle(run_dir: str | os.PathLike) -> Bundle:
+def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) -> Bundle:
     """Load a bundle written by :func:`save_bundle`.
 
     Args:
         run_dir: run folder (or its ``bundle.json``).
+        accept_modified: load a ``model.keras`` whose SHA-256 differs from the one ``bundle.json``
+            recorded (weights replaced after training), with a warning, instead of refusing it.
 
     Returns:
         The :class:`Bundle` (model compiled=False: inference only).
 
     Raises:
         InputError: naming the file, if ``bundle.json`` or ``model.keras`` is missing or corrupt,
-            the plan is invalid, or the model does not match the bundle (input channels).
+            ``model.keras`` is not the model ``bundle.json`` describes (SHA-256) and
+            ``accept_modified`` is False, the plan is invalid, or the model does not match the
+            bundle (input channels).
     """
     info = read_bundle_info(run_dir)
     run_dir = Path(info.pop("_run_dir"))
@@ -311,10 +310,7 @@ def load_bundle(run_dir: str | os.PathLike) -> Bundle:
     model_path = run_dir / info.get("model_file", MODEL_FILE)
     if not model_path.is_file():
         raise InputError(model_path, "the Keras model of the bundle", "no such file")
-    recorded = info.get("model_sha256")
-    if recorded and _sha256(model_path) != recorded:
-        # Not fatal (someone may have re-saved the weights on purpose), but worth saying.
-        log.warning("%s: differs from the model recorded in %s (SHA-256 mismatch)", model_path, bundle_path)
+    _check_model_file(model_path, info.get("model_sha256"), bundle_path, accept_modified)
     model = _load_model(model_path)
 
     channels = _model_input_channels(model)
@@ -348,6 +344,47 @@ def load_bundle(run_dir: str | os.PathLike) -> Bundle:
     )
 
 
+def _zip_problem(model_path: Path) -> str | None:
+    """Why ``model_path`` is not a sound zip archive (a ``.keras`` file is one), or None."""
+    import zipfile
+
+    size = model_path.stat().st_size
+    if not zipfile.is_zipfile(model_path):
+        return f"a corrupt or truncated file (not a zip archive, {size} bytes)"
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"a corrupt zip archive ({exc})"
+    return None if bad is None else f"a corrupt zip archive (damaged member {bad!r})"
+
+
+def _check_model_file(model_path: Path, recorded: str | None, bundle_path: Path, accept_modified: bool) -> None:
+    """Refuse a corrupt ``model.keras`` or, unless ``accept_modified``, one that is not the model
+    ``bundle.json`` recorded: the plan and threshold in it were chosen for that model."""
+    try:
+        found = _sha256(model_path)
+    except OSError as exc:
+        raise InputError(model_path, "a readable Keras model file", exc.strerror or str(exc)) from exc
+    if recorded and found == recorded:
+        return
+    # A changed digest is most often damage (a truncated copy): say so rather than "modified".
+    problem = _zip_problem(model_path)
+    if problem is not None:
+        raise InputError(model_path, "a Keras 3 model file (.keras zip)", problem,
+                         "the file is damaged: copy the run folder again or retrain")
+    if not recorded:
+        return
+    if not accept_modified:
+        raise InputError(
+            model_path, f"the model recorded in {bundle_path} (SHA-256 {recorded[:12]}...)",
+            f"another file (SHA-256 {found[:12]}...)",
+            "replaced after training; pass --accept-modified-model to use it anyway",
+        )
+    log.warning("%s: not the model recorded in %s (SHA-256 %s... instead of %s...): used anyway, as asked",
+                model_path, bundle_path, found[:12], recorded[:12])
+
+
 def _load_model(model_path: Path) -> "keras.Model":
     import keras
 
@@ -357,7 +394,9 @@ def _load_model(model_path: Path) -> "keras.Model":
     try:
         return keras.saving.load_model(model_path, compile=False)
     except Exception as exc:  # zipfile, h5py, JSON and Keras deserialization errors all mean "corrupt"
-        raise InputError(model_path, "a Keras 3 model file (.keras zip)", f"{type(exc).__name__}: {exc}") from exc
+        # Keras words an unreadable archive "File not found"; the file is there, its content is wrong.
+        problem = _zip_problem(model_path) or f"an unreadable model ({type(exc).__name__}: {exc})"
+        raise InputError(model_path, "a Keras 3 model file (.keras zip)", problem) from exc
 
 
 def _warn_on_version_change(saved: Mapping[str, str], bundle_path: Path) -> None:

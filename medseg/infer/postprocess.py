@@ -86,3 +86,30 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     largest = int(np.argmax(sizes))  # argmax returns the first maximum: lowest label = first in scan order
     out[components != largest] = 0
     return out
+
+
+def choose_largest_component(rows: Sequence[dict], *, validation: str = "held-out cases") -> dict:
+    """Decide from validation rows whether inference keeps the largest component (nnU-Net's
+    post-processing choice, made on validation, applied at inference by the bundle).
+
+    Each row needs ``dsc`` (raw prediction) and ``dsc_largest_component`` (after
+    :func:`keep_largest_component`). The largest component is kept when its mean DSC is at least
+    the raw mean DSC (a tie means it removed nothing that mattered), over the rows where both
+    are finite.
+
+    Returns:
+        ``{"largest_component": bool, "dsc": raw mean, "dsc_largest_component": mean,
+        "cases": n, "validation": validation, "reason": one line}``; ``largest_component`` is
+        False without a usable row.
+    """
+    pairs = [(float(r["dsc"]), float(r["dsc_largest_component"])) for r in rows
+             if "dsc_largest_component" in r and np.isfinite(float(r.get("dsc", np.nan)))
+             and np.isfinite(float(r["dsc_largest_component"]))]
+    if not pairs:
+        return {"largest_component": False, "dsc": None, "dsc_largest_component": None, "cases": 0,
+                "validation": validation, "reason": "no validation case with a finite DSC"}
+    raw, lcc = (float(np.mean(v)) for v in zip(*pairs))
+    keep = lcc >= raw
+    return {"largest_component": bool(keep), "dsc": raw, "dsc_largest_component": lcc, "cases": len(pairs),
+            "validation": validation,
+            "reason": f"mean 3D DSC on {len(pairs)} {validation} {raw:.3f} -> {lcc:.3f} keeping the largest component"}

@@ -124,6 +124,40 @@ def padding_for(size: int, divisor: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def check_image(volume: "Volume", path=None) -> None:
+    """Refuse an image no model can segment meaningfully, before the model runs.
+
+    Non-finite voxels (NaN, inf) break the normalization (or silently spread NaN); a constant
+    image (every voxel one value, e.g. an all-zero export) holds nothing to segment, yet a model
+    still returns a "lesion" for it. Costs two reductions over the array, no temporaries.
+
+    Args:
+        volume: the image.
+        path: named in the error (default: the volume's ``source_path`` or case id).
+
+    Raises:
+        InputError: naming the file: the number of NaN and infinite voxels, or the constant value.
+    """
+    array = volume.array
+    if array.size == 0:
+        return
+    source = path if path is not None else volume.meta.get("source_path") or volume.case_id
+    low, high = array.min(), array.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        n_nan, n_inf = int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array)))
+        raise InputError(
+            source, "an image with finite voxel values",
+            f"{n_nan} NaN and {n_inf} infinite voxels (of {array.size})",
+            "replace them, e.g. by the background value, before segmenting",
+        )
+    if low == high:
+        raise InputError(
+            source, "an image with varying intensities",
+            f"a constant image (every voxel {float(low):g})",
+            "nothing to segment: any result would be meaningless; check how the image was exported",
+        )
+
+
 class Predictor:
     """Segment 3D volumes with a bundle's model.
 
@@ -412,7 +446,7 @@ class Predictor:
         *,
         threshold: float | None = None,
         min_lesion_ml: float = 0.0,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
     ) -> "Volume":
         """Threshold a probability map and post-process it into a ``uint8`` label volume.
 
@@ -420,7 +454,8 @@ class Predictor:
             probability: output of :meth:`predict_proba`.
             threshold: lesion where probability ``>= threshold``; None uses the bundle's.
             min_lesion_ml: remove connected lesions smaller than this (ml); 0 keeps all.
-            largest_component: keep only the largest lesion.
+            largest_component: keep only the largest connected component; None: the bundle's
+                choice (:attr:`largest_component_default`).
 
         Returns:
             ``uint8`` :class:`Volume` (0 background, 1 lesion) on the probability map's grid.
@@ -432,7 +467,7 @@ class Predictor:
         mask = np.greater_equal(probability.array, t).view(np.uint8)  # bool -> uint8 without a copy
         if min_lesion_ml > 0:
             mask = remove_small_lesions(mask, probability.spacing_mm, min_lesion_ml)
-        if largest_component:
+        if self._largest(largest_component):
             mask = keep_largest_component(mask)
         return probability.with_array(mask)
 
@@ -442,7 +477,7 @@ class Predictor:
         *,
         threshold: float | None = None,
         min_lesion_ml: float = 0.0,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
     ) -> "Volume":
         """Label volume (``uint8``, 0 background, 1 lesion) of ``volume`` on its exact grid.
 
@@ -459,6 +494,16 @@ class Predictor:
         labels = mask.view(np.uint8)  # bool -> uint8 without a copy
         if min_lesion_ml > 0:
             labels = remove_small_lesions(labels, volume.spacing_mm, min_lesion_ml)
-        if largest_component:
+        if self._largest(largest_component):
             labels = keep_largest_component(labels)
         return volume.with_array(labels)
+
+    @property
+    def largest_component_default(self) -> bool:
+        """The bundle's post-processing choice: keep the largest component when training's
+        validation showed it helps (``bundle.json`` ``extra.postprocessing``); False otherwise."""
+        extra = (getattr(self.bundle, "info", None) or {}).get("extra") or {}
+        return bool((extra.get("postprocessing") or {}).get("largest_component", False))
+
+    def _largest(self, largest_component: bool | None) -> bool:
+        return self.largest_component_default if largest_component is None else bool(largest_component)

@@ -40,6 +40,7 @@ __all__ = [
     "pair_cases",
     "read_volume",
     "write_volume",
+    "write_volumes",
 ]
 
 
@@ -132,10 +133,43 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, overwrite: bool = F
     Raises:
         InputError: unsupported extension, existing file without ``overwrite``, the volume's
             own source file, or the writer failed (message says why).
+        OSError: disk full, permission denied: naming ``path``, not the temp file.
     """
-    from medseg.io.atomic import atomic_path, check_output_path
+    return write_volumes([(volume, path)], overwrite=overwrite)[0]
 
-    path = Path(path)
+
+def write_volumes(items, *, overwrite: bool = False) -> list[Path]:
+    """Write ``(volume, path)`` pairs that belong together (a label map and its probability map)
+    as one set: every file is written to its temp file first, then all are moved into place, so
+    a failure leaves none of them (and the previous files, with ``overwrite``, as they were).
+
+    Each pair follows :func:`write_volume`'s rules; every path is checked before anything is written.
+
+    Returns:
+        the paths, in order.
+    """
+    from medseg.io.atomic import atomic_paths
+
+    items = [(volume, Path(path)) for volume, path in items]
+    writers = [_volume_writer(volume, path, overwrite) for volume, path in items]
+    paths = [path for _, path in items]
+    try:
+        with atomic_paths(paths, suffixes=[suffix for suffix, _ in writers]) as temps:
+            for (volume, path), (suffix, writer), tmp in zip(items, writers, temps):
+                _write_to(writer, volume, tmp, path, suffix)
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename) in map(str, paths):
+            raise
+        # A hidden temp file means nothing to the user: name the output instead.
+        raise OSError(exc.errno, exc.strerror or str(exc), str(paths[0] if len(paths) == 1 else paths[0].parent)) \
+            from exc
+    return paths
+
+
+def _volume_writer(volume: Volume, path: Path, overwrite: bool):
+    """(suffix, writer function) for ``path``, after checking the path (nothing written yet)."""
+    from medseg.io.atomic import check_output_path
+
     suffix = volume_suffix(path)
     if suffix not in WRITE_SUFFIXES:
         raise InputError(path, "an output file ending in " + ", ".join(WRITE_SUFFIXES), f"{path.name!r}")
@@ -144,11 +178,14 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, overwrite: bool = F
         from medseg.io.nifti import write_nifti as writer
     else:
         from medseg.io.itk import write_itk as writer
+    return suffix, writer
+
+
+def _write_to(writer, volume: Volume, tmp: Path, path: Path, suffix: str) -> None:
     try:
-        with atomic_path(path, suffix=suffix) as tmp:
-            writer(volume, tmp)
-    except OSError:
-        raise  # disk full / permission: the command prints the OSError with its path
+        writer(volume, tmp)
+    except OSError as exc:
+        # Disk full / permission: the command prints the OSError, naming the output, not the temp file.
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except Exception as exc:  # nibabel/SimpleITK errors (unsupported dtype, ...) as one clear line
         raise InputError(path, f"a writable {suffix} volume", f"{type(exc).__name__}: {exc}") from exc
-    return path

@@ -116,38 +116,41 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=atol_dir)
         )
 
-    def onto_grid_of(self, fixed: "Volume", atol_vox: float = 1e-3) -> "Volume | None":
+    def onto_grid_of(self, fixed: "Volume", atol_mm: float = 1e-3) -> "Volume | None":
         """This volume's voxels on ``fixed``'s grid when both grids hold the same voxel centres in
         another axis order or direction (e.g. a label map stored LAS for an LPS DICOM series), or
         None when they do not.
 
         Exact (a transpose and flips of the array, no interpolation): the returned Volume has
-        ``fixed``'s affine, this volume's ``case_id`` and ``meta``. Returns ``self`` when the grids
-        are already the same.
+        ``fixed``'s affine, this volume's ``case_id`` and ``meta``. Every voxel centre taken must lie
+        within ``atol_mm`` of the fixed voxel centre it lands on (checked at the grid's corners,
+        where the drift of a slightly different spacing or direction is largest). Returns
+        ``self`` when the grids are already the same.
         """
         if self.same_grid(fixed):
             return self
         # fixed voxel index -> this volume's voxel index, one homogeneous matrix.
-        m = np.linalg.inv(self.affine) @ fixed.affine
-        rot, shift = m[:3, :3], m[:3, 3]
-        signed = np.round(rot)
-        if not np.allclose(rot, signed, atol=atol_vox) or not np.array_equal(np.abs(signed).sum(axis=0), [1, 1, 1]) \
-                or not np.array_equal(np.abs(signed).sum(axis=1), [1, 1, 1]):
-            return None
+        signed = np.round((np.linalg.inv(self.affine) @ fixed.affine)[:3, :3])
+        if not (np.array_equal(np.abs(signed).sum(axis=0), [1, 1, 1])
+                and np.array_equal(np.abs(signed).sum(axis=1), [1, 1, 1])):
+            return None  # not an axis permutation with flips
         perm = [int(np.argmax(np.abs(signed[:, a]))) for a in range(3)]
-        flips = []
+        if any(fixed.shape[a] != self.shape[src] for a, src in enumerate(perm)):
+            return None
+        # The exact index map (fixed -> this) and where its voxels are in the world, per affine.
+        index_map = np.eye(4)
+        index_map[:3, :3] = signed
         for a, src in enumerate(perm):
-            sign = signed[src, a]
-            if fixed.shape[a] != self.shape[src]:
-                return None
-            start = 0.0 if sign > 0 else float(self.shape[src] - 1)
-            if abs(shift[src] - start) > atol_vox:
-                return None
-            if sign < 0:
-                flips.append(a)
+            index_map[src, 3] = 0.0 if signed[src, a] > 0 else self.shape[src] - 1
+        corners = np.array([[i, j, k, 1.0] for i in (0, fixed.shape[0] - 1) for j in (0, fixed.shape[1] - 1)
+                            for k in (0, fixed.shape[2] - 1)]).T
+        drift = np.linalg.norm((self.affine @ index_map @ corners - fixed.affine @ corners)[:3], axis=0)
+        if np.max(drift) > atol_mm:
+            return None
         array = np.transpose(np.asarray(self.array), perm)
+        flips = tuple(a for a, src in enumerate(perm) if signed[src, a] < 0)
         if flips:
-            array = np.flip(array, axis=tuple(flips))
+            array = np.flip(array, axis=flips)
         return Volume(np.ascontiguousarray(array), fixed.affine.copy(), self.case_id, dict(self.meta))
 
     def __repr__(self) -> str:

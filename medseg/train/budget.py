@@ -177,9 +177,17 @@ class BudgetClock(keras.callbacks.Callback):
         return float(np.clip(self.start_progress + (1.0 - self.start_progress) * frac, 0.0, 1.0))
 
     def state(self) -> dict[str, Any]:
-        """JSON state for the checkpoint: what :func:`replan` needs to continue."""
+        """JSON state for the checkpoint: what :func:`replan` needs to continue.
+
+        ``spent_s``: seconds of the budget used so far (all invocations, epoch-end work
+        included); ``last_step_s``: the same up to the end of the last optimizer step (the figure
+        the budget is kept to; a final validation comes after it); ``overshoot_fraction``:
+        ``last_step_s / max_time_s - 1`` (negative when the run ended early).
+        """
+        last = self.spent_before_s + self.stop_at_s
         return {"max_time_s": self.max_time_s, "spent_s": self.spent_before_s + self.elapsed(),
-                "progress": self.position, "step_s": self.step_s}
+                "last_step_s": last, "overshoot_fraction": last / self.max_time_s - 1.0,
+                "progress": self.position, "step_s": self.step_s, "overhead_s": self.overhead_s}
 
     # --- callback ------------------------------------------------------------------------------
     def on_train_begin(self, logs=None) -> None:

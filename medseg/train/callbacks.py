@@ -177,10 +177,15 @@ def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
     finite_hd = hd95[np.isfinite(hd95)]
     with np.errstate(all="ignore"):
         mean_dsc = float(np.nanmean(dsc)) if np.any(np.isfinite(dsc)) else float("nan")
+    pred_empty = np.array([float(r.get("pred_empty", 0.0)) > 0 for r in rows], dtype=bool)
+    ref_empty = np.array([float(r.get("ref_empty", 0.0)) > 0 for r in rows], dtype=bool)
     return {
         "val_dsc_3d": mean_dsc,
         "val_hd95_mm": float(finite_hd.mean()) if finite_hd.size else float("nan"),
         "val_hd95_inf": float(np.sum(np.isinf(hd95))),
+        # Why a distance is infinite: a missed structure, or a patient without any to find.
+        "val_empty_pred": float(np.sum(pred_empty & ~ref_empty)),
+        "val_empty_ref": float(np.sum(ref_empty)),
     }
 
 
@@ -346,7 +351,8 @@ class RunKeeper(keras.callbacks.Callback):
             try:
                 # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
                 if validated or last or not (self.run_dir / "curves.png").exists():
-                    plot_curves(state["history"], self.run_dir / "curves.png")
+                    plot_curves(state["history"], self.run_dir / "curves.png",
+                                validation="training cases" if self.selection == "last" else "whole volumes")
             except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
                 log.warning("could not draw curves.png: %s", exc)
         if self.verbose > 0:
@@ -366,10 +372,11 @@ class RunKeeper(keras.callbacks.Callback):
             on = " (training cases)" if self.selection == "last" else ""
             parts.append(f"val{on} 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
             n_inf = int(row.get("val_hd95_inf", 0) or 0)
+            why = _empty_text(row, n_inf)
             if np.isfinite(hd):
-                parts.append(f"HD95 {hd:.1f} mm" + (f" ({n_inf} empty: inf)" if n_inf else ""))
-            elif n_inf:  # every validation patient's prediction was empty
-                parts.append(f"HD95 inf ({n_inf} empty prediction{'s' if n_inf > 1 else ''})")
+                parts.append(f"HD95 {hd:.1f} mm" + (f" ({why}: inf)" if n_inf else ""))
+            elif n_inf:  # every validation patient's distance is infinite
+                parts.append(f"HD95 inf ({why})")
         else:
             parts.append("val 3D DSC -")
         if self.state["best_epoch"] and self.selection == "best":
@@ -382,6 +389,16 @@ class RunKeeper(keras.callbacks.Callback):
 
     def get_config(self) -> dict:
         return {"run_dir": str(self.run_dir), "epochs": self.epochs, "patience": self.patience}
+
+
+def _empty_text(row: dict, n_inf: int) -> str:
+    """What made ``n_inf`` HD95 values infinite: empty predictions and/or empty references."""
+    pred, ref = int(row.get("val_empty_pred", 0) or 0), int(row.get("val_empty_ref", 0) or 0)
+    if pred + ref == 0:  # rows without the counts (older callers)
+        return f"{n_inf} empty"
+    parts = [f"{n} empty {what}{'s' if n > 1 else ''}" for n, what in ((pred, "prediction"), (ref, "reference"))
+             if n]
+    return ", ".join(parts)
 
 
 class WarningsWriter(keras.callbacks.Callback):

@@ -55,6 +55,9 @@ class TrainConfig:
         schedule: ``"poly"`` (``lr * (1 - step/total) ** poly_power``, the user's decay),
             ``"cosine"`` or ``"constant"``; stepped every optimizer step.
         poly_power: exponent of the poly schedule.
+        schedule_over: with ``max_time_s``, lay the schedule over the time budget
+            (``"budget"``, it ends at the budget) or over ``epochs * steps_per_epoch`` steps
+            (``"epochs"``: a truncated schedule, for comparison).
         warmup_epochs: linear warm-up from 0 over this many epochs (helps with large scaled LRs).
         weight_decay: decoupled weight decay of AdamW (0 means plain Adam).
         val_fraction: fraction of patients held out for validation (ignored with ``folds``).
@@ -79,7 +82,8 @@ class TrainConfig:
             ``*`` stands for every other value (``"5:1,*:0"``: label 5 is the foreground).
         filters: UNet++ filters per level (None: ``(32, 64, 128, 256, 512)`` cut to ``depth``).
         depth: UNet++ depth (number of down-samplings).
-        deep_supervision: train all heads (weighted losses); the bundle keeps the deepest.
+        deep_supervision: train all heads (weighted losses); the bundle keeps the deepest. A
+            network of depth 1 has one head: deep supervision is then off.
         dropout: dropout after each convolution (0: off; BatchNorm regularises enough).
         l2: L2 kernel regularization of each convolution (0: off).
         loss: ``dice_ce`` (default), ``dice`` or ``ce``.
@@ -104,6 +108,7 @@ class TrainConfig:
     lr: float = 1e-3
     schedule: str = "poly"
     poly_power: float = 0.9
+    schedule_over: str = "budget"
     warmup_epochs: int = 0
     weight_decay: float = 0.0
     val_fraction: float = 0.2
@@ -178,6 +183,8 @@ class TrainConfig:
             raise bad("lr", "to be a positive number")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"to be one of {', '.join(SCHEDULES)}")
+        if self.schedule_over not in ("budget", "epochs"):
+            raise bad("schedule_over", "to be budget or epochs")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"to be one of {', '.join(PRECISIONS)}")
         if self.loss not in LOSSES:
@@ -210,6 +217,13 @@ class TrainConfig:
         if self.filters is not None and len(self.filters) != self.depth + 1:
             raise InputError(where, f"filters with depth + 1 = {self.depth + 1} values",
                              f"{len(self.filters)} values {list(self.filters)}")
+        if self.depth == 1:
+            self.deep_supervision = False  # one head: nothing to supervise deeply
+        context = self.plan.get("context_slices") if isinstance(self.plan, dict) else None
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1
+                                    or context % 2 == 0):
+            raise InputError(where, "context slices (--context-slices) a positive odd number: the slice itself "
+                             "and as many neighbours on each side", repr(context))
         if self.early_stopping is not None and self.early_stopping < 1:
             raise bad("early_stopping", "to be a positive number of validations")
         if self.max_time_s is not None and not self.max_time_s > 0:

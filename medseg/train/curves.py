@@ -45,7 +45,8 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice_key: str = "dice") -> Path:
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice_key: str = "dice",
+                validation: str = "whole volumes") -> Path:
     """Draw the training curves of a run into a PNG, atomically.
 
     Left panel: the training loss and its two parts, the data term (Dice + cross-entropy of the
@@ -84,7 +85,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice
     ax_loss.set_title("training loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
-    for key, label in ((dice_key, "train Dice (patches)"), ("val_dsc_3d", "validation 3D DSC (whole volumes)")):
+    for key, label in ((dice_key, "train Dice (patches)"), ("val_dsc_3d", f"validation 3D DSC ({validation})")):
         xs, ys = series(key)
         if xs:
             ax_dice.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -83,6 +84,7 @@ class RunResult:
         budget: the budget state (``max_time_s``, ``spent_s``, ``progress``, ``step_s``), or None.
         final_validation_s: duration of the last validation, under a budget.
         wall_s: seconds this invocation took.
+        model_config: ``{"filters", "depth"}`` of the network trained (after CPU sizing).
     """
 
     run_dir: Path
@@ -107,6 +109,7 @@ class RunResult:
     budget: dict | None = None
     final_validation_s: float | None = None
     wall_s: float = 0.0
+    model_config: dict = field(default_factory=dict)
 
 
 # --- configuration and run folder ------------------------------------------------------------------
@@ -122,13 +125,25 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         if not cfg.images or not cfg.labels:
             raise InputError(None, "--images and --labels (or --resume RUN_DIR)",
                              f"images={cfg.images!r}, labels={cfg.labels!r}")
+        # Absolute paths in config.json: --resume works from any working folder.
+        for name in ("images", "labels", "run_dir", "out"):
+            if getattr(cfg, name):
+                setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
         return cfg
-    run_dir = Path(cfg.resume)
+    run_dir = Path(cfg.resume).resolve()
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise InputError(run_dir, f"a medseg-train run folder holding {CONFIG_FILE}",
                          "a folder without it" if run_dir.is_dir() else "nothing")
     saved = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")), source=saved_path)
+    for name in ("images", "labels"):
+        path = getattr(saved, name)
+        if path and not os.path.isabs(path) and not os.path.exists(path):
+            # A run saved by an older medseg with relative paths: relative to where it ran,
+            # which is unknown; the run folder's parent is the usual place.
+            candidate = run_dir.parent.parent / path
+            if candidate.exists():
+                setattr(saved, name, os.fspath(candidate))
     defaults = TrainConfig()
     changed = []
     for name in TrainConfig.__dataclass_fields__:
@@ -272,22 +287,27 @@ def make_loss(cfg: TrainConfig):
     return DiceCELoss()
 
 
-def make_optimizer(cfg: TrainConfig, learning_rate: float):
-    """Adam (AdamW with ``weight_decay``) driven by the per-step :class:`WarmupDecay` schedule;
-    under a time budget (``max_time_s``) the schedule also follows the clock."""
-    import keras
-
+def make_schedule(cfg: TrainConfig, learning_rate: float):
+    """The per-step :class:`WarmupDecay` schedule; under a time budget (``max_time_s``, with
+    ``schedule_over == "budget"``) it also follows the clock (:mod:`medseg.train.budget`)."""
     from medseg.train.callbacks import WarmupDecay
 
-    total = cfg.epochs * cfg.steps_per_epoch
-    schedule = WarmupDecay(learning_rate, total_steps=total, kind=cfg.schedule, power=cfg.poly_power,
-                           warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch, clock=cfg.max_time_s is not None)
+    return WarmupDecay(learning_rate, total_steps=cfg.epochs * cfg.steps_per_epoch, kind=cfg.schedule,
+                       power=cfg.poly_power, warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch,
+                       clock=cfg.max_time_s is not None and cfg.schedule_over == "budget")
+
+
+def make_optimizer(cfg: TrainConfig, learning_rate: float, schedule=None):
+    """Adam (AdamW with ``weight_decay``) driven by ``schedule`` (default :func:`make_schedule`)."""
+    import keras
+
+    schedule = schedule if schedule is not None else make_schedule(cfg, learning_rate)
     if cfg.weight_decay > 0:
         return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
-def compile_model(model, cfg: TrainConfig, learning_rate: float) -> None:
+def compile_model(model, cfg: TrainConfig, learning_rate: float, schedule=None) -> None:
     """Compile with one loss per trained head (deep-supervision weights) and the Dice metrics."""
     from medseg.losses import ForegroundDice, ForegroundFraction
     from medseg.nets.unetpp import deep_supervision_weights
@@ -296,14 +316,14 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float) -> None:
     metrics = [ForegroundDice(), ForegroundFraction()]
     if cfg.deep_supervision:
         model.compile(
-            optimizer=make_optimizer(cfg, learning_rate),
+            optimizer=make_optimizer(cfg, learning_rate, schedule),
             loss={h: make_loss(cfg) for h in heads},
             loss_weights=dict(zip(heads, deep_supervision_weights(cfg.depth))),
             metrics={heads[-1]: metrics},
             run_eagerly=cfg.run_eagerly,
         )
     else:
-        model.compile(optimizer=make_optimizer(cfg, learning_rate), loss=make_loss(cfg), metrics=metrics,
+        model.compile(optimizer=make_optimizer(cfg, learning_rate, schedule), loss=make_loss(cfg), metrics=metrics,
                       run_eagerly=cfg.run_eagerly)
 
 
@@ -320,15 +340,17 @@ def targets_for_heads(cfg: TrainConfig):
 
 
 # --- validation ----------------------------------------------------------------------------------------
-def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path):
+def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, validation: str = HELD_OUT):
     """``evaluate(model) -> rows``: segment each validation volume whole with the inference
     :class:`~medseg.infer.predictor.Predictor` (on ``twin``, a float32 copy of the trained model
     outside the strategy) and score it in 3D on its own grid with :func:`medseg.eval.compute_metrics`.
     """
+    from medseg.data.plan import load_pair
     from medseg.eval import compute_metrics
+    from medseg.eval.metrics import dice
     from medseg.infer.bundle import Bundle
+    from medseg.infer.postprocess import keep_largest_component
     from medseg.infer.predictor import Predictor
-    from medseg.io import read_volume
 
     bundle = Bundle(run_dir=run_dir, model=twin, plan=plan, head_level=None, divisor=int(plan.divisor),
                     input_channels=int(plan.context_slices))
@@ -340,11 +362,16 @@ def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path):
         rows = []
         for case in cases:
             # Read per validation, not cached: validation sets of CT volumes do not fit in memory.
-            image = read_volume(case.image_path, case_id=case.case_id)
-            ref = read_volume(case.label_path, case_id=case.case_id).array > 0
-            pred = predictor.segment(image)
-            metrics = compute_metrics(pred.array > 0, ref, image.spacing_mm)
-            rows.append({"case_id": case.case_id, **{k: float(v) for k, v in metrics.items()}})
+            # load_pair applies the label map and brings the label onto the image's grid.
+            image, label = load_pair(case)
+            ref = np.asarray(label.array) > 0
+            pred = np.asarray(predictor.segment(image, largest_component=False).array) > 0
+            metrics = compute_metrics(pred, ref, image.spacing_mm)
+            rows.append({"case_id": case.case_id, "validation": validation,
+                         **{k: float(v) for k, v in metrics.items()},
+                         "pred_empty": float(not pred.any()), "ref_empty": float(not ref.any()),
+                         # for the post-processing choice (medseg.infer.postprocess.choose_largest_component)
+                         "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref))})
         return rows
 
     return evaluate
@@ -387,9 +414,13 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     verbose = cfg.verbose if chief else 0
     # The dataset check runs before anything is written: a refused dataset leaves no run folder.
     report, train_cases, val_cases, validation_kind = check_and_split(cfg)
+    _print_check_warnings(report, verbose)
+    check_resources(cfg, replicas)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
+    _check_run_dir_outside_data(run_dir, cfg)
     saved_state = _saved_state(run_dir) if cfg.resume else None
     replanned = _replan_budget(cfg, saved_state)
+    created = not run_dir.exists()
     write_dir = strat.writing_dir(run_dir)
     write_dir.mkdir(parents=True, exist_ok=True)
     if verbose:
@@ -425,10 +456,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
             keras.utils.set_random_seed(cfg.seed)  # the probes drew random numbers
             if chief:
                 plan.save(run_dir / PLAN_FILE)
-        if chief:
-            # Saved once the network is decided, so a resume rebuilds the same one.
-            cfg.run_dir = os.fspath(run_dir)
-            cfg.save(run_dir / CONFIG_FILE)
+        cfg.run_dir = os.fspath(run_dir)
         global_batch = cfg.batch_size * replicas
         if verbose:
             print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients"
@@ -446,7 +474,8 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         keras.config.set_dtype_policy(precision)
         with strategy.scope():
             model = build_model(cfg, plan, sync_batch_norm=replicas > 1)
-            compile_model(model, cfg, learning_rate)
+            schedule = make_schedule(cfg, learning_rate)
+            compile_model(model, cfg, learning_rate, schedule)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             _fix_multi_worker_build(model, strategy)
 
@@ -471,16 +500,18 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
                                 start_progress=replanned.start_progress,
                                 spent_s=float((saved_state or {}).get("budget", {}).get("spent_s", 0.0)),
                                 step_s=float((saved_state or {}).get("budget", {}).get("step_s", 0.0) or 0.0),
-                                progress=model.optimizer._learning_rate.clock_progress,
+                                progress=schedule.clock_progress,
                                 agree=strategy_agree(strategy))
-        validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir),
+        validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir, validation_kind),
                                            every=cfg.val_every, epochs=cfg.epochs, clock=clock)
         selection = "last" if validation_kind == ON_TRAINING else "best"
 
         def save_best(model_, epoch, logs):
             from medseg.infer.bundle import save_bundle
+            from medseg.infer.postprocess import choose_largest_component
 
             twin.set_weights(model_.get_weights())
+            rows = validation.last_rows if validation.last_epoch == epoch else []
             save_bundle(write_dir, twin, plan, extra={
                 "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
                 "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
@@ -489,6 +520,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
                               else "best mean 3D validation DSC on held-out cases"),
                 "map_labels": cfg.map_labels,
                 "network": {"filters": cfg.unet_filters, "depth": cfg.depth},
+                "postprocessing": choose_largest_component(rows, validation=validation_kind),
             })
 
         keeper = RunKeeper(write_dir, state, save_best, validation=validation, epochs=cfg.epochs,
@@ -511,6 +543,10 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         if tensorboard is not None:
             callbacks_.append(tensorboard)
         state.pop("stopped_by_time", None)  # a new invocation has a new time budget
+        if chief:
+            # Saved once the network is decided and the checkpoint restored, so a resume rebuilds
+            # the same network and a failed resume leaves the saved configuration as it was.
+            cfg.save(run_dir / CONFIG_FILE)
         if start_epoch < cfg.epochs and not state.get("stopped_early"):
             model.fit(dataset, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=cfg.steps_per_epoch,
                       callbacks=callbacks_, verbose=_keras_verbose(verbose), shuffle=False)
@@ -521,6 +557,11 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
             # positives): ship the last model rather than nothing.
             save_best(model, int(state["epoch"]) - 1, {})
         twin.set_weights(model.get_weights())  # RunResult.model: the final weights, float32
+    except BaseException:
+        if created and chief and latest_checkpoint(run_dir) is None:
+            # Nothing of the new run is worth keeping: leave no half-made run folder behind.
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
         strat.cleanup_writing_dir(write_dir, run_dir)
@@ -534,8 +575,57 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
         val_cases=[c.case_id for c in val_cases], model=twin, validation=validation_kind,
         stop_reason=state.get("stop_reason"), steps=int(state.get("steps", 0)), final_lr=state.get("final_lr"),
         budget=state.get("budget"), final_validation_s=validation.last_duration_s if clock is not None else None,
-        wall_s=budget_clock.now() - started_at,
+        wall_s=budget_clock.now() - started_at, model_config={"filters": cfg.unet_filters, "depth": cfg.depth},
     )
+
+
+#: Rough bytes of training memory per patch pixel and first-level filter (UNet++ activations and
+#: their gradients, float32): a 256x256 batch of 8 with 32 filters needs about 1.3 GB.
+_TRAIN_BYTES_PER_PIXEL_FILTER = 80
+
+
+def check_resources(cfg: TrainConfig, replicas: int = 1) -> None:
+    """Refuse, before anything is written, a patch whose training batch cannot fit in memory.
+
+    Raises:
+        InputError: the estimated memory of one training batch exceeds the physical memory.
+    """
+    if cfg.patch_size is None:
+        return  # the plan's patch is at most 256 x 256
+    h, w = (int(v) for v in cfg.patch_size)
+    first = cfg.unet_filters[0] if cfg.filters is not None else 8
+    need = float(h) * w * cfg.batch_size * first * _TRAIN_BYTES_PER_PIXEL_FILTER
+    try:
+        have = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return
+    if need > have:
+        raise InputError("--patch-size", f"a patch whose training batch fits in this machine's {have / 2**30:.0f} GiB "
+                         f"of memory", f"{h} x {w} (batch {cfg.batch_size}, {first} filters: about "
+                         f"{need / 2**30:.0f} GiB)", "choose a smaller --patch-size or --batch-size")
+
+
+def _check_run_dir_outside_data(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse a run folder equal to or inside a data folder (run files would land among the scans)."""
+    run = Path(run_dir).resolve()
+    for name, folder in (("--images", cfg.images), ("--labels", cfg.labels)):
+        if folder is None:
+            continue
+        data = Path(folder).resolve()
+        if run == data or data in run.parents:
+            raise InputError(run_dir, f"a run folder outside the {name} folder {folder}", "a folder inside it",
+                             "pass another --run-dir or --out")
+
+
+def _print_check_warnings(report, verbose: int) -> None:
+    """The dataset check's warnings on the terminal (not only in check.json)."""
+    if not verbose:
+        return
+    warnings = [p for p in getattr(report, "problems", []) if getattr(p, "severity", "") != "fatal"]
+    for problem in warnings[:10]:
+        print(f"medseg-train: warning: {problem.case_id}: {problem.message}", flush=True)
+    if len(warnings) > 10:
+        print(f"medseg-train: warning: {len(warnings) - 10} more in check.json", flush=True)
 
 
 def _saved_state(run_dir: Path) -> dict | None:
@@ -574,7 +664,10 @@ def _cpu_sizing_wanted(cfg: TrainConfig, strategy) -> bool:
     if (cfg.filters is not None or cfg.depth != defaults.depth or cfg.patch_size is not None
             or cfg.batch_size != defaults.batch_size or "patch_size" in cfg.plan):
         return False
-    devices = [d.lower() for d in getattr(strategy.extended, "worker_devices", ())]
+    try:
+        devices = [str(d).lower() for d in strategy.extended.worker_devices]
+    except (AttributeError, RuntimeError):  # the default strategy has no device list: one CPU or GPU
+        devices = []
     return not any("gpu" in d for d in devices) and not _gpus_visible()
 
 
@@ -645,7 +738,8 @@ def _read_warnings(run_dir: Path) -> list[dict]:
 
 
 def _keras_verbose(verbose: int) -> int | str:
-    return {0: 0, 1: "auto", 2: 2}.get(int(verbose), "auto")
+    # 2 (a log without a terminal): RunKeeper's plain line per epoch is the only output.
+    return {0: 0, 1: "auto", 2: 0}.get(int(verbose), "auto")
 
 
 def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):

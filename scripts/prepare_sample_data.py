@@ -32,6 +32,7 @@ Usage: ``python scripts/prepare_sample_data.py [--task liver|lesions] [--out DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -164,6 +165,21 @@ def _check_totalseg_files(folder: Path) -> None:
         raise SystemExit(f"sample data: {dicom} holds files the {TOTALSEG} series does not: {', '.join(extra[:5])}")
 
 
+@contextlib.contextmanager
+def _staged_folder(target: Path):
+    """A temporary sibling folder that replaces ``target`` when the block succeeds and is removed
+    when it fails: ``target`` is never half made."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _fetch_totalseg(download: bool) -> Path:
     """A folder holding the liver task's reference files, extracted once from the checked archive."""
     target = CACHE / "totalsegmentator_reference_files"
@@ -182,8 +198,7 @@ def _fetch_totalseg(download: bool) -> Path:
                         "-d", str(CACHE / "sdist"), TOTALSEG], check=True)
     if _sha256(archive) != TOTALSEG_ARCHIVE_SHA256:
         raise SystemExit(f"sample data: {archive} has an unexpected SHA-256 (expected {TOTALSEG_ARCHIVE_SHA256[:16]}...)")
-    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".extract-"))
-    try:
+    with _staged_folder(target) as tmp:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 parts = Path(member.name).parts
@@ -195,11 +210,6 @@ def _fetch_totalseg(download: bool) -> Path:
                         with tar.extractfile(member) as src, open(dst, "wb") as out:
                             shutil.copyfileobj(src, out)
         _check_totalseg_files(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -213,20 +223,13 @@ def prepare_liver(out: Path, source: Path) -> Path:
     out = Path(out)
     if out.is_dir() and all((out / dst).exists() for _, dst in LIVER_LAYOUT):
         return out  # laid out by an earlier run (idempotent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with _staged_folder(out) as tmp:
         for src, dst in LIVER_LAYOUT:
             (tmp / dst).parent.mkdir(parents=True, exist_ok=True)
             if (source / src).is_dir():
                 shutil.copytree(source / src, tmp / dst)
             else:
                 shutil.copyfile(source / src, tmp / dst)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,8 +8,6 @@ optimizer step and not at all otherwise: the figures do not depend on this machi
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,8 @@ import pytest
 from medseg.train import budget
 from medseg.train.budget import BudgetClock, replan
 
-DATA = Path(__file__).parent / "data"
+from _helpers import lesion_folders as lesion_dataset
+
 
 TINY = dict(filters=[4, 8], depth=1, deep_supervision=False, patch_size=[32, 32], batch_size=2,
             steps_per_epoch=5, epochs=1000, verbose=0, precision="float32", run_eagerly=True)
@@ -49,16 +48,6 @@ def slow_steps(clock: FakeClock):
 
     Slow.lrs = []
     return Slow()
-
-
-def lesion_dataset(root: Path, cases=("brain1", "brain2")) -> tuple[Path, Path]:
-    images, labels = root / "images", root / "labels"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for case in cases:
-        shutil.copy(DATA / "nrrd" / f"{case}_image.nrrd", images / f"{case}.nrrd")
-        shutil.copy(DATA / "nrrd" / f"{case}_label.nrrd", labels / f"{case}.nrrd")
-    return images, labels
 
 
 # --- the clock alone ------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from medseg.cli.evaluate import main as eval_main
 from medseg.cli.infer import main as infer_main
 from medseg.io import read_volume
 
+from _helpers import tiny_bundle
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -36,19 +38,7 @@ LABEL = DATA / "nrrd" / "breast1_label.nrrd"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    import keras
-
-    from medseg.data.plan import Plan
-    from medseg.infer.bundle import save_bundle
-    from medseg.nets.unetpp import build_unetpp
-
-    keras.utils.set_random_seed(3)
-    # The smallest UNet++, as in test_infer_cli.py: these tests are about the command, not the network.
-    model = build_unetpp(input_channels=3, filters=(4, 8), depth=1, deep_supervision=False, batch_norm=False)
-    plan = Plan(modality="MR", context_slices=3, divisor=2, patch_size=(32, 32), normalization={"kind": "zscore"})
-    run = tmp_path_factory.mktemp("runs") / "exp1"
-    save_bundle(run, model, plan, threshold=0.5)
-    return run
+    return tiny_bundle(tmp_path_factory.mktemp("runs") / "exp1")
 
 
 @pytest.fixture(autouse=True)

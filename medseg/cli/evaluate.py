@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         missing=args.missing,
         empty_distance=args.empty_distance,
         workers=args.workers,
-        progress=not args.quiet,
+        progress=not args.quiet and sys.stderr.isatty(),  # no \r-animated bar in a log file
     )
     paths = write_report(result, args.out)
     print(format_table(result.cases))

@@ -382,7 +382,7 @@ def _output_exhausted(exc: BaseException) -> bool:
 
 
 def _progress(jobs: list[Job], args: argparse.Namespace):
-    if len(jobs) < 2 or args.quiet:
+    if len(jobs) < 2 or args.quiet or not sys.stderr.isatty():  # a log file gets plain lines
         return jobs
     from tqdm import tqdm
 

@@ -214,9 +214,13 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         yield tmp
         _finish(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, os.fspath(tmp)) and exc.errno is not None:
+            # A full disk fails a write() without a file name, or names the hidden temp file:
+            # name the output the user asked for.
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
         raise
 
 
@@ -241,10 +245,13 @@ def atomic_paths(
         for tmp in temps:
             _finish(tmp)
         _replace_all(temps, paths)
-    except BaseException:
+    except BaseException as exc:
         for tmp in temps:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        names = {os.fspath(t): os.fspath(p) for t, p in zip(temps, paths)}
+        if isinstance(exc, OSError) and exc.filename in names and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), names[exc.filename]) from exc
         raise
 
 

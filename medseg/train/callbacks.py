@@ -8,6 +8,7 @@ history and the curves, and decides early stopping; TensorBoard comes last and l
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -17,7 +18,8 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
-from medseg.train.checkpoint import atomic_write_json, save_checkpoint
+from medseg.errors import InputError
+from medseg.train.checkpoint import CHECKPOINTS, atomic_write_json, latest_checkpoint, save_checkpoint
 from medseg.train.curves import plot_curves, write_history_csv
 
 log = logging.getLogger(__name__)
@@ -297,13 +299,13 @@ class RunKeeper(keras.callbacks.Callback):
             state["best_dsc"] = float(value) if math.isfinite(float(value)) else float("nan")
             state["best_epoch"] = epoch + 1
             improved = False
-            self.save_best(self.model, epoch, logs)
+            self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
         elif validated:
             if improved:
                 state["best_dsc"] = float(value)
                 state["best_epoch"] = epoch + 1
                 state["wait"] = 0
-                self.save_best(self.model, epoch, logs)
+                self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
             else:
                 state["wait"] += 1
                 if self.patience is not None and state["wait"] >= self.patience:
@@ -340,23 +342,35 @@ class RunKeeper(keras.callbacks.Callback):
         if self.extra_state is not None:
             state.update(self.extra_state())
 
-        save_checkpoint(self.run_dir, self.model, state)
+        self._write(self.run_dir / CHECKPOINTS, epoch, save_checkpoint, self.run_dir, self.model, state)
         if self.write_files:
-            write_history_csv(state["history"], self.run_dir / "history.csv")
+            run = self.run_dir
+            self._write(run / "history.csv", epoch, write_history_csv, state["history"], run / "history.csv")
             if state["validation_rows"]:
-                write_history_csv(state["validation_rows"], self.run_dir / "validation.csv")
-            atomic_write_json(self.run_dir / "state.json", {k: v for k, v in state.items()
-                                                            if k not in ("history", "validation_rows")})
+                self._write(run / "validation.csv", epoch, write_history_csv, state["validation_rows"],
+                            run / "validation.csv")
+            self._write(run / "state.json", epoch, atomic_write_json, run / "state.json",
+                        {k: v for k, v in state.items() if k not in ("history", "validation_rows")})
             last = self.model.stop_training or (self.epochs is not None and epoch + 1 >= self.epochs)
             try:
                 # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
-                if validated or last or not (self.run_dir / "curves.png").exists():
-                    plot_curves(state["history"], self.run_dir / "curves.png",
+                if validated or last or not (run / "curves.png").exists():
+                    self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
                                 validation="training cases" if self.selection == "last" else "whole volumes")
             except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
+                if isinstance(exc, InputError):  # a full disk does
+                    raise
                 log.warning("could not draw curves.png: %s", exc)
         if self.verbose > 0:
             print(self.summary_line(epoch, row, validated, improved), flush=True)
+
+    def _write(self, path: Path, epoch: int, write: Callable[..., Any], *args, **kwargs) -> Any:
+        """``write(*args, **kwargs)``, one of the run's outputs; an ``OSError`` (a full disk) ends
+        the run as one :class:`InputError` naming ``path`` and the checkpoint to resume from."""
+        try:
+            return write(*args, **kwargs)
+        except OSError as exc:
+            raise write_failed(exc, path, self.run_dir, epoch) from exc
 
     def summary_line(self, epoch: int, row: dict, validated: bool, improved: bool) -> str:
         """One line per epoch: losses, train Dice, 3D validation DSC, best so far, lr, time."""
@@ -389,6 +403,21 @@ class RunKeeper(keras.callbacks.Callback):
 
     def get_config(self) -> dict:
         return {"run_dir": str(self.run_dir), "epochs": self.epochs, "patience": self.patience}
+
+
+def write_failed(exc: OSError, path: Path, run_dir: Path, epoch: int) -> InputError:
+    """The one-line error of a failed write of a run's output during epoch ``epoch`` (0-based):
+    the file (``exc.filename`` unless it is a hidden temporary file, else ``path``), what went
+    wrong, and the last complete checkpoint that ``--resume`` continues from."""
+    named = Path(exc.filename) if exc.filename and not Path(exc.filename).name.startswith(".") else Path(path)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        expected, found = "room on its disk for the run's outputs", "a full disk (no space left on the device)"
+    else:
+        expected, found = "a writable output of the run", (exc.strerror or str(exc) or type(exc).__name__)
+    checkpoint = latest_checkpoint(run_dir)
+    kept = (f"checkpoint {checkpoint.name} is complete: free space, then continue with --resume {run_dir}"
+            if checkpoint is not None else "no checkpoint was complete yet")
+    return InputError(named, expected, found, f"training stopped in epoch {epoch + 1}; {kept}")
 
 
 def _empty_text(row: dict, n_inf: int) -> str:

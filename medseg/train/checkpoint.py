@@ -12,16 +12,23 @@ Layout inside a run folder::
 A checkpoint folder appears under its final name only when both files are complete (a rename
 is atomic on POSIX file systems), and ``latest`` is updated after that, so an interruption at any
 moment leaves the previous checkpoint usable: at most the current epoch is lost.
+
+The weights file is made in memory and reaches the disk in one plain write: HDF5 writing to a
+full disk does not fail cleanly (h5py reports the failures from object destructors, one traceback
+per block, and the interpreter can then crash), whereas a plain write fails with one ``OSError``,
+re-raised naming the checkpoint file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
@@ -30,6 +37,18 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS = "state.weights.h5"
 STATE = "state.json"
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block naming ``path`` (the file the user knows, not the
+    temporary one written first)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename == os.fspath(path):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -73,21 +92,25 @@ def save_checkpoint(run_dir: str | os.PathLike, model, state: dict[str, Any], *,
         The checkpoint folder.
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{int(state['epoch']):04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=root))
+    final = root / name
+    with naming(final):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=root))
     try:
-        model.save_weights(tmp / WEIGHTS)
-        atomic_write_json(tmp / STATE, state)
+        with naming(final / WEIGHTS):  # the checkpoint's file, not the hidden temp folder
+            write_weights(model, tmp / WEIGHTS)
+        with naming(final / STATE):
+            atomic_write_json(tmp / STATE, state)
         _fsync_dir(tmp)
-        final = root / name
         if final.exists():  # same epoch saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, name + "\n")
+    with naming(root / LATEST):
+        atomic_write_text(root / LATEST, name + "\n")
     _fsync_dir(root)
     complete = sorted(p for p in root.glob("epoch-*") if p.is_dir() and ".tmp-" not in p.name)
     for old in complete[:-keep] if keep > 0 else []:
@@ -95,6 +118,43 @@ def save_checkpoint(run_dir: str | os.PathLike, model, state: dict[str, Any], *,
     for stale in root.glob("epoch-*.tmp-*"):  # leftovers of a killed save
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def weights_h5_bytes(model) -> memoryview | None:
+    """The model's weights and optimizer state as the bytes of a ``.weights.h5`` file, made in
+    memory (Keras' own H5 store on a ``BytesIO``), or None when this Keras lacks that store."""
+    try:
+        from keras.src.saving import saving_lib
+
+        store_cls, save_state = saving_lib.H5IOStore, saving_lib._save_state
+    except (ImportError, AttributeError):
+        return None
+    if not model.built:
+        raise ValueError("You are saving a model that has not yet been built.")
+    buffer = io.BytesIO()
+    store = store_cls(buffer, mode="w")
+    try:
+        save_state(model, store, None, "", set())
+    finally:
+        store.close()
+    return buffer.getbuffer()
+
+
+def write_weights(model, path: Path) -> None:
+    """Write ``model``'s weights and optimizer state to ``path`` (``.weights.h5``), durably.
+
+    Raises:
+        OSError: the write failed (a full disk: ``errno.ENOSPC``), naming ``path``; the partial
+            file is the caller's to remove.
+    """
+    data = weights_h5_bytes(model)
+    if data is None:  # no in-memory store in this Keras: HDF5 writes the file itself
+        model.save_weights(path)
+        return
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

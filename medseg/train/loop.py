@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medseg.errors import DatasetError, InputError
+from medseg.io.atomic import check_writable_folder
 from medseg.train.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint
 from medseg.train.config import RESUME_MUTABLE, TrainConfig
 
@@ -391,7 +392,10 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
 
     Raises:
         DatasetError: the dataset check found fatal problems (all listed), or too few patients.
-        InputError: bad configuration, input folders, or ``resume`` folder.
+        InputError: bad configuration, input folders, or ``resume`` folder; a run folder that
+            cannot be written or whose disk lacks room for the outputs (checked before training);
+            a write that fails during training (a disk filled by another process: the last
+            complete checkpoint stays usable for ``resume``).
     """
     from medseg.train import budget as budget_clock
 
@@ -422,6 +426,8 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     replanned = _replan_budget(cfg, saved_state)
     created = not run_dir.exists()
     write_dir = strat.writing_dir(run_dir)
+    # Before any file of the run: a read-only or full disk shows now (a 64 KiB probe).
+    check_writable_folder(write_dir, what="a writable run folder")
     write_dir.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(f"medseg-train: run folder {run_dir}", flush=True)
@@ -476,6 +482,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
             model = build_model(cfg, plan, sync_batch_norm=replicas > 1)
             schedule = make_schedule(cfg, learning_rate)
             compile_model(model, cfg, learning_rate, schedule)
+        check_disk_space(write_dir, model)  # before the work: the outputs' size is known from here
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             _fix_multi_worker_build(model, strategy)
 
@@ -603,6 +610,45 @@ def check_resources(cfg: TrainConfig, replicas: int = 1) -> None:
         raise InputError("--patch-size", f"a patch whose training batch fits in this machine's {have / 2**30:.0f} GiB "
                          f"of memory", f"{h} x {w} (batch {cfg.batch_size}, {first} filters: about "
                          f"{need / 2**30:.0f} GiB)", "choose a smaller --patch-size or --batch-size")
+
+
+#: Bytes a run writes besides its weights (history, curves.png, JSON files, TensorBoard events,
+#: HDF5 and zip headers), a generous round figure: measured about 0.4 MB for a 3-epoch run.
+RUN_FILES_MARGIN = 4 * 2**20
+
+
+def disk_space_needed(model, existing: int = 0) -> int:
+    """Bytes of disk a run of ``model`` needs at its peak: 3 checkpoints (the 2 kept and the one
+    being written), each the weights plus Adam's 2 moments (3x the weights), 2 ``model.keras``
+    (the new one is complete before the old one goes), plus :data:`RUN_FILES_MARGIN`.
+
+    ``existing``: bytes of checkpoints and ``model.keras`` a resumed run already holds (counted
+    as written; at least one more checkpoint and model still need room).
+    """
+    weights = sum(int(np.prod(v.shape)) * np.dtype(str(getattr(v.dtype, "name", v.dtype))).itemsize
+                  for v in model.weights)
+    checkpoint = 3 * weights
+    full = 3 * checkpoint + 2 * weights + RUN_FILES_MARGIN
+    return max(full - int(existing), checkpoint + weights + RUN_FILES_MARGIN)
+
+
+def check_disk_space(run_dir: Path, model) -> None:
+    """Refuse, before training, a run folder whose disk cannot hold the run's outputs
+    (:func:`disk_space_needed`, measured with ``shutil.disk_usage``).
+
+    Raises:
+        InputError: naming the folder, the space needed and the space free.
+    """
+    run_dir = Path(run_dir)
+    existing = sum(p.stat().st_size for p in (run_dir / "checkpoints").rglob("*") if p.is_file())
+    if (run_dir / "model.keras").is_file():
+        existing += (run_dir / "model.keras").stat().st_size
+    need = disk_space_needed(model, existing)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise InputError(run_dir, f"a run folder with room for the run's outputs: about {need / 1e6:.1f} MB "
+                         "(2 checkpoints of weights + optimizer state, model.keras, history, curves)",
+                         f"{free / 1e6:.1f} MB free on its disk", "free space, or pass another --run-dir")
 
 
 def _check_run_dir_outside_data(run_dir: Path, cfg: TrainConfig) -> None:

@@ -51,14 +51,17 @@ CASES = ("brain1", "brain2", "breast1")
 
 # === the user's recipe, ported to Keras 3 =========================================================
 def _resize_slices(stack, shape, order):
-    """(n, H, W) -> (n, *shape) by interpolation of the given order (0: nearest, for masks)."""
+    """(n, H, W) -> (n, *shape) by interpolation of the given order (0: nearest, for masks);
+    pixel areas aligned (scipy's ``grid_mode``, as skimage's ``resize``)."""
     import numpy as np
-    from skimage.transform import resize
+    from scipy import ndimage
 
     if stack.shape[1:] == tuple(shape):
         return stack
-    return np.stack([resize(s, shape, order=order, preserve_range=True, anti_aliasing=False) for s in stack]
-                    ).astype(stack.dtype)
+    zoom = (shape[0] / stack.shape[1], shape[1] / stack.shape[2])
+    out = [ndimage.zoom(s, zoom, order=order, mode="grid-constant" if order == 0 else "nearest", grid_mode=True)
+           for s in stack]
+    return np.stack([o[: shape[0], : shape[1]] for o in out]).astype(stack.dtype)
 
 
 def _grid(volume, spacing_mm):
@@ -338,7 +341,7 @@ def main(argv=None) -> int:
     args.budget_s = args.budget_s or (300.0 if liver else 200.0)
     args.spacing_mm = args.spacing_mm or (3.0 if liver else 1.5)
     args.size = args.size or (176 if liver else 128)
-    require("tensorflow", "skimage", "matplotlib")
+    require("tensorflow", "scipy", "matplotlib")
 
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="medseg-seed-recipe-"))
     out_dir.mkdir(parents=True, exist_ok=True)

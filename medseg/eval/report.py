@@ -449,6 +449,9 @@ def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / name for kind, (name, _) in texts.items()}
     with atomic_paths(list(paths.values())) as temps:
-        for tmp, (_, text) in zip(temps, texts.values()):
-            tmp.write_text(text, encoding="utf-8")
+        for tmp, path, (_, text) in zip(temps, paths.values(), texts.values()):
+            try:
+                tmp.write_text(text, encoding="utf-8")
+            except OSError as exc:  # a full disk names no file: name the report's, not the temp file
+                raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
     return paths

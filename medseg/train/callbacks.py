@@ -214,7 +214,9 @@ class RunKeeper(keras.callbacks.Callback):
     end of the epoch); when the epoch was validated and ``val_dsc_3d`` beats the best so far, calls
     ``save_best(model, epoch, logs)`` (the bundle); updates the early-stopping counter; writes the
     checkpoint (weights + optimizer + this state), ``history.csv``, ``validation.csv`` rows,
-    ``curves.png`` and prints one summary line.
+    ``curves.png`` and prints one summary line. A write that fails (a disk filled meanwhile) ends
+    the run with one :class:`~medseg.errors.InputError` naming the file and the last complete
+    checkpoint, which stays usable for ``--resume``.
 
     Args:
         run_dir: run folder (checkpoints, history, curves).
@@ -431,14 +433,21 @@ def _empty_text(row: dict, n_inf: int) -> str:
 
 
 class WarningsWriter(keras.callbacks.Callback):
-    """Calls ``write()`` at the end of every epoch (``warnings.json`` survives a kill -9)."""
+    """Calls ``write()`` at the end of every epoch (``warnings.json`` survives a kill -9); with
+    ``run_dir``, a failed write ends the run as :class:`RunKeeper`'s do (:func:`write_failed`)."""
 
-    def __init__(self, write: Callable[[], Any]):
+    def __init__(self, write: Callable[[], Any], run_dir: str | Path | None = None):
         super().__init__()
         self.write = write
+        self.run_dir = None if run_dir is None else Path(run_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.write()
+        try:
+            self.write()
+        except OSError as exc:
+            if self.run_dir is None:
+                raise
+            raise write_failed(exc, self.run_dir / "warnings.json", self.run_dir, epoch) from exc
 
 
 def new_state(seed: int) -> dict[str, Any]:

@@ -506,6 +506,30 @@ def test_eval_one_pair_of_files(pair, capsys):
             "folder") in capsys.readouterr().err
 
 
+def test_eval_disk_full_while_writing_the_report_leaves_no_file(pair, capsys, monkeypatch):
+    """Fault injection: the disk fills while the third report file is written. One line naming
+    that file, exit 2, and none of the three outputs (nor a temporary) is left in --out."""
+    import pathlib
+
+    real = pathlib.Path.write_text
+    calls = []
+
+    def write_text(self, text, *args, **kwargs):
+        calls.append(self.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    out = pair / "full"
+    code = eval_main(["--pred", str(pair / "pred" / "breast1_seg.nrrd"), "--ref", str(pair / "ref" / "breast1.nrrd"),
+                      "--out", str(out), "--no-figures", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("medseg-eval: error:") == 1 and "Traceback" not in err
+    assert "report.html" in err and "No space left on device" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
 # --- item 12: benchmarks say what they miss before any work ------------------------------------------
 @pytest.mark.parametrize("bench, blocked", [("metrics", "psutil"), ("pipeline", "tensorflow"), ("model", "keras"),
                                             ("train", "tensorflow"), ("infer", "keras")])

@@ -2,7 +2,7 @@
 
 Patient A: non-contrast abdomen CT (NIfTI, RAS, 3 mm) and its 117-class label map; patient B:
 a 20-file contrast-enhanced CT DICOM series (LPS) and its label map stored LAS. Liver = 5.
-Independent answers: the voxel counts of ../shared/data/MANIFEST.md (41,692 and 366,708),
+Independent answers: the liver voxel counts of the data set's manifest (41,692 and 366,708; tests/data/README.md),
 SimpleITK's own resampling for the LAS/LPS pairing, and a plain numpy Dice.
 """
 

@@ -437,7 +437,7 @@ def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
     Returns:
         ``{"csv": path, "json": path, "html": path}``.
     """
-    from medseg.io.atomic import atomic_paths
+    from medseg.io.atomic import atomic_paths, renamed
 
     out = Path(out_dir)
     summary = summary_dict(result)
@@ -453,5 +453,5 @@ def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
             try:
                 tmp.write_text(text, encoding="utf-8")
             except OSError as exc:  # a full disk names no file: name the report's, not the temp file
-                raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+                raise renamed(exc, path) from exc
     return paths

@@ -148,7 +148,7 @@ def write_volumes(items, *, overwrite: bool = False) -> list[Path]:
     Returns:
         the paths, in order.
     """
-    from medseg.io.atomic import atomic_paths
+    from medseg.io.atomic import atomic_paths, renamed
 
     items = [(volume, Path(path)) for volume, path in items]
     writers = [_volume_writer(volume, path, overwrite) for volume, path in items]
@@ -161,8 +161,7 @@ def write_volumes(items, *, overwrite: bool = False) -> list[Path]:
         if exc.filename is None or str(exc.filename) in map(str, paths):
             raise
         # A hidden temp file means nothing to the user: name the output instead.
-        raise OSError(exc.errno, exc.strerror or str(exc), str(paths[0] if len(paths) == 1 else paths[0].parent)) \
-            from exc
+        raise renamed(exc, paths[0] if len(paths) == 1 else paths[0].parent) from exc
     return paths
 
 
@@ -186,6 +185,8 @@ def _write_to(writer, volume: Volume, tmp: Path, path: Path, suffix: str) -> Non
         writer(volume, tmp)
     except OSError as exc:
         # Disk full / permission: the command prints the OSError, naming the output, not the temp file.
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        from medseg.io.atomic import renamed
+
+        raise renamed(exc, path) from exc
     except Exception as exc:  # nibabel/SimpleITK errors (unsupported dtype, ...) as one clear line
         raise InputError(path, f"a writable {suffix} volume", f"{type(exc).__name__}: {exc}") from exc

@@ -75,6 +75,12 @@ def check_output_path(
     return path
 
 
+def renamed(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` naming ``path``: a full disk fails a ``write()`` without a file name, or names a
+    hidden temporary file; the user knows the output they asked for."""
+    return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
+
+
 def _default_suffix(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
 
@@ -218,9 +224,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError) and exc.filename in (None, os.fspath(tmp)) and exc.errno is not None:
-            # A full disk fails a write() without a file name, or names the hidden temp file:
-            # name the output the user asked for.
-            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+            raise renamed(exc, path) from exc
         raise
 
 
@@ -251,7 +255,7 @@ def atomic_paths(
                 tmp.unlink()
         names = {os.fspath(t): os.fspath(p) for t, p in zip(temps, paths)}
         if isinstance(exc, OSError) and exc.filename in names and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror or str(exc), names[exc.filename]) from exc
+            raise renamed(exc, names[exc.filename]) from exc
         raise
 
 

@@ -45,10 +45,6 @@ def now() -> float:
     return time.monotonic()
 
 
-STOP_EPOCHS = "epochs"
-STOP_BUDGET = "budget"
-STOP_EARLY = "early_stopping"
-
 
 @dataclass
 class Replan:
@@ -216,7 +212,7 @@ class BudgetClock(keras.callbacks.Callback):
 
     def _last_step_fits(self, batch, now: float) -> bool:
         """True when the step about to run is the last one the stop rules will allow."""
-        steps = (self.params or {}).get("steps") if hasattr(self, "params") else None
+        steps = (self.params or {}).get("steps")
         epoch_end_follows = steps is not None and int(batch) + 1 >= int(steps)
         extra = self.overhead_s if epoch_end_follows else 0.0
         return self.remaining_s - (now + self.step_s) - extra < STOP_MARGIN_STEPS * self.step_s

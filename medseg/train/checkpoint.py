@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medseg.errors import InputError
-from medseg.io.atomic import atomic_path
+from medseg.io.atomic import atomic_path, renamed
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -48,7 +48,7 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
     except OSError as exc:
         if exc.filename == os.fspath(path):
             raise
-        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+        raise renamed(exc, path) from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -419,7 +419,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     # The dataset check runs before anything is written: a refused dataset leaves no run folder.
     report, train_cases, val_cases, validation_kind = check_and_split(cfg)
     _print_check_warnings(report, verbose)
-    check_resources(cfg, replicas)
+    check_resources(cfg)
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
     _check_run_dir_outside_data(run_dir, cfg)
     saved_state = _saved_state(run_dir) if cfg.resume else None
@@ -591,7 +591,7 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
 _TRAIN_BYTES_PER_PIXEL_FILTER = 80
 
 
-def check_resources(cfg: TrainConfig, replicas: int = 1) -> None:
+def check_resources(cfg: TrainConfig) -> None:
     """Refuse, before anything is written, a patch whose training batch cannot fit in memory.
 
     Raises:

@@ -17,7 +17,15 @@ Run: ``python benchmarks/infer.py`` (about 4-6 minutes on 2 CPU cores). Last lin
    it covers creating the input volume and segmenting it; the lowest peak of 2 runs per CT size.
    ``peak_mb_growth_400_vs_100`` is compared with the size
    of the 300 extra slices of the input (int16) and the output (uint8) arrays. The same is measured
-   for an MR plan (per-volume z-score), which must preprocess the whole volume at once.
+   for an MR plan (per-volume z-score), which must preprocess the whole volume at once, and again
+   with its body percentiles taken by ``np.percentile`` on a float32 copy of the body voxels
+   instead of medseg's streamed selection (``_mr_zscore_np_percentile``): the figure that decides
+   whether that hand-written selection is still needed.
+
+   Allocator: the children run with ``CHILD_MALLOC_ENV`` (glibc reads these variables at start-up;
+   medseg itself sets nothing), so that peak RSS counts live arrays rather than freed chunk
+   temporaries that glibc's default, dynamic thresholds keep on the heap. ``--default-allocator``
+   measures what a user gets without them.
 """
 
 from __future__ import annotations
@@ -37,6 +45,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from _needs import require  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+#: glibc settings of the memory children: every array of 1 MiB or more is its own memory map,
+#: returned to the OS when freed, and free memory above 128 KiB at the heap's top is trimmed. By
+#: default glibc raises its mmap threshold after each large free (up to 32 MB), so chunk
+#: temporaries land on the heap and stay resident after they are freed.
+CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
 
 
 def _ct_volume(n_slices: int, size: int, seed: int = 0):
@@ -151,8 +165,28 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_child(n_slices: int, modality: str) -> dict:
+def _use_numpy_percentile() -> None:
+    """Take normalization percentiles with ``np.percentile`` on a float32 copy of the region's
+    values (what plain numpy needs) instead of medseg's streamed selection, in this process."""
+    import medseg.transforms.intensity as intensity
+
+    def numpy_percentiles(make_chunks, n, pcts):
+        values = np.empty(n, np.float32)
+        filled = 0
+        for chunk in make_chunks():
+            values[filled : filled + chunk.size] = chunk
+            filled += chunk.size
+        low, high = np.percentile(values, list(pcts), overwrite_input=True)  # partitions the copy in place
+        return float(low), float(high)
+
+    intensity._percentiles_chunks = numpy_percentiles
+
+
+def memory_child(n_slices: int, modality: str, numpy_percentile: bool = False) -> dict:
     from medseg.infer.predictor import Predictor
+
+    if numpy_percentile:
+        _use_numpy_percentile()
 
     with tempfile.TemporaryDirectory() as folder:
         bundle = _bundle(None, 2, modality, folder)
@@ -182,7 +216,8 @@ def memory_child(n_slices: int, modality: str) -> dict:
     }
 
 
-def memory(sizes, modality, repeats: int = 1) -> list[dict]:
+def memory(sizes, modality, repeats: int = 1, default_allocator: bool = False,
+           numpy_percentile: bool = False) -> list[dict]:
     """One row per size: the child run with the lowest peak of ``repeats`` runs.
 
     TensorFlow's thread pools make the resident size vary by a few tens of MB from one process to
@@ -193,8 +228,10 @@ def memory(sizes, modality, repeats: int = 1) -> list[dict]:
         runs = []
         for _ in range(repeats):
             out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", str(n), "--modality", modality],
+                [sys.executable, __file__, "--memory-child", str(n), "--modality", modality]
+                + (["--np-percentile"] if numpy_percentile else []),
                 capture_output=True, text=True, check=False,
+                env=os.environ if default_allocator else {**os.environ, **CHILD_MALLOC_ENV},
             )
             if out.returncode != 0:
                 raise RuntimeError(f"memory child ({n} slices, {modality}) failed:\n{out.stderr[-3000:]}")
@@ -216,12 +253,15 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-repeats", type=int, default=2, help="child runs per CT size (lowest peak kept)")
     parser.add_argument("--skip-throughput", action="store_true", help="only the memory runs")
     parser.add_argument("--skip-mr", action="store_true", help="skip the MR (whole-volume preprocessing) memory runs")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="memory children without CHILD_MALLOC_ENV (glibc's defaults: what a user gets)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--modality", default="CT", help=argparse.SUPPRESS)
+    parser.add_argument("--np-percentile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     require("medseg", "keras", "tensorflow")
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.modality)))
+        print(json.dumps(memory_child(args.memory_child, args.modality, args.np_percentile)))
         return 0
 
     import tensorflow as tf
@@ -237,26 +277,38 @@ def main(argv=None) -> int:
 
     small, large = args.memory_sizes
     extra = large - small
-    for modality in ("CT",) if args.skip_mr else ("CT", "MR"):
-        rows = memory([small, large], modality, repeats=args.memory_repeats if modality == "CT" else 1)
+    allocator = "glibc defaults" if args.default_allocator else " ".join(f"{k}={v}" for k, v in CHILD_MALLOC_ENV.items())
+    print(f"allocator of the memory children: {allocator} ("
+          + ("--default-allocator: what a user gets)" if args.default_allocator else
+             "set by this benchmark, not by medseg: freed arrays of 1 MiB or more go back to the OS, so peak RSS "
+             "counts live arrays, not heap fragments; --default-allocator measures glibc's defaults)")
+          + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+    result["child_allocator"] = allocator
+    runs = [("CT", False, "", "CT")]
+    if not args.skip_mr:
+        runs += [("MR", False, "_mr_zscore", "MR"),
+                 ("MR", True, "_mr_zscore_np_percentile", "MR with np.percentile on a body copy")]
+    for modality, numpy_percentile, key, label in runs:
+        rows = memory([small, large], modality, repeats=args.memory_repeats if modality == "CT" else 1,
+                      default_allocator=args.default_allocator, numpy_percentile=numpy_percentile)
         growth = rows[1]["peak_mb"] - rows[0]["peak_mb"]
         # The same, net of each child's resident size before the volume (start-up noise removed).
         growth_net = (rows[1]["peak_mb"] - rows[1]["rss_before_mb"]) - (rows[0]["peak_mb"] - rows[0]["rss_before_mb"])
         extra_io = (rows[1]["input_mb"] + rows[1]["output_mb"]) - (rows[0]["input_mb"] + rows[0]["output_mb"])
         for row in rows:
-            print(f"memory {modality} 512x512x{row['slices']}: peak {row['peak_mb']} MB (before the volume "
+            print(f"memory {label} 512x512x{row['slices']}: peak {row['peak_mb']} MB (before the volume "
                   f"{row['rss_before_mb']} MB; input {row['input_mb']} MB, output {row['output_mb']} MB, "
                   f"{row['seconds']} s)", flush=True)
-        print(f"memory {modality}: peak growth {growth:.1f} MB for {extra} more slices; extra input+output arrays "
+        print(f"memory {label}: peak growth {growth:.1f} MB for {extra} more slices; extra input+output arrays "
               f"{extra_io:.1f} MB -> ratio {growth / extra_io:.2f} (net of the start RSS: {growth_net:.1f} MB, "
               f"ratio {growth_net / extra_io:.2f})", flush=True)
-        key = "" if modality == "CT" else "_mr_zscore"
         result[f"peak_mb_growth_{large}_vs_{small}{key}"] = round(growth, 1)
         result[f"extra_input_output_mb{key}"] = round(extra_io, 1)
         result[f"growth_vs_extra_io{key}"] = round(growth / extra_io, 3)
         result[f"peak_above_start_mb_growth_{large}_vs_{small}{key}"] = round(growth_net, 1)
         result[f"memory_rows{key}"] = rows
     result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
     return 0
 

@@ -16,7 +16,10 @@ Rates are the best of 3 runs (this machine is shared; the load average is printe
    ``FgBgToIndicesd`` caching does);
 3. peak resident memory while training from the on-disk (``.npy`` memory-map) cache with 1x and
    4x the data, each in a fresh subprocess (peak = ``VmHWM`` after the cache is built, reset via
-   ``/proc/self/clear_refs`` so only the sampling phase counts).
+   ``/proc/self/clear_refs`` so only the sampling phase counts). The children run with
+   ``CHILD_MALLOC_ENV`` (glibc reads these variables at start-up; medseg itself sets nothing), so
+   that freed preprocessing temporaries do not stay on the heap as fragments that grow with the
+   number of cases; ``--default-allocator`` measures what a user gets without them.
 
 Each rate is also given per CPU second of the benchmark process (``*_per_cpu_s_*``): on a busy
 machine this is what one free core would deliver.
@@ -42,6 +45,14 @@ import numpy as np  # noqa: E402
 
 from _needs import require  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+#: glibc settings of the memory children: a fixed mmap threshold of 16 MiB (trim threshold 32 MiB,
+#: twice it, as glibc pairs them). By default glibc raises the threshold after each large free, up
+#: to 32 MiB, so the 25 MB per-volume masks of cache building land on the heap and leave fragments
+#: behind, more the more cases are cached (measured: +53 MB peak with 4x the cases). Fixed at
+#: 16 MiB, per-volume arrays are their own maps, returned to the OS when freed, while the 8 MiB
+#: batch buffers are still reused from the heap (a 1 MiB threshold maps each batch afresh: 2048
+#: page faults, and the children sampled about 40 % slower).
+CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
 PATCH = (256, 256)
 SHAPE = (100, 512, 512)  # plan space: slices first
 BATCH = 32
@@ -216,16 +227,19 @@ def memory_child(n_cases: int, n_batches: int, cache_dir: str) -> None:
                       "peak_reset": reset, "patches_per_s": round(rate)}))
 
 
-def run_memory(n_cases: int, n_batches: int) -> dict:
+def run_memory(n_cases: int, n_batches: int, default_allocator: bool = False) -> dict:
+    env = os.environ if default_allocator else {**os.environ, **CHILD_MALLOC_ENV}
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as d:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(n_cases), str(n_batches), d],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer batches (a smoke run, noisier figures)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="memory children without CHILD_MALLOC_ENV (glibc's defaults: what a user gets)")
     p.add_argument("--memory-child", nargs=3, metavar=("CASES", "BATCHES", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     require("medseg", "scipy", "tensorflow")
@@ -236,7 +250,7 @@ def main(argv=None) -> int:
     from medseg.data.cache import VolumeCache
     from medseg.data.pipeline import BatchMaker
     from medseg.transforms.augment import AugmentConfig, Augmenter, check_alignment
-    from medseg.transforms.sampling import warp_backend
+    from medseg.transforms.warp import warp_backend
 
     n_batches = 15 if args.quick else 60
     base_cases = 1 if args.quick else 2
@@ -278,8 +292,14 @@ def main(argv=None) -> int:
     del cache, cases
     gc.collect()
 
-    one = run_memory(base_cases, n_batches)
-    four = run_memory(4 * base_cases, n_batches)
+    allocator = "glibc defaults" if args.default_allocator else " ".join(f"{k}={v}" for k, v in CHILD_MALLOC_ENV.items())
+    print(f"allocator of the memory children: {allocator} ("
+          + ("--default-allocator: what a user gets)" if args.default_allocator else
+             "set by this benchmark, not by medseg: a fixed mmap threshold, so freed per-volume arrays go back to "
+             "the OS and the peak counts live data, not heap fragments; --default-allocator measures glibc's "
+             "defaults)") + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+    one = run_memory(base_cases, n_batches, args.default_allocator)
+    four = run_memory(4 * base_cases, n_batches, args.default_allocator)
     print(f"memory, disk cache, {one['cases']} volumes ({one['data_mb']} MB): peak {one['peak_mb']} MB "
           f"while sampling ({one['patches_per_s']} patches/s)", flush=True)
     print(f"memory, disk cache, {four['cases']} volumes ({four['data_mb']} MB): peak {four['peak_mb']} MB "
@@ -288,7 +308,7 @@ def main(argv=None) -> int:
         "peak_mb_1x": one["peak_mb"], "peak_mb_4x": four["peak_mb"],
         "peak_mb_growth_4x": round(four["peak_mb"] - one["peak_mb"], 1),
         "data_mb_1x": one["data_mb"], "data_mb_4x": four["data_mb"],
-        "peak_reset": bool(one["peak_reset"] and four["peak_reset"]),
+        "peak_reset": bool(one["peak_reset"] and four["peak_reset"]), "child_allocator": allocator,
         "patch": list(PATCH), "batch": BATCH, "volume_shape": list(SHAPE), "cpu_cores": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2), "rates": f"best of {REPEATS} runs",
         "warp_backend": warp_backend(),

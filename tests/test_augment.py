@@ -9,9 +9,9 @@ from medseg.transforms.augment import (
     AugmentConfig,
     Augmenter,
     IntensityParams,
-    RandJointAugmentd,
     check_alignment,
 )
+from medseg.transforms.dictionary import RandJointAugmentd
 from medseg.transforms.compose import Compose
 
 HEAVY = AugmentConfig(rotate_prob=1.0, max_rotate_deg=30, scale_prob=1.0, elastic_prob=0.5)
@@ -21,7 +21,7 @@ HEAVY = AugmentConfig(rotate_prob=1.0, max_rotate_deg=30, scale_prob=1.0, elasti
 @pytest.mark.parametrize("config", [AugmentConfig(), HEAVY, AugmentConfig.flips_only()], ids=["default", "heavy", "flips"])
 def test_image_equal_to_mask_stays_equal(config, backend, monkeypatch):
     """The issue's proof of alignment: every augmented pair has Dice 1, over many seeds."""
-    from medseg.transforms import sampling
+    from medseg.transforms import warp as sampling
 
     if backend == "cv2":
         pytest.importorskip("cv2")
@@ -94,7 +94,7 @@ def _params(B, brightness=1.0, contrast=1.0, gamma=1.0, noise=0.0):
 
 @pytest.mark.parametrize("backend", ["numpy", "cv2"])
 def test_intensity_hand_values(backend, monkeypatch):
-    from medseg.transforms import sampling
+    from medseg.transforms import warp as sampling
 
     if backend == "cv2":
         pytest.importorskip("cv2")
@@ -159,12 +159,12 @@ def test_elastic_moves_pixels_smoothly():
 
 
 def test_warp_backend_env_override(monkeypatch):
-    from medseg.transforms import sampling
+    from medseg.transforms import warp
 
-    monkeypatch.setattr(sampling, "_BACKEND", None)
+    monkeypatch.setattr(warp, "_BACKEND", None)
     monkeypatch.setenv("MEDSEG_WARP_BACKEND", "numpy")
-    assert sampling.warp_backend() == "numpy"
-    monkeypatch.setattr(sampling, "_BACKEND", None)
+    assert warp.warp_backend() == "numpy"
+    monkeypatch.setattr(warp, "_BACKEND", None)
     monkeypatch.delenv("MEDSEG_WARP_BACKEND")
     try:
         import cv2  # noqa: F401
@@ -172,4 +172,4 @@ def test_warp_backend_env_override(monkeypatch):
         expected = "cv2"
     except ImportError:
         expected = "numpy"
-    assert sampling.warp_backend() == expected
+    assert warp.warp_backend() == expected

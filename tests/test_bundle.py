@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.infer.bundle import BUNDLE_FILE, MODEL_FILE, load_bundle, model_divisor, read_bundle_info, save_bundle
+from medseg.infer.bundle import BUNDLE_FILE, MODEL_FILE, load_bundle, read_bundle_info, save_bundle
+from medseg.nets.registry import recognize_network
 from medseg.nets.unetpp import build_unetpp
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -75,7 +76,7 @@ def test_round_trip_records_everything(saved_run, model):
 
 
 def test_divisor_is_the_networks_multiple_even_if_the_plan_says_less(tmp_path, model):
-    assert model_divisor(model) == 4  # depth 2
+    assert recognize_network(model).divisor == 4  # depth 2
     save_bundle(tmp_path, model, mr_plan(divisor=2, patch_size=(32, 32)))
     assert json.loads((tmp_path / BUNDLE_FILE).read_text())["divisor"] == 4
 

@@ -19,10 +19,10 @@ from medseg.data.check import (
     check_dataset,
     lesion_statistics,
     parse_label_map,
-    slice_axis_of,
 )
 from medseg.errors import DatasetError, InputError
 from medseg.io import discover_cases, read_volume, write_volume
+from medseg.transforms.slicing import largest_spacing_axis
 
 NRRD = Path(__file__).parent / "data" / "nrrd"
 
@@ -96,7 +96,7 @@ def test_lesion_statistics_hand_computed():
 
 @pytest.mark.parametrize("spacing, axis", [((0.8, 0.8, 5), 2), ((5, 0.8, 0.8), 0), ((1, 3, 1), 1), ((1, 1, 1), 2), ((2, 2, 1), 1)])
 def test_slice_axis_is_the_largest_spacing(spacing, axis):
-    assert slice_axis_of(spacing) == axis
+    assert largest_spacing_axis(spacing) == axis
 
 
 def test_parse_and_apply_label_map():

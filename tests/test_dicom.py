@@ -457,8 +457,9 @@ def test_pydicom_failures_are_wrapped(tmp_path, monkeypatch):
             raise mode["pixels"]
         return real_pixel_array(path, *args, **kwargs)
 
-    monkeypatch.setattr(dicom_mod.pydicom, "dcmread", dcmread)
-    monkeypatch.setattr(dicom_mod.pydicom.pixels, "pixel_array", pixel_array)
+    # medseg.io.dicom imports pydicom when it parses a file, so patch the module itself.
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", pixel_array)
     denied = PermissionError(13, "denied")
     cases = [
         ((denied, None, None), r"2693: expected a readable DICOM file, found no read permission"),

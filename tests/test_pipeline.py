@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.data.cache import VolumeCache, open_npy_mmap
-from medseg.data.pipeline import BatchMaker, _augmenter
+from medseg.data.pipeline import BatchMaker
 from medseg.data.plan import Plan
 from medseg.data.split import k_fold_splits, kfold_split, patient_groups, train_val_split
 from medseg.errors import InputError
@@ -120,7 +120,7 @@ def test_batch_maker_shapes_determinism_fraction(plan):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         BatchMaker(cache, plan, batch_size=0)
     with pytest.raises(TypeError, match="augment must be True/False"):
-        _augmenter("yes")
+        BatchMaker(cache, plan, augment="yes")
 
 
 def test_disk_cache_batches_equal_memory_batches(plan, tmp_path):

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.transforms.sampling import (
-    Centres,
-    PatchSampler,
-    RandLesionPatchd,
-    SampleSource,
-    SpatialParams,
-    build_index,
-    render,
-)
+from medseg.transforms.dictionary import RandLesionPatchd
+from medseg.transforms.sampling import Centres, PatchSampler, SampleSource, build_index
+from medseg.transforms.warp import SpatialParams, render
 
 
 def source(label: np.ndarray, image: np.ndarray | None = None, body=None, pad=0.0, case_id="c") -> SampleSource:

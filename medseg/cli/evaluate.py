@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from medseg.cli._common import add_common_args, run_command, setup_logging
+from medseg.components import CONNECTIVITIES, LESION_CONNECTIVITY
 
 PROG = "medseg-eval"
 
@@ -55,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reference without prediction file is scored as a miss (score, default) or is an error",
     )
     parser.add_argument("--workers", type=int, default=1, help="patients evaluated in parallel processes (default 1)")
-    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
-                        help="connectivity of lesion components (default 26)")
+    parser.add_argument("--connectivity", type=int, choices=sorted(CONNECTIVITIES), default=LESION_CONNECTIVITY,
+                        help=f"connectivity of lesion components (default {LESION_CONNECTIVITY}, as medseg-check, "
+                        "training and post-processing count lesions)")
     parser.add_argument(
         "--min-overlap-fraction", type=float, default=0.0,
         help="a reference lesion is detected when the prediction covers at least this fraction of it "
@@ -100,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet and sys.stderr.isatty(),  # no \r-animated bar in a log file
     )
-    paths = write_report(result, args.out)
+    paths = write_report(result, args.out, workers=args.workers)
     print(format_table(result.cases))
     stats = result.summary["metrics"]
     policy = result.summary["policy"]

@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT",
+        "inputs", nargs="*", metavar="INPUT",
         help="volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), DICOM series folder, or folder of volumes",
     )
     parser.add_argument("--model", metavar="RUN_DIR", help="run folder holding model.keras and bundle.json")
+    parser.add_argument("--show-pipeline", action="store_true",
+                        help="print the model's network and preprocessing pipeline (as medseg-info does) and exit")
     parser.add_argument(
         "--accept-modified-model", action="store_true",
         help="use a model.keras whose SHA-256 differs from the one bundle.json recorded (refused by default)",
@@ -199,17 +201,10 @@ def _is_dicom_series_folder(folder: Path) -> bool:
     folder of cases instead; a folder mixing several multi-file series is handed to
     ``read_volume``, whose error names the series.
     """
-    from medseg.io.dataset import DICOM_SUFFIXES, is_dicom_file, volume_suffix
+    from medseg.io.dicom import is_dicom_folder, list_dicom_series
 
-    try:
-        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
-    except OSError:
+    if not is_dicom_folder(folder):
         return False
-    if not any(
-        (folder / n).is_file() and (volume_suffix(n) in DICOM_SUFFIXES or is_dicom_file(folder / n)) for n in names[:50]
-    ):
-        return False
-    from medseg.io.dicom import list_dicom_series
 
     try:
         series = list_dicom_series(folder)
@@ -424,8 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``medseg-infer``; returns the exit code (0 ok, 1 some inputs failed, 2 usage/input error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.inputs and not args.show_pipeline:
+        parser.error("the following arguments are required: INPUT")
     setup_logging(args)
-    return run_command(PROG, args, lambda: _run(args))
+    return run_command(PROG, args, lambda: _show_pipeline(args) if args.show_pipeline else _run(args))
+
+
+def _show_pipeline(args: argparse.Namespace) -> int:
+    from medseg.cli.info import describe_bundle, format_text
+
+    run_dir, how = find_model(args.model)
+    print(f"{PROG}: model {run_dir.resolve()} ({how})", file=sys.stderr)
+    print(format_text(describe_bundle(run_dir)))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

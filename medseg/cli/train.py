@@ -17,6 +17,7 @@ examples:
   medseg-train --images data/images --labels data/labels
   medseg-train --images imgs --labels labs --epochs 200 --batch-size 12 --schedule cosine --gpus 0,1
   medseg-train --images imgs --labels labs --folds 5 --fold 2 --config my.yaml
+  medseg-train --images imgs --labels labs --network unet   # a plain U-Net instead of UNet++
   medseg-train --resume runs/20260101-120000          # continue after an interruption
   medseg-train --images imgs --labels labs --max-time-s 300 --map-labels 5:1,*:0
 
@@ -50,6 +51,8 @@ def _gpus(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medseg.nets.registry import network_names  # names only: no Keras import
+
     p = argparse.ArgumentParser(
         prog="medseg-train",
         description="Train a UNet++ lesion segmenter (dataset check, plan, patient split, "
@@ -90,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="seed of split, initialisation and sampling (default 0)")
     m = p.add_argument_group("model and input")
     m.add_argument("--patch-size", type=int, nargs=2, metavar=("H", "W"), help="training patch (default: from the plan)")
-    m.add_argument("--filters", type=int, nargs="+", help="UNet++ filters per level (depth + 1 values)")
-    m.add_argument("--depth", type=int, help="UNet++ depth (default 4)")
+    m.add_argument("--network", choices=network_names(),
+                   help="registered network to train: unetpp (UNet++, default) or unet (plain U-Net)")
+    m.add_argument("--filters", type=int, nargs="+", help="filters per level (depth + 1 values)")
+    m.add_argument("--depth", type=int, help="network depth: number of down-samplings (default 4)")
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
     m.add_argument("--no-cpu-sizing", dest="cpu_sizing", action="store_const", const=False,
                    help="on a CPU, keep the paper's network instead of timing a few steps to size it")
@@ -123,7 +128,8 @@ def config_from_args(args: argparse.Namespace):
         key: getattr(args, key)
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
                     "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
-                    "warmup_epochs", "schedule_over", "loss", "seed", "patch_size", "filters", "depth", "deep_supervision",
+                    "warmup_epochs", "schedule_over", "loss", "seed", "patch_size", "network", "filters", "depth",
+                    "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
                     "cpu_sizing")
     }

@@ -1,7 +1,8 @@
 """Preprocessed training cases, in memory when they fit, else as on-disk ``.npy`` memory maps.
 
-Each case is preprocessed once (:func:`medseg.transforms.preprocess.preprocess_image` /
-``preprocess_label``, so training sees exactly what inference will), its lesions and body are
+Each case goes once through the deterministic steps of the model's pipeline
+(:meth:`medseg.transforms.pipeline.Pipeline.preprocess`, the objects inference runs, so training
+sees exactly what inference will), its lesions and body are
 indexed (:func:`medseg.transforms.sampling.build_index`), and the arrays are kept:
 
 - ``mode="memory"``: as numpy arrays;
@@ -35,14 +36,12 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.transforms.preprocess import preprocess_image, preprocess_label
 from medseg.transforms.sampling import LesionIndex, SampleSource, build_index
 
 __all__ = ["VolumeCache", "available_memory_mb", "open_npy_mmap", "CACHE_MODES"]
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "memory", "disk")
-_PLAN_KEYS = ("modality", "orientation", "slice_axis", "target_spacing_mm", "normalization", "num_classes")
 _FORMAT = 1
 
 
@@ -90,56 +89,6 @@ def open_npy_mmap(path: str | os.PathLike) -> tuple[np.ndarray, mmap.mmap | None
     return array, mm, offset
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _mallopt(pairs: tuple[tuple[int, int], ...]) -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    if hasattr(libc, "mallopt"):
-        for param, value in pairs:
-            libc.mallopt(param, value)
-
-
-def building_allocator() -> None:
-    """glibc settings while volumes are preprocessed: every array of 1 MiB or more is its own
-    memory map, returned to the OS when freed.
-
-    By default glibc raises this threshold after each large free (up to 32 MB), so per-slice
-    and per-volume temporaries land on the heap and leave ~8 MB of fragments per volume: a
-    process that cached 4x more cases would train with a larger footprint.
-    """
-    _mallopt(((_M_MMAP_THRESHOLD, 1 << 20), (_M_TRIM_THRESHOLD, 128 << 10)))
-
-
-def training_allocator() -> None:
-    """glibc settings while batches are built: batch-sized arrays (tens of MB) are reused from the
-    heap instead of being mapped and unmapped for every batch.
-
-    A fresh 8 MB mapping costs 2048 page faults each time it is touched (in our numpy code and
-    again in TensorFlow's copy); on the benchmark machine that tripled the time per batch through
-    ``tf.data``. The heap this keeps is bounded by the batches in flight, not by the dataset.
-    """
-    _mallopt(((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 256 << 20)))
-    libc_trim()
-
-
-def libc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def _atomic_save(path: Path, save) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -185,6 +134,8 @@ class VolumeCache:
         cases: ``Case`` objects, ``{"image", "label"}`` dicts or ``(image, label)`` pairs of Volumes
             or paths (see :func:`medseg.data.plan.make_plan`). Every case needs a label.
         plan: the :class:`medseg.data.plan.Plan`.
+        pipeline: the model's :class:`~medseg.transforms.pipeline.Pipeline` (default
+            ``Pipeline.from_plan(plan)``); its deterministic steps make the cached arrays.
         mode: ``"auto"``, ``"memory"`` or ``"disk"`` (see module docstring).
         cache_dir: folder for disk mode (created if missing; kept and reused). Default: a
             temporary folder removed when the cache is garbage-collected.
@@ -200,20 +151,23 @@ class VolumeCache:
     """
 
     def __init__(self, cases: Iterable[Any], plan: Any, *, mode: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 memory_limit_mb: float | None = None, seed: int = 0):
+                 memory_limit_mb: float | None = None, seed: int = 0, pipeline: Any = None):
         from medseg.data.plan import load_pair
+        from medseg.transforms.pipeline import Pipeline
 
         if mode not in CACHE_MODES:
             raise ValueError(f"cache mode must be one of {CACHE_MODES}, found {mode!r}")
-        building_allocator()
         self.plan = plan
+        self.pipeline = pipeline if pipeline is not None else Pipeline.from_plan(plan)
         self.mode = mode
         self.memory_limit_mb = float(memory_limit_mb) if memory_limit_mb is not None else available_memory_mb() / 2
         # Per case: (map, data offset, bytes per slice) of its image and label files.
         self._case_maps: list[list[tuple[mmap.mmap, int, int]]] = []
         self._dir: Path | None = Path(cache_dir) if cache_dir is not None else None
-        self._plan_key = hashlib.sha1(json.dumps({k: getattr(plan, k) for k in _PLAN_KEYS}, sort_keys=True,
-                                                 default=str).encode()).hexdigest()
+        # Cached files are named by the deterministic steps that made them: a changed step (or
+        # argument) never reads a stale file.
+        steps = self.pipeline.without_random().to_config()
+        self._plan_key = hashlib.sha1(json.dumps(steps, sort_keys=True).encode()).hexdigest()
         self.sources: list[SampleSource] = []
         self.on_disk: list[bool] = []
         self._memory_bytes = 0
@@ -228,7 +182,6 @@ class VolumeCache:
             self._add(image, label, identity, seed + n)
         if not self.sources:
             raise ValueError("VolumeCache needs at least one case, found none")
-        training_allocator()
         log.info("cache: %d cases, %.0f MB in memory, %d on disk%s", len(self.sources), self._memory_bytes / 2 ** 20,
                  sum(self.on_disk), f" ({self._dir})" if self._dir else "")
 
@@ -257,8 +210,9 @@ class VolumeCache:
             if all(p.exists() for p in paths.values()):
                 self._open(image.case_id, paths)
                 return
-        prepared = preprocess_image(image, self.plan, with_body=True)
-        lab = preprocess_label(label, self.plan)
+        sample = self.pipeline.preprocess({"image": image, "label": label}, training=True)
+        prepared, lab = sample["image"], np.ascontiguousarray(sample["label"], dtype=np.uint8)
+        del sample
         index = build_index(lab, prepared.body, seed=seed)
         pad = float(prepared.array.min()) if prepared.array.size else 0.0
         if not to_disk:
@@ -299,7 +253,6 @@ class VolumeCache:
         """
         if mode not in ("memory", "disk"):
             raise ValueError(f"from_arrays mode must be 'memory' or 'disk', found {mode!r}")
-        building_allocator()
         self = cls.__new__(cls)
         self.plan, self.mode, self.memory_limit_mb = plan, mode, float("inf")
         self._case_maps, self._dir, self._memory_bytes = [], Path(cache_dir) if cache_dir else None, 0
@@ -326,7 +279,6 @@ class VolumeCache:
             self._open(case_id, paths)
         if not self.sources:
             raise ValueError("VolumeCache needs at least one case, found none")
-        training_allocator()
         return self
 
     # --- use -----------------------------------------------------------------------------------

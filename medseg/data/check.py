@@ -5,15 +5,15 @@ Fatal problems make training meaningless or wrong: unreadable files, image/label
 label values outside {0, 1}, interpolated (non-integer) label values, NaN/inf values.
 Warnings are worth knowing: empty labels (no lesion), constant images.
 
-Lesion statistics per case: connected components with 26-connectivity (``scipy.ndimage.label``),
-volume in mL, fraction of slices holding lesion (slices along the largest-spacing axis; the last
-axis when spacings tie), fraction of foreground voxels.
+Lesion statistics per case: connected components (:func:`medseg.components.label_components`,
+26-connectivity), volume in mL, fraction of slices holding lesion (slices along
+:func:`medseg.transforms.slicing.largest_spacing_axis`, the axis training slices along),
+fraction of foreground voxels. Label values are judged by :func:`medseg.io.labels.label_problems`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
-from scipy import ndimage
 
-from medseg.io.labels import apply_label_map, parse_label_map  # noqa: F401  (re-exported)
+from medseg.components import label_components
+from medseg.io.labels import apply_label_map, label_problems, label_values, parse_label_map  # noqa: F401
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.io import Case, Volume, read_volume
+from medseg.io.jsonsafe import json_safe
+from medseg.transforms.slicing import largest_spacing_axis
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,6 @@ class Problem(NamedTuple):
     message: str
 
 
-def slice_axis_of(spacing_mm: Iterable[float]) -> int:
-    """The array axis with the largest spacing (the slice axis); ties go to the last such axis."""
-    spacing = np.round(np.asarray(list(spacing_mm), dtype=np.float64), 6)
-    return int(len(spacing) - 1 - np.argmax(spacing[::-1]))
-
-
 def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str, Any]:
     """Lesion statistics of a binary mask.
 
@@ -57,7 +53,7 @@ def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str
         spacing_mm: voxel size along (i, j, k) in mm.
 
     Returns:
-        dict with ``lesion_count`` (26-connected components), ``lesion_voxels``,
+        dict with ``lesion_count`` (connected components), ``lesion_voxels``,
         ``lesion_volume_ml``, ``lesion_volumes_ml`` (each component, largest first),
         ``slice_axis``, ``n_slices``, ``slices_with_lesion``, ``slice_fraction``,
         ``n_voxels``, ``foreground_fraction``.
@@ -65,7 +61,7 @@ def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str
     mask = np.asarray(mask) != 0
     spacing = np.asarray(list(spacing_mm), dtype=np.float64)
     voxel_ml = float(np.prod(spacing) / 1000.0)
-    axis = slice_axis_of(spacing)
+    axis = largest_spacing_axis(spacing)
     voxels = int(np.count_nonzero(mask))
     volumes: list[float] = []
     count = 0
@@ -75,7 +71,7 @@ def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str
         box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in
                     (np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
                      for a in range(mask.ndim)))
-        labelled, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+        labelled, count = label_components(mask[box])
         sizes = np.bincount(labelled.ravel())[1:]
         volumes = sorted((float(s) * voxel_ml for s in sizes), reverse=True)
         other = tuple(a for a in range(mask.ndim) if a != axis)
@@ -136,7 +132,7 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``ok``, ``fatal``, counts, ``problems``, ``cases`` (stats), ``totals``."""
-        return _json_safe({
+        return json_safe({
             "ok": not self.fatal,
             "fatal": self.fatal,
             "n_cases": len(self.stats),
@@ -191,20 +187,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _fmt(values: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in np.asarray(values, dtype=np.float64).ravel()) + ")"
 
@@ -243,46 +225,30 @@ def _grid_problems(image: Volume, label: Volume, tolerance_mm: float, direction_
     return found
 
 
-def _label_values(array: np.ndarray) -> list:
-    """Sorted distinct values of a label array, fast when it is binary (the common case).
-
-    Only voxels outside {0, 1} are sorted (``np.unique`` on a whole CT-sized array takes seconds).
-    """
-    other = (array != 0) & (array != 1)
-    values = np.unique(array[other]).tolist() if other.any() else []
-    nonzero = int(np.count_nonzero(array))
-    if nonzero < array.size:
-        values.append(0)
-    if nonzero - int(np.count_nonzero(other)) > 0:
-        values.append(1)
-    return sorted(values)
-
-
 def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None) -> tuple[list[str], np.ndarray | None]:
-    """(messages, valid 0/1 mask or None) for a label array."""
+    """(messages, valid 0/1 mask or None) for a label array.
+
+    NaN/inf and non-integer values are judged before ``--map-labels`` (no mapping repairs them),
+    values outside {0, 1} after it.
+    """
+    if array.dtype == np.bool_:
+        return [], array
     problems = []
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array)
-        n_bad = int(array.size - np.count_nonzero(finite))
-        if n_bad:
-            problems.append(f"label has {n_bad} NaN/inf voxels")
-            array = np.where(finite, array, 0)
-        fractional = array != np.round(array)
-        n_frac = int(np.count_nonzero(fractional))
-        if n_frac:
-            examples = ", ".join(f"{v:g}" for v in np.unique(array[fractional])[:5])
+    # Only float arrays can hold NaN or fractions: spare integer labels a pass over the volume.
+    for p in label_problems(array) if array.dtype.kind == "f" else []:
+        if p.kind == "nan":
+            problems.append(f"label has {p.count} NaN/inf voxels")
+        elif p.kind == "non_integer":
+            examples = ", ".join(f"{v:g}" for v in p.values)
             problems.append(
-                f"label has {n_frac} non-integer voxels (values such as {examples}): interpolated mask? "
+                f"label has {p.count} non-integer voxels (values such as {examples}): interpolated mask? "
                 "resample labels with nearest-neighbour interpolation"
             )
-        if problems:
-            return problems, None
-    elif array.dtype == np.bool_:
-        return [], array
+    if problems:
+        return problems, None
     mapped = apply_label_map(array, label_map)
-    values = _label_values(mapped)
-    extra = [v for v in values if v not in (0, 1)]
-    if extra:
+    if label_problems(mapped, num_classes=2):
+        values = label_values(mapped)
         shown = ", ".join(f"{v:g}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
         nonzero = [v for v in values if v != 0]
         if len(nonzero) == 1:
@@ -294,9 +260,8 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
                 + f" to merge all into one, or {nonzero[-1]:g}:1,*:0 to keep only {nonzero[-1]:g}"
             )
         mapped_note = " after --map-labels" if label_map else ""
-        problems.append(f"label values {{{shown}}}{mapped_note} outside {{0, 1}}; {fix}")
-        return problems, None
-    return problems, mapped == 1
+        return [f"label values {{{shown}}}{mapped_note} outside {{0, 1}}; {fix}"], None
+    return [], mapped == 1
 
 
 def _without_path(exc: BaseException, path: Path) -> str:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from medseg.data.cache import VolumeCache
-from medseg.transforms.augment import AugmentConfig, Augmenter
-from medseg.transforms.sampling import PatchSampler, render
+from medseg.transforms.augment import Augmenter
+from medseg.transforms.warp import render
 
 __all__ = ["BatchMaker", "make_dataset", "dataset_from_folders", "default_workers"]
 
@@ -42,53 +43,60 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def _augmenter(augment: Any) -> Augmenter | None:
-    if augment is None or augment is False:
-        return None
-    if augment is True:
-        return Augmenter()
-    if isinstance(augment, Augmenter):
-        return augment
-    if isinstance(augment, AugmentConfig):
-        return Augmenter(augment)
-    if isinstance(augment, dict):
-        return Augmenter(AugmentConfig(**augment))
-    raise TypeError(f"augment must be True/False, an Augmenter, an AugmentConfig or a dict, found {type(augment).__name__}")
-
-
 class BatchMaker:
-    """Builds numpy training batches from a :class:`VolumeCache` (no TensorFlow needed).
+    """Builds numpy training batches from a :class:`VolumeCache`: the random steps of the model's
+    pipeline, run per batch (no TensorFlow needed).
+
+    The pipeline's ``RandLesionPatchd`` draws the batch's patch centres and its
+    ``RandJointAugmentd`` the spatial and intensity changes; the patches are cut with the spatial
+    change folded in (:func:`medseg.transforms.warp.render`, one pass), then the intensity change
+    is applied, then any further random step of the pipeline (a user's) gets
+    ``{"image": (B, H, W, C), "label": (B, H, W)}`` with the batch's own generator.
 
     Args:
         cache: the preprocessed cases.
-        plan: gives ``patch_size``, ``context_slices`` and ``lesion_fraction``.
+        plan: the Plan (used to build the pipeline when ``pipeline`` is None).
         batch_size: patches per batch.
         seed: batch ``i`` uses ``np.random.default_rng([seed, i])``.
-        augment: True (default recipe), False/None, an :class:`Augmenter`, an
-            :class:`AugmentConfig` or a dict of its fields.
-        lesion_fraction: overrides ``plan.lesion_fraction``.
-        inside_body: random patches centred inside the body.
+        augment: with ``pipeline`` None: True (default recipe), False/None, an
+            :class:`~medseg.transforms.augment.Augmenter`, an ``AugmentConfig`` or a dict of its fields.
+        lesion_fraction: with ``pipeline`` None, overrides ``plan.lesion_fraction``.
+        inside_body: with ``pipeline`` None, random patches centred inside the body.
         release_pages: with a disk cache, drop the memory-mapped pages of each patch's slices as
             soon as it is cut, so resident memory stays flat however large the data.
+        pipeline: the model's pipeline (default: the cache's, with the arguments above).
 
     Raises:
-        ValueError: if ``batch_size < 1``.
+        ValueError: if ``batch_size < 1`` or the pipeline has no patch sampler.
     """
 
     def __init__(self, cache: VolumeCache, plan: Any, *, batch_size: int = 16, seed: int = 0, augment: Any = True,
-                 lesion_fraction: float | None = None, inside_body: bool = True, release_pages: bool = True):
+                 lesion_fraction: float | None = None, inside_body: bool = True, release_pages: bool = True,
+                 pipeline: Any = None):
+        from medseg.transforms.pipeline import Pipeline
+
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
+        if pipeline is None:
+            pipeline = Pipeline.from_plan(plan, augment=augment, lesion_fraction=lesion_fraction,
+                                          inside_body=inside_body)
+        if pipeline.patches is None:
+            raise ValueError(f"{pipeline!r} has no patch sampler (RandLesionPatchd) to draw training patches")
         self.cache = cache
+        self.pipeline = pipeline
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.patch_size = tuple(int(v) for v in plan.patch_size)
-        self.context_slices = int(plan.context_slices)
-        fraction = plan.lesion_fraction if lesion_fraction is None else lesion_fraction
-        self.sampler = PatchSampler(cache.sources, self.patch_size, lesion_fraction=fraction, inside_body=inside_body)
-        self.augmenter = _augmenter(augment)
+        patches = pipeline.patches
+        self.patch_size = tuple(int(v) for v in patches.patch_size)
+        self.context_slices = int(patches.context_slices)
+        self.sampler = patches.sampler(cache.sources)
+        joint = [t for t in pipeline.random if isinstance(getattr(t, "augmenter", None), Augmenter)]
+        self.augmenter = joint[0].augmenter if joint else None
         if self.augmenter is not None:
             self.augmenter._noise_bank()  # built once here, not raced by parallel workers
+        self.extra = [t for t in pipeline.random if t is not patches and (not joint or t is not joint[0])]
+        # A user's random step keeps its generator on the object: parallel builders take turns.
+        self._extra_lock = threading.Lock()
         self.release_pages = bool(release_pages) and any(cache.on_disk)
         self.last_params: dict | None = None
 
@@ -116,8 +124,23 @@ class BatchMaker:
             intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)
             self.augmenter.apply_intensity(images, intensity)
             params.update(spatial=spatial.as_dict(), intensity=intensity.as_dict())
+        if self.extra:
+            images, masks = self._apply_extra(images, masks, rng)
         self.last_params = params
         return images, masks
+
+    def _apply_extra(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
+        sample = {"image": images, "label": masks}
+        with self._extra_lock:
+            for t in self.extra:
+                t.set_random_state(rng=np.random.default_rng(int(rng.integers(2 ** 63))))
+                sample = t(sample)
+        out_images = np.asarray(sample["image"], dtype=np.float32)
+        out_masks = np.asarray(sample["label"], dtype=np.uint8)
+        if out_images.shape != images.shape or out_masks.shape != masks.shape:
+            raise ValueError(f"random steps {[type(t).__name__ for t in self.extra]} must keep the batch shapes "
+                             f"{images.shape} / {masks.shape}, found {out_images.shape} / {out_masks.shape}")
+        return out_images, out_masks
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         i = 0
@@ -130,7 +153,7 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
                  augment: Any = True, start_batch: int = 0, num_batches: int | None = None,
                  num_parallel_calls: int | None = None, prefetch: int | None = None,
                  cache: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 lesion_fraction: float | None = None, inside_body: bool = True):
+                 lesion_fraction: float | None = None, inside_body: bool = True, pipeline: Any = None):
     """A ``tf.data.Dataset`` of ``(images (B, H, W, C) float32, masks (B, H, W) int32)``.
 
     Args:
@@ -146,6 +169,9 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
         prefetch: batches prefetched (default ``tf.data.AUTOTUNE``).
         lesion_fraction: overrides ``plan.lesion_fraction``.
         inside_body: random patches centred inside the body.
+        pipeline: the model's :class:`~medseg.transforms.pipeline.Pipeline` (default: built from
+            ``plan`` and the arguments above); its deterministic steps fill the cache, its random
+            steps make the batches.
 
     Returns:
         The dataset; ``dataset.batch_maker`` is the underlying :class:`BatchMaker` (its
@@ -154,9 +180,10 @@ def make_dataset(cases_or_cache: VolumeCache | Iterable[Any], plan: Any, *, batc
     import tensorflow as tf
 
     if not isinstance(cases_or_cache, VolumeCache):
-        cases_or_cache = VolumeCache(cases_or_cache, plan, mode=cache, cache_dir=cache_dir, seed=seed)
+        cases_or_cache = VolumeCache(cases_or_cache, plan, mode=cache, cache_dir=cache_dir, seed=seed,
+                                     pipeline=pipeline)
     maker = BatchMaker(cases_or_cache, plan, batch_size=batch_size, seed=seed, augment=augment,
-                       lesion_fraction=lesion_fraction, inside_body=inside_body)
+                       lesion_fraction=lesion_fraction, inside_body=inside_body, pipeline=pipeline)
     ph, pw = maker.patch_size
     stop = start_batch + num_batches if num_batches is not None else 2 ** 62
     image_shape = (maker.batch_size, ph, pw, maker.context_slices)

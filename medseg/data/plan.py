@@ -237,7 +237,7 @@ def load_pair(item: Any):
 
 
 def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
-    from scipy import ndimage
+    from medseg.components import label_components
 
     reo = reorientation(image.affine, image.shape, orientation)
     arr = reorient_array(np.asarray(image.array), reo)
@@ -262,7 +262,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) 
                              f"shape {label.shape}")
         lab = reorient_array(np.asarray(label.array), reo) > 0
         n_vox = int(lab.sum())
-        comps, n_comp = ndimage.label(lab)
+        comps, n_comp = label_components(lab)
         sizes = np.bincount(comps.ravel())[1:] if n_comp else np.zeros(0, int)
         entry["lesion"] = {
             "voxels": n_vox,
@@ -325,14 +325,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         raise ValueError("make_plan needs at least one case, found none")
 
     modalities = sorted({e["modality"] for e in entries})
-    if "modality" in overrides:
-        modality = str(overrides["modality"]).upper()
-    elif len(modalities) == 1:
-        modality = modalities[0]
-    else:
-        # Several modalities (e.g. MR brain and CT chest cases): HU windows would be meaningless
-        # for the MR cases, so every volume is z-scored over its own body, which suits both.
-        modality = MIXED
+    modality = _modality_for(modalities, overrides)
 
     spacings = np.array([e["spacing_mm"] for e in entries])
     median_spacing = np.median(spacings, axis=0)
@@ -343,38 +336,12 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     # When every case already has the median spacing, resampling is skipped (identity grid).
     target_spacing = overrides.get("target_spacing_mm", tuple(float(v) for v in median_spacing[inplane]))
 
-    body = np.concatenate(body_all)
-    fg = np.concatenate(fg_all)
-    body_stats, fg_stats = _stats(body), _stats(fg)
-    if modality == "CT":
-        low, high = DEFAULT_CT_WINDOW_HU
-        if fg_stats is not None:
-            low, high = min(low, fg_stats["p0_5"]), max(high, fg_stats["p99_5"])
-        normalization = {"kind": "ct_window", "low_hu": float(low), "high_hu": float(high)}
-    else:
-        normalization = _zscore_mr()
-    normalization = overrides.get("normalization", normalization)
-
+    body_stats, fg_stats = _stats(np.concatenate(body_all)), _stats(np.concatenate(fg_all))
+    normalization = overrides.get("normalization", _normalization_for(modality, fg_stats))
     divisor = int(overrides.get("divisor", 16))
     spacing_for_size = np.asarray(target_spacing if target_spacing is not None else median_spacing[inplane])
-    sizes = np.array([[e["shape"][a] * e["spacing_mm"][a] for a in inplane] for e in entries])
-    median_hw = np.median(sizes, axis=0) / spacing_for_size
-    patch = tuple(int(min(DEFAULT_PATCH, max(divisor, math.ceil(v / divisor) * divisor))) for v in median_hw)
-    patch = overrides.get("patch_size", patch)
-
-    lesion_entries = [e["lesion"] for e in entries if "lesion" in e]
-    lesion_summary = None
-    if lesion_entries:
-        n_slices = [e["shape"][slice_axis] for e in entries if "lesion" in e]
-        with_lesion = [le["slices_with_lesion"][slice_axis] for le in lesion_entries]
-        lesion_summary = {
-            "cases": len(lesion_entries),
-            "cases_without_lesion": sum(1 for le in lesion_entries if le["voxels"] == 0),
-            "median_volume_ml": float(np.median([le["volume_ml"] for le in lesion_entries])),
-            "components_total": int(sum(le["components"] for le in lesion_entries)),
-            "median_voxel_fraction": float(np.median([le["fraction"] for le in lesion_entries])),
-            "slice_fraction_with_lesion": float(sum(with_lesion) / max(1, sum(n_slices))),
-        }
+    patch = overrides.get("patch_size", _patch_for(entries, inplane, spacing_for_size, divisor))
+    lesion_summary = _lesion_summary(entries, slice_axis)
     fingerprint = {
         "n_cases": len(entries),
         "modalities": modalities,
@@ -398,3 +365,48 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "fingerprint": overrides.get("fingerprint", fingerprint),
     }
     return Plan(**fields)
+
+
+def _normalization_for(modality: str, fg_stats: dict | None) -> dict:
+    """CT: the default HU window widened to the lesions' 0.5/99.5 percentiles; else per-volume z-score."""
+    if modality != "CT":
+        return _zscore_mr()
+    low, high = DEFAULT_CT_WINDOW_HU
+    if fg_stats is not None:
+        low, high = min(low, fg_stats["p0_5"]), max(high, fg_stats["p99_5"])
+    return {"kind": "ct_window", "low_hu": float(low), "high_hu": float(high)}
+
+
+def _patch_for(entries: list[dict], inplane: list[int], spacing_mm: np.ndarray, divisor: int) -> tuple[int, int]:
+    """The median resampled in-plane size, rounded up to ``divisor``, at most ``DEFAULT_PATCH``."""
+    sizes = np.array([[e["shape"][a] * e["spacing_mm"][a] for a in inplane] for e in entries])
+    median_hw = np.median(sizes, axis=0) / spacing_mm
+    return tuple(int(min(DEFAULT_PATCH, max(divisor, math.ceil(v / divisor) * divisor))) for v in median_hw)
+
+
+def _lesion_summary(entries: list[dict], slice_axis: int) -> dict | None:
+    """Pooled lesion statistics of the labelled cases (None when no case has a label)."""
+    lesion_entries = [e["lesion"] for e in entries if "lesion" in e]
+    if not lesion_entries:
+        return None
+    n_slices = [e["shape"][slice_axis] for e in entries if "lesion" in e]
+    with_lesion = [le["slices_with_lesion"][slice_axis] for le in lesion_entries]
+    return {
+        "cases": len(lesion_entries),
+        "cases_without_lesion": sum(1 for le in lesion_entries if le["voxels"] == 0),
+        "median_volume_ml": float(np.median([le["volume_ml"] for le in lesion_entries])),
+        "components_total": int(sum(le["components"] for le in lesion_entries)),
+        "median_voxel_fraction": float(np.median([le["fraction"] for le in lesion_entries])),
+        "slice_fraction_with_lesion": float(sum(with_lesion) / max(1, sum(n_slices))),
+    }
+
+
+def _modality_for(modalities: list[str], overrides: Mapping[str, Any]) -> str:
+    """The override, else the cases' one modality, else ``MIXED``."""
+    if "modality" in overrides:
+        return str(overrides["modality"]).upper()
+    if len(modalities) == 1:
+        return modalities[0]
+    # Several modalities (e.g. MR brain and CT chest cases): HU windows would be meaningless for
+    # the MR cases, so every volume is z-scored over its own body, which suits both.
+    return MIXED

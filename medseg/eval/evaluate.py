@@ -1,9 +1,9 @@
 """Evaluate a folder of predictions against a folder of references, patient by patient.
 
 Pairing, reading with geometry, grid and label checks, metrics and lesion-wise scores per case
-(optionally in worker processes), then aggregation. Writing the outputs is
-:mod:`medseg.eval.report`'s job; ``medseg-eval`` calls :func:`evaluate_folders` then
-:func:`medseg.eval.report.write_report`.
+(optionally in worker processes), then aggregation. Per-case records hold numbers only. Drawing
+and writing the outputs is :mod:`medseg.eval.report`'s job (it imports this module, never the
+reverse); ``medseg-eval`` calls :func:`evaluate_folders` then :func:`medseg.eval.report.write_report`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.components import LESION_CONNECTIVITY
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.eval.aggregate import aggregate, check_policy
 from medseg.eval.lesions import lesion_metrics
 from medseg.eval.metrics import compute_metrics, image_diagonal_mm
 from medseg.io.atomic import same_file
+from medseg.io.labels import check_label_values, label_values
+from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,11 @@ class EvalOptions:
         label: class value taken as foreground (None: masks must hold only 0 and 1).
         resample_pred: resample a prediction on another grid onto the reference grid
             (nearest neighbour) instead of refusing it.
-        connectivity: of lesion components, 6, 18 or 26.
+        connectivity: of lesion components, 6, 18 or 26 (:mod:`medseg.components`).
         min_overlap_fraction: lesion detection rule (0: one voxel of overlap suffices).
         nsd_tolerance_mm: tolerance of the normalized surface Dice.
         percentile: of the robust Hausdorff distance (``hd95_mm``).
-        figures: draw the per-patient slice figure.
+        figures: the report draws the per-patient slice figure.
         map_labels: ``--map-labels`` mapping applied to each reference label map first (as in
             ``medseg-train``; ``{5: 1, "*": 0}`` scores label 5 of a multi-organ map).
     """
@@ -47,7 +50,7 @@ class EvalOptions:
     label: int | None = None
     map_labels: dict | None = None
     resample_pred: bool = False
-    connectivity: int = 26
+    connectivity: int = LESION_CONNECTIVITY
     min_overlap_fraction: float = 0.0
     nsd_tolerance_mm: float = 1.0
     percentile: float = 95.0
@@ -175,6 +178,22 @@ def _grid_text(vol) -> str:
     return f"shape {vol.shape}, spacing ({sp}) mm, origin ({org}) mm, orientation {vol.orientation}"
 
 
+#: Advice on a bad label map, by problem (see :func:`medseg.io.labels.check_label_values`) and role.
+_LABEL_HINTS = {
+    "prediction": {
+        "probability": "pass the label map, medseg-infer's _seg file, not the _prob file; or threshold the map "
+                       "first, e.g. probability >= 0.5",
+        "non_integer": "an image rather than a mask? pass the prediction label map",
+        "outside": "pass --label N to evaluate the voxels equal to N",
+    },
+    "reference": {
+        "probability": "a reference must be a label map",
+        "non_integer": "an image rather than a mask? pass the reference label map",
+        "outside": "pass --label N to evaluate the voxels equal to N",
+    },
+}
+
+
 def binary_mask(array: np.ndarray, path, label: int | None, role: str = "prediction") -> np.ndarray:
     """Foreground of a label map: ``array == label``, or the 0/1 map itself.
 
@@ -182,49 +201,15 @@ def binary_mask(array: np.ndarray, path, label: int | None, role: str = "predict
         role: ``"prediction"`` or ``"reference"``: what the advice in an error speaks of.
 
     Raises:
-        InputError: non-integer values (a probability map or an image: ``--label`` cannot help);
-            without ``label``, values other than 0 and 1 (the message lists up to 10 of them and
-            suggests ``--label N``).
+        InputError: values that are no class indices (:func:`medseg.io.labels.check_label_values`:
+            NaN, non-integer, e.g. a probability map or an image, where ``--label`` cannot help;
+            negative); without ``label``, values other than 0 and 1 (the message lists up to 10 of
+            them and suggests ``--label N``).
     """
-    if array.dtype.kind == "f":
-        fractional = array != np.trunc(array)  # also True for NaN
-        if fractional.any():
-            _refuse_non_integer(array, fractional, path, role)
+    check_label_values(array, path, num_classes=None if label is not None else 2, hints=_LABEL_HINTS[role])
     if label is not None:
         return array == label
-    bad = (array != 0) & (array != 1)
-    if bad.any():
-        found = np.unique(array[bad])
-        shown = ", ".join(f"{v:g}" for v in found[:10].tolist()) + (", ..." if found.size > 10 else "")
-        raise InputError(
-            path, "a binary mask with values {0, 1}", f"other values: {shown}",
-            "pass --label N to evaluate the voxels equal to N",
-        )
     return array.astype(bool, copy=False)
-
-
-def _refuse_non_integer(array: np.ndarray, fractional: np.ndarray, path, role: str) -> None:
-    values = array[fractional]
-    if np.isnan(values).any():
-        raise InputError(path, "a label map", f"{int(np.isnan(values).sum())} NaN voxels")
-    example = float(values[values.size // 2])
-    if 0.0 <= float(array.min()) and float(array.max()) <= 1.0:
-        hint = ("pass the label map, medseg-infer's _seg file, not the _prob file; or threshold the map "
-                "first, e.g. probability >= 0.5") if role == "prediction" else "a reference must be a label map"
-        raise InputError(path, "a label map (integer values)",
-                         f"a probability map (values between 0 and 1, such as {example:.3g})", hint)
-    raise InputError(path, "a label map (integer values)", f"non-integer values such as {example:g}",
-                     f"an image rather than a mask? pass the {role} label map")
-
-
-def _label_values(array: np.ndarray, limit: int = 10) -> list:
-    """Up to ``limit`` distinct values of a label map (shown when the asked label is absent)."""
-    if array.dtype.kind in "iub" and array.size:
-        low = int(array.min())
-        if int(array.max()) - low < 1 << 16:  # bincount: one pass, no sort of the whole volume
-            counts = np.bincount((np.asarray(array, dtype=np.int64) - low).ravel())
-            return [int(v) + low for v in np.flatnonzero(counts)[:limit]]
-    return [float(v) for v in np.unique(array)[:limit]]
 
 
 def resample_nearest(moving, fixed) -> np.ndarray:
@@ -242,20 +227,51 @@ def resample_nearest(moving, fixed) -> np.ndarray:
     return ndimage.affine_transform(src, matrix, output_shape=fixed.shape, order=0, mode="constant", cval=0)
 
 
-def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1) -> dict:
-    """Read, check and score one case.
+@dataclass(frozen=True)
+class CaseMasks:
+    """The masks of one case, both on the reference grid.
 
-    Args:
-        pair: the files of the case.
-        options: scoring options.
-        kd_workers: threads of the nearest-neighbour search (1 inside worker processes).
+    Attributes:
+        pred, ref: bool arrays of the reference's shape (``pred`` all False when missing).
+        ref_volume: the reference as read (grid, spacing).
+        ref_array: the reference label map after ``--map-labels`` (for the absent-label warning).
+        resampled: the prediction was resampled nearest-neighbour onto the reference grid.
+        reoriented: the prediction held the reference's voxels in another axis order.
+    """
 
-    Returns:
-        a per-case record: ``case_id``, paths, ``missing``, ``pred_empty``, ``ref_empty``, grid,
-        ``diagonal_mm``, ``metrics`` (:func:`compute_metrics`), ``lesions`` (counts and rates),
-        ``lesion_details`` (per lesion), ``resampled``, ``reoriented`` (the prediction held the
-        reference's voxels in another axis order and was brought onto its grid exactly) and
-        ``figure_png`` (base64, or None).
+    pred: np.ndarray
+    ref: np.ndarray
+    ref_volume: Volume
+    ref_array: np.ndarray
+    resampled: bool = False
+    reoriented: bool = False
+
+
+def _prediction_on_reference_grid(pair: CasePair, ref_vol: Volume, options: EvalOptions):
+    """``(array, resampled, reoriented)`` of the prediction, on the reference grid."""
+    from medseg.io import read_volume
+
+    pred_vol = read_volume(pair.pred_path)
+    reoriented = False
+    aligned = pred_vol.onto_grid_of(ref_vol)
+    if aligned is not None and aligned is not pred_vol:
+        # The same voxels stored in another axis order (e.g. an LPS prediction of a DICOM
+        # series and an LAS reference): paired by physical position, exactly.
+        pred_vol, reoriented = aligned, True
+    if pred_vol.same_grid(ref_vol):
+        return pred_vol.array, False, reoriented
+    if not options.resample_pred:
+        raise InputError(
+            pair.pred_path,
+            f"the grid of its reference {pair.ref_path} ({_grid_text(ref_vol)})",
+            _grid_text(pred_vol),
+            "pass --resample-pred to resample predictions nearest-neighbour onto the reference grid",
+        )
+    return resample_nearest(pred_vol, ref_vol), True, reoriented
+
+
+def read_case(pair: CasePair, options: EvalOptions) -> CaseMasks:
+    """Read and check the reference and prediction of one case (what is scored, and drawn).
 
     Raises:
         InputError: unreadable files, label values other than {0, 1} (without a label), or a
@@ -270,29 +286,34 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
 
         ref_array = apply_label_map(np.asarray(ref_array), options.map_labels)
     ref = binary_mask(ref_array, pair.ref_path, options.label, role="reference")
-    resampled = reoriented = False
     if pair.pred_path is None:
-        pred = np.zeros(ref.shape, dtype=bool)
-    else:
-        pred_vol = read_volume(pair.pred_path)
-        aligned = pred_vol.onto_grid_of(ref_vol)
-        if aligned is not None and aligned is not pred_vol:
-            # The same voxels stored in another axis order (e.g. an LPS prediction of a DICOM
-            # series and an LAS reference): paired by physical position, exactly.
-            pred_vol, reoriented = aligned, True
-        if not pred_vol.same_grid(ref_vol):
-            if not options.resample_pred:
-                raise InputError(
-                    pair.pred_path,
-                    f"the grid of its reference {pair.ref_path} ({_grid_text(ref_vol)})",
-                    _grid_text(pred_vol),
-                    "pass --resample-pred to resample predictions nearest-neighbour onto the reference grid",
-                )
-            pred_arr = resample_nearest(pred_vol, ref_vol)
-            resampled = True
-        else:
-            pred_arr = pred_vol.array
-        pred = binary_mask(pred_arr, pair.pred_path, options.label, role="prediction")
+        return CaseMasks(np.zeros(ref.shape, dtype=bool), ref, ref_vol, ref_array)
+    pred_arr, resampled, reoriented = _prediction_on_reference_grid(pair, ref_vol, options)
+    pred = binary_mask(pred_arr, pair.pred_path, options.label, role="prediction")
+    return CaseMasks(pred, ref, ref_vol, ref_array, resampled, reoriented)
+
+
+def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1) -> dict:
+    """Read, check and score one case.
+
+    Args:
+        pair: the files of the case.
+        options: scoring options.
+        kd_workers: threads of the nearest-neighbour search (1 inside worker processes).
+
+    Returns:
+        a per-case record of numbers, flags and paths (no image data: figures are the report's,
+        :func:`medseg.eval.report.case_figures`): ``case_id``, paths, ``missing``, ``pred_empty``,
+        ``ref_empty``, grid, ``diagonal_mm``, ``metrics`` (:func:`compute_metrics`), ``lesions``
+        (counts and rates), ``lesion_details`` (per lesion), ``resampled``, ``reoriented`` (the
+        prediction held the reference's voxels in another axis order and was brought onto its grid
+        exactly).
+
+    Raises:
+        InputError: see :func:`read_case`.
+    """
+    masks = read_case(pair, options)
+    pred, ref, ref_vol = masks.pred, masks.ref, masks.ref_volume
     spacing = ref_vol.spacing_mm
     metrics = compute_metrics(
         pred, ref, spacing, percentile=options.percentile, nsd_tolerance_mm=options.nsd_tolerance_mm, workers=kd_workers
@@ -301,17 +322,6 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         pred, ref, spacing, connectivity=options.connectivity, min_overlap_fraction=options.min_overlap_fraction
     )
     details = {"ref_lesions": lesions.pop("ref_lesions"), "pred_lesions": lesions.pop("pred_lesions")}
-    figure = None
-    if options.figures:
-        from medseg.eval.report import case_figure_png
-
-        image = None
-        if pair.image_path is not None:
-            image_vol = read_volume(pair.image_path)
-            # Display only: an image on another grid is brought onto the reference grid.
-            aligned_image = image_vol.onto_grid_of(ref_vol)
-            image = aligned_image.array if aligned_image is not None else resample_nearest(image_vol, ref_vol)
-        figure = case_figure_png(pair.case_id, pred, ref, spacing, image=image, dsc=metrics["dsc"])
     record = {
         "case_id": pair.case_id,
         "ref_path": str(pair.ref_path),
@@ -320,19 +330,18 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         "missing": pair.pred_path is None,
         "pred_empty": not bool(pred.any()),
         "ref_empty": not bool(ref.any()),
-        "resampled": resampled,
-        "reoriented": reoriented,
+        "resampled": masks.resampled,
+        "reoriented": masks.reoriented,
         "shape": list(ref_vol.shape),
         "spacing_mm": [float(s) for s in spacing],
         "diagonal_mm": image_diagonal_mm(ref_vol.shape, spacing),
         "metrics": metrics,
         "lesions": lesions,
         "lesion_details": details,
-        "figure_png": figure,
     }
     if options.label is not None and not ref.any():
         # For the warning on a label found nowhere (removed from the record by evaluate_folders).
-        record["_ref_values"] = _label_values(np.asarray(ref_array))
+        record["_ref_values"] = label_values(np.asarray(masks.ref_array), limit=10)
     return record
 
 

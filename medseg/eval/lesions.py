@@ -2,7 +2,8 @@
 
 Detection rule (documented in docs/eval.md):
 
-- Lesions are the connected components of each mask (26-connectivity by default; 18 or 6).
+- Lesions are the connected components of each mask (:mod:`medseg.components`: 26-connectivity
+  by default, as everywhere in medseg; 18 or 6 on request).
 - A reference lesion is **detected** when the prediction covers at least one of its voxels and,
   if ``min_overlap_fraction`` > 0, at least that fraction of its volume. Overlap with the
   prediction as a whole counts, so one predicted component may detect several lesions and
@@ -17,24 +18,94 @@ Detection rule (documented in docs/eval.md):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
+from medseg.components import LESION_CONNECTIVITY, label_components
 from medseg.eval.surface import bounding_box
-
-#: Supported connectivities (neighbours of a voxel) -> scipy structuring-element rank.
-CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
-
-
-def _structure(connectivity: int) -> np.ndarray:
-    if connectivity not in CONNECTIVITY_RANK:
-        raise ValueError(f"connectivity must be 6, 18 or 26, found {connectivity!r}")
-    return ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
 
 
 def _ratio(num: float, den: float) -> float:
     return math.nan if den == 0 else num / den
+
+
+def _joint_box(pred: np.ndarray, ref: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(slices, offset) of the bounding box of both masks; components never cross it."""
+    boxes = [b for b in (bounding_box(pred), bounding_box(ref)) if b is not None]
+    if not boxes:
+        return (slice(0, 0),) * 3, np.zeros(3, np.int64)
+    lo = np.min([b[0] for b in boxes], axis=0)
+    hi = np.max([b[1] for b in boxes], axis=0)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), lo
+
+
+class _Components(NamedTuple):
+    """Connected components of one mask: labels ``1..n`` and voxels per label (index 0: background)."""
+
+    labels: np.ndarray
+    n: int
+    sizes: np.ndarray
+
+
+def _components(mask: np.ndarray, connectivity: int) -> _Components:
+    labels, n = label_components(mask, connectivity)
+    return _Components(labels, n, np.bincount(labels.ravel(), minlength=n + 1))
+
+
+def _overlaps(ref: _Components, pred: _Components):
+    """Sparse overlap of reference lesions and predicted components.
+
+    Returns:
+        ``(pair_r, pair_p, pair_counts)``: each overlapping (reference lesion, predicted
+        component) pair and its shared voxels.
+    """
+    both = (pred.labels > 0) & (ref.labels > 0)
+    pairs_r = ref.labels[both].astype(np.int64)
+    pairs_p = pred.labels[both].astype(np.int64)
+    pair_ids, pair_counts = np.unique(pairs_r * (pred.n + 1) + pairs_p, return_counts=True)
+    pair_r, pair_p = np.divmod(pair_ids, pred.n + 1)
+    return pair_r, pair_p, pair_counts
+
+
+def _centroids(comps: _Components, offset: np.ndarray) -> list[list[float]]:
+    """Centroid (i, j, k) of each component in the full volume, rounded to 0.01 voxel."""
+    if not comps.n:
+        return []
+    centres = ndimage.center_of_mass(comps.labels > 0, comps.labels, range(1, comps.n + 1))
+    return [[round(float(c + o), 2) for c, o in zip(centre, offset)] for centre in centres]
+
+
+def _ref_lesions(ref: _Components, pred: _Components, overlaps, detected: np.ndarray, covered: np.ndarray,
+                 voxel_ml: float, offset: np.ndarray) -> list[dict]:
+    """Per reference lesion: volume, covered fraction, detection, Dice with the components touching it."""
+    pair_r, pair_p, _ = overlaps
+    rows = []
+    for r, centre in zip(range(1, ref.n + 1), _centroids(ref, offset)):
+        touching = int(pred.sizes[pair_p[pair_r == r]].sum())
+        rows.append({
+            "id": r,
+            "volume_ml": float(ref.sizes[r] * voxel_ml),
+            "overlap_fraction": float(covered[r] / ref.sizes[r]),
+            "detected": bool(detected[r]),
+            "dice": float(2.0 * covered[r] / (ref.sizes[r] + touching)),
+            "centroid_ijk": centre,
+        })
+    return rows
+
+
+def _pred_lesions(pred: _Components, matched: np.ndarray, voxel_ml: float, offset: np.ndarray) -> list[dict]:
+    """Per predicted component: volume, false positive or not."""
+    return [
+        {
+            "id": p,
+            "volume_ml": float(pred.sizes[p] * voxel_ml),
+            "false_positive": not bool(matched[p]),
+            "centroid_ijk": centre,
+        }
+        for p, centre in zip(range(1, pred.n + 1), _centroids(pred, offset))
+    ]
 
 
 def lesion_metrics(
@@ -42,7 +113,7 @@ def lesion_metrics(
     ref,
     spacing_mm,
     *,
-    connectivity: int = 26,
+    connectivity: int = LESION_CONNECTIVITY,
     min_overlap_fraction: float = 0.0,
 ) -> dict:
     """Lesion-wise TP/FP/FN, precision, recall, F1 and per-lesion Dice and volumes.
@@ -51,7 +122,7 @@ def lesion_metrics(
         pred: bool (or 0/1) array (I, J, K), the prediction.
         ref: bool (or 0/1) array (I, J, K), the reference.
         spacing_mm: voxel size along (I, J, K), mm (for volumes).
-        connectivity: 6, 18 or 26.
+        connectivity: 6, 18 or 26 (:mod:`medseg.components`; default 26, as everywhere in medseg).
         min_overlap_fraction: a reference lesion is detected when the prediction covers at
             least one voxel and at least this fraction of it (0 = any overlap), in [0, 1].
 
@@ -73,64 +144,20 @@ def lesion_metrics(
         raise ValueError(f"pred and ref must be 3D arrays of the same shape, found {pred.shape} and {ref.shape}")
     if not 0.0 <= float(min_overlap_fraction) <= 1.0:
         raise ValueError(f"min_overlap_fraction must be in [0, 1], found {min_overlap_fraction!r}")
-    structure = _structure(connectivity)
     voxel_ml = float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
-
-    # Components never cross the joint bounding box, so label only inside it.
-    boxes = [b for b in (bounding_box(pred), bounding_box(ref)) if b is not None]
-    if boxes:
-        lo = np.min([b[0] for b in boxes], axis=0)
-        hi = np.max([b[1] for b in boxes], axis=0)
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        offset = lo
-    else:
-        sl = (slice(0, 0),) * 3
-        offset = np.zeros(3, np.int64)
-    lab_p, n_p = ndimage.label(pred[sl], structure=structure)
-    lab_r, n_r = ndimage.label(ref[sl], structure=structure)
-
-    size_p = np.bincount(lab_p.ravel(), minlength=n_p + 1)
-    size_r = np.bincount(lab_r.ravel(), minlength=n_r + 1)
-    both = (lab_p > 0) & (lab_r > 0)
-    pairs_r = lab_r[both].astype(np.int64)
-    pairs_p = lab_p[both].astype(np.int64)
-    # overlap[r, p] = voxels shared by reference lesion r and predicted component p (sparse).
-    pair_ids, pair_counts = np.unique(pairs_r * (n_p + 1) + pairs_p, return_counts=True)
-    pair_r, pair_p = np.divmod(pair_ids, n_p + 1)
-    covered_r = np.bincount(pair_r, weights=pair_counts, minlength=n_r + 1)
-
-    ref_lesions = []
-    detected = np.zeros(n_r + 1, dtype=bool)
-    centroids_r = ndimage.center_of_mass(lab_r > 0, lab_r, range(1, n_r + 1)) if n_r else []
-    for r in range(1, n_r + 1):
-        fraction = covered_r[r] / size_r[r]
-        detected[r] = covered_r[r] >= 1 and fraction >= min_overlap_fraction
-        touching = pair_p[pair_r == r]
-        pred_volume = int(size_p[touching].sum())
-        dice = 2.0 * covered_r[r] / (size_r[r] + pred_volume)
-        ref_lesions.append(
-            {
-                "id": r,
-                "volume_ml": float(size_r[r] * voxel_ml),
-                "overlap_fraction": float(fraction),
-                "detected": bool(detected[r]),
-                "dice": float(dice),
-                "centroid_ijk": [round(float(c + o), 2) for c, o in zip(centroids_r[r - 1], offset)],
-            }
-        )
+    box, offset = _joint_box(pred, ref)
+    comps_p = _components(pred[box], connectivity)
+    comps_r = _components(ref[box], connectivity)
+    n_p, n_r = comps_p.n, comps_r.n
+    overlaps = _overlaps(comps_r, comps_p)
+    pair_r, pair_p, pair_counts = overlaps
+    covered = np.bincount(pair_r, weights=pair_counts, minlength=n_r + 1)
+    detected = (covered >= 1) & (covered / np.maximum(comps_r.sizes, 1) >= min_overlap_fraction)
+    detected[0] = False  # the background
     matched_p = np.zeros(n_p + 1, dtype=bool)
     matched_p[pair_p[detected[pair_r]]] = True
-    pred_lesions = []
-    centroids_p = ndimage.center_of_mass(lab_p > 0, lab_p, range(1, n_p + 1)) if n_p else []
-    for p in range(1, n_p + 1):
-        pred_lesions.append(
-            {
-                "id": p,
-                "volume_ml": float(size_p[p] * voxel_ml),
-                "false_positive": not bool(matched_p[p]),
-                "centroid_ijk": [round(float(c + o), 2) for c, o in zip(centroids_p[p - 1], offset)],
-            }
-        )
+    ref_lesions = _ref_lesions(comps_r, comps_p, overlaps, detected, covered, voxel_ml, offset)
+    pred_lesions = _pred_lesions(comps_p, matched_p, voxel_ml, offset)
     tp = int(detected.sum())
     fn = n_r - tp
     fp = int(n_p - matched_p[1:].sum())

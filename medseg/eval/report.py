@@ -23,6 +23,7 @@ import numpy as np
 
 from medseg.eval.aggregate import LESION_COUNT_KEYS, LESION_RATE_KEYS, scored_value
 from medseg.eval.metrics import METRIC_KEYS
+from medseg.io.jsonsafe import json_safe
 
 #: Metrics shown as box plots, with their axis labels.
 BOXPLOT_KEYS = {
@@ -82,8 +83,9 @@ def largest_disagreement_slice(pred: np.ndarray, ref: np.ndarray, spacing_mm) ->
     Falls back to the slice with the largest reference (then prediction) area when the masks agree,
     and to the middle slice when both are empty.
     """
-    spacing = np.asarray(spacing_mm, dtype=np.float64)
-    axis = int(np.flatnonzero(spacing == spacing.max())[-1])
+    from medseg.io.volume import largest_spacing_axis
+
+    axis = largest_spacing_axis(spacing_mm)
     other = tuple(a for a in range(3) if a != axis)
     for counts in (
         np.count_nonzero(pred != ref, axis=other),
@@ -163,6 +165,54 @@ def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm,
         plt.close(fig)
 
 
+def _image_on_grid(path: Path, ref_volume) -> np.ndarray:
+    """The image of a case on the reference grid; display only, so another grid is resampled
+    nearest-neighbour."""
+    from medseg.eval.evaluate import resample_nearest
+    from medseg.io import read_volume
+
+    image = read_volume(path)
+    aligned = image.onto_grid_of(ref_volume)
+    return aligned.array if aligned is not None else resample_nearest(image, ref_volume)
+
+
+def draw_case(case: dict, options) -> str:
+    """Base64 PNG (:func:`case_figure_png`) of one record of :func:`~medseg.eval.evaluate.evaluate_case`.
+
+    Records hold numbers only, so the masks (and the image) are read again with the same checks.
+    """
+    from medseg.eval.evaluate import CasePair, read_case
+
+    def path(key: str) -> Path | None:
+        return None if case.get(key) is None else Path(case[key])
+
+    pair = CasePair(case["case_id"], Path(case["ref_path"]), path("pred_path"), path("image_path"))
+    masks = read_case(pair, options)
+    image = None if pair.image_path is None else _image_on_grid(pair.image_path, masks.ref_volume)
+    return case_figure_png(pair.case_id, masks.pred, masks.ref, masks.ref_volume.spacing_mm, image=image,
+                           dsc=case["metrics"]["dsc"])
+
+
+def case_figures(result, workers: int = 1) -> dict[str, str]:
+    """Case id -> base64 PNG of each case of ``result`` ({} when ``result.options.figures`` is off).
+
+    ``workers`` > 1 draws in that many processes (spawned clean, as the evaluation's).
+    """
+    cases = result.cases
+    if not result.options.figures or not cases:
+        return {}
+    if workers <= 1 or len(cases) == 1:
+        pngs = [draw_case(case, result.options) for case in cases]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(int(workers), len(cases)), mp_context=ctx) as pool:
+            pngs = list(pool.map(draw_case, cases, [result.options] * len(cases)))
+    return {case["case_id"]: png for case, png in zip(cases, pngs)}
+
+
 def boxplot_png(cases: list[dict], empty_distance: str) -> str:
     """Base64 PNG: one box plot per metric (values after the empty-mask policy), points overlaid."""
     plt = _pyplot()
@@ -216,26 +266,6 @@ def _case_value(case: dict, key: str):
     return case.get(key)
 
 
-def _json_safe(value):
-    """Strict JSON: NaN -> null, +-inf -> "inf"/"-inf", numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    return value
-
-
 def versions() -> dict:
     """Versions of the software that produced the numbers."""
     import scipy
@@ -273,12 +303,9 @@ def summary_dict(result) -> dict:
     """``summary.json`` content (nnU-Net-like): per-case values with paths, statistics, policy."""
     from medseg.eval.evaluate import options_dict
 
-    per_case = []
-    for case in result.cases:
-        entry = {k: v for k, v in case.items() if k != "figure_png"}
-        per_case.append(entry)
+    per_case = list(result.cases)
     stats = result.summary["metrics"]
-    return _json_safe(
+    return json_safe(
         {
             "metric_per_case": per_case,
             "mean": {k: v["mean"] for k, v in stats.items()},
@@ -289,7 +316,8 @@ def summary_dict(result) -> dict:
             "unmatched_predictions": list(result.unmatched_predictions),
             "warnings": list(getattr(result, "warnings", [])),
             "versions": versions(),
-        }
+        },
+        inf_as_text=True,
     )
 
 
@@ -320,22 +348,21 @@ th{background:#f2f2f2}td.id{text-align:left}tr.flag td{background:#fff3e0}
 """
 
 
-def html_text(result, summary: dict) -> str:
-    """``report.html``: one self-contained page (table, statistics, box plots, per-patient slices)."""
-    cases = result.cases
-    policy = summary["policy"]
+def _html_intro(result, policy: dict) -> list[str]:
+    """Title, the definitions used, the empty-mask policy and the warnings."""
     esc = html.escape
+    options = result.options
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>medseg evaluation report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>medseg evaluation report</h1>",
-        f"<p class='note'>{len(cases)} patients. Distances on the surface-element lattice of "
+        f"<p class='note'>{len(result.cases)} patients. Distances on the surface-element lattice of "
         "surface-distance (area-weighted); HD95 = larger of the two directed 95th percentiles; "
-        f"NSD tolerance {_fmt(result.options.nsd_tolerance_mm, 2)} mm; lesions = "
-        f"{result.options.connectivity}-connected components, detected when the prediction overlaps "
-        + ("at least one voxel" if result.options.min_overlap_fraction == 0 else
-           f"at least {100 * result.options.min_overlap_fraction:.0f}% of the lesion")
+        f"NSD tolerance {_fmt(options.nsd_tolerance_mm, 2)} mm; lesions = "
+        f"{options.connectivity}-connected components, detected when the prediction overlaps "
+        + ("at least one voxel" if options.min_overlap_fraction == 0 else
+           f"at least {100 * options.min_overlap_fraction:.0f}% of the lesion")
         + ".</p>",
         "<h2>Empty masks</h2>",
         f"<p>Policy <b>{esc(policy['empty_distance'])}</b>: {esc(policy['description'])}.</p>",
@@ -350,12 +377,16 @@ def html_text(result, summary: dict) -> str:
     if result.unmatched_predictions:
         parts.append("<p class='note'>Predictions without reference (ignored): "
                      + esc(", ".join(result.unmatched_predictions)) + "</p>")
-    # Statistics.
-    parts.append("<h2>Summary over patients</h2><table><tr><th>metric</th><th>n</th><th>mean</th>"
-                 "<th>median</th><th>std</th><th>min</th><th>max</th><th>NaN</th><th>inf</th></tr>")
+    return parts
+
+
+def _html_statistics(result) -> list[str]:
+    """Statistics over patients, pooled lesion counts and the box plots."""
+    parts = ["<h2>Summary over patients</h2><table><tr><th>metric</th><th>n</th><th>mean</th>"
+             "<th>median</th><th>std</th><th>min</th><th>max</th><th>NaN</th><th>inf</th></tr>"]
     for key, st in result.summary["metrics"].items():
         parts.append(
-            f"<tr><td class='id'>{esc(key)}</td><td>{st['n']}</td>"
+            f"<tr><td class='id'>{html.escape(key)}</td><td>{st['n']}</td>"
             + "".join(f"<td>{_fmt(st[s])}</td>" for s in ("mean", "median", "std", "min", "max"))
             + f"<td>{st['n_nan']}</td><td>{st['n_inf']}</td></tr>"
         )
@@ -369,22 +400,32 @@ def html_text(result, summary: dict) -> str:
     )
     parts.append("<h2>Distributions</h2><p class='note'>One point per patient, after the empty-mask "
                  "policy above (NaN values are not drawn).</p><img alt='box plots' src='data:image/png;base64,"
-                 f"{boxplot_png(cases, result.empty_distance)}'>")
-    # Per-patient table.
-    parts.append("<h2>Per patient</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLUMNS)
-                 + "<th>notes</th></tr>")
+                 f"{boxplot_png(result.cases, result.empty_distance)}'>")
+    return parts
+
+
+def _case_notes(case: dict) -> list[str]:
+    notes = []
+    if case.get("missing"):
+        notes.append("prediction missing")
+    elif case["pred_empty"] and not case["ref_empty"]:
+        notes.append("empty prediction")
+    if case["ref_empty"]:
+        notes.append("empty reference")
+    if case.get("resampled"):
+        notes.append("prediction resampled")
+    if case.get("reoriented"):
+        notes.append("prediction reoriented onto the reference's axis order (same voxels)")
+    return notes
+
+
+def _html_case_table(cases: list[dict]) -> list[str]:
+    """The per-patient table; rows with notes are highlighted."""
+    esc = html.escape
+    parts = ["<h2>Per patient</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLUMNS)
+             + "<th>notes</th></tr>"]
     for case in cases:
-        notes = []
-        if case.get("missing"):
-            notes.append("prediction missing")
-        elif case["pred_empty"] and not case["ref_empty"]:
-            notes.append("empty prediction")
-        if case["ref_empty"]:
-            notes.append("empty reference")
-        if case.get("resampled"):
-            notes.append("prediction resampled")
-        if case.get("reoriented"):
-            notes.append("prediction reoriented onto the reference's axis order (same voxels)")
+        notes = _case_notes(case)
         cls = " class='flag'" if notes else ""
         cells = []
         for key, _ in TABLE_COLUMNS:
@@ -393,15 +434,27 @@ def html_text(result, summary: dict) -> str:
             cells.append(f"<td{' class=id' if key == 'case_id' else ''}>{text}</td>")
         parts.append(f"<tr{cls}>" + "".join(cells) + f"<td class='id'>{esc('; '.join(notes))}</td></tr>")
     parts.append("</table>")
-    figures = [c for c in cases if c.get("figure_png")]
-    if figures:
+    return parts
+
+
+def html_text(result, summary: dict, figures: dict[str, str] | None = None) -> str:
+    """``report.html``: one self-contained page (table, statistics, box plots, per-patient slices).
+
+    Args:
+        result: the :class:`~medseg.eval.evaluate.EvalResult`.
+        summary: :func:`summary_dict` of it (policy, versions).
+        figures: case id -> base64 PNG (:func:`case_figures`); cases without one show none.
+    """
+    parts = _html_intro(result, summary["policy"]) + _html_statistics(result) + _html_case_table(result.cases)
+    shown = [c["case_id"] for c in result.cases if (figures or {}).get(c["case_id"])]
+    if shown:
         parts.append("<h2>Slice with the largest disagreement</h2><div class='cards'>")
-        for case in figures:
-            parts.append(f"<div class='card'><img alt='{esc(case['case_id'])}' "
-                         f"src='data:image/png;base64,{case['figure_png']}'></div>")
+        for case_id in shown:
+            parts.append(f"<div class='card'><img alt='{html.escape(case_id)}' "
+                         f"src='data:image/png;base64,{figures[case_id]}'></div>")
         parts.append("</div>")
     ver = summary["versions"]
-    parts.append("<p class='note'>" + esc(", ".join(f"{k} {v}" for k, v in ver.items())) + "</p></body></html>")
+    parts.append("<p class='note'>" + html.escape(", ".join(f"{k} {v}" for k, v in ver.items())) + "</p></body></html>")
     return "\n".join(parts)
 
 
@@ -427,10 +480,11 @@ def check_report_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) 
     return out
 
 
-def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_report(result, out_dir: str | os.PathLike, *, workers: int = 1) -> dict[str, Path]:
     """Write ``metrics.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` atomically.
 
-    Everything is rendered in memory first; each file then goes to a temp file in ``out_dir``
+    The per-patient figures (unless ``result.options.figures`` is off) are drawn here, in
+    ``workers`` processes (:func:`case_figures`). Everything is rendered in memory first; each file then goes to a temp file in ``out_dir``
     and the three are moved into place together (:func:`medseg.io.atomic.atomic_paths`), so a
     failure leaves neither a half-written file nor a report that belongs to another run.
 
@@ -444,7 +498,7 @@ def write_report(result, out_dir: str | os.PathLike) -> dict[str, Path]:
     texts = {
         "csv": ("metrics.csv", csv_text(result.cases)),
         "json": ("summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"),
-        "html": ("report.html", html_text(result, summary)),
+        "html": ("report.html", html_text(result, summary, case_figures(result, workers))),
     }
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / name for kind, (name, _) in texts.items()}

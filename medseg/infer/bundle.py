@@ -9,17 +9,24 @@ new images with the preprocessing it was trained with::
       "plan": {...},                       # medseg.data.plan.Plan.to_dict()
       "classes": ["background", "lesion"],
       "threshold": 0.5,                    # on the foreground probability
-      "head_level": null,                  # UNet++ deep-supervision head kept at inference (1..4)
+      "network": {"name": "unetpp", "args": {...}},   # medseg.nets.registry.NetworkSpec.to_dict()
+      "head_level": null,                  # deep-supervision head kept at inference (UNet++: 1..4)
       "divisor": 16,                       # slices are padded to a multiple of this
       "input_channels": 3,                 # = plan.context_slices (2.5D)
       "versions": {"medseg": ..., "tensorflow": ..., "keras": ..., "numpy": ...},
       "created": "2026-01-01T12:00:00+00:00",
-      "extra": {...}                       # free, e.g. training metrics
+      "extra": {...},                      # free, e.g. training metrics
+      "pipeline": {"format": 1, "transforms": [{"name": "PlanSpaced", "module": ..., "args": {...}}, ...]}
+                                           # medseg.transforms.pipeline.Pipeline.to_config()
     }
 
 ``medseg.train`` writes bundles through :func:`save_bundle`; ``medseg.infer`` reads them with
-:func:`load_bundle`. Importing this module has no side effects (Keras and TensorFlow are imported
-inside the functions).
+:func:`load_bundle`. ``network`` (a registered builder and its arguments) gives the size multiple
+and the output to run. A bundle without it (written before the key existed, or saved without a
+declaration) falls back to the registered network that recognizes the model
+(:func:`medseg.nets.registry.recognize_network`), else the model runs as saved.
+
+Importing this module has no side effects (Keras and TensorFlow are imported inside the functions).
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -41,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
 
     from medseg.data.plan import Plan
+    from medseg.nets.registry import NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +67,15 @@ class Bundle:
         plan: preprocessing plan the model was trained with.
         classes: class names, index = class label (``("background", "lesion")``).
         threshold: default threshold on the foreground probability, in ``[0, 1]``.
-        head_level: UNet++ head used at inference (pruned model), or None for the full model.
+        head_level: deep-supervision head used at inference (a pruned UNet++), or None for the
+            network's final output.
         divisor: slice height and width are padded to a multiple of this before the model.
         input_channels: channels the model expects (2.5D context slices).
         info: the whole ``bundle.json`` content (versions, created, extra, ...).
+        network: the network that built the model (recorded, or recognized for a bundle without
+            one), or None for a model no registered network built (it runs as saved).
+        pipeline: the model's :class:`medseg.transforms.pipeline.Pipeline` (``bundle.json``
+            ``"pipeline"``), or None for a bundle written before pipelines were saved.
     """
 
     run_dir: Path
@@ -75,16 +87,26 @@ class Bundle:
     divisor: int = 1
     input_channels: int = 1
     info: Mapping[str, Any] = field(default_factory=dict)
+    network: "NetworkSpec | None" = None
+    pipeline: Any = None
 
     @property
     def model_path(self) -> Path:
         return self.run_dir / MODEL_FILE
 
+    def inference_pipeline(self):
+        """The deterministic steps inference runs: the saved pipeline's, or (bundles written before
+        pipelines were saved) those the Plan implies, which are what such a model was trained with."""
+        from medseg.transforms.pipeline import Pipeline
+
+        pipeline = self.pipeline if self.pipeline is not None else Pipeline.from_plan(self.plan)
+        return pipeline.without_random()
+
     def __repr__(self) -> str:
         return (
             f"Bundle(run_dir={str(self.run_dir)!r}, classes={self.classes}, threshold={self.threshold}, "
             f"head_level={self.head_level}, divisor={self.divisor}, input_channels={self.input_channels}, "
-            f"modality={getattr(self.plan, 'modality', None)!r})"
+            f"network={getattr(self.network, 'name', None)!r}, modality={getattr(self.plan, 'modality', None)!r})"
         )
 
 
@@ -123,18 +145,37 @@ def _model_output_classes(model: "keras.Model") -> int | None:
     return None if channels is None else int(channels)
 
 
-def model_divisor(model: "keras.Model") -> int:
-    """The size multiple a medseg UNet++ needs: ``2 ** depth``, from its encoder pooling layers.
+def _check_model_fits(model: "keras.Model", plan: "Plan", classes: Sequence[str]) -> int:
+    """The model's input channels, checked against ``plan.context_slices`` and its output classes
+    against ``classes``; raises ``ValueError`` naming the mismatch."""
+    channels = _model_input_channels(model)
+    context = int(getattr(plan, "context_slices", channels))
+    if channels != context:
+        raise ValueError(
+            f"model {model.name!r} takes {channels} input channels but the plan has context_slices={context}"
+        )
+    n_out = _model_output_classes(model)
+    if n_out is not None and n_out != len(classes):
+        raise ValueError(
+            f"model {model.name!r} outputs {n_out} classes but {len(classes)} class names were given: {list(classes)}"
+        )
+    return channels
 
-    ``build_unetpp`` names the encoder poolings ``x{i}_0_pool`` (``i = 1..depth``); a model
-    without them (any other architecture) gives 1, and the Plan's ``divisor`` alone decides.
+
+def _network_of(model: "keras.Model", network: "NetworkSpec | None") -> "NetworkSpec | None":
+    """``network`` checked against the model's outputs; without one, the legacy fallback for
+    bundles written before ``bundle.json`` named its network (or models saved without a
+    declaration): the registered network that recognizes the model, or None when none does.
+
+    Raises:
+        ValueError: the model's outputs are not the ones ``network`` declares.
     """
-    depth = 0
-    for layer in model.layers:
-        match = re.fullmatch(r"x(\d+)_0_pool", layer.name)
-        if match:
-            depth = max(depth, int(match.group(1)))
-    return 2**depth
+    if network is not None:
+        network.check_model(model)
+        return network
+    from medseg.nets.registry import recognize_network
+
+    return recognize_network(model)
 
 
 def _check_settings(classes: Sequence[str], threshold: float, head_level: int | None) -> None:
@@ -156,6 +197,8 @@ def save_bundle(
     threshold: float = 0.5,
     head_level: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    pipeline: Any = None,
+    network: "NetworkSpec | None" = None,
 ) -> Path:
     """Write ``model.keras`` and ``bundle.json`` into ``run_dir`` (created if missing).
 
@@ -172,35 +215,43 @@ def save_bundle(
         plan: the preprocessing plan the model was trained with.
         classes: class names, index = label; ``len(classes)`` must equal the model's classes.
         threshold: default threshold on the foreground probability, in ``[0, 1]``.
-        head_level: UNet++ deep-supervision head to keep at inference (pruned model), or None.
+        head_level: deep-supervision head to keep at inference (a pruned UNet++), or None.
         extra: JSON-serializable extra information (e.g. validation metrics, epochs).
+        pipeline: the model's :class:`medseg.transforms.pipeline.Pipeline` (saved under
+            ``"pipeline"``; default: the one ``plan`` implies).
+        network: the :class:`~medseg.nets.registry.NetworkSpec` that built ``model``, recorded
+            under ``"network"``; its divisor joins the plan's. None records none: inference then
+            recognizes the model as a registered network built it, or runs it as saved.
 
     Returns:
         Path of the written ``bundle.json``.
 
     Raises:
         ValueError: if the settings are invalid, the model's input channels differ from
-            ``plan.context_slices`` or ``extra`` is not JSON-serializable.
+            ``plan.context_slices``, its outputs from those ``network`` declares, or ``extra`` is
+            not JSON-serializable.
     """
     _check_settings(classes, threshold, head_level)
     run_dir = Path(run_dir)
-    channels = _model_input_channels(model)
-    context = int(getattr(plan, "context_slices", channels))
-    if channels != context:
-        raise ValueError(
-            f"model {model.name!r} takes {channels} input channels but the plan has context_slices={context}"
-        )
-    n_out = _model_output_classes(model)
-    if n_out is not None and n_out != len(classes):
-        raise ValueError(
-            f"model {model.name!r} outputs {n_out} classes but {len(classes)} class names were given: {list(classes)}"
-        )
+    channels = _check_model_fits(model, plan, classes)
     plan_dict = plan.to_dict()
-    divisor = math.lcm(int(plan_dict.get("divisor") or 1), model_divisor(model))
+    spec = _network_of(model, network)
+    divisor = math.lcm(int(plan_dict.get("divisor") or 1), spec.divisor if spec is not None else 1)
     try:
         extra_dict = json.loads(json.dumps(dict(extra or {}), allow_nan=True))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
+    from medseg.transforms.pipeline import Pipeline
+
+    if pipeline is None:
+        pipeline = Pipeline.from_plan(plan)
+    if pipeline.context_slices != channels:
+        raise ValueError(f"model {model.name!r} takes {channels} input channels but the pipeline feeds "
+                         f"{pipeline.context_slices} context slices")
+    try:
+        pipeline_config = pipeline.to_config()
+    except TypeError as exc:
+        raise ValueError(f"the pipeline cannot be saved with the model: {exc}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)
     from medseg.io.atomic import atomic_paths
 
@@ -210,6 +261,9 @@ def save_bundle(
         model.save(tmp_model, overwrite=True)
         info = _bundle_info(_sha256(tmp_model), plan_dict, classes, threshold, head_level, divisor, channels,
                             extra_dict)
+        info["pipeline"] = pipeline_config
+        if network is not None:
+            info["network"] = network.to_dict()
         tmp_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     log.debug("wrote bundle %s", bundle_path)
     return bundle_path
@@ -273,6 +327,7 @@ def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"divisor must be a positive integer, found {info['divisor']!r}")
         if not isinstance(info["input_channels"], int) or info["input_channels"] < 1:
             raise ValueError(f"input_channels must be a positive integer, found {info['input_channels']!r}")
+        _check_network_entry(info.get("network"))
     except ValueError as exc:
         raise InputError(path, "valid bundle settings", str(exc)) from exc
     info["_run_dir"] = str(run_dir)
@@ -293,8 +348,8 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
     Raises:
         InputError: naming the file, if ``bundle.json`` or ``model.keras`` is missing or corrupt,
             ``model.keras`` is not the model ``bundle.json`` describes (SHA-256) and
-            ``accept_modified`` is False, the plan is invalid, or the model does not match the
-            bundle (input channels).
+            ``accept_modified`` is False, the plan or network is invalid, or the model does not
+            match the bundle (input channels, the network's outputs).
     """
     info = read_bundle_info(run_dir)
     run_dir = Path(info.pop("_run_dir"))
@@ -306,6 +361,8 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
     except (TypeError, ValueError, KeyError) as exc:
         found = f"{type(exc).__name__}: {exc}"
         raise InputError(bundle_path, "a valid preprocessing plan under 'plan'", found) from exc
+    pipeline = _read_pipeline(info, bundle_path)
+    declared = _read_network(info, bundle_path)
 
     model_path = run_dir / info.get("model_file", MODEL_FILE)
     if not model_path.is_file():
@@ -323,12 +380,19 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
             bundle_path, f"plan.context_slices equal to the model's {channels} input channels",
             f"context_slices={plan.context_slices}",
         )
+    if pipeline is not None and pipeline.context_slices != channels:
+        raise InputError(bundle_path, f"a pipeline feeding the model's {channels} input channels",
+                         f"{pipeline.context_slices} context slices")
     classes = _model_output_classes(model)
     if classes is not None and classes != len(info["classes"]):
         raise InputError(
             bundle_path, f"{classes} class names (the model's output channels)",
             f"{len(info['classes'])}: {info['classes']}",
         )
+    try:
+        network = _network_of(model, declared)
+    except ValueError as exc:
+        raise InputError(model_path, f"the model of network {declared.name!r} (bundle.json)", str(exc)) from exc
     _warn_on_version_change(info.get("versions") or {}, bundle_path)
     return Bundle(
         run_dir=run_dir,
@@ -338,10 +402,60 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
         threshold=float(info["threshold"]),
         head_level=info.get("head_level"),
         # lcm: a hand-edited bundle.json cannot make the slices too small for the network.
-        divisor=math.lcm(int(info["divisor"]), model_divisor(model)),
+        divisor=math.lcm(int(info["divisor"]), network.divisor if network is not None else 1),
         input_channels=channels,
         info=info,
+        pipeline=pipeline,
+        network=network,
     )
+
+
+def _check_network_entry(entry: Any) -> None:
+    """``bundle.json``'s ``"network"`` is absent or ``{"name": <registered>, "args": {...}}``
+    (checked without Keras; the arguments are checked when the spec is built)."""
+    if entry is None:
+        return
+    from medseg.nets.registry import network_names
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("args", {}), dict):
+        raise ValueError(f'network must be {{"name": ..., "args": {{...}}}}, found {entry!r}')
+    if entry.get("name") not in network_names():
+        raise ValueError(f"unknown network {entry.get('name')!r}; registered networks: {', '.join(network_names())}")
+
+
+def _read_network(info: Mapping[str, Any], bundle_path: Path) -> "NetworkSpec | None":
+    """The recorded network (None for bundles written before ``bundle.json`` named it).
+
+    Raises:
+        InputError: naming ``bundle.json``, when the spec is invalid (bad arguments).
+    """
+    if info.get("network") is None:
+        return None
+    from medseg.nets.registry import NetworkSpec
+
+    try:
+        return NetworkSpec.from_dict(info["network"])
+    except ValueError as exc:
+        raise InputError(bundle_path, "a registered network and its arguments under 'network'", str(exc)) from exc
+
+
+def _read_pipeline(info: Mapping[str, Any], bundle_path: Path):
+    """The bundle's pipeline (None for bundles written before pipelines were saved).
+
+    Raises:
+        InputError: naming ``bundle.json``, when a step cannot be rebuilt (e.g. a user's transform
+            whose module is not importable here).
+    """
+    config = info.get("pipeline")
+    if config is None:
+        return None
+    from medseg.transforms.pipeline import Pipeline
+
+    try:
+        pipeline = Pipeline.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise InputError(bundle_path, "a pipeline of registered transforms under 'pipeline'", str(exc)) from exc
+    return pipeline
 
 
 def _zip_problem(model_path: Path) -> str | None:
@@ -388,8 +502,10 @@ def _check_model_file(model_path: Path, recorded: str | None, bundle_path: Path,
 def _load_model(model_path: Path) -> "keras.Model":
     import keras
 
-    # medseg's serializable Keras classes register themselves on import; load_model may need them.
-    import medseg.nets  # noqa: F401
+    # Networks' serializable Keras classes register themselves on import; load_model may need them.
+    from medseg.nets.registry import load_networks
+
+    load_networks()
 
     try:
         return keras.saving.load_model(model_path, compile=False)

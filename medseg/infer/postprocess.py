@@ -1,9 +1,10 @@
 """Clean-up of predicted label volumes: drop tiny lesions, keep the largest one.
 
 Both functions work on 3D label arrays (``0`` background, ``> 0`` lesion) in voxel space and
-return a new ``uint8`` array; label values of the voxels that are kept are preserved. Connected
-components use full (26-neighbour) connectivity in 3D, like the lesion-wise evaluation: two
-voxels that touch at a corner belong to the same lesion.
+return a new ``uint8`` array; label values of the voxels that are kept are preserved. Lesions are
+connected components (:func:`medseg.components.label_components`, 26-neighbour, as the dataset
+check and the lesion-wise evaluation count them): two voxels that touch at a corner belong to the
+same lesion.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-#: 3x3x3 structuring element: 26-neighbour connectivity.
-_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+from medseg.components import label_components
 
 
 def _as_label_array(mask: np.ndarray) -> np.ndarray:
@@ -55,7 +54,7 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesi
     if min_lesion_ml == 0 or not out.any():
         return out
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    components, n = ndimage.label(out > 0, structure=_FULL_CONNECTIVITY)
+    components, n = label_components(out > 0)
     sizes_ml = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml
     too_small = sizes_ml < min_lesion_ml
     too_small[0] = False  # label 0 is the background, already 0
@@ -80,7 +79,7 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     out = mask.astype(np.uint8, copy=True)
     if not out.any():
         return out
-    components, _ = ndimage.label(out > 0, structure=_FULL_CONNECTIVITY)
+    components, _ = label_components(out > 0)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     largest = int(np.argmax(sizes))  # argmax returns the first maximum: lowest label = first in scan order

@@ -1,15 +1,16 @@
 """Volume inference: a bundle's model applied slice by slice to a whole 3D volume.
 
-:class:`Predictor` applies the bundle's recorded preprocessing (the Plan: orientation, in-plane
-resampling, normalization, 2.5D context), runs the model on batches of slices while streaming
-through the volume, and maps the foreground probabilities back onto the input's exact grid.
+:class:`Predictor` runs the deterministic steps of the bundle's pipeline (the objects training
+ran: :class:`medseg.transforms.pipeline.Pipeline`), runs the model on batches of slices while
+streaming through the volume, and maps the foreground probabilities back onto the input's exact
+grid with the pipeline's inverse. Nothing here depends on a step or a network by name.
 
 Memory, whatever the number of slices:
 
 - only one batch of slices exists at a time (padded to the network's multiple);
 - the probabilities overwrite the preprocessed slices a few slices behind the batch being read
   (later batches never look further back for their 2.5D context), so no second stack exists;
-- with a voxel-wise normalization (CT window, fixed z-score) the volume is preprocessed, predicted
+- with slice-local steps only (e.g. a CT window or a fixed z-score) the volume is preprocessed, predicted
   and restored in chunks of ``chunk_slices`` input slices (plus their context): the result is the
   same as for the whole volume, and peak memory is the input, the output and one chunk.
   Per-volume statistics (MR z-score) need the whole volume preprocessed at once.
@@ -18,9 +19,6 @@ Memory, whatever the number of slices:
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
-import functools
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Callable
@@ -46,71 +44,39 @@ CHUNK_SLICES = 32
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (Linux), or None on other C libraries."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the operating system (glibc only; elsewhere a no-op).
-
-    Chunk temporaries of a few MB to a few tens of MB are served from glibc's heap once its
-    dynamic mmap threshold has risen; freed, they stay in the process (RSS) and the heap creeps
-    up chunk after chunk. Trimming after each chunk keeps the resident size at input + output +
-    one chunk, as the streaming promises (measured in ``benchmarks/infer.py``).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.flip(x, axis=axes) if axes else x
 
 
-def _output_levels(model: "keras.Model") -> list[int | None]:
-    """UNet++ level of each model output (``head_L`` -> L), None where the name says nothing."""
-    levels: list[int | None] = []
-    for tensor in model.outputs:
-        name = tensor._keras_history.operation.name
-        parts = name.split("_")
-        levels.append(int(parts[1]) if len(parts) == 2 and parts[0] == "head" and parts[1].isdigit() else None)
-    return levels
-
-
 def inference_model(bundle: Bundle) -> "keras.Model":
-    """The single-output model a :class:`Predictor` runs.
+    """The single-output model a :class:`Predictor` runs, as the bundle's network declares it
+    (:meth:`medseg.nets.registry.NetworkSpec.inference_model`).
 
-    With ``bundle.head_level`` set, the UNet++ is pruned to that deep-supervision head
-    (:func:`medseg.nets.unetpp.prune_unetpp`: smaller, faster, same output as the full model's
-    head). Without it, a multi-output (deep supervision) model is reduced to its deepest head
-    ``head_<depth>``, the full UNet++; a single-output model is used as is.
+    Without ``bundle.head_level``: the network's final output (a deep-supervision model reduced to
+    it, sharing its layers and weights). With it: that deep-supervision head, where the network
+    has heads (a UNet++ is pruned to it: smaller, faster, same output as the full model's head).
+    A bundle built without a network (``Bundle(network=None)``) gets the one the registry
+    recognizes; a model no registered network built runs its last output.
 
     Raises:
-        InputError: if the bundle asks for a head the model does not have.
+        InputError: if the bundle asks for a head or output the model does not have.
     """
-    import keras
+    from medseg.nets.registry import recognize_network, select_output
 
     model = bundle.model
-    if bundle.head_level is not None:
-        from medseg.nets.unetpp import prune_unetpp
-
-        try:
-            return prune_unetpp(model, bundle.head_level)
-        except ValueError as exc:
-            expected = f"a UNet++ with head_{bundle.head_level} (bundle head_level)"
-            raise InputError(bundle.model_path, expected, str(exc)) from exc
-    if len(model.outputs) == 1:
-        return model
-    levels = _output_levels(model)
-    known = [(lv, i) for i, lv in enumerate(levels) if lv is not None]
-    index = max(known)[1] if known else len(levels) - 1
-    return keras.Model(inputs=model.inputs, outputs=model.outputs[index], name=f"{model.name}_out{index}")
+    network = bundle.network if bundle.network is not None else recognize_network(model)
+    if network is None:
+        if bundle.head_level is not None:
+            raise InputError(bundle.model_path, "a model of a registered network (bundle head_level)",
+                             f"outputs {list(model.output_names)} that no registered network declares")
+        return select_output(model, model.output_names[-1])
+    try:
+        return network.inference_model(model, head=bundle.head_level)
+    except ValueError as exc:
+        expected = network.describe_head(bundle.head_level)
+        if bundle.head_level is not None:
+            expected += " (bundle head_level)"
+        raise InputError(bundle.model_path, expected, str(exc)) from exc
 
 
 def padding_for(size: int, divisor: int) -> tuple[int, int]:
@@ -181,10 +147,13 @@ class Predictor:
             raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
         self.bundle = bundle
         self.plan = bundle.plan
+        #: The deterministic steps of the model's pipeline (bundle.json "pipeline"; bundles written
+        #: before it existed get the pipeline their Plan implies, which is what they ran).
+        self.pipeline = bundle.inference_pipeline()
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
         self.model = inference_model(bundle)
-        self.context_slices = int(self.plan.context_slices)
+        self.context_slices = int(self.pipeline.context_slices)
         self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))
         self.num_classes = int(self.model.outputs[0].shape[-1])
         #: Input slices preprocessed at a time when the normalization is voxel-wise (see _parts).
@@ -340,44 +309,24 @@ class Predictor:
         flush(stop)
         return out
 
-    def _voxelwise(self) -> bool:
-        """True when the Plan's normalization depends on each voxel alone (no volume statistics)."""
-        norm = self.plan.normalization
-        kind = norm.get("kind")
-        return (
-            kind == "ct_window"
-            or (kind == "zscore" and all(norm.get(k) is not None for k in ("mean", "std", "clip_low", "clip_high")))
-            or (kind == "percentile" and norm.get("low") is not None and norm.get("high") is not None)
-        )
-
     def _chunkable(self, volume: "Volume") -> tuple[int, bool] | None:
         """(input axis that becomes the plan's slice axis, flipped?) when chunks give exact results.
 
-        Preprocessing is exact chunk by chunk when the normalization is voxel-wise (CT window,
-        or z-score/percentile with fixed values): reorientation is a permutation, resampling is
-        in-plane only. Per-volume statistics (MR z-score) need the whole volume: None.
+        Chunks are exact when every inference step of the pipeline is ``slice_local`` (geometry:
+        reorientation is a permutation, resampling is in-plane only; normalization: CT window or
+        fixed values). Per-volume statistics (MR z-score) need the whole volume: None.
         """
-        if not self._voxelwise():
+        if not self.pipeline.chunkable or self.pipeline.geometry is None:
             return None
-        from medseg.transforms.spatial import reorientation
-
-        reo = reorientation(volume.affine, volume.shape, self.plan.orientation)
-        # transform[i] = (output axis, +1/-1) of input axis i (nibabel orientation transform).
-        axis = int(np.flatnonzero(reo.transform[:, 0] == self.plan.slice_axis)[0])
+        axis, flipped = self.pipeline.geometry.input_slice_axis(volume)
         if volume.shape[axis] <= self.chunk_slices:
             return None
-        return axis, bool(reo.transform[axis, 1] < 0)
+        return axis, flipped
 
     def _background(self, volume: "Volume") -> float:
-        """The preprocessed volume's minimum without preprocessing it all (chunked path).
-
-        Valid for the voxel-wise normalizations chunks are used with: they are monotonic, and
-        linear resampling never goes below the input's minimum.
-        """
-        from medseg.transforms.intensity import normalize
-
-        raw_min = np.full((1, 1, 1), np.min(volume.array), dtype=np.float32)
-        return float(normalize(raw_min, self.plan.normalization, modality=self.plan.modality)[0, 0, 0])
+        """The preprocessed volume's minimum without preprocessing it all (chunked path): the
+        pipeline's value steps applied to the raw minimum (see :meth:`Pipeline.background`)."""
+        return self.pipeline.background(float(np.min(volume.array)))
 
     def _parts(self, volume: "Volume"):
         """Yield ``(index, probabilities)`` covering ``volume``: ``index`` None for the whole volume,
@@ -387,12 +336,11 @@ class Predictor:
         slices (plus their 2.5D context) are preprocessed at a time.
         """
         from medseg.io.volume import Volume
-        from medseg.transforms.preprocess import preprocess_image, restore
 
         chunking = self._chunkable(volume)
-        voxelwise = self._voxelwise()
+        voxelwise = self.pipeline.chunkable
         if chunking is None:
-            prepared = preprocess_image(volume, self.plan)
+            prepared = self.pipeline.prepare(volume)
             # The background value the training cache pads with: the preprocessed minimum.
             # Voxel-wise normalizations take it from the raw minimum, as chunks must (the two
             # differ only by resampling), so results never depend on the chunk length.
@@ -400,7 +348,7 @@ class Predictor:
                 self._background(volume) if voxelwise else float(prepared.array.min()) if prepared.array.size else 0.0
             )
             stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background)
-            yield None, restore(prepared, stack).array
+            yield None, self.pipeline.restore(prepared, stack).array
             return
         axis, flipped = chunking
         background = self._background(volume)
@@ -416,16 +364,15 @@ class Predictor:
             affine = volume.affine.copy()
             affine[:3, 3] += volume.affine[:3, axis] * low  # voxel `low` is the sub-volume's first
             sub = Volume(volume.array[tuple(part)], affine, volume.case_id, volume.meta)
-            prepared = preprocess_image(sub, self.plan)
+            prepared = self.pipeline.prepare(sub)
             # Plan slices of input indices [first, last): reversed when the axis is flipped.
             begin = (high - last) if flipped else (first - low)
             stack = self._stream(prepared, begin, begin + (last - first), volume.array, background)
-            restored = restore(prepared, stack).array
+            restored = self.pipeline.restore(prepared, stack).array
             keep, target = [slice(None)] * 3, [slice(None)] * 3
             keep[axis], target[axis] = slice(first - low, last - low), slice(first, last)
             yield tuple(target), restored[tuple(keep)]
             del prepared, stack, restored, sub
-            release_free_memory()
 
     def check_post_settings(self, threshold: float | None = None, min_lesion_ml: float = 0.0) -> float:
         """Validate post-processing settings; returns the threshold to use (the bundle's if None).

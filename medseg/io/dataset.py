@@ -7,10 +7,10 @@ Rules, applied in this order (see ``docs/io.md``):
 2. Otherwise each image pairs with the label of the same name (``case.nii.gz`` <-> ``case.nii.gz``),
    or, nnU-Net style, ``case_0000.nii.gz`` <-> ``case.nii.gz``. A label whose name matches
    several channel files (``case_0000``, ``case_0001``) is a multichannel case: refused.
-3. A subfolder of ``images_dir`` that directly holds DICOM files is one patient's series; its id is the
-   folder name, paired with a label file or folder of the same id. A DICOM file directly in the
-   folder is a case only when it is a series on its own (enhanced multi-frame); loose slices of
-   a series are refused.
+3. A subfolder of ``images_dir`` that directly holds DICOM files (:func:`medseg.io.dicom.is_dicom_folder`)
+   is one patient's series; its id is the folder name, paired with a label file or folder of the
+   same id. A DICOM file directly in the folder is a case only when it is a series on its own
+   (enhanced multi-frame); loose slices of a series are refused.
 
 Hidden entries (leading ``.``, e.g. macOS ``._case.nii.gz``) and non-volume files (README,
 CSV, JSON, ``.raw`` data files of ``.mhd`` headers) are ignored. Cases are sorted by id.
@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DatasetError, InputError
+from medseg.io.dicom import DICOM_SUFFIXES, is_dicom_file, is_dicom_folder, looks_like_dicom  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Every file suffix :func:`medseg.io.read_volume` understands (besides DICOM folders).
 READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
 #: Only single-file ITK formats are written: a detached header (.nhdr/.mhd) plus data file cannot
@@ -42,8 +42,6 @@ ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
 WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES
 
 _CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
-#: How many files of a subfolder are probed for DICOM content before giving up.
-_DICOM_PROBE_FILES = 50
 
 
 @dataclass(frozen=True)
@@ -70,47 +68,6 @@ def volume_suffix(path: str | os.PathLike) -> str:
     if name.endswith(".nii.gz"):
         return ".nii.gz"
     return Path(name).suffix
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a DICOM file.
-
-    Fast path: the ``"DICM"`` marker at byte 128. Files without the preamble that start like a
-    raw DICOM dataset (group 0000/0002/0008) are confirmed by :func:`medseg.io.dicom.is_dicom_file`
-    (imported only then, so plain NIfTI work never loads pydicom).
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return True
-    if len(head) < 8 or int.from_bytes(head[0:2], "little") not in (0x0000, 0x0002, 0x0008):
-        return False
-    from medseg.io.dicom import is_dicom_file as sniff_dicom
-
-    return sniff_dicom(path)
-
-
-def _is_dicom_candidate(path: Path) -> bool:
-    return volume_suffix(path) in DICOM_SUFFIXES or is_dicom_file(path)
-
-
-def holds_dicom(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` directly holds at least one DICOM file (as :func:`read_volume` reads it).
-
-    Probes at most the first 50 non-hidden files (sorted), so a huge non-DICOM folder stays cheap.
-    """
-    try:
-        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
-    except OSError:
-        return False
-    for name in names[:_DICOM_PROBE_FILES]:
-        path = Path(folder) / name
-        if path.is_file() and _is_dicom_candidate(path):
-            return True
-    return False
 
 
 def case_id_from_path(path: str | os.PathLike, *, images: bool = False) -> str:
@@ -154,7 +111,7 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
             continue
         path = folder / name
         if path.is_dir():
-            if holds_dicom(path):
+            if is_dicom_folder(path):
                 found.setdefault(name, []).append(path)
             else:
                 log.debug("ignoring folder without DICOM files: %s", path)
@@ -162,7 +119,7 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
         suffix = volume_suffix(path)
         if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
             found.setdefault(case_id_from_path(path), []).append(path)
-        elif _is_dicom_candidate(path):
+        elif looks_like_dicom(path):
             loose_dicom.append(name)
         else:
             log.debug("ignoring non-volume file: %s", path)

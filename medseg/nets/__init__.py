@@ -1,23 +1,48 @@
-"""medseg.nets: the UNet++ segmentation network."""
+"""medseg.nets: segmentation networks and their registry.
 
-from medseg.nets.unetpp import (
-    build_unetpp,
-    check_input_shape,
-    deep_supervision_weights,
-    head_levels,
-    head_names,
-    nearest_valid_sizes,
-    prune_unetpp,
-    repeat_targets,
-)
+- :mod:`~medseg.nets.registry`: :func:`register_network`, :class:`NetworkSpec` (what a bundle
+  records), :func:`network_names`, :func:`get_network`.
+- :mod:`~medseg.nets.unetpp`: UNet++ (``"unetpp"``), :func:`build_unetpp`, :func:`prune_unetpp`.
+- :mod:`~medseg.nets.unet`: plain U-Net (``"unet"``), :func:`build_unet`.
 
-__all__ = [
-    "build_unetpp",
-    "prune_unetpp",
-    "check_input_shape",
-    "nearest_valid_sizes",
-    "head_names",
-    "head_levels",
-    "deep_supervision_weights",
-    "repeat_targets",
-]
+Names load on first use (PEP 562), so importing this package, or its registry for the network
+names of a command line, does not import Keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build_unetpp": "unetpp",
+    "prune_unetpp": "unetpp",
+    "check_input_shape": "unetpp",
+    "nearest_valid_sizes": "unetpp",
+    "head_names": "unetpp",
+    "head_levels": "unetpp",
+    "deep_supervision_weights": "unetpp",
+    "repeat_targets": "unetpp",
+    "build_unet": "unet",
+    "Network": "registry",
+    "NetworkSpec": "registry",
+    "get_network": "registry",
+    "network_names": "registry",
+    "register_network": "registry",
+}
+_SUBMODULES = ("blocks", "registry", "unet", "unetpp")
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -11,14 +11,28 @@ only on nodes with ``i + j <= L``, which is what :func:`prune_unetpp` keeps.
 Only stock Keras layers are used, so a saved ``.keras`` file loads with plain
 ``keras.saving.load_model`` (no custom objects needed). Layer names follow ``x{i}_{j}_...`` so the
 structure can be read back from a saved model.
+
+Registered as network ``"unetpp"`` (:mod:`medseg.nets.registry`): its arguments are those of
+:func:`build_unetpp` after the channels and classes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any, Mapping
 
 import keras
+
+from medseg.nets.blocks import (
+    check_input_shape,
+    check_levels,
+    conv_block,
+    default_filters,
+    nearest_valid_sizes,
+    softmax_head,
+    upsample,
+)
+from medseg.nets.registry import Network, register_network
 
 __all__ = [
     "build_unetpp",
@@ -29,52 +43,8 @@ __all__ = [
     "head_levels",
     "deep_supervision_weights",
     "repeat_targets",
+    "UNetPlusPlus",
 ]
-
-_UPSAMPLING = ("transpose", "bilinear")
-
-
-def nearest_valid_sizes(size: int, depth: int) -> tuple[int, int]:
-    """Nearest multiples of ``2**depth`` below and above ``size`` (equal if ``size`` is valid).
-
-    The lower one is never below ``2**depth``.
-    """
-    divisor = 2**depth
-    lower = max(divisor, (int(size) // divisor) * divisor)
-    upper = int(math.ceil(int(size) / divisor)) * divisor
-    return lower, max(upper, divisor)
-
-
-def check_input_shape(hw: Sequence[int | None], depth: int = 4) -> None:
-    """Check that a (height, width) pair can go through a UNet++ of this depth.
-
-    Args:
-        hw: ``(height, width)`` in pixels; ``None`` entries (any size) are accepted.
-        depth: number of down-samplings; each spatial size must be a positive multiple of
-            ``2**depth``.
-
-    Raises:
-        ValueError: naming the bad size(s) and the nearest valid sizes (pad the input to the
-            upper one; ``medseg.infer`` does this automatically).
-    """
-    if len(hw) != 2:
-        raise ValueError(f"expected a (height, width) pair, found {tuple(hw)!r}")
-    divisor = 2**depth
-    problems = []
-    for axis, size in zip(("height", "width"), hw):
-        if size is None:
-            continue
-        if int(size) <= 0 or int(size) % divisor:
-            lo, hi = nearest_valid_sizes(max(int(size), 1), depth)
-            problems.append(
-                f"{axis} {size} is not a positive multiple of 2**depth = {divisor} "
-                f"(nearest valid sizes: {lo} or {hi})"
-            )
-    if problems:
-        raise ValueError(
-            "input shape " + str(tuple(hw)) + " does not fit a UNet++ of depth "
-            f"{depth}: " + "; ".join(problems) + "; pad or crop the images to a valid size"
-        )
 
 
 def head_names(depth: int = 4) -> list[str]:
@@ -123,29 +93,6 @@ def repeat_targets(images, masks, num_heads: int = 4):
     masks: ``dataset.map(lambda x, y: repeat_targets(x, y, 4))``.
     """
     return images, tuple(masks for _ in range(num_heads))
-
-
-def _conv_block(x, filters, prefix, *, batch_norm, dropout, regularizer, sync_batch_norm):
-    # Two 3x3 convolutions per node, each followed by BN and ReLU (the paper's block, plus BN).
-    # The convolution bias is redundant in front of BatchNorm's beta, so it is dropped then.
-    for k in (1, 2):
-        x = keras.layers.Conv2D(
-            filters,
-            3,
-            padding="same",
-            use_bias=not batch_norm,
-            kernel_initializer="he_normal",
-            kernel_regularizer=regularizer,
-            name=f"{prefix}_conv{k}",
-        )(x)
-        if batch_norm:
-            x = keras.layers.BatchNormalization(
-                synchronized=sync_batch_norm, name=f"{prefix}_bn{k}"
-            )(x)
-        x = keras.layers.Activation("relu", name=f"{prefix}_relu{k}")(x)
-        if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"{prefix}_drop{k}")(x)
-    return x
 
 
 def build_unetpp(
@@ -201,78 +148,47 @@ def build_unetpp(
         ...               loss_weights=deep_supervision_weights(4))
         >>> # targets: dataset.map(lambda x, y: repeat_targets(x, y, 4))
     """
-    # === Checks ===
-    if int(depth) < 1:
-        raise ValueError(f"depth must be >= 1, found {depth}")
-    filters = [int(f) for f in filters]
-    if len(filters) != depth + 1:
-        raise ValueError(
-            f"filters must have depth + 1 = {depth + 1} values (one per level), found "
-            f"{len(filters)}: {filters}"
-        )
-    if upsampling not in _UPSAMPLING:
-        raise ValueError(f"upsampling must be one of {_UPSAMPLING}, found {upsampling!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), found {dropout}")
+    filters = check_levels(filters, depth, upsampling, dropout)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2 (background + lesion), found {num_classes}")
-    check_input_shape(input_shape_hw, depth)
-    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    check_input_shape(input_shape_hw, depth, network="UNet++")
     block = dict(
         batch_norm=batch_norm,
         dropout=float(dropout),
-        regularizer=regularizer,
+        regularizer=keras.regularizers.L2(l2) if l2 > 0 else None,
         sync_batch_norm=sync_batch_norm,
     )
-
-    # === Functional Model ===
     inputs = keras.Input(shape=(*input_shape_hw, int(input_channels)), name="image")
-    nodes: dict[tuple[int, int], object] = {}
-    for i in range(depth + 1):
-        x = inputs if i == 0 else keras.layers.MaxPooling2D(2, name=f"x{i}_0_pool")(nodes[i - 1, 0])
-        nodes[i, 0] = _conv_block(x, filters[i], f"x{i}_0", **block)
-    # Column by column: X(i, j) needs X(i+1, j-1), computed in the previous column.
-    for j in range(1, depth + 1):
-        for i in range(0, depth + 1 - j):
-            below = nodes[i + 1, j - 1]
-            if upsampling == "transpose":
-                up = keras.layers.Conv2DTranspose(
-                    filters[i],
-                    2,
-                    strides=2,
-                    padding="same",
-                    kernel_initializer="he_normal",
-                    kernel_regularizer=regularizer,
-                    name=f"x{i}_{j}_up",
-                )(below)
-            else:
-                up = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"x{i}_{j}_up")(
-                    below
-                )
-            merged = keras.layers.Concatenate(name=f"x{i}_{j}_concat")(
-                [nodes[i, k] for k in range(j)] + [up]
-            )
-            nodes[i, j] = _conv_block(merged, filters[i], f"x{i}_{j}", **block)
-
+    nodes = _nested_nodes(inputs, filters, upsampling, block)
     levels = list(range(1, depth + 1)) if deep_supervision else [depth]
-    outputs = []
-    for level in levels:
-        # float32 logits and softmax even under mixed_float16/bfloat16: a half-precision
-        # softmax saturates and the Dice/CE of small lesions loses its gradient.
-        logits = keras.layers.Conv2D(
-            int(num_classes),
-            1,
-            kernel_initializer="glorot_uniform",
-            kernel_regularizer=regularizer,
-            dtype="float32",
-            name=f"x0_{level}_logits",
-        )(nodes[0, level])
-        outputs.append(
-            keras.layers.Activation("softmax", dtype="float32", name=f"head_{level}")(logits)
-        )
+    outputs = [
+        softmax_head(nodes[0, level], num_classes, regularizer=block["regularizer"],
+                     logits_name=f"x0_{level}_logits", name=f"head_{level}")
+        for level in levels
+    ]
     return keras.Model(
         inputs=inputs, outputs=outputs if deep_supervision else outputs[0], name=name
     )
+
+
+def _nested_nodes(inputs, filters: list[int], upsampling: str, block: dict) -> dict[tuple[int, int], Any]:
+    """The nodes ``X(i, j)`` (``i + j <= depth``), keyed ``(i, j)``; layers created encoder first,
+    then column by column, so the layer order (and weight order) is fixed."""
+    depth = len(filters) - 1
+    nodes: dict[tuple[int, int], Any] = {}
+    for i in range(depth + 1):
+        x = inputs if i == 0 else keras.layers.MaxPooling2D(2, name=f"x{i}_0_pool")(nodes[i - 1, 0])
+        nodes[i, 0] = conv_block(x, filters[i], f"x{i}_0", **block)
+    # Column by column: X(i, j) needs X(i+1, j-1), computed in the previous column.
+    for j in range(1, depth + 1):
+        for i in range(0, depth + 1 - j):
+            up = upsample(nodes[i + 1, j - 1], filters[i], f"x{i}_{j}_up", upsampling=upsampling,
+                          regularizer=block["regularizer"])
+            merged = keras.layers.Concatenate(name=f"x{i}_{j}_concat")(
+                [nodes[i, k] for k in range(j)] + [up]
+            )
+            nodes[i, j] = conv_block(merged, filters[i], f"x{i}_{j}", **block)
+    return nodes
 
 
 def prune_unetpp(model: keras.Model, level: int) -> keras.Model:
@@ -306,3 +222,66 @@ def prune_unetpp(model: keras.Model, level: int) -> keras.Model:
     return keras.Model(
         inputs=pruned.inputs, outputs=pruned.outputs[0], name=f"{model.name}_L{level}"
     )
+
+
+@register_network("unetpp")
+class UNetPlusPlus(Network):
+    """Registry entry ``"unetpp"``: outputs ``head_1..head_<depth>`` with deep supervision (equal
+    loss weights, :func:`deep_supervision_weights`), else ``head_<depth>``; inference runs
+    ``head_<depth>``, or the model pruned to the asked head (:func:`prune_unetpp`)."""
+
+    title = "UNet++"
+    builder = staticmethod(build_unetpp)
+
+    @classmethod
+    def complete(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        full = super().complete(args)
+        if "filters" not in args:  # the paper's widths, cut to the depth asked for
+            full["filters"] = default_filters(full["depth"])
+        full["filters"] = check_levels(full["filters"], full["depth"], full["upsampling"], full["dropout"])
+        return full
+
+    @classmethod
+    def divisor(cls, args: Mapping[str, Any]) -> int:
+        return 2 ** int(args["depth"])
+
+    @classmethod
+    def output_names(cls, args: Mapping[str, Any]) -> list[str]:
+        depth = int(args["depth"])
+        return head_names(depth) if args["deep_supervision"] else [f"head_{depth}"]
+
+    @classmethod
+    def loss_weights(cls, args: Mapping[str, Any]) -> list[float]:
+        return deep_supervision_weights(len(cls.output_names(args)))
+
+    @classmethod
+    def inference_model(cls, model: keras.Model, args: Mapping[str, Any], head: int | None = None) -> keras.Model:
+        if head is None:
+            return super().inference_model(model, args)
+        return prune_unetpp(model, head)
+
+    @classmethod
+    def describe_head(cls, args: Mapping[str, Any], head: int | None) -> str:
+        return super().describe_head(args, None) if head is None else f"a UNet++ with head_{head}"
+
+    @classmethod
+    def legacy_args(cls, model: keras.Model) -> dict[str, Any] | None:
+        """Read back from the layers :func:`build_unetpp` names; bundles written before the
+        network key existed hold a UNet++ (or a model of the user's, which gives None)."""
+        try:
+            depth = max(head_levels(model))
+            first = model.get_layer("x0_0_conv1")
+            names = {layer.name for layer in model.layers}
+            regularizer = first.kernel_regularizer
+            return {
+                "filters": [model.get_layer(f"x{i}_0_conv1").filters for i in range(depth + 1)],
+                "depth": depth,
+                "deep_supervision": len(model.output_names) > 1,
+                "batch_norm": "x0_0_bn1" in names,
+                "dropout": model.get_layer("x0_0_drop1").rate if "x0_0_drop1" in names else 0.0,
+                "upsampling": "transpose" if isinstance(model.get_layer("x0_1_up"), keras.layers.Conv2DTranspose)
+                else "bilinear",
+                "l2": float(regularizer.l2) if regularizer is not None else 0.0,
+            }
+        except ValueError:  # not head_L outputs, or a layer build_unetpp always makes is missing
+            return None

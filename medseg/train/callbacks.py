@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.losses.regularization import regularization_loss
 from medseg.train.checkpoint import CHECKPOINTS, atomic_write_json, latest_checkpoint, save_checkpoint
 from medseg.train.curves import plot_curves, write_history_csv
 
@@ -191,14 +192,6 @@ def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
     }
 
 
-def regularization_loss(model: keras.Model) -> float:
-    """Current value of the model's regularization penalties (L2), 0.0 without any."""
-    losses = model.losses
-    if not losses:
-        return 0.0
-    return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses))
-
-
 def current_learning_rate(model: keras.Model) -> float:
     """The optimizer's learning rate at its current step (schedules evaluated)."""
     lr = model.optimizer.learning_rate
@@ -277,6 +270,32 @@ class RunKeeper(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs if logs is not None else {}
         state = self.state
+        row = self._epoch_row(epoch, logs)
+        value = logs.get(MONITOR)
+        validated = value is not None
+        improved = self._keep_model(epoch, logs, value) if validated else False
+        if validated and self.validation is not None:
+            state["validation_rows"].extend(self.validation.last_rows)
+        row["time_s"] = time.perf_counter() - self._t0
+        self._decide_stop(epoch, row)
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            row["steps"] = int(keras.ops.convert_to_numpy(optimizer.iterations))
+            state["steps"] = row["steps"]
+        state["final_lr"] = row.get("lr")
+        if self.schedule_end_lr is not None:
+            state["schedule_end_lr"] = float(self.schedule_end_lr)
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if self.extra_state is not None:
+            state.update(self.extra_state())
+        self._write_outputs(epoch, validated)
+        if self.verbose > 0:
+            print(self.summary_line(epoch, row, validated, improved), flush=True)
+
+    def _epoch_row(self, epoch: int, logs: dict) -> dict[str, Any]:
+        """Add ``reg_loss``, ``data_loss`` and ``lr`` to ``logs``; the history row of its scalars
+        (``dice``: the training Dice under a fixed name)."""
         reg = float(logs["reg_loss"]) if "reg_loss" in logs else regularization_loss(self.model)
         logs.setdefault("reg_loss", reg)
         if "loss" in logs:
@@ -292,31 +311,34 @@ class RunKeeper(keras.callbacks.Callback):
                     continue
         if dice_key and dice_key in row:
             row["dice"] = row[dice_key]
+        return row
 
-        value = logs.get(MONITOR)
-        validated = value is not None
-        improved = validated and math.isfinite(float(value)) and float(value) > state["best_dsc"]
-        if validated and self.selection == "last":
+    def _keep_model(self, epoch: int, logs: dict, value) -> bool:
+        """After a validation scoring ``value``: save the model when it is kept, count the epochs
+        without improvement (early stopping). Returns whether the best score improved."""
+        state = self.state
+        if self.selection == "last":
             # Validation on training cases: the model kept is the last one, whatever its score.
             state["best_dsc"] = float(value) if math.isfinite(float(value)) else float("nan")
             state["best_epoch"] = epoch + 1
-            improved = False
             self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
-        elif validated:
-            if improved:
-                state["best_dsc"] = float(value)
-                state["best_epoch"] = epoch + 1
-                state["wait"] = 0
-                self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
-            else:
-                state["wait"] += 1
-                if self.patience is not None and state["wait"] >= self.patience:
-                    self.model.stop_training = True
-                    state["stopped_early"] = True
-                    state["stop_reason"] = "early_stopping"
-        if validated and self.validation is not None:
-            state["validation_rows"].extend(self.validation.last_rows)
-        row["time_s"] = time.perf_counter() - self._t0
+            return False
+        if math.isfinite(float(value)) and float(value) > state["best_dsc"]:
+            state["best_dsc"] = float(value)
+            state["best_epoch"] = epoch + 1
+            state["wait"] = 0
+            self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
+            return True
+        state["wait"] += 1
+        if self.patience is not None and state["wait"] >= self.patience:
+            self.model.stop_training = True
+            state["stopped_early"] = True
+            state["stop_reason"] = "early_stopping"
+        return False
+
+    def _decide_stop(self, epoch: int, row: dict) -> None:
+        """Stop when the time budget is spent; record why the run ends (``stop_reason``)."""
+        state = self.state
         if self.clock is not None:
             time_up = bool(self.clock.time_up)
             row["time_left_s"] = self.clock.time_left_s()
@@ -326,45 +348,36 @@ class RunKeeper(keras.callbacks.Callback):
         else:
             time_up = self.max_time_s is not None and time.perf_counter() - self._t_start >= self.max_time_s
         if time_up:
-            # Wall-clock budget spent: this epoch is complete (checkpointed below), stop here.
+            # Wall-clock budget spent: this epoch is complete (checkpointed afterwards), stop here.
             self.model.stop_training = True
             state["stopped_by_time"] = True
             state["stop_reason"] = "budget"
         elif self.epochs is not None and epoch + 1 >= self.epochs and not state.get("stopped_early"):
             state["stop_reason"] = "epochs"
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None:
-            row["steps"] = int(keras.ops.convert_to_numpy(optimizer.iterations))
-            state["steps"] = row["steps"]
-        state["final_lr"] = row.get("lr")
-        if self.schedule_end_lr is not None:
-            state["schedule_end_lr"] = float(self.schedule_end_lr)
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if self.extra_state is not None:
-            state.update(self.extra_state())
 
+    def _write_outputs(self, epoch: int, validated: bool) -> None:
+        """The checkpoint, then (chief only) history, validation rows, state.json and curves."""
+        state = self.state
         self._write(self.run_dir / CHECKPOINTS, epoch, save_checkpoint, self.run_dir, self.model, state)
-        if self.write_files:
-            run = self.run_dir
-            self._write(run / "history.csv", epoch, write_history_csv, state["history"], run / "history.csv")
-            if state["validation_rows"]:
-                self._write(run / "validation.csv", epoch, write_history_csv, state["validation_rows"],
-                            run / "validation.csv")
-            self._write(run / "state.json", epoch, atomic_write_json, run / "state.json",
-                        {k: v for k, v in state.items() if k not in ("history", "validation_rows")})
-            last = self.model.stop_training or (self.epochs is not None and epoch + 1 >= self.epochs)
-            try:
-                # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
-                if validated or last or not (run / "curves.png").exists():
-                    self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
-                                validation="training cases" if self.selection == "last" else "whole volumes")
-            except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
-                if isinstance(exc, InputError):  # a full disk does
-                    raise
-                log.warning("could not draw curves.png: %s", exc)
-        if self.verbose > 0:
-            print(self.summary_line(epoch, row, validated, improved), flush=True)
+        if not self.write_files:
+            return
+        run = self.run_dir
+        self._write(run / "history.csv", epoch, write_history_csv, state["history"], run / "history.csv")
+        if state["validation_rows"]:
+            self._write(run / "validation.csv", epoch, write_history_csv, state["validation_rows"],
+                        run / "validation.csv")
+        self._write(run / "state.json", epoch, atomic_write_json, run / "state.json",
+                    {k: v for k, v in state.items() if k not in ("history", "validation_rows")})
+        last = self.model.stop_training or (self.epochs is not None and epoch + 1 >= self.epochs)
+        try:
+            # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
+            if validated or last or not (run / "curves.png").exists():
+                self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
+                            validation="training cases" if self.selection == "last" else "whole volumes")
+        except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
+            if isinstance(exc, InputError):  # a full disk does
+                raise
+            log.warning("could not draw curves.png: %s", exc)
 
     def _write(self, path: Path, epoch: int, write: Callable[..., Any], *args, **kwargs) -> Any:
         """``write(*args, **kwargs)``, one of the run's outputs; an ``OSError`` (a full disk) ends

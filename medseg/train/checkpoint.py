@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, renamed
+from medseg.io.jsonsafe import json_safe
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -61,21 +62,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (NaN/inf written as JSON null)."""
-    return atomic_write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    import math
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _json_safe(value.item())
-    return value
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model, state: dict[str, Any], *, keep: int = 2) -> Path:

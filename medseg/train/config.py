@@ -13,6 +13,9 @@ A config file is a mapping of :class:`TrainConfig` field names to values, for ex
     plan:                   # overrides of the automatic preprocessing plan (medseg.data.plan.Plan fields)
       context_slices: 3
       patch_size: [128, 128]
+    transforms:             # your own registered transforms, added to the model's pipeline
+      - {name: ClipStackd, module: my_transforms, args: {keys: image, low: -3, high: 3},
+         after: NormalizeIntensityd}
 """
 
 from __future__ import annotations
@@ -80,10 +83,13 @@ class TrainConfig:
             (:mod:`medseg.train.sizing`); False keeps the paper's network.
         map_labels: label values mapped before anything reads the labels, ``"FROM:TO,..."``;
             ``*`` stands for every other value (``"5:1,*:0"``: label 5 is the foreground).
-        filters: UNet++ filters per level (None: ``(32, 64, 128, 256, 512)`` cut to ``depth``).
-        depth: UNet++ depth (number of down-samplings).
+        network: the registered network to train (:mod:`medseg.nets.registry`): ``"unetpp"``
+            (UNet++, the default) or ``"unet"`` (plain U-Net); recorded in the bundle.
+        filters: filters per level (None: ``(32, 64, 128, 256, 512)`` cut to ``depth``).
+        depth: network depth (number of down-samplings).
         deep_supervision: train all heads (weighted losses); the bundle keeps the deepest. A
-            network of depth 1 has one head: deep supervision is then off.
+            network of depth 1 has one head: deep supervision is then off. Only for networks
+            with deep-supervision heads (UNet++); a plain U-Net ignores it.
         dropout: dropout after each convolution (0: off; BatchNorm regularises enough).
         l2: L2 kernel regularization of each convolution (0: off).
         loss: ``dice_ce`` (default), ``dice`` or ``ce``.
@@ -91,6 +97,9 @@ class TrainConfig:
         workers: parallel calls of the data pipeline (None: tf.data AUTOTUNE).
         max_val_cases: validate on at most this many held-out patients (None: all).
         plan: overrides of the automatic :class:`medseg.data.plan.Plan` fields.
+        transforms: a user's own registered transforms added to the model's pipeline, each
+            ``{"name", "module", "args", "after" or "before"}`` (:meth:`Pipeline.from_plan`,
+            docs/pipeline.md); kept in the bundle and run by inference.
         verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
         run_eagerly: run the training step eagerly (Keras' debugging aid: slow steps, but no
             graph tracing; worth it only for runs of a few steps, such as tests).
@@ -123,6 +132,7 @@ class TrainConfig:
     patch_size: list[int] | None = None
     cpu_sizing: bool = True
     map_labels: str | None = None
+    network: str = "unetpp"
     filters: list[int] | None = None
     depth: int = 4
     deep_supervision: bool = True
@@ -133,6 +143,7 @@ class TrainConfig:
     workers: int | None = None
     max_val_cases: int | None = None
     plan: dict[str, Any] = field(default_factory=dict)
+    transforms: list[dict[str, Any]] = field(default_factory=list)
     verbose: int = 1
     run_eagerly: bool = False
     debug: bool = False
@@ -189,6 +200,10 @@ class TrainConfig:
             raise bad("precision", f"to be one of {', '.join(PRECISIONS)}")
         if self.loss not in LOSSES:
             raise bad("loss", f"to be one of {', '.join(LOSSES)}")
+        from medseg.nets.registry import network_names  # no Keras import: names only
+
+        if self.network not in network_names():
+            raise bad("network", f"to be one of {', '.join(network_names())} (registered networks)")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "to be in [0, 1)")
         if self.l2 < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -232,6 +247,10 @@ class TrainConfig:
             raise bad("max_val_cases", "to be a positive integer")
         if self.gpus is not None and self.devices is not None:
             raise InputError(where, "either gpus or devices", f"both gpus={self.gpus} and devices={self.devices}")
+        for entry in self.transforms:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+                raise InputError(where, "transforms: a list of {name, module, args, after/before} mappings",
+                                 repr(entry))
 
     # --- derived values -------------------------------------------------------------------
     @property

@@ -29,6 +29,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from medseg.io.labels import label_problems, label_values
+from medseg.losses.regularization import regularization_loss
+
 __all__ = [
     "Diagnostics",
     "DiagnosticsWarning",
@@ -42,14 +45,6 @@ log = logging.getLogger(__name__)
 
 class DiagnosticsWarning(UserWarning):
     """A training run shows a known failure mode (collapse, flat Dice, bad labels, ...)."""
-
-
-def regularization_loss(model: keras.Model) -> float:
-    """``sum(model.losses)`` now (kernel regularizers and ``add_loss`` terms), as a float."""
-    losses = list(model.losses)
-    if not losses:
-        return 0.0
-    return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses))
 
 
 def _compiled_regularization(model: keras.Model):
@@ -112,25 +107,28 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
         if y.ndim >= 3 and y.shape[-1] == num_classes and num_classes > 1 and \
                 np.isin(np.unique(y), (0, 1)).all() and np.all(y.sum(-1) == 1):
             y = y.argmax(-1)          # one-hot
-        values.update(np.unique(y).tolist())
+        values.update(label_values(y))
         fg += int(np.count_nonzero(y > 0))
         total += int(y.size)
-    found = sorted(values)
+    distinct = np.unique(np.asarray(list(values))) if values else np.zeros(0)
+    found = distinct.tolist()
     problems = []
-    expected = set(range(num_classes))
-    non_integer = [v for v in found if float(v) != math.floor(float(v))]
-    if non_integer:
-        problems.append(
-            f"non-integer label values {non_integer[:5]} (labels were interpolated or "
-            "normalised): resample labels with nearest neighbour and keep them as integers"
-        )
-    outside = [v for v in found if v not in non_integer and int(v) not in expected]
-    if outside:
-        hint = ("they look like 0/255 masks: divide by 255 or map 255 -> 1"
-                if 255 in outside else "map them to 0..num_classes-1")
-        problems.append(
-            f"label values {outside[:5]} outside the classes 0..{num_classes - 1}: {hint}"
-        )
+    # The rule is judged on the distinct values: a value breaks it wherever it occurs.
+    for problem in label_problems(distinct, num_classes=num_classes):
+        if problem.kind == "nan":
+            problems.append("NaN/inf label values (labels computed with a division by zero?): keep labels as "
+                            "finite integer class indices")
+        elif problem.kind == "non_integer":
+            problems.append(
+                f"non-integer label values {problem.values} (labels were interpolated or "
+                "normalised): resample labels with nearest neighbour and keep them as integers"
+            )
+        else:
+            hint = ("they look like 0/255 masks: divide by 255 or map 255 -> 1"
+                    if 255 in problem.values else "map them to 0..num_classes-1")
+            problems.append(
+                f"label values {problem.values[:5]} outside the classes 0..{num_classes - 1}: {hint}"
+            )
     return {
         "ok": not problems,
         "values": found[:20],

@@ -9,8 +9,8 @@ Steps, in order:
    all of them listed.
 4. Split patients (:func:`medseg.data.split`), fit the preprocessing plan on the training
    patients (:func:`medseg.data.plan.make_plan`), save ``plan.json``/``split.json``.
-5. Build the UNet++, its losses and metrics inside ``strategy.scope()``; restore the last
-   checkpoint when resuming.
+5. Build the network (``network``: a registered builder, :mod:`medseg.nets.registry`), its
+   losses and metrics inside ``strategy.scope()``; restore the last checkpoint when resuming.
 6. ``model.fit`` on the lesion-aware patch pipeline with the run-keeping callbacks: whole-volume
    3D validation, best bundle, atomic checkpoint, history, curves, TensorBoard, early stopping.
 
@@ -254,27 +254,24 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 # --- model -------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, plan, *, sync_batch_norm: bool = False):
-    """The UNet++ of this run (2.5D input channels = ``plan.context_slices``)."""
-    from medseg.nets.unetpp import build_unetpp
+def network_spec(cfg: TrainConfig):
+    """The run's :class:`~medseg.nets.registry.NetworkSpec`: network ``cfg.network`` with the
+    configured filters, depth, dropout, L2 and deep supervision (for the networks that take it)."""
+    from medseg.nets.registry import NetworkSpec
 
-    return build_unetpp(
-        input_channels=int(plan.context_slices),
-        num_classes=int(plan.num_classes),
-        filters=cfg.unet_filters,
-        depth=cfg.depth,
-        deep_supervision=cfg.deep_supervision,
-        dropout=cfg.dropout,
-        l2=cfg.l2,
-        sync_batch_norm=sync_batch_norm,
-    )
+    return NetworkSpec.from_settings(cfg.network, filters=cfg.unet_filters, depth=cfg.depth,
+                                     deep_supervision=cfg.deep_supervision, dropout=cfg.dropout, l2=cfg.l2)
+
+
+def build_model(cfg: TrainConfig, plan, *, sync_batch_norm: bool = False):
+    """The run's network, built by its registered builder (2.5D input channels =
+    ``plan.context_slices``)."""
+    return network_spec(cfg).build(int(plan.context_slices), int(plan.num_classes), sync_batch_norm=sync_batch_norm)
 
 
 def output_heads(cfg: TrainConfig) -> list[str]:
     """Names of the model outputs that are trained (all heads with deep supervision)."""
-    from medseg.nets.unetpp import head_names
-
-    return head_names(cfg.depth) if cfg.deep_supervision else [f"head_{cfg.depth}"]
+    return network_spec(cfg).output_names
 
 
 def make_loss(cfg: TrainConfig):
@@ -309,18 +306,19 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float, schedule=None):
 
 
 def compile_model(model, cfg: TrainConfig, learning_rate: float, schedule=None) -> None:
-    """Compile with one loss per trained head (deep-supervision weights) and the Dice metrics."""
+    """Compile with one loss per trained output (the network's deep-supervision weights) and the
+    Dice metrics on its final output."""
     from medseg.losses import ForegroundDice, ForegroundFraction
-    from medseg.nets.unetpp import deep_supervision_weights
 
-    heads = output_heads(cfg)
+    spec = network_spec(cfg)
+    heads = spec.output_names
     metrics = [ForegroundDice(), ForegroundFraction()]
-    if cfg.deep_supervision:
+    if len(heads) > 1:
         model.compile(
             optimizer=make_optimizer(cfg, learning_rate, schedule),
             loss={h: make_loss(cfg) for h in heads},
-            loss_weights=dict(zip(heads, deep_supervision_weights(cfg.depth))),
-            metrics={heads[-1]: metrics},
+            loss_weights=dict(zip(heads, spec.loss_weights)),
+            metrics={spec.final_output: metrics},
             run_eagerly=cfg.run_eagerly,
         )
     else:
@@ -329,9 +327,10 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float, schedule=None) 
 
 
 def targets_for_heads(cfg: TrainConfig):
-    """``tf.data`` map function giving every trained head its copy of the mask."""
+    """``tf.data`` map function giving every trained output its copy of the mask (None for a
+    single-output network)."""
     heads = output_heads(cfg)
-    if not cfg.deep_supervision:
+    if len(heads) == 1:
         return None
 
     def repeat(images, masks):
@@ -341,7 +340,8 @@ def targets_for_heads(cfg: TrainConfig):
 
 
 # --- validation ----------------------------------------------------------------------------------------
-def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, validation: str = HELD_OUT):
+def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, validation: str = HELD_OUT,
+                   pipeline=None):
     """``evaluate(model) -> rows``: segment each validation volume whole with the inference
     :class:`~medseg.infer.predictor.Predictor` (on ``twin``, a float32 copy of the trained model
     outside the strategy) and score it in 3D on its own grid with :func:`medseg.eval.compute_metrics`.
@@ -354,7 +354,7 @@ def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, valid
     from medseg.infer.predictor import Predictor
 
     bundle = Bundle(run_dir=run_dir, model=twin, plan=plan, head_level=None, divisor=int(plan.divisor),
-                    input_channels=int(plan.context_slices))
+                    input_channels=int(plan.context_slices), pipeline=pipeline, network=network_spec(cfg))
     predictor = Predictor(bundle, batch_size=max(8, cfg.batch_size))
     cases = list(val_cases)[: cfg.max_val_cases] if cfg.max_val_cases else list(val_cases)
 
@@ -402,19 +402,69 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     started_at = budget_clock.now()  # the budget counts from here: start-up is part of the run
     cfg = resolve_config(config)
     import keras
+
+    run = _start_run(cfg, started_at)
+    previous_policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(cfg.seed)
+    try:
+        _settle_cases_and_plan(run)
+        _build(run)
+        _fit(run, callbacks)
+    except BaseException:
+        if run.created and run.chief and latest_checkpoint(run.run_dir) is None:
+            # Nothing of the new run is worth keeping: leave no half-made run folder behind.
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        raise
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        run.strat.cleanup_writing_dir(run.write_dir, run.run_dir)
+    return _result(run, budget_clock.now() - started_at)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of :func:`train` hand each other (one run, one process)."""
+
+    cfg: TrainConfig
+    started_at: float
+    strat: Any
+    strategy: Any
+    strategy_name: str
+    replicas: int
+    chief: bool
+    precision: str
+    learning_rate: float
+    verbose: int
+    report: Any
+    train_cases: list
+    val_cases: list
+    validation_kind: str
+    run_dir: Path
+    write_dir: Path
+    created: bool
+    saved_state: dict | None
+    replanned: Any
+    plan: Any = None
+    pipeline: Any = None
+    global_batch: int = 0
+    twin: Any = None
+    model: Any = None
+    schedule: Any = None
+    state: dict = dataclasses.field(default_factory=dict)
+    validation: Any = None
+    clock: Any = None
+
+
+def _start_run(cfg: TrainConfig, started_at: float) -> _Run:
+    """Strategy, dataset check and split, run folder: everything before the first file of the run."""
     import tensorflow as tf
 
     from medseg.train import strategy as strat
 
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strat.select_strategy(cfg.gpus, cfg.devices)
-    replicas = strat.num_replicas(strategy)
     chief = strat.is_chief(strategy)
-    precision = strat.resolve_precision(cfg.precision, strategy)
-    learning_rate = strat.scaled_learning_rate(cfg.lr, replicas)
-    strategy_name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                     else type(strategy).__name__.lstrip("_"))
-
+    replicas = strat.num_replicas(strategy)
     verbose = cfg.verbose if chief else 0
     # The dataset check runs before anything is written: a refused dataset leaves no run folder.
     report, train_cases, val_cases, validation_kind = check_and_split(cfg)
@@ -423,166 +473,198 @@ def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] =
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
     _check_run_dir_outside_data(run_dir, cfg)
     saved_state = _saved_state(run_dir) if cfg.resume else None
-    replanned = _replan_budget(cfg, saved_state)
-    created = not run_dir.exists()
-    write_dir = strat.writing_dir(run_dir)
+    run = _Run(cfg=cfg, started_at=started_at, strat=strat, strategy=strategy,
+               strategy_name=("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                              else type(strategy).__name__.lstrip("_")),
+               replicas=replicas, chief=chief, precision=strat.resolve_precision(cfg.precision, strategy),
+               learning_rate=strat.scaled_learning_rate(cfg.lr, replicas), verbose=verbose, report=report,
+               train_cases=train_cases, val_cases=val_cases, validation_kind=validation_kind, run_dir=run_dir,
+               write_dir=strat.writing_dir(run_dir), created=not run_dir.exists(), saved_state=saved_state,
+               replanned=_replan_budget(cfg, saved_state))
     # Before any file of the run: a read-only or full disk shows now (a 64 KiB probe).
-    check_writable_folder(write_dir, what="a writable run folder")
-    write_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(run.write_dir, what="a writable run folder")
+    run.write_dir.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(f"medseg-train: run folder {run_dir}", flush=True)
+    return run
 
-    previous_policy = keras.config.dtype_policy()
-    keras.utils.set_random_seed(cfg.seed)
-    try:
-        if cfg.resume and (run_dir / SPLIT_FILE).is_file():
-            split = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
-            by_id = {c.case_id: c for c in train_cases + val_cases}
-            missing = sorted(set(split["train"] + split["val"]) - set(by_id))
-            if missing:
-                raise InputError(cfg.images, "every patient of the run being resumed", f"{', '.join(missing)} missing")
-            train_cases = [by_id[i] for i in split["train"]]
-            val_cases = [by_id[i] for i in split["val"]]
-            validation_kind = split.get("validation", HELD_OUT)
-        if chief:
-            atomic_write_json(run_dir / "check.json", report.to_dict())
-            atomic_write_json(run_dir / SPLIT_FILE, {"train": [c.case_id for c in train_cases],
-                                                     "val": [c.case_id for c in val_cases], "seed": cfg.seed,
+
+def _settle_cases_and_plan(run: _Run) -> None:
+    """The split (a resumed run keeps its own), the plan (CPU-sized network), the pipeline."""
+    import keras
+
+    cfg = run.cfg
+    if cfg.resume and (run.run_dir / SPLIT_FILE).is_file():
+        split = json.loads((run.run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
+        by_id = {c.case_id: c for c in run.train_cases + run.val_cases}
+        missing = sorted(set(split["train"] + split["val"]) - set(by_id))
+        if missing:
+            raise InputError(cfg.images, "every patient of the run being resumed", f"{', '.join(missing)} missing")
+        run.train_cases = [by_id[i] for i in split["train"]]
+        run.val_cases = [by_id[i] for i in split["val"]]
+        run.validation_kind = split.get("validation", HELD_OUT)
+    if run.chief:
+        atomic_write_json(run.run_dir / "check.json", run.report.to_dict())
+        atomic_write_json(run.run_dir / SPLIT_FILE, {"train": [c.case_id for c in run.train_cases],
+                                                     "val": [c.case_id for c in run.val_cases], "seed": cfg.seed,
                                                      "folds": cfg.folds, "fold": cfg.fold,
                                                      "val_fraction": None if cfg.folds else cfg.val_fraction,
-                                                     "validation": validation_kind})
-        plan = _plan_for_run(cfg, train_cases, run_dir, chief)
-        if _cpu_sizing_wanted(cfg, strategy):
-            from medseg.train.sizing import choose_network
+                                                     "validation": run.validation_kind})
+    plan = _plan_for_run(cfg, run.train_cases, run.run_dir, run.chief)
+    if _cpu_sizing_wanted(cfg, run.strategy):
+        from medseg.train.sizing import choose_network
 
-            sizing = choose_network(cfg, plan, precision=precision, verbose=verbose)
-            cfg.filters, cfg.depth = list(sizing["chosen"]["filters"]), int(sizing["chosen"]["depth"])
-            plan = plan.replace(fingerprint=dict(plan.fingerprint, cpu_sizing=sizing),
-                                divisor=2 ** cfg.depth)
-            keras.utils.set_random_seed(cfg.seed)  # the probes drew random numbers
-            if chief:
-                plan.save(run_dir / PLAN_FILE)
-        cfg.run_dir = os.fspath(run_dir)
-        global_batch = cfg.batch_size * replicas
-        if verbose:
-            print(f"medseg-train: {len(train_cases)} training / {len(val_cases)} validation patients"
-                  + (" (the training cases)" if validation_kind == ON_TRAINING else "")
-                  + f"; {strategy_name} with {replicas} replica(s), global batch {global_batch}, "
-                  f"peak lr {learning_rate:g} ({cfg.lr:g} x {replicas}), precision {precision}; "
-                  f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s)", flush=True)
-            if replanned is not None and replanned.message:
-                print(f"medseg-train: {replanned.message}", flush=True)
+        sizing = choose_network(cfg, plan, precision=run.precision, verbose=run.verbose)
+        cfg.filters, cfg.depth = list(sizing["chosen"]["filters"]), int(sizing["chosen"]["depth"])
+        plan = plan.replace(fingerprint=dict(plan.fingerprint, cpu_sizing=sizing), divisor=network_spec(cfg).divisor)
+        keras.utils.set_random_seed(cfg.seed)  # the probes drew random numbers
+        if run.chief:
+            plan.save(run.run_dir / PLAN_FILE)
+    run.plan, run.pipeline = plan, build_pipeline(cfg, plan)
+    cfg.run_dir = os.fspath(run.run_dir)
+    run.global_batch = cfg.batch_size * run.replicas
+    if run.verbose:
+        print(f"medseg-train: {len(run.train_cases)} training / {len(run.val_cases)} validation patients"
+              + (" (the training cases)" if run.validation_kind == ON_TRAINING else "")
+              + f"; {run.strategy_name} with {run.replicas} replica(s), global batch {run.global_batch}, "
+              f"peak lr {run.learning_rate:g} ({cfg.lr:g} x {run.replicas}), precision {run.precision}; "
+              f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s); network {cfg.network} "
+              f"(filters {' '.join(map(str, cfg.unet_filters))}, depth {cfg.depth})", flush=True)
+        if run.replanned is not None and run.replanned.message:
+            print(f"medseg-train: {run.replanned.message}", flush=True)
 
-        # Twin: float32, outside the strategy, shares nothing with the trained model. Validation
-        # and the bundle use it, so inference sees exactly what will be shipped.
-        keras.config.set_dtype_policy("float32")
-        twin = build_model(cfg, plan)
-        keras.config.set_dtype_policy(precision)
-        with strategy.scope():
-            model = build_model(cfg, plan, sync_batch_norm=replicas > 1)
-            schedule = make_schedule(cfg, learning_rate)
-            compile_model(model, cfg, learning_rate, schedule)
-        check_disk_space(write_dir, model)  # before the work: the outputs' size is known from here
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            _fix_multi_worker_build(model, strategy)
 
-        from medseg.train.callbacks import RunKeeper, WarningsWriter, WholeVolumeValidation, new_state
+def _build(run: _Run) -> None:
+    """The trained model (in the strategy's scope), its float32 twin, the restored checkpoint."""
+    import keras
+    import tensorflow as tf
 
-        state = new_state(cfg.seed)
-        if cfg.resume:
-            checkpoint = latest_checkpoint(run_dir)
-            if checkpoint is not None:
-                state = load_checkpoint(checkpoint, model)
-                if verbose:
-                    print(f"medseg-train: resumed from {checkpoint} (epoch {state['epoch']}, optimizer step "
-                          f"{int(model.optimizer.iterations)})", flush=True)
-        start_epoch = int(state["epoch"])
+    from medseg.train.callbacks import new_state
 
-        dataset = make_train_dataset(train_cases, plan, cfg, global_batch, start_epoch)
-        clock = None
-        if replanned is not None:
-            from medseg.train.budget import BudgetClock, strategy_agree
+    cfg = run.cfg
+    # Twin: float32, outside the strategy, shares nothing with the trained model. Validation
+    # and the bundle use it, so inference sees exactly what will be shipped.
+    keras.config.set_dtype_policy("float32")
+    run.twin = build_model(cfg, run.plan)
+    keras.config.set_dtype_policy(run.precision)
+    with run.strategy.scope():
+        run.model = build_model(cfg, run.plan, sync_batch_norm=run.replicas > 1)
+        run.schedule = make_schedule(cfg, run.learning_rate)
+        compile_model(run.model, cfg, run.learning_rate, run.schedule)
+    check_disk_space(run.write_dir, run.model)  # before the work: the outputs' size is known from here
+    if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _fix_multi_worker_build(run.model, run.strategy)
+    run.state = new_state(cfg.seed)
+    if cfg.resume:
+        checkpoint = latest_checkpoint(run.run_dir)
+        if checkpoint is not None:
+            run.state = load_checkpoint(checkpoint, run.model)
+            if run.verbose:
+                print(f"medseg-train: resumed from {checkpoint} (epoch {run.state['epoch']}, optimizer step "
+                      f"{int(run.model.optimizer.iterations)})", flush=True)
 
-            clock = BudgetClock(cfg.max_time_s, started_at=started_at, remaining_s=replanned.remaining_s,
-                                start_progress=replanned.start_progress,
-                                spent_s=float((saved_state or {}).get("budget", {}).get("spent_s", 0.0)),
-                                step_s=float((saved_state or {}).get("budget", {}).get("step_s", 0.0) or 0.0),
-                                progress=schedule.clock_progress,
-                                agree=strategy_agree(strategy))
-        validation = WholeVolumeValidation(make_validator(twin, plan, val_cases, cfg, run_dir, validation_kind),
-                                           every=cfg.val_every, epochs=cfg.epochs, clock=clock)
-        selection = "last" if validation_kind == ON_TRAINING else "best"
 
-        def save_best(model_, epoch, logs):
-            from medseg.infer.bundle import save_bundle
-            from medseg.infer.postprocess import choose_largest_component
+def _budget_clock(run: _Run):
+    """The :class:`~medseg.train.budget.BudgetClock` of a run with ``max_time_s``, else None."""
+    if run.replanned is None:
+        return None
+    from medseg.train.budget import BudgetClock, strategy_agree
 
-            twin.set_weights(model_.get_weights())
-            rows = validation.last_rows if validation.last_epoch == epoch else []
-            save_bundle(write_dir, twin, plan, extra={
-                "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
-                "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
-                "validation": validation_kind,
-                "selection": ("last model (validation on the training cases)" if selection == "last"
-                              else "best mean 3D validation DSC on held-out cases"),
-                "map_labels": cfg.map_labels,
-                "network": {"filters": cfg.unet_filters, "depth": cfg.depth},
-                "postprocessing": choose_largest_component(rows, validation=validation_kind),
-            })
+    budget = (run.saved_state or {}).get("budget", {})
+    return BudgetClock(run.cfg.max_time_s, started_at=run.started_at, remaining_s=run.replanned.remaining_s,
+                       start_progress=run.replanned.start_progress, spent_s=float(budget.get("spent_s", 0.0)),
+                       step_s=float(budget.get("step_s", 0.0) or 0.0), progress=run.schedule.clock_progress,
+                       agree=strategy_agree(run.strategy))
 
-        keeper = RunKeeper(write_dir, state, save_best, validation=validation, epochs=cfg.epochs,
-                           patience=cfg.early_stopping, verbose=verbose, write_files=True, clock=clock,
-                           selection=selection, schedule_end_lr=0.0)
-        callbacks_ = [validation, keeper]
-        if verbose == 1:
-            # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
-            # comes before RunKeeper's one-line summary.
-            callbacks_.insert(1, keras.callbacks.ProgbarLogger())
-        if clock is not None:
-            callbacks_.insert(0, clock)  # before validation: its time_up makes the final validation
-        diagnostics = make_diagnostics(cfg, write_dir, dataset)
-        callbacks_.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others
-        previous_warnings = _read_warnings(run_dir) if cfg.resume else []
-        if chief:
-            callbacks_.append(WarningsWriter(lambda: write_warnings(diagnostics, run_dir, previous_warnings), run_dir))
-        callbacks_ = callbacks_ + list(callbacks)
-        tensorboard = make_tensorboard(write_dir)
-        if tensorboard is not None:
-            callbacks_.append(tensorboard)
-        state.pop("stopped_by_time", None)  # a new invocation has a new time budget
-        if chief:
-            # Saved once the network is decided and the checkpoint restored, so a resume rebuilds
-            # the same network and a failed resume leaves the saved configuration as it was.
-            cfg.save(run_dir / CONFIG_FILE)
-        if start_epoch < cfg.epochs and not state.get("stopped_early"):
-            model.fit(dataset, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=cfg.steps_per_epoch,
-                      callbacks=callbacks_, verbose=_keras_verbose(verbose), shuffle=False)
-        if chief:
-            write_warnings(diagnostics, run_dir, previous_warnings)
-        if chief and not (run_dir / "bundle.json").exists():
-            # No finite validation DSC ever (e.g. validation patients without lesion and no false
-            # positives): ship the last model rather than nothing.
-            save_best(model, int(state["epoch"]) - 1, {})
-        twin.set_weights(model.get_weights())  # RunResult.model: the final weights, float32
-    except BaseException:
-        if created and chief and latest_checkpoint(run_dir) is None:
-            # Nothing of the new run is worth keeping: leave no half-made run folder behind.
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-        strat.cleanup_writing_dir(write_dir, run_dir)
 
+def _bundle_saver(run: _Run, selection: str):
+    """``save_best(model, epoch, logs)``: the twin gets the weights and is written as the bundle."""
+    cfg = run.cfg
+
+    def save_best(model_, epoch, logs):
+        from medseg.infer.bundle import save_bundle
+        from medseg.infer.postprocess import choose_largest_component
+
+        run.twin.set_weights(model_.get_weights())
+        rows = run.validation.last_rows if run.validation.last_epoch == epoch else []
+        save_bundle(run.write_dir, run.twin, run.plan, pipeline=run.pipeline, network=network_spec(cfg), extra={
+            "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
+            "train_cases": [c.case_id for c in run.train_cases], "val_cases": [c.case_id for c in run.val_cases],
+            "validation": run.validation_kind,
+            "selection": ("last model (validation on the training cases)" if selection == "last"
+                          else "best mean 3D validation DSC on held-out cases"),
+            "map_labels": cfg.map_labels,
+            "postprocessing": choose_largest_component(rows, validation=run.validation_kind),
+        })
+
+    return save_best
+
+
+def _fit(run: _Run, extra_callbacks: Sequence[Any]) -> None:
+    """Data, validation, callbacks, ``model.fit``; the bundle is written by the run keeper."""
+    import keras
+
+    from medseg.train.callbacks import RunKeeper, WarningsWriter, WholeVolumeValidation
+
+    cfg, state = run.cfg, run.state
+    start_epoch = int(state["epoch"])
+    dataset = make_train_dataset(run.train_cases, run.plan, cfg, run.global_batch, start_epoch, pipeline=run.pipeline)
+    run.clock = _budget_clock(run)
+    run.validation = WholeVolumeValidation(
+        make_validator(run.twin, run.plan, run.val_cases, cfg, run.run_dir, run.validation_kind, pipeline=run.pipeline),
+        every=cfg.val_every, epochs=cfg.epochs, clock=run.clock)
+    selection = "last" if run.validation_kind == ON_TRAINING else "best"
+    save_best = _bundle_saver(run, selection)
+    keeper = RunKeeper(run.write_dir, state, save_best, validation=run.validation, epochs=cfg.epochs,
+                       patience=cfg.early_stopping, verbose=run.verbose, write_files=True, clock=run.clock,
+                       selection=selection, schedule_end_lr=0.0)
+    callbacks_ = [run.validation, keeper]
+    if run.verbose == 1:
+        # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
+        # comes before RunKeeper's one-line summary.
+        callbacks_.insert(1, keras.callbacks.ProgbarLogger())
+    if run.clock is not None:
+        callbacks_.insert(0, run.clock)  # before validation: its time_up makes the final validation
+    diagnostics = make_diagnostics(cfg, run.write_dir, dataset)
+    callbacks_.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others
+    previous_warnings = _read_warnings(run.run_dir) if cfg.resume else []
+    if run.chief:
+        callbacks_.append(WarningsWriter(lambda: write_warnings(diagnostics, run.run_dir, previous_warnings),
+                                         run.run_dir))
+    callbacks_ = callbacks_ + list(extra_callbacks)
+    tensorboard = make_tensorboard(run.write_dir)
+    if tensorboard is not None:
+        callbacks_.append(tensorboard)
+    state.pop("stopped_by_time", None)  # a new invocation has a new time budget
+    if run.chief:
+        # Saved once the network is decided and the checkpoint restored, so a resume rebuilds
+        # the same network and a failed resume leaves the saved configuration as it was.
+        cfg.save(run.run_dir / CONFIG_FILE)
+    if start_epoch < cfg.epochs and not state.get("stopped_early"):
+        run.model.fit(dataset, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=cfg.steps_per_epoch,
+                      callbacks=callbacks_, verbose=_keras_verbose(run.verbose), shuffle=False)
+    if run.chief:
+        write_warnings(diagnostics, run.run_dir, previous_warnings)
+    if run.chief and not (run.run_dir / "bundle.json").exists():
+        # No finite validation DSC ever (e.g. validation patients without lesion and no false
+        # positives): ship the last model rather than nothing.
+        save_best(run.model, int(state["epoch"]) - 1, {})
+    run.twin.set_weights(run.model.get_weights())  # RunResult.model: the final weights, float32
+
+
+def _result(run: _Run, wall_s: float) -> RunResult:
+    state, cfg = run.state, run.cfg
     best = float(state["best_dsc"]) if state["best_epoch"] else float("nan")
     return RunResult(
-        run_dir=run_dir, best_dsc=best, best_epoch=int(state["best_epoch"]), epochs_completed=int(state["epoch"]),
-        stopped_early=bool(state.get("stopped_early")), history=list(state["history"]), bundle_dir=run_dir,
-        replicas=replicas, global_batch_size=global_batch, learning_rate=learning_rate, precision=precision,
-        strategy=strategy_name, train_cases=[c.case_id for c in train_cases],
-        val_cases=[c.case_id for c in val_cases], model=twin, validation=validation_kind,
+        run_dir=run.run_dir, best_dsc=best, best_epoch=int(state["best_epoch"]), epochs_completed=int(state["epoch"]),
+        stopped_early=bool(state.get("stopped_early")), history=list(state["history"]), bundle_dir=run.run_dir,
+        replicas=run.replicas, global_batch_size=run.global_batch, learning_rate=run.learning_rate,
+        precision=run.precision, strategy=run.strategy_name, train_cases=[c.case_id for c in run.train_cases],
+        val_cases=[c.case_id for c in run.val_cases], model=run.twin, validation=run.validation_kind,
         stop_reason=state.get("stop_reason"), steps=int(state.get("steps", 0)), final_lr=state.get("final_lr"),
-        budget=state.get("budget"), final_validation_s=validation.last_duration_s if clock is not None else None,
-        wall_s=budget_clock.now() - started_at, model_config={"filters": cfg.unet_filters, "depth": cfg.depth},
+        budget=state.get("budget"),
+        final_validation_s=run.validation.last_duration_s if run.clock is not None else None,
+        wall_s=wall_s, model_config={"network": cfg.network, "filters": cfg.unet_filters, "depth": cfg.depth},
     )
 
 
@@ -797,7 +879,7 @@ def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):
     if cfg.resume and path.is_file():
         return Plan.load(path)
     overrides = dict(cfg.plan)
-    overrides.setdefault("divisor", 2 ** cfg.depth)
+    overrides.setdefault("divisor", network_spec(cfg).divisor)
     if cfg.patch_size is not None:
         overrides["patch_size"] = tuple(cfg.patch_size)
     try:
@@ -851,7 +933,24 @@ def write_warnings(diagnostics, run_dir: Path, previous: list[dict] | None = Non
 
 
 # --- data ----------------------------------------------------------------------------------------------
-def make_train_dataset(train_cases, plan, cfg: TrainConfig, global_batch: int, start_epoch: int, cache_dir=None):
+def build_pipeline(cfg: TrainConfig, plan):
+    """The model's pipeline: the steps ``plan`` implies plus the config's ``transforms``.
+
+    Raises:
+        InputError: naming the config's ``transforms`` entry that cannot be built (unknown name,
+            module not importable, bad arguments or position).
+    """
+    from medseg.transforms.pipeline import Pipeline
+
+    try:
+        return Pipeline.from_plan(plan, extra=cfg.transforms)
+    except (TypeError, ValueError) as exc:
+        raise InputError("the training configuration's transforms",
+                         "entries naming registered transforms (docs/pipeline.md)", str(exc)) from exc
+
+
+def make_train_dataset(train_cases, plan, cfg: TrainConfig, global_batch: int, start_epoch: int, cache_dir=None,
+                       pipeline=None):
     """The endless lesion-aware patch stream (:func:`medseg.data.pipeline.make_dataset`).
 
     Batch ``i`` depends only on ``(seed, i)``, so a run resumed at ``start_epoch`` starts at batch
@@ -865,7 +964,7 @@ def make_train_dataset(train_cases, plan, cfg: TrainConfig, global_batch: int, s
 
     ds = make_dataset(train_cases, plan, batch_size=global_batch, seed=cfg.seed,
                       start_batch=start_epoch * cfg.steps_per_epoch, num_parallel_calls=cfg.workers,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, pipeline=pipeline if pipeline is not None else build_pipeline(cfg, plan))
     maker = ds.batch_maker
     heads = targets_for_heads(cfg)
     if heads is not None:

@@ -4,10 +4,10 @@ On a CPU, model size decides whether anything is learned in minutes: the paper's
 (filters 32..512, 9.04 M parameters) takes seconds per step of 8 patches on two cores, a
 0.57 M one a fraction of a second. When no GPU is visible and the user left the network and
 batch at their defaults, :func:`choose_network` builds each candidate of :data:`CANDIDATES`
-(narrowest first), runs a few real optimizer steps on random patches of the plan's patch size,
-and keeps the widest whose median step time is at most the target (the narrowest when none
-is): :data:`TARGET_STEP_S`, or under a time budget the pace that fits :data:`BUDGET_MIN_STEPS`
-steps into it (:func:`budget_target_step_s`). Timing stops as soon as a candidate is over the
+(narrowest first) with the run's registered network (``cfg.network``, through its builder), runs
+a few real optimizer steps on random patches of the plan's patch size, and keeps the widest
+whose median step time is at most the target (the narrowest when none is): :data:`TARGET_STEP_S`,
+or under a time budget the pace that fits :data:`BUDGET_MIN_STEPS` steps into it (:func:`budget_target_step_s`). Timing stops as soon as a candidate is over the
 target, or when the growth of the step times so far predicts that the next one will be (each
 probe builds and traces a model: seconds a candidate, counted in a time budget). The figures
 go into ``plan.json`` (``fingerprint.cpu_sizing``) and onto the terminal, with the flags that
@@ -46,24 +46,27 @@ PROBE_STEPS = 3
 
 
 def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = PROBE_STEPS) -> float:
-    """Median seconds of ``steps`` real optimizer steps of a fresh model (random patches)."""
+    """Median seconds of ``steps`` real optimizer steps of a fresh model of the run's network
+    (``cfg.network``, built through the registry) with these filters and depth (random patches)."""
     import dataclasses
 
     import keras
 
-    from medseg.train.loop import build_model, compile_model, output_heads
+    from medseg.train.loop import build_model, compile_model, network_spec
 
     trial = dataclasses.replace(cfg, filters=list(filters), depth=int(depth), max_time_s=None)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
-        model = build_model(trial, plan.replace(divisor=2 ** int(depth)))
+        spec = network_spec(trial)
+        model = build_model(trial, plan.replace(divisor=spec.divisor))
         compile_model(model, trial, 1e-3)
         rng = np.random.default_rng(0)
         h, w = plan.patch_size
         x = rng.standard_normal((trial.batch_size, h, w, int(plan.context_slices))).astype("float32")
         y = (rng.random((trial.batch_size, h, w)) < 0.1).astype("int32")
-        targets = {name: y for name in output_heads(trial)} if trial.deep_supervision else y
+        heads = spec.output_names
+        targets = {name: y for name in heads} if len(heads) > 1 else y
         model.train_on_batch(x, targets)  # traces the graph: not timed
         times = []
         for _ in range(steps):
@@ -125,7 +128,7 @@ def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = N
         timed = ", ".join(f"{p['filters'][0]}..{p['filters'][-1]}: {p['step_s']:.2f} s" for p in probes)
         if skipped:
             timed += f"; {skipped['filters'][0]}..{skipped['filters'][-1]} predicted {skipped['predicted_step_s']:.2f} s"
-        print(f"medseg-train: no GPU: network sized to this CPU (step time target {target_step_s:g} s; timed "
+        print(f"medseg-train: no GPU: {cfg.network} network sized to this CPU (step time target {target_step_s:g} s; timed "
               f"{timed}); chosen filters {' '.join(map(str, chosen['filters']))}, depth {chosen['depth']}. "
               f"Override with --filters/--depth/--patch-size/--batch-size or --no-cpu-sizing", flush=True)
     return result

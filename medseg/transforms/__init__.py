@@ -1,5 +1,6 @@
-"""medseg.transforms: preprocessing (Plan space and back), dictionary transforms, lesion-aware
-patch sampling and joint augmentation. Names are imported lazily."""
+"""medseg.transforms: a model's pipeline of dictionary transforms (:mod:`.pipeline`, :mod:`.dictionary`,
+:mod:`.registry`) over array functions (plan space and back, intensity, lesion-aware sampling,
+warps, augmentation). Names are imported lazily."""
 
 from __future__ import annotations
 
@@ -11,28 +12,34 @@ _EXPORTS = {
     "preprocess_image": "medseg.transforms.preprocess",
     "preprocess_label": "medseg.transforms.preprocess",
     "restore": "medseg.transforms.preprocess",
-    "PlanPreprocessd": "medseg.transforms.preprocess",
+    "Pipeline": "medseg.transforms.pipeline",
+    "register_transform": "medseg.transforms.registry",
+    "registered_transforms": "medseg.transforms.registry",
     "Compose": "medseg.transforms.compose",
     "MapTransform": "medseg.transforms.compose",
     "Randomizable": "medseg.transforms.compose",
     "Lambdad": "medseg.transforms.compose",
-    "Orientationd": "medseg.transforms.spatial",
-    "Spacingd": "medseg.transforms.spatial",
-    "NormalizeIntensityd": "medseg.transforms.intensity",
-    "CTWindowd": "medseg.transforms.intensity",
-    "ZScored": "medseg.transforms.intensity",
-    "PercentileClipd": "medseg.transforms.intensity",
+    "LabelClassesd": "medseg.transforms.dictionary",
+    "PlanSpaced": "medseg.transforms.dictionary",
+    "BodyMaskd": "medseg.transforms.dictionary",
+    "ContextSlicesd": "medseg.transforms.dictionary",
+    "Orientationd": "medseg.transforms.dictionary",
+    "Spacingd": "medseg.transforms.dictionary",
+    "NormalizeIntensityd": "medseg.transforms.dictionary",
+    "CTWindowd": "medseg.transforms.dictionary",
+    "ZScored": "medseg.transforms.dictionary",
+    "PercentileClipd": "medseg.transforms.dictionary",
     "ct_window": "medseg.transforms.intensity",
     "zscore": "medseg.transforms.intensity",
     "percentile_clip": "medseg.transforms.intensity",
     "normalize": "medseg.transforms.intensity",
     "context_slices": "medseg.transforms.slicing",
     "PatchSampler": "medseg.transforms.sampling",
-    "RandLesionPatchd": "medseg.transforms.sampling",
-    "render": "medseg.transforms.sampling",
+    "RandLesionPatchd": "medseg.transforms.dictionary",
+    "render": "medseg.transforms.warp",
     "Augmenter": "medseg.transforms.augment",
     "AugmentConfig": "medseg.transforms.augment",
-    "RandJointAugmentd": "medseg.transforms.augment",
+    "RandJointAugmentd": "medseg.transforms.dictionary",
     "check_alignment": "medseg.transforms.augment",
 }
 

@@ -2,7 +2,7 @@
 
 Spatial transforms (flips, 90-degree rotations, small rotations, scaling, optional elastic warp)
 use the *same* parameters for image and mask: they are applied while cutting the patch
-(:func:`medseg.transforms.sampling.render`), so image and mask cannot drift apart. Masks of
+(:func:`medseg.transforms.warp.render`), so image and mask cannot drift apart. Masks of
 warped patches are interpolated like the image and thresholded at 0.5: they stay exactly {0, 1}
 and coincide with the image wherever the image equals the mask (:func:`check_alignment`
 proves it). Intensity transforms (multiplicative brightness, contrast, gamma, Gaussian noise)
@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medseg.transforms.compose import Randomizable
-from medseg.transforms.sampling import Centres, SampleSource, SpatialParams, render
+from medseg.transforms.sampling import Centres, SampleSource
+from medseg.transforms.warp import SpatialParams, render
 
-__all__ = ["AugmentConfig", "IntensityParams", "Augmenter", "check_alignment", "RandJointAugmentd"]
+__all__ = ["AugmentConfig", "IntensityParams", "Augmenter", "check_alignment"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ _NOISE_BANK_SIZE = 1 << 20
 
 def _power(x: np.ndarray, gamma: float) -> None:
     """``x **= gamma`` in place for ``x >= 0`` (OpenCV's vectorised pow when available: 4x faster)."""
-    from medseg.transforms.sampling import warp_backend
+    from medseg.transforms.warp import warp_backend
 
     if warp_backend() == "cv2":
         import cv2
@@ -311,31 +311,3 @@ def check_alignment(augment_fn: Callable[..., Any], n: int = 64, *, size: int = 
     total = img.reshape(len(msk), -1).sum(1) + msk.reshape(len(msk), -1).sum(1)
     dice = np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
     return float(dice.min())
-
-
-class RandJointAugmentd(Randomizable):
-    """Dictionary transform: joint augmentation of ``sample[keys[0]]`` (images ``(B, H, W, C)``)
-    and ``sample[keys[1]]`` (masks ``(B, H, W)``) with parameters drawn from its own generator.
-
-    Raises:
-        KeyError: if the sample lacks a key (names key and transform).
-    """
-
-    def __init__(self, keys: Sequence[str] = ("image", "label"), config: AugmentConfig | None = None,
-                 seed: int | None = None):
-        self.keys = tuple(keys)
-        self.augmenter = Augmenter(config)
-        self.rng = np.random.default_rng(seed)
-        self.last_params: dict | None = None
-
-    def __repr__(self) -> str:
-        return f"RandJointAugmentd(keys={self.keys})"
-
-    def __call__(self, sample: dict) -> dict:
-        for key in self.keys:
-            if key not in sample:
-                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
-        out = dict(sample)
-        out[self.keys[0]], out[self.keys[1]] = self.augmenter(sample[self.keys[0]], sample[self.keys[1]], self.rng)
-        self.last_params = self.augmenter.last_params
-        return out

@@ -21,7 +21,31 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MapTransform", "Randomizable", "Compose", "Lambdad", "case_id_of"]
+__all__ = ["MapTransform", "Randomizable", "Compose", "Lambdad", "case_id_of", "init_args"]
+
+
+def init_args(obj: Any) -> dict:
+    """The ``__init__`` arguments of ``obj`` read back from its attributes of the same names.
+
+    The default ``get_config`` of every transform: a transform that stores each argument under
+    its own name needs no ``get_config`` of its own. Tuples become lists (JSON).
+
+    Raises:
+        TypeError: naming the argument, when ``obj`` keeps no attribute of that name (the class
+            must then define ``get_config``).
+    """
+    import inspect
+
+    args = {}
+    for name, param in inspect.signature(type(obj).__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if not hasattr(obj, name):
+            raise TypeError(f"{type(obj).__name__}: argument {name!r} is not kept as an attribute of that name; "
+                            f"define get_config() returning every __init__ argument")
+        value = getattr(obj, name)
+        args[name] = list(value) if isinstance(value, tuple) else value
+    return args
 
 
 def case_id_of(sample: Any) -> str:
@@ -76,6 +100,16 @@ class MapTransform:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keys={self.keys})"
 
+    #: True when the transform changes each slice of a plan-space stack (or each voxel) on its
+    #: own: inference may then preprocess long volumes chunk by chunk with the same result.
+    slice_local: bool = False
+    #: True when only training needs it (its output feeds the patch sampler, not the model).
+    training_only: bool = False
+
+    def get_config(self) -> dict:
+        """The arguments that rebuild this transform (JSON-ready); see :func:`init_args`."""
+        return init_args(self)
+
 
 class Randomizable:
     """Mixin for random transforms: an explicit generator and the parameters last drawn."""
@@ -91,6 +125,10 @@ class Randomizable:
     def randomize(self, sample: Mapping) -> dict:
         """Draw this call's parameters from ``self.rng``; subclasses override."""
         return {}
+
+    def get_config(self) -> dict:
+        """The arguments that rebuild this transform (JSON-ready); see :func:`init_args`."""
+        return init_args(self)
 
 
 class Compose:
@@ -138,7 +176,8 @@ class Compose:
 
 
 class Lambdad(MapTransform):
-    """Apply ``func(value)`` to each key (MONAI ``Lambdad``)."""
+    """Apply ``func(value)`` to each key (MONAI ``Lambdad``). Not serializable: a model's
+    pipeline cannot hold one (write a registered :class:`MapTransform` instead)."""
 
     def __init__(self, keys, func: Callable[[Any], Any], allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -146,3 +185,7 @@ class Lambdad(MapTransform):
 
     def apply(self, value, key):
         return self.func(value)
+
+    def get_config(self) -> dict:
+        raise TypeError("Lambdad holds a Python function and cannot be saved with a model; "
+                        "write a MapTransform subclass and register it (docs/pipeline.md)")

@@ -1,9 +1,13 @@
-"""Volume -> plan space and back: the one preprocessing path shared by training and inference.
+"""Volume -> plan space and back, as arrays: what :class:`~medseg.transforms.dictionary.PlanSpaced`
+and :class:`~medseg.transforms.dictionary.LabelClassesd` run.
 
-``preprocess_image`` reorients (exact), takes the slice axis first, resamples in-plane to the
-Plan's spacing (SimpleITK, linear) and normalizes. ``preprocess_label`` does the same geometry
-with nearest neighbour. ``restore`` maps a stack of per-slice predictions back onto the input
-volume's own grid: same shape, same affine, same case id and metadata.
+``plan_space_image`` reorients (exact), takes the slice axis first and resamples in-plane
+(SimpleITK, linear) into one float32 stack, a :class:`Prepared`; ``plan_space_label`` does the
+same geometry with nearest neighbour. ``restore`` maps a stack of per-slice predictions back onto
+the input volume's own grid: same shape, same affine, same case id and metadata.
+
+``preprocess_image`` / ``preprocess_label`` run a Plan's whole deterministic pipeline
+(:meth:`medseg.transforms.pipeline.Pipeline.from_plan`) on one volume.
 
 Example:
     >>> prepared = preprocess_image(volume, plan)
@@ -14,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +26,6 @@ import numpy as np
 from nibabel import orientations as nio
 
 from medseg.io.volume import Volume
-from medseg.transforms.intensity import body_mask, normalize_inplace
 from medseg.transforms.slicing import context_slices, from_stack, to_stack
 from medseg.transforms.spatial import (
     InPlaneGrid,
@@ -32,7 +36,8 @@ from medseg.transforms.spatial import (
     resample_inplane,
 )
 
-__all__ = ["Prepared", "Inverse", "preprocess_image", "preprocess_label", "restore", "plan_geometry", "PlanPreprocessd"]
+__all__ = ["Prepared", "Inverse", "plan_space_image", "plan_space_label", "label_classes", "restore",
+           "plan_geometry", "preprocess_image", "preprocess_label"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +108,22 @@ class Prepared:
         """4x4 plan-space index ``(slice, h, w)`` -> world RAS+ mm."""
         return self.inverse.plan_affine
 
+    def with_array(self, array: np.ndarray) -> "Prepared":
+        """The same record holding ``array`` (same shape: a transform of values, not of geometry).
+
+        Raises:
+            ValueError: if the shape differs.
+        """
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise ValueError(f"{self.case_id}: a plan-space stack keeps its shape {self.array.shape}, "
+                             f"found {array.shape}")
+        return dataclasses.replace(self, array=array)
+
+    def replace(self, **changes: Any) -> "Prepared":
+        """A copy with fields changed (``body``, ``context_slices``)."""
+        return dataclasses.replace(self, **changes)
+
     def slices(self, start: int, stop: int) -> np.ndarray:
         """Slices ``start..stop-1`` with 2.5D context: float32 ``(stop - start, H, W, context_slices)``.
 
@@ -116,13 +137,14 @@ class Prepared:
         return context_slices(self.array, np.arange(start, stop), self.context_slices)
 
 
-def plan_geometry(volume: Volume, plan: Any) -> tuple[Reorientation, InPlaneGrid]:
-    """The reorientation and in-plane grid ``plan`` implies for ``volume``."""
-    reo = reorientation(volume.affine, volume.shape, plan.orientation)
+def plan_geometry(volume: Volume, orientation: str, slice_axis: int,
+                  target_spacing_mm) -> tuple[Reorientation, InPlaneGrid]:
+    """The reorientation and in-plane grid that take ``volume`` to plan space."""
+    reo = reorientation(volume.affine, volume.shape, orientation)
     spacing = np.linalg.norm(reo.output_affine[:3, :3], axis=0)
-    inplane = [a for a in range(3) if a != plan.slice_axis]
+    inplane = [a for a in range(3) if a != slice_axis]
     hw = tuple(reo.output_shape[a] for a in inplane)
-    grid = inplane_grid(hw, tuple(spacing[inplane]), plan.target_spacing_mm)
+    grid = inplane_grid(hw, tuple(spacing[inplane]), target_spacing_mm)
     return reo, grid
 
 
@@ -161,58 +183,76 @@ def _image_to_plan_space(array: np.ndarray, reo: Reorientation, grid: InPlaneGri
     return out
 
 
+def plan_space_image(volume: Volume, orientation: str, slice_axis: int, target_spacing_mm) -> Prepared:
+    """``volume`` reoriented, slice axis first and resampled in-plane (linear): float32 ``(n, H, W)``.
+
+    Intensities are not changed (normalization is a step of its own); ``context_slices`` is 1.
+    """
+    reo, grid = plan_geometry(volume, orientation, slice_axis, target_spacing_mm)
+    raw = np.asarray(volume.array)
+    if raw.dtype == np.bool_:
+        raw = raw.astype(np.uint8)
+    stack = _image_to_plan_space(raw, reo, grid, slice_axis)
+    inverse = Inverse(volume.shape, volume.affine.copy(), volume.case_id, dict(volume.meta), reo, slice_axis, grid)
+    return Prepared(stack, inverse)
+
+
+def plan_space_label(volume: Volume, orientation: str, slice_axis: int, target_spacing_mm) -> np.ndarray:
+    """A label map in plan space (nearest neighbour): ``(n, H, W)`` with the volume's dtype."""
+    reo, grid = plan_geometry(volume, orientation, slice_axis, target_spacing_mm)
+    return np.ascontiguousarray(_to_plan_space(np.asarray(volume.array), reo, grid, slice_axis, nearest=True))
+
+
+def label_classes(array: np.ndarray, num_classes: int, source: Any = "") -> np.ndarray:
+    """Label values -> uint8 class indices.
+
+    Float-stored labels are rounded to integers first; the values are then checked by medseg's
+    one label rule (:func:`medseg.io.labels.check_label_values`: no NaN, no negative value, and
+    with more than 2 classes none ``>= num_classes``). With ``num_classes == 2`` every nonzero
+    value is lesion (1), so masks stored as 0/255 or with several lesion codes work unchanged.
+
+    Raises:
+        InputError: naming ``source`` (a file or case id), from the label rule.
+    """
+    from medseg.io.labels import check_label_values
+
+    lab = np.asarray(array)
+    if not np.issubdtype(lab.dtype, np.integer):
+        lab = np.asarray(lab, dtype=np.float64)
+        finite = np.isfinite(lab)
+        lab = np.where(finite, np.rint(np.where(finite, lab, 0)), lab)  # NaN/inf stay for the rule to name
+    check_label_values(lab, source, num_classes=None if num_classes == 2 else num_classes)
+    if num_classes == 2:
+        return (lab > 0).astype(np.uint8)
+    return lab.astype(np.uint8)
+
+
 def preprocess_image(volume: Volume, plan: Any, *, with_body: bool = False) -> Prepared:
-    """Reorient, slice-first, resample in-plane (linear) and normalize ``volume``.
+    """``volume`` through the deterministic pipeline of ``plan`` (:meth:`Pipeline.from_plan`).
 
     Args:
         volume: the image.
         plan: a :class:`medseg.data.plan.Plan`.
-        with_body: also compute the body mask in plan space (``Prepared.body``), used by
-            training to draw random patches inside the body.
+        with_body: run the training-only steps too (``Prepared.body``, the body mask the patch
+            sampler centres random patches in).
 
     Returns:
         :class:`Prepared` with ``array`` float32 ``(n_slices, H, W)``.
     """
-    reo, grid = plan_geometry(volume, plan)
-    raw = np.asarray(volume.array)
-    if raw.dtype == np.bool_:
-        raw = raw.astype(np.uint8)
-    stack = _image_to_plan_space(raw, reo, grid, plan.slice_axis)
-    # Normalization after resampling: the body mask and percentiles are then computed on the
-    # exact voxels the network sees, at training and inference alike. The stack is normalized
-    # in place and its body statistics are read chunk by chunk (no boolean mask of the volume is
-    # made unless training asks for it), so whole-volume preprocessing holds one float32 stack
-    # rather than a chain of full-size temporaries.
-    body = body_mask(stack, plan.modality) if with_body else None
-    array = normalize_inplace(stack, plan.normalization, modality=plan.modality, body=body)
-    inverse = Inverse(volume.shape, volume.affine.copy(), volume.case_id, dict(volume.meta), reo,
-                      plan.slice_axis, grid)
-    return Prepared(np.ascontiguousarray(array, dtype=np.float32), inverse, plan.context_slices,
-                    body if with_body else None)
+    from medseg.transforms.pipeline import Pipeline
+
+    return Pipeline.from_plan(plan).prepare(volume, training=with_body)
 
 
 def preprocess_label(volume: Volume, plan: Any) -> np.ndarray:
-    """The label map in plan space: uint8 ``(n_slices, H, W)``, nearest neighbour.
-
-    Values are rounded to integers; with ``plan.num_classes == 2`` every nonzero value is lesion
-    (1), so masks stored as 0/255 or with several lesion codes work unchanged.
+    """The label map through ``plan``'s pipeline: uint8 class indices ``(n_slices, H, W)``.
 
     Raises:
-        ValueError: if a value is negative or, with more than 2 classes, ``>= num_classes``.
+        ValueError: from :func:`label_classes`.
     """
-    lab = np.rint(np.asarray(volume.array, dtype=np.float64)) if not np.issubdtype(
-        np.asarray(volume.array).dtype, np.integer) else np.asarray(volume.array)
-    if lab.size and lab.min() < 0:
-        raise ValueError(f"{volume.case_id}: label values must be >= 0, found minimum {lab.min()}")
-    if plan.num_classes == 2:
-        lab = (lab > 0).astype(np.uint8)
-    else:
-        if lab.size and lab.max() >= plan.num_classes:
-            raise ValueError(f"{volume.case_id}: label values must be < num_classes={plan.num_classes}, "
-                             f"found maximum {lab.max()}")
-        lab = lab.astype(np.uint8)
-    reo, grid = plan_geometry(volume, plan)
-    return np.ascontiguousarray(_to_plan_space(lab, reo, grid, plan.slice_axis, nearest=True), dtype=np.uint8)
+    from medseg.transforms.pipeline import Pipeline
+
+    return Pipeline.from_plan(plan).preprocess({"label": volume})["label"]
 
 
 def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
@@ -252,36 +292,3 @@ def restore(prepared: Prepared, stack: np.ndarray) -> Volume:
     if stack.dtype == np.bool_:
         array = array.astype(bool)
     return Volume(array, inv.affine.copy(), inv.case_id, dict(inv.meta))
-
-
-class PlanPreprocessd:
-    """Dictionary transform: ``{"image": Volume, "label": Volume}`` -> plan space.
-
-    ``image`` becomes a :class:`Prepared` (with its body mask) and ``label`` a uint8
-    ``(n_slices, H, W)`` stack; ``label`` may be absent (inference).
-
-    Raises:
-        KeyError: if the image key is missing.
-        ValueError: if the label is not on the image's grid.
-    """
-
-    def __init__(self, plan: Any, keys: tuple[str, str] = ("image", "label")):
-        self.plan = plan
-        self.keys = tuple(keys)
-
-    def __repr__(self) -> str:
-        return f"PlanPreprocessd(keys={self.keys})"
-
-    def __call__(self, sample: dict) -> dict:
-        image_key, label_key = self.keys
-        if image_key not in sample:
-            raise KeyError(f"{self!r}: sample has no key {image_key!r} (keys: {sorted(sample)})")
-        out = dict(sample)
-        image = sample[image_key]
-        out[image_key] = preprocess_image(image, self.plan, with_body=True)
-        if sample.get(label_key) is not None:
-            label = sample[label_key]
-            if not image.same_grid(label):
-                raise ValueError(f"{image.case_id}: label {label!r} is not on the image's grid {image!r}")
-            out[label_key] = preprocess_label(label, self.plan)
-        return out

@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from medseg.io.volume import largest_spacing_axis  # the rule lives with the volume record (io: every layer may use it)
+
 __all__ = ["largest_spacing_axis", "to_stack", "from_stack", "context_offsets", "context_slices"]
-
-
-def largest_spacing_axis(spacing_mm) -> int:
-    """The array axis with the largest spacing (ties: the last such axis, the axial one in RAS)."""
-    spacing = np.asarray(spacing_mm, dtype=np.float64)
-    # Spacings within 1 % count as equal, so near-isotropic volumes are sliced axially (axis 2).
-    top = spacing.max()
-    return int(np.flatnonzero(spacing >= top * 0.99)[-1])
 
 
 def to_stack(array: np.ndarray, axis: int) -> np.ndarray:

@@ -1,0 +1,481 @@
+"""Dictionary transforms: MONAI-style wrappers over the array functions of this package.
+
+Each takes and returns a sample ``{"image": ..., "label": ..., ...}`` (a new dict; the caller's
+is not modified, except that intensity transforms overwrite a :class:`Prepared` stack, which
+belongs to the pipeline run that made it). Every class here is registered by name
+(:mod:`medseg.transforms.registry`) and rebuilt from ``get_config()``, so a model's pipeline
+(:class:`medseg.transforms.pipeline.Pipeline`) is saved with it.
+
+What a model's pipeline holds, in order (built from the Plan by ``Pipeline.from_plan``):
+
+==========================  =====================================================================
+``LabelClassesd``           label values -> class indices (binary: every nonzero value is 1)
+``PlanSpaced``              reorient, slice axis first, resample in-plane: Volume -> ``Prepared``
+                            ``(n, H, W)`` float32 (image, linear) / uint8 (label, nearest);
+                            the only step inference inverts (:meth:`PlanSpaced.invert`)
+``BodyMaskd``               training only: the body mask the patch sampler centres patches in
+``NormalizeIntensityd``     CT window / z-score / percentiles (the Plan's ``normalization``)
+``ContextSlicesd``          2.5D: the number of neighbouring slices fed as channels
+``RandLesionPatchd``        random, training: lesion-aware patch centres and the patches
+``RandJointAugmentd``       random, training: flips, rotations, scaling (image and mask
+                            together), then gamma, noise, brightness, contrast (image only)
+==========================  =====================================================================
+
+Array functions live apart: :mod:`~medseg.transforms.spatial`, :mod:`~medseg.transforms.intensity`,
+:mod:`~medseg.transforms.preprocess`, :mod:`~medseg.transforms.sampling`,
+:mod:`~medseg.transforms.warp`, :mod:`~medseg.transforms.augment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from medseg.transforms.augment import AugmentConfig, Augmenter
+from medseg.transforms.compose import Lambdad, MapTransform, Randomizable
+from medseg.transforms.intensity import body_mask, check_normalization, needs_body, normalize, normalize_inplace
+from medseg.transforms.preprocess import Prepared, label_classes, plan_space_image, plan_space_label, restore
+from medseg.transforms.registry import register_transform
+from medseg.transforms.sampling import PatchSampler, SampleSource, build_index
+from medseg.transforms.slicing import context_offsets, from_stack, to_stack
+from medseg.transforms.spatial import InPlaneGrid, inplane_grid, reorient_array, reorientation, resample_inplane
+from medseg.transforms.warp import render
+
+__all__ = [
+    "LabelClassesd",
+    "PlanSpaced",
+    "BodyMaskd",
+    "NormalizeIntensityd",
+    "CTWindowd",
+    "ZScored",
+    "PercentileClipd",
+    "ContextSlicesd",
+    "Orientationd",
+    "Spacingd",
+    "RandLesionPatchd",
+    "RandJointAugmentd",
+    "Lambdad",
+]
+
+
+# --- the steps of a model's pipeline ------------------------------------------------------------
+@register_transform
+class LabelClassesd(MapTransform):
+    """Label values -> uint8 class indices (:func:`medseg.transforms.preprocess.label_classes`).
+
+    With ``num_classes == 2`` every nonzero value is the lesion (masks stored as 0/255 or with
+    several lesion codes work unchanged); with more classes values must be ``< num_classes``.
+
+    Raises:
+        InputError: NaN, negative values, or values ``>= num_classes`` (names the file).
+    """
+
+    slice_local = True
+
+    def __init__(self, keys="label", num_classes: int = 2, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, found {num_classes!r}")
+        self.num_classes = int(num_classes)
+
+    def __repr__(self) -> str:
+        return f"LabelClassesd(keys={self.keys}, num_classes={self.num_classes})"
+
+    def apply(self, value, key):
+        source = value.meta.get("source_path") or value.case_id
+        return value.with_array(label_classes(np.asarray(value.array), self.num_classes, source))
+
+
+@register_transform
+class PlanSpaced(MapTransform):
+    """Volumes -> plan space: reorient to ``orientation`` (exact), put ``slice_axis`` first and
+    resample in-plane to ``target_spacing_mm`` (SimpleITK; linear for ``image_keys``, nearest for
+    the others). Images become a :class:`Prepared` float32 ``(n, H, W)``, labels a uint8 stack.
+
+    Each slice is resampled on its own, so the result of a sub-volume equals the matching slices
+    of the whole (``slice_local``). :meth:`invert` maps a plan-space stack back onto the input's
+    exact grid (same shape, affine, case id, metadata).
+
+    Raises:
+        ValueError: bad orientation codes, slice axis or spacing (at construction).
+    """
+
+    slice_local = True
+
+    def __init__(self, keys=("image", "label"), orientation: str = "RAS", slice_axis: int = 2,
+                 target_spacing_mm: Sequence[float] | None = None, image_keys=("image",),
+                 allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        reorientation(np.eye(4), (1, 1, 1), orientation)  # validates the axis codes now
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, found {slice_axis!r}")
+        if target_spacing_mm is not None:
+            inplane_grid((2, 2), (1.0, 1.0), target_spacing_mm)  # validates the target
+            target_spacing_mm = tuple(float(v) for v in target_spacing_mm)
+        self.orientation = str(orientation).upper()
+        self.slice_axis = int(slice_axis)
+        self.target_spacing_mm = target_spacing_mm
+        self.image_keys = (image_keys,) if isinstance(image_keys, str) else tuple(image_keys)
+
+    def __repr__(self) -> str:
+        return (f"PlanSpaced(keys={self.keys}, orientation={self.orientation!r}, slice_axis={self.slice_axis}, "
+                f"target_spacing_mm={self.target_spacing_mm})")
+
+    def apply(self, value, key):
+        if key in self.image_keys:
+            return plan_space_image(value, self.orientation, self.slice_axis, self.target_spacing_mm)
+        return plan_space_label(value, self.orientation, self.slice_axis, self.target_spacing_mm)
+
+    def invert(self, prepared: Prepared, stack: np.ndarray):
+        """``stack`` ``(n, H, W)`` in plan space -> Volume on ``prepared``'s input grid (see :func:`restore`)."""
+        return restore(prepared, stack)
+
+    def input_slice_axis(self, volume) -> tuple[int, bool]:
+        """(axis of ``volume``'s array that becomes the slice axis, whether it is reversed)."""
+        reo = reorientation(volume.affine, volume.shape, self.orientation)
+        # transform[i] = (output axis, +1/-1) of input axis i (nibabel orientation transform).
+        axis = int(np.flatnonzero(reo.transform[:, 0] == self.slice_axis)[0])
+        return axis, bool(reo.transform[axis, 1] < 0)
+
+
+@register_transform
+class BodyMaskd(MapTransform):
+    """Training only: ``Prepared.body``, the body mask in plan space (patches are centred in it).
+
+    Computed before normalization, on the resampled intensities, as the normalization's own body
+    statistics are.
+    """
+
+    slice_local = True
+    training_only = True
+
+    def __init__(self, keys="image", modality: str = "MR", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.modality = str(modality)
+
+    def __repr__(self) -> str:
+        return f"BodyMaskd(keys={self.keys}, modality={self.modality!r})"
+
+    def apply(self, value, key):
+        return value.replace(body=body_mask(value.array, self.modality))
+
+
+@register_transform
+class ContextSlicesd(MapTransform):
+    """2.5D: the model sees ``context_slices`` neighbouring slices as channels
+    (:meth:`Prepared.slices`; the edges repeat the edge slice). Copies nothing."""
+
+    slice_local = True
+
+    def __init__(self, keys="image", context_slices: int = 1, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.context_slices = int(context_offsets(context_slices).size)
+
+    def __repr__(self) -> str:
+        return f"ContextSlicesd(keys={self.keys}, context_slices={self.context_slices})"
+
+    def apply(self, value, key):
+        return value.replace(context_slices=self.context_slices) if isinstance(value, Prepared) else value
+
+
+# --- intensity ----------------------------------------------------------------------------------
+@register_transform
+class NormalizeIntensityd(MapTransform):
+    """Apply a ``Plan.normalization`` dictionary to Volumes, :class:`Prepared` stacks or arrays.
+
+    A :class:`Prepared` stack is normalized in place (with its body mask when it has one): the
+    whole-volume path then holds one float32 stack. It is ``slice_local`` when the normalization
+    needs no statistics of the volume (CT window, fixed z-score or percentile values).
+
+    Raises:
+        ValueError: from :func:`check_normalization`, at construction.
+    """
+
+    def __init__(self, keys, normalization: Mapping[str, Any], modality: str = "MR", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.normalization = check_normalization(normalization)
+        self.modality = modality
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keys={self.keys}, normalization={self.normalization})"
+
+    @property
+    def slice_local(self) -> bool:  # type: ignore[override]
+        norm = self.normalization
+        kind = norm["kind"]
+        return (kind == "ct_window"
+                or (kind == "zscore" and all(norm.get(k) is not None for k in ("mean", "std", "clip_low", "clip_high")))
+                or (kind == "percentile" and norm.get("low") is not None and norm.get("high") is not None))
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "normalization": self.normalization, "modality": self.modality,
+                "allow_missing_keys": self.allow_missing_keys}
+
+    def apply(self, value, key):
+        if isinstance(value, Prepared):
+            return value.with_array(normalize_inplace(value.array, self.normalization, modality=self.modality,
+                                                      body=value.body))
+        if hasattr(value, "with_array"):
+            return value.with_array(normalize(value.array, self.normalization, modality=self.modality))
+        return normalize(value, self.normalization, modality=self.modality)
+
+
+@register_transform
+class CTWindowd(NormalizeIntensityd):
+    """Clip to ``[low_hu, high_hu]`` and scale to [0, 1]."""
+
+    def __init__(self, keys, low_hu: float = -1000.0, high_hu: float = 400.0, allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "ct_window", "low_hu": low_hu, "high_hu": high_hu}, "CT", allow_missing_keys)
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "low_hu": self.normalization["low_hu"],
+                "high_hu": self.normalization["high_hu"], "allow_missing_keys": self.allow_missing_keys}
+
+
+@register_transform
+class ZScored(NormalizeIntensityd):
+    """Per-volume z-score over the body after clipping to the body's ``clip_percentiles``."""
+
+    def __init__(self, keys, clip_percentiles=(0.5, 99.5), modality: str = "MR", allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "zscore", "clip_percentiles": list(clip_percentiles)}, modality,
+                         allow_missing_keys)
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "clip_percentiles": list(self.normalization["clip_percentiles"]),
+                "modality": self.modality, "allow_missing_keys": self.allow_missing_keys}
+
+
+@register_transform
+class PercentileClipd(NormalizeIntensityd):
+    """Clip to the body's ``low_pct``/``high_pct`` percentiles and scale to [0, 1]."""
+
+    def __init__(self, keys, low_pct: float = 0.5, high_pct: float = 99.5, modality: str = "MR",
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, {"kind": "percentile", "low_pct": low_pct, "high_pct": high_pct}, modality,
+                         allow_missing_keys)
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "low_pct": self.normalization["low_pct"],
+                "high_pct": self.normalization["high_pct"], "modality": self.modality,
+                "allow_missing_keys": self.allow_missing_keys}
+
+
+# --- Volume-level geometry (MONAI's Orientationd / Spacingd, invertible) ---------------------
+_APPLIED = "applied_operations"
+
+
+def _with_trace(volume, array: np.ndarray, affine: np.ndarray, op: dict):
+    trace = list(volume.meta.get(_APPLIED, []))
+    trace.append(op)
+    return volume.with_array(array, affine, **{_APPLIED: trace})
+
+
+def _pop_trace(volume, name: str):
+    trace = list(volume.meta.get(_APPLIED, []))
+    if not trace or trace[-1]["name"] != name:
+        last = trace[-1]["name"] if trace else "nothing"
+        raise ValueError(f"{volume.case_id}: cannot invert {name}: the last applied operation was {last}")
+    return trace.pop(), trace
+
+
+@register_transform
+class Orientationd(MapTransform):
+    """Reorient Volumes to ``axcodes`` (exact: axes permuted/flipped, affine updated).
+
+    ``inverse(sample)`` undoes it using the record in ``volume.meta["applied_operations"]``.
+    """
+
+    def __init__(self, keys, axcodes: str = "RAS", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        reorientation(np.eye(4), (1, 1, 1), axcodes)  # validate now, not at the first sample
+        self.axcodes = axcodes.upper()
+
+    def __repr__(self) -> str:
+        return f"Orientationd(keys={self.keys}, axcodes={self.axcodes!r})"
+
+    def apply(self, volume, key):
+        reo = reorientation(volume.affine, volume.shape, self.axcodes)
+        return _with_trace(volume, reorient_array(volume.array, reo), reo.output_affine,
+                           {"name": "Orientationd", "reorientation": reo})
+
+    def inverse(self, sample):
+        out = dict(sample)
+        for key in self.key_iterator(sample):
+            vol = sample[key]
+            op, trace = _pop_trace(vol, "Orientationd")
+            reo = op["reorientation"]
+            out[key] = vol.with_array(reorient_array(vol.array, reo, inverse=True), reo.input_affine,
+                                      **{_APPLIED: trace})
+        return out
+
+
+@register_transform
+class Spacingd(MapTransform):
+    """Resample Volumes in-plane to ``target_spacing_mm`` (the two axes other than ``slice_axis``).
+
+    Args:
+        keys: keys to resample.
+        target_spacing_mm: in-plane spacing (mm), in array-axis order.
+        slice_axis: the axis left untouched.
+        mode: ``"linear"`` or ``"nearest"``, one for all keys or one per key (default: linear for
+            ``"image"``, nearest for every other key).
+
+    Raises:
+        ValueError: bad mode / target, or ``inverse`` on a volume this did not resample last.
+    """
+
+    def __init__(self, keys, target_spacing_mm, slice_axis: int = 2, mode=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if mode is None:
+            mode = tuple("linear" if k == "image" else "nearest" for k in self.keys)
+        elif isinstance(mode, str):
+            mode = (mode,) * len(self.keys)
+        if len(mode) != len(self.keys) or any(m not in ("linear", "nearest") for m in mode):
+            raise ValueError(f"mode must be 'linear' or 'nearest' (one, or one per key), found {mode!r}")
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, found {slice_axis!r}")
+        inplane_grid((2, 2), (1.0, 1.0), target_spacing_mm)  # validates the target
+        self.mode = dict(zip(self.keys, mode))
+        self.target_spacing_mm = tuple(float(v) for v in target_spacing_mm)
+        self.slice_axis = int(slice_axis)
+
+    def __repr__(self) -> str:
+        return f"Spacingd(keys={self.keys}, target_spacing_mm={self.target_spacing_mm}, slice_axis={self.slice_axis})"
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "target_spacing_mm": list(self.target_spacing_mm),
+                "slice_axis": self.slice_axis, "mode": [self.mode[k] for k in self.keys],
+                "allow_missing_keys": self.allow_missing_keys}
+
+    def _inplane_affine(self, affine: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
+        inplane = [a for a in range(3) if a != self.slice_axis]
+        m = grid.index_matrix()
+        p = np.eye(4)
+        for r, a in enumerate(inplane):
+            p[a, a], p[a, 3] = m[r, r], m[r, 2]
+        return affine @ p
+
+    def apply(self, volume, key):
+        inplane = [a for a in range(3) if a != self.slice_axis]
+        spacing = volume.spacing_mm
+        grid = inplane_grid(tuple(volume.shape[a] for a in inplane), tuple(spacing[inplane]), self.target_spacing_mm)
+        stack = np.ascontiguousarray(to_stack(volume.array, self.slice_axis))
+        out = resample_inplane(stack, grid, nearest=self.mode[key] == "nearest")
+        return _with_trace(volume, np.ascontiguousarray(from_stack(out, self.slice_axis)),
+                           self._inplane_affine(volume.affine, grid),
+                           {"name": "Spacingd", "grid": grid, "affine": volume.affine.copy()})
+
+    def inverse(self, sample):
+        out = dict(sample)
+        for key in self.key_iterator(sample):
+            vol = sample[key]
+            op, trace = _pop_trace(vol, "Spacingd")
+            stack = np.ascontiguousarray(to_stack(vol.array, self.slice_axis))
+            back = resample_inplane(stack, op["grid"], nearest=self.mode[key] == "nearest", inverse=True)
+            out[key] = vol.with_array(np.ascontiguousarray(from_stack(back, self.slice_axis)), op["affine"],
+                                      **{_APPLIED: trace})
+        return out
+
+
+# --- random, training -----------------------------------------------------------------------
+@register_transform
+class RandLesionPatchd(Randomizable):
+    """Dictionary transform: ``num_samples`` lesion-aware patches from one plan-space sample.
+
+    Like MONAI's ``RandCropByPosNegLabeld``: ``sample[image_key]`` is a float ``(n, H, W)`` stack
+    (or a :class:`medseg.transforms.preprocess.Prepared`) and ``sample[label_key]`` the uint8
+    ``(n, H, W)`` label; the result has ``image`` ``(num_samples, ph, pw, context)`` float32 and
+    ``label`` ``(num_samples, ph, pw)`` uint8 and ``"patch_centres"``. Parameters of the last call
+    are in ``last_params``.
+
+    Raises:
+        KeyError: if the sample lacks a key (names key and transform).
+        ValueError: if ``num_samples < 1`` (and see :class:`PatchSampler`).
+    """
+
+    def __init__(self, keys: tuple[str, str] = ("image", "label"), patch_size: tuple[int, int] = (256, 256), *,
+                 num_samples: int = 4, lesion_fraction: float = 0.5, context_slices: int = 1,
+                 inside_body: bool = True, seed: int | None = None):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, found {num_samples!r}")
+        self.keys = tuple(keys)
+        self.patch_size = tuple(int(v) for v in patch_size)
+        self.num_samples = int(num_samples)
+        self.lesion_fraction = float(lesion_fraction)
+        self.context_slices = int(context_offsets(context_slices).size)
+        self.inside_body = inside_body
+        self.rng = np.random.default_rng(seed)
+        self.last_params: dict | None = None
+
+    def __repr__(self) -> str:
+        return (f"RandLesionPatchd(keys={self.keys}, patch_size={self.patch_size}, num_samples={self.num_samples}, "
+                f"lesion_fraction={self.lesion_fraction})")
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "patch_size": list(self.patch_size), "num_samples": self.num_samples,
+                "lesion_fraction": self.lesion_fraction, "context_slices": self.context_slices,
+                "inside_body": self.inside_body}
+
+    def sampler(self, sources: Sequence[SampleSource]) -> PatchSampler:
+        """The batch sampler of these settings over cached cases (what training runs per batch)."""
+        return PatchSampler(sources, self.patch_size, lesion_fraction=self.lesion_fraction,
+                            inside_body=self.inside_body)
+
+    def __call__(self, sample: dict) -> dict:
+        for key in self.keys:
+            if key not in sample:
+                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
+        image, label = sample[self.keys[0]], np.asarray(sample[self.keys[1]])
+        body = getattr(image, "body", None)
+        stack = np.asarray(getattr(image, "array", image), dtype=np.float32)
+        if stack.shape != label.shape:
+            raise ValueError(f"{self!r}: image {stack.shape} and label {label.shape} differ in shape")
+        src = SampleSource(stack, label.astype(np.uint8, copy=False), build_index(label, body),
+                           float(stack.min()) if stack.size else 0.0, str(getattr(image, "case_id", "")))
+        centres = self.sampler([src]).draw(self.num_samples, self.rng)
+        images, masks = render([src], centres, self.patch_size, self.context_slices)
+        self.last_params = centres.as_dict()
+        out = dict(sample)
+        out[self.keys[0]], out[self.keys[1]] = images, masks
+        out["patch_centres"] = self.last_params
+        return out
+
+
+@register_transform
+class RandJointAugmentd(Randomizable):
+    """Dictionary transform: joint augmentation of ``sample[keys[0]]`` (images ``(B, H, W, C)``)
+    and ``sample[keys[1]]`` (masks ``(B, H, W)``) with parameters drawn from its own generator.
+
+    Raises:
+        KeyError: if the sample lacks a key (names key and transform).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), config: AugmentConfig | Mapping | None = None,
+                 seed: int | None = None):
+        self.keys = tuple(keys)
+        if isinstance(config, Mapping):
+            config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        self.augmenter = Augmenter(config)
+        self.rng = np.random.default_rng(seed)
+        self.last_params: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"RandJointAugmentd(keys={self.keys})"
+
+    @property
+    def config(self) -> AugmentConfig:
+        return self.augmenter.config
+
+    def get_config(self) -> dict:
+        return {"keys": list(self.keys), "config": self.config.to_dict()}
+
+    def __call__(self, sample: dict) -> dict:
+        for key in self.keys:
+            if key not in sample:
+                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
+        out = dict(sample)
+        out[self.keys[0]], out[self.keys[1]] = self.augmenter(sample[self.keys[0]], sample[self.keys[1]], self.rng)
+        self.last_params = self.augmenter.last_params
+        return out

@@ -309,3 +309,104 @@ def test_reg_loss_is_the_mean_over_steps_not_the_end_value():
     # Two steps: the loss of step 1 used the initial weights, step 2 those after update 1.
     assert h["reg_loss"][0] == pytest.approx((start + after_first[0]) / 2, rel=1e-5)
     assert end < h["reg_loss"][0] < start
+
+
+# --- three classes (background, liver, tumour) ----------------------------------------------------
+def three_class_rows(n, tumour_dice=0.0, tumour_fraction=0.0):
+    """Logs of dice_metrics(3, ["liver", "tumour"]): loss falls 0.1 per epoch, the liver Dice rises,
+    the tumour's stays put."""
+    return [{"loss": 1.2 - 0.1 * e, "dice_liver": 0.3 + 0.1 * e, "dice_tumour": tumour_dice,
+             "mean_dice": (0.3 + 0.1 * e + tumour_dice) / 2, "fg_fraction": 0.1,
+             "fg_fraction_liver": 0.08, "fg_fraction_tumour": tumour_fraction} for e in range(n)]
+
+
+def test_three_classes_flat_and_missing_class_is_named():
+    diag = Diagnostics(num_classes=3, class_names=["liver", "tumour"], collapse_epochs=3, flat_epochs=4,
+                       verbose=0)
+    with pytest.warns(DiagnosticsWarning) as caught:
+        feed(diag, three_class_rows(5))
+    assert [(w["kind"], w["epoch"], w["class"]) for w in diag.warnings_seen] == [
+        ("collapse", 3, 2), ("flat_dice", 4, 2)]
+    collapse, flat = (w["message"] for w in diag.warnings_seen)
+    assert collapse.startswith("medseg diagnostics [collapse] epoch 3: the model predicts no voxel of "
+                               "class 2 (tumour) for 3 epochs while it predicts other classes")
+    assert flat.startswith("medseg diagnostics [flat_dice] epoch 4: the loss fell from 1.2000 to 0.9000 "
+                           "over 4 epochs while the hard Dice of class 2 (tumour) stayed at 0.0000")
+    assert "weight class 2 up" in diag.warnings_seen[1]["fix"]
+    assert len([w for w in caught if issubclass(w.category, DiagnosticsWarning)]) == 2
+
+
+def test_three_classes_predicted_but_wrong_and_healthy():
+    # The tumour is predicted (fraction 0.01) but never right: only the flat-Dice rule fires.
+    diag = Diagnostics(num_classes=3, flat_epochs=4, verbose=0)
+    rows = [{k.replace("liver", "1").replace("tumour", "2"): v for k, v in row.items()}
+            for row in three_class_rows(4, tumour_fraction=0.01)]
+    with pytest.warns(DiagnosticsWarning, match=r"the hard Dice of class 2 stayed at 0.0000"):
+        feed(diag, rows)
+    assert kinds(diag) == ["flat_dice"]
+    healthy = Diagnostics(num_classes=3, class_names=["liver", "tumour"], flat_epochs=4, verbose=0)
+    rows = three_class_rows(6, tumour_fraction=0.02)
+    for e, row in enumerate(rows):
+        row["dice_tumour"] = 0.1 * e
+    feed(healthy, rows)
+    assert healthy.warnings_seen == []
+
+
+def test_three_classes_collapse_to_background_is_one_warning():
+    rows = three_class_rows(4)
+    for row in rows:
+        row.update(fg_fraction=0.0, fg_fraction_liver=0.0)
+    diag = Diagnostics(num_classes=3, class_names=["liver", "tumour"], collapse_epochs=3, flat_epochs=9,
+                       verbose=0)
+    with pytest.warns(DiagnosticsWarning, match=r"no foreground at all for 3 epochs"):
+        feed(diag, rows)
+    assert [(w["kind"], "class" in w) for w in diag.warnings_seen] == [("collapse", False)]
+
+
+def test_three_classes_measured_on_the_sample_batch(capsys):
+    # An identity model: its output is its input, probabilities that never predict class 2.
+    labels = np.array([[[1, 2], [0, 2]], [[1, 1], [0, 0]]], np.int32)
+    pred = np.array([[[1, 1], [0, 0]], [[1, 0], [0, 0]]], np.int32)
+    probs = np.eye(3, dtype="float32")[pred] * 0.8 + 0.1 / 1.5
+    inp = keras.Input((2, 2, 3))
+    model = keras.Model(inp, keras.layers.Activation("linear")(inp))
+    diag = Diagnostics(num_classes=3, collapse_epochs=2, sample_batch=(probs, labels), verbose=1)
+    with pytest.warns(DiagnosticsWarning, match=r"\[collapse\] epoch 2: the model predicts no voxel of "
+                                                r"class 2 for 2 epochs"):
+        logs = feed(diag, [{"loss": 1.0}, {"loss": 0.9}], model=model)
+    # Class 1: predicted 3 pixels, labelled 3, 2 agree -> 4/6; class 2: 0 of 2 -> 0; 3 of 8 predicted.
+    assert logs[0]["diag_dice_1"] == pytest.approx(4 / 6) and logs[0]["diag_dice_2"] == 0.0
+    assert logs[0]["diag_fg_fraction_1"] == pytest.approx(3 / 8) and logs[0]["diag_fg_fraction_2"] == 0.0
+    assert "Dice of class 1 0.6667, class 2 0.0000" in capsys.readouterr().out
+
+
+def test_class_weights_and_labels_per_class():
+    assert check_class_weights([1.0, 2.0, 1.0]) == (
+        "class weights [1.0, 2.0, 1.0] give background (class 0) at least the weight of class 2")
+    assert check_class_weights([3.0, 2.0, 1.0]).endswith("at least the weight of classes 1, 2")
+    # Masses: background 0.1*0.9 = 0.09, class 1 2*0.08 = 0.16, class 2 4*0.02 = 0.08:
+    # only class 2 is outweighed, 0.09/0.17 = 53 %.
+    assert check_class_weights([0.1, 2.0, 4.0], [0.9, 0.08, 0.02]) == (
+        "with class weights [0.1, 2.0, 4.0] and class pixel fractions [0.9, 0.08, 0.02], background carries "
+        "53% of the weighted pixels of background and class 2")
+    assert check_class_weights([0.1, 2.0, 5.0], [0.9, 0.08, 0.02]) is None
+    y = np.zeros((2, 10, 10), np.int32)
+    y[:, :1, :8] = 1                          # 8 % class 1
+    y[:, 1, :2] = 2                           # 2 % class 2
+    report = check_labels(y, num_classes=3)
+    assert report["ok"] and report["class_fractions"] == pytest.approx([0.9, 0.08, 0.02])
+    assert not check_labels(y, num_classes=2)["ok"]
+    diag = Diagnostics(num_classes=3, class_weights=[0.1, 2.0, 4.0], sample_batch=(np.zeros((2, 10, 10, 1)), y),
+                       verbose=0)
+    with pytest.warns(DiagnosticsWarning, match=r"background carries 53% of the weighted pixels of "
+                                                r"background and class 2"):
+        diag.on_train_begin()
+    assert "each foreground class a larger weight" in diag.warnings_seen[0]["fix"]
+
+
+def test_three_class_arguments_and_config():
+    with pytest.raises(ValueError, match=r"expected 2 foreground class names"):
+        Diagnostics(num_classes=3, class_names=["liver"])
+    diag = Diagnostics(num_classes=3, class_names=["liver", "tumour"], verbose=0)
+    clone = Diagnostics(**diag.get_config())
+    assert clone.get_config() == diag.get_config() and clone.class_names == ["liver", "tumour"]

@@ -432,7 +432,7 @@ def test_unreadable_file_in_folder_is_an_error_not_a_skip(tmp_path, monkeypatch)
     with pytest.raises(InputError, match=r"2693: expected a readable DICOM file, found no read permission"):
         read_dicom(folder)
     (folder / "2693").unlink()
-    pattern = r"3023: expected a readable file, found an OS error .*Input/output error"
+    pattern = r"3023: expected a readable file, found an unreadable file .*Input/output error"
     with pytest.raises(InputError, match=pattern):
         read_dicom(folder)
     with pytest.raises(InputError, match=r"3023: expected a readable DICOM file, found an unreadable file"):

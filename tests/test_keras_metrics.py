@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.losses import ForegroundDice, ForegroundFraction, LesionSliceDice, TrueForegroundFraction
+from medseg.losses.metrics import MeanClassDice, class_metric_names, dice_metrics
 
 
 def probs_from_labels(labels, num_classes=2):
@@ -157,3 +158,94 @@ def test_metric_config_round_trip(metric):
 def test_bad_metric_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# --- N classes: per-class and mean Dice -----------------------------------------------------------
+# Batch 1: class 1 predicted at (0,0) (right) and (1,1) (a class-2 pixel); class 2 at (1,0) (right)
+# and (2,2) (background). Batch 2: class 2 everywhere it is, nothing else.
+REF3_1 = np.array([[[1, 1, 0], [2, 2, 0], [0, 0, 0]]], np.int32)
+PRED3_1 = np.array([[[1, 0, 0], [2, 1, 0], [0, 0, 2]]], np.int32)
+REF3_2 = np.array([[[2, 2, 2], [0, 0, 0], [0, 0, 0]]], np.int32)
+PRED3_2 = REF3_2.copy()
+
+
+def _three_class_epoch(metric):
+    metric.update_state(REF3_1, probs_from_labels(PRED3_1, 3))
+    metric.update_state(REF3_2, probs_from_labels(PRED3_2, 3))
+    return float(metric.result())
+
+
+def test_per_class_and_mean_dice_by_hand():
+    # Class 1: TP 1, FP 1 (pixel (1,1)), FN 1 (pixel (0,1)) -> 2/4 = 0.5.
+    # Class 2: batch 1 TP 1, FP 1 ((2,2)), FN 1 ((1,1)); batch 2 TP 3 -> 8/10 = 0.8.
+    assert _three_class_epoch(ForegroundDice(class_id=1)) == pytest.approx(0.5)
+    assert _three_class_epoch(ForegroundDice(class_id=2)) == pytest.approx(0.8)
+    mean = MeanClassDice(3)
+    # Mean of the epoch's class Dice (0.5 + 0.8)/2; the mean of per-batch means would be
+    # ((0.5 + 0.5)/2 + 1.0)/2 = 0.75 (class 1 is absent from batch 2).
+    assert _three_class_epoch(mean) == pytest.approx(0.65)
+    np.testing.assert_allclose(np.asarray(mean.class_dice()), [0.5, 0.8], rtol=1e-6)
+    # A class never labelled nor predicted has no Dice: left out of the mean, not counted as 0 or 1.
+    four = MeanClassDice(4)
+    four.update_state(REF3_1, probs_from_labels(PRED3_1, 4))
+    four.update_state(REF3_2, probs_from_labels(PRED3_2, 4))
+    assert float(four.result()) == pytest.approx(0.65)
+    assert np.isnan(np.asarray(four.class_dice())[2])
+    mean.reset_state()
+    assert np.isnan(float(mean.result()))
+    weighted = MeanClassDice(3)           # batch 2 weighted out: classes 1 and 2 at 0.5 each
+    weighted.update_state(np.concatenate([REF3_1, REF3_2]),
+                          probs_from_labels(np.concatenate([PRED3_1, PRED3_2]), 3),
+                          sample_weight=np.array([1.0, 0.0]))
+    assert float(weighted.result()) == pytest.approx(0.5)
+    # Pooled over all foreground: TP 2 + 3, FP 2, FN 2 -> 10/14.
+    assert _three_class_epoch(ForegroundDice()) == pytest.approx(10 / 14)
+    # Predicted fraction of each class: class 1 in 2 of 18 pixels, class 2 in 2 + 3.
+    assert _three_class_epoch(ForegroundFraction(class_id=1)) == pytest.approx(2 / 18)
+    assert _three_class_epoch(ForegroundFraction(class_id=2)) == pytest.approx(5 / 18)
+    assert ForegroundFraction(class_id=2).name == "fg_fraction_2"
+
+
+def test_dice_metrics_names_and_values_in_evaluate():
+    assert [m.name for m in dice_metrics(2)] == ["foreground_dice", "fg_fraction"]
+    assert [m.name for m in dice_metrics(2, ["lesion"])] == ["foreground_dice", "fg_fraction"]
+    metrics = dice_metrics(3, ["liver", "tumour"])
+    assert [m.name for m in metrics] == ["dice_liver", "dice_tumour", "mean_dice", "fg_fraction",
+                                         "fg_fraction_liver", "fg_fraction_tumour"]
+    assert [m.name for m in dice_metrics(3)][:2] == ["dice_1", "dice_2"]
+    inp = keras.Input((3, 3, 3))
+    model = keras.Model(inp, keras.layers.Activation("linear")(inp))
+    model.compile(loss="mse", metrics=metrics)
+    x = np.concatenate([probs_from_labels(PRED3_1, 3), probs_from_labels(PRED3_2, 3)])
+    out = model.evaluate(x, np.concatenate([REF3_1, REF3_2]), batch_size=1, verbose=0, return_dict=True)
+    expected = {"dice_liver": 0.5, "dice_tumour": 0.8, "mean_dice": 0.65, "fg_fraction": 7 / 18,
+                "fg_fraction_liver": 2 / 18, "fg_fraction_tumour": 5 / 18}
+    assert {k: out[k] for k in expected} == pytest.approx(expected)
+    # history.csv's "dice" column takes the mean over the classes.
+    from medseg.train.callbacks import find_dice_key
+
+    assert find_dice_key(out) == "mean_dice"
+    assert find_dice_key({f"head_4_{k}": v for k, v in out.items()}) == "head_4_mean_dice"
+
+
+def test_class_metric_names_and_errors():
+    assert class_metric_names(4, ["liver", "non-enhancing tumour", "a.b"]) == [
+        "liver", "non_enhancing_tumour", "a_b"]
+    for args, match in [((1,), r"num_classes must be >= 2"),
+                        ((3, ["liver"]), r"expected 2 foreground class names"),
+                        ((3, ["a-b", "a_b"]), r"distinct metric names")]:
+        with pytest.raises(ValueError, match=match):
+            class_metric_names(*args)
+    with pytest.raises(ValueError, match=r"MeanClassDice: num_classes must be >= 2"):
+        MeanClassDice(1)
+    with pytest.raises(ValueError, match=r"predictions have 3 classes, the metric was built for num_classes=4"):
+        MeanClassDice(4).update_state(REF3_1, probs_from_labels(PRED3_1, 3))
+    with pytest.raises(ValueError, match=r"ForegroundFraction: class_id must be >= 1"):
+        ForegroundFraction(class_id=0)
+
+
+@pytest.mark.parametrize("metric", [MeanClassDice(3), ForegroundFraction(class_id=2, name="f2")])
+def test_class_metric_config_round_trip(metric):
+    config = metric.get_config()
+    restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
+    assert type(restored) is type(metric) and restored.get_config() == config

@@ -226,3 +226,53 @@ def test_compiled_model_with_losses_saves_and_loads(tmp_path):
     assert isinstance(loaded.loss, DiceCELoss) and loaded.loss.ce_class_weights == [1.0, 2.0]
     assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
     assert after["foreground_dice"] == pytest.approx(before["foreground_dice"], rel=1e-6)
+
+
+# --- three classes (background + 2) ---------------------------------------------------------------
+# Two 2x2 samples; probabilities per pixel (background, class 1, class 2).
+Y3 = np.array([[[1, 2], [0, 2]], [[1, 1], [0, 0]]], np.int32)
+P3 = np.array([[[[0.2, 0.6, 0.2], [0.1, 0.2, 0.7]], [[0.8, 0.1, 0.1], [0.4, 0.2, 0.4]]],
+               [[[0.1, 0.8, 0.1], [0.2, 0.5, 0.3]], [[0.9, 0.1, 0.0], [0.6, 0.2, 0.2]]]], np.float32)
+# By hand, sample 0: class 1 I = 0.6, P = 0.6+0.2+0.1+0.2 = 1.1, G = 1 -> loss 1 - 1.2/2.1 = 3/7;
+#   class 2 I = 0.7+0.4 = 1.1, P = 1.4, G = 2 -> 1 - 2.2/3.4 = 6/17;
+#   background I = 0.8, P = 1.5, G = 1 -> 1 - 1.6/2.5 = 0.36.
+# Sample 1: class 1 I = 1.3, P = 1.6, G = 2 -> 1 - 2.6/3.6 = 5/18; class 2 absent -> soft FP
+#   fraction (0.1+0.3+0+0.2)/4 = 0.15; background I = 1.5, P = 1.8, G = 2 -> 1 - 3/3.8 = 0.8/3.8.
+C1, C2, B0 = (3 / 7, 5 / 18), (6 / 17, 0.15), (0.36, 0.8 / 3.8)
+
+
+def test_three_class_dice_hand_values():
+    np.testing.assert_allclose(per_sample(DiceLoss(), Y3, P3), [(C1[s] + C2[s]) / 2 for s in (0, 1)], rtol=1e-5)
+    np.testing.assert_allclose(per_sample(DiceLoss(include_background=True), Y3, P3),
+                               [(B0[s] + C1[s] + C2[s]) / 3 for s in (0, 1)], rtol=1e-5)
+    # Weights 1:3 between the classes; the background weight is ignored when it is excluded.
+    np.testing.assert_allclose(per_sample(DiceLoss(class_weights=[9.0, 1.0, 3.0]), Y3, P3),
+                               [(C1[s] + 3 * C2[s]) / 4 for s in (0, 1)], rtol=1e-5)
+    # batch_dice: class 1 I = 1.9, P = 2.7, G = 3 -> 1 - 3.8/5.7 = 1/3;
+    #   class 2 I = 1.1, P = 2.0, G = 2 -> 1 - 2.2/4 = 0.45; mean 47/120 on both samples.
+    np.testing.assert_allclose(per_sample(DiceLoss(batch_dice=True), Y3, P3), [47 / 120] * 2, rtol=1e-5)
+    # Targets as one-hot and predictions as logits give the same values.
+    np.testing.assert_allclose(per_sample(DiceLoss(from_logits=True), np.eye(3, dtype="float32")[Y3],
+                                          np.log(np.clip(P3, 1e-12, 1))),
+                               [(C1[s] + C2[s]) / 2 for s in (0, 1)], rtol=1e-4)
+
+
+def test_three_class_dice_ce_generalized_and_tversky_hand_values():
+    ce = [-(math.log(0.6) + math.log(0.7) + math.log(0.8) + math.log(0.4)) / 4,
+          -(math.log(0.8) + math.log(0.5) + math.log(0.9) + math.log(0.6)) / 4]
+    # CE weights 1, 2, 3 by the reference class: sample 0 pixel weights 2, 3, 1, 3; sample 1 2, 2, 1, 1.
+    wce = [-(2 * math.log(0.6) + 3 * math.log(0.7) + math.log(0.8) + 3 * math.log(0.4)) / 9,
+           -(2 * math.log(0.8) + 2 * math.log(0.5) + math.log(0.9) + math.log(0.6)) / 6]
+    np.testing.assert_allclose(per_sample(DiceCELoss(), Y3, P3), [(C1[s] + C2[s]) / 2 + ce[s] for s in (0, 1)],
+                               rtol=1e-5)
+    np.testing.assert_allclose(per_sample(DiceCELoss(ce_class_weights=[1.0, 2.0, 3.0]), Y3, P3),
+                               [(C1[s] + C2[s]) / 2 + wce[s] for s in (0, 1)], rtol=1e-5)
+    # Generalized Dice, background included, w = 1/G^2. Sample 0: w = 1, 1, 1/4:
+    #   1 - 2 (0.8 + 0.6 + 1.1/4) / ((1.5+1) + (1.1+1) + (1.4+2)/4) = 1 - 3.35/5.45 = 42/109.
+    # Sample 1: w = 1/4, 1/4 and, class 2 absent, the largest present weight 1/4:
+    #   1 - 2 (1.5 + 1.3 + 0)/4 / ((1.8+2) + (1.6+2) + 0.6)/4 = 1 - 1.4/2 = 0.3.
+    np.testing.assert_allclose(per_sample(GeneralizedDiceLoss(), Y3, P3), [42 / 109, 0.3], rtol=1e-5)
+    # Focal Tversky, sample 0: class 1 FN = 0.4, FP = 0.5 -> TI = 0.6/(0.6+0.28+0.15) = 0.6/1.03;
+    #   class 2 FN = 0.9, FP = 0.3 -> TI = 1.1/(1.1+0.63+0.09) = 1.1/1.82.
+    ft0 = ((1 - 0.6 / 1.03) ** 0.75 + (1 - 1.1 / 1.82) ** 0.75) / 2
+    assert per_sample(FocalTverskyLoss(), Y3, P3)[0] == pytest.approx(ft0, rel=1e-5)

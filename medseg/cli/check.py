@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Check a segmentation dataset before training and report every problem at once: unpaired "
             "files, unreadable files, image/label grid mismatch, label values outside {0, 1}, interpolated "
-            "labels, NaN/inf, empty labels. Prints lesion statistics per case and in total."
+            "labels, NaN/inf, empty labels. Prints lesion statistics per case and in total, or per class "
+            "with --labels-map / a dataset.json naming several classes."
         ),
         epilog="exit status: 0 no fatal problem, 1 fatal problems found, 2 usage/input error",
     )
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--map-labels", type=_label_map_arg, metavar="FROM:TO[,FROM:TO]",
                         help="map label values before checking, e.g. 255:1 for {0, 255} masks")
+    named = parser.add_mutually_exclusive_group()
+    named.add_argument("--labels-map", nargs="+", metavar="NAME=IDS",
+                       help="report per class: named classes and their label ids, e.g. liver=5 spleen=1 "
+                            "(tumour=2,3 for several ids); ids of no class count as background")
+    named.add_argument("--dataset-json", metavar="PATH",
+                       help="nnU-Net/MSD dataset.json whose labels (and regions_class_order) name the classes; "
+                            "default: the dataset.json of the images folder or its parent, if it names several")
     parser.add_argument("--tolerance-mm", type=float, default=0.01, metavar="MM",
                         help="largest distance between where image and label put the same voxel (origin shift, "
                              "or drift from a spacing/direction difference), default 0.01 mm")
@@ -63,9 +71,11 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.io import pair_cases
 
     try:
+        classes, source = _classes(args)
         cases, unpaired = pair_cases(args.images, args.labels)
         report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
-                               extra_problems=unpaired, progress=not args.quiet and sys.stderr.isatty())
+                               extra_problems=unpaired, progress=not args.quiet and sys.stderr.isatty(),
+                               classes=classes, classes_source=source)
     except MedsegError as exc:
         if args.json:  # a JSON consumer still gets JSON; stderr gets the usual one line
             json.dump({"ok": False, "fatal": True, "error": error_line(exc),
@@ -81,6 +91,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: images {args.images}" + (f", labels {args.labels}" if args.labels else ", no labels"))
         print(report.format_text())
     return EXIT_FAILED if report.fatal else EXIT_OK
+
+
+def _classes(args: argparse.Namespace):
+    """(ClassSpec or None, its source): ``--labels-map``, else ``--dataset-json``, else the
+    dataset.json pairing would use (images folder or its parent); None: binary labels."""
+    from pathlib import Path
+
+    from medseg.io.classes import ClassSpec
+    from medseg.io.dataset import find_dataset_json  # the one rule for where dataset.json lies
+
+    if args.labels_map:
+        return ClassSpec.parse(args.labels_map), "--labels-map"
+    path = Path(args.dataset_json) if args.dataset_json else find_dataset_json(Path(args.images))
+    spec = None if path is None else ClassSpec.from_dataset_json(path)
+    return spec, None if spec is None else str(path)
 
 
 if __name__ == "__main__":

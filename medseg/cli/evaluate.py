@@ -6,19 +6,23 @@ Example::
 
 writes ``metrics.csv``, ``summary.json`` and ``report.html`` into ``--out`` and prints the
 per-patient table. ``--pred`` and ``--ref`` may also be one prediction file and its reference
-file. ``--out`` is checked before any work: a folder that can be written, without the outputs of
-an earlier evaluation unless ``--overwrite``. Definitions: docs/eval.md.
+file. ``--labels-map liver=5 spleen=1`` or ``--dataset-json dataset.json`` scores each class (or
+nested region) on its own: ``metrics.csv`` in long form (one row per case and class). ``--out``
+is checked before any work: a folder that can be written, without the outputs of an earlier
+evaluation unless ``--overwrite``. Definitions: docs/eval.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from medseg.cli._common import add_common_args, run_command, setup_logging
 from medseg.components import CONNECTIVITIES, LESION_CONNECTIVITY
 
 PROG = "medseg-eval"
+log = logging.getLogger("medseg.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--map-labels", metavar="FROM:TO[,FROM:TO]",
                         help="map the reference label values first, as medseg-train does: e.g. 5:1,*:0 scores "
                         "label 5 of a multi-organ reference against 0/1 predictions (* = every other value)")
+    parser.add_argument(
+        "--labels-map", nargs="+", metavar="NAME=IDS",
+        help="score these classes one by one, e.g. liver=5 spleen=1 tumour=2,3 (a class is the union of its "
+        "ids; overlapping ids make nested regions); ids of no class are background",
+    )
+    parser.add_argument(
+        "--dataset-json", metavar="PATH",
+        help="take the classes from an nnU-Net / MSD dataset.json: its labels (name -> id or ids) and "
+        "regions_class_order; one foreground class is the binary evaluation",
+    )
+    parser.add_argument(
+        "--lesion-classes", nargs="+", metavar="NAME",
+        help="classes also scored lesion-wise (connected components); default none with several classes "
+        "(the binary evaluation always is)",
+    )
     parser.add_argument(
         "--empty-distance", choices=("worst", "exclude"), default="worst",
         help="in the statistics, an infinite distance (one mask empty) becomes the image diagonal (worst, "
@@ -82,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.io.labels import parse_label_map
 
     options = EvalOptions(
+        classes=_classes(args),
         label=args.label,
         map_labels=parse_label_map(args.map_labels) if args.map_labels else None,
         resample_pred=args.resample_pred,
@@ -103,22 +123,56 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),  # no \r-animated bar in a log file
     )
     paths = write_report(result, args.out, workers=args.workers)
-    print(format_table(result.cases))
-    stats = result.summary["metrics"]
+    print(format_table(result.cases, options.classes))
     policy = result.summary["policy"]
-    print(
-        f"mean DSC {stats['dsc']['mean']:.4f}, mean HD95 {stats['hd95_mm']['mean']:.2f} mm "
-        f"(empty-distance policy: {policy['empty_distance']}; both empty {policy['n_both_empty']}, "
-        f"one empty {policy['n_pred_empty_only'] + policy['n_ref_empty_only']}, "
-        f"missing {policy['n_missing_prediction']})"
-    )
+    if options.classes is not None:
+        from medseg.eval.report_classes import mean_over_classes_text
+
+        print(mean_over_classes_text(result.summary))
+        print(f"(empty-distance policy: {policy['empty_distance']}; missing {policy['n_missing_prediction']})")
+    else:
+        stats = result.summary["metrics"]
+        print(
+            f"mean DSC {stats['dsc']['mean']:.4f}, mean HD95 {stats['hd95_mm']['mean']:.2f} mm "
+            f"(empty-distance policy: {policy['empty_distance']}; both empty {policy['n_both_empty']}, "
+            f"one empty {policy['n_pred_empty_only'] + policy['n_ref_empty_only']}, "
+            f"missing {policy['n_missing_prediction']})"
+        )
     print(f"report: {paths['html']}")
     for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 
+def _classes(args: argparse.Namespace):
+    """The :class:`~medseg.io.classes.ClassSpec` of ``--labels-map`` / ``--dataset-json`` (with
+    ``--lesion-classes``); None for the binary evaluation.
+
+    Raises:
+        InputError: malformed entries, unreadable dataset.json, unknown lesion classes.
+    """
+    from medseg.io.classes import ClassSpec
+
+    lesions = tuple(args.lesion_classes or ())
+    if args.labels_map:
+        return ClassSpec.parse(args.labels_map, lesions=lesions)
+    if args.dataset_json:
+        spec = ClassSpec.from_dataset_json(args.dataset_json, lesions=lesions)
+        if spec is None and lesions:
+            log.info("%s defines one foreground class: binary evaluation, lesion-wise as always; "
+                     "--lesion-classes is not needed", args.dataset_json)
+        return spec
+    return None
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.labels_map and args.dataset_json:
+        parser.error("--labels-map and --dataset-json both name the classes: pass one")
+    if (args.labels_map or args.dataset_json) and args.label is not None:
+        parser.error("--label picks one foreground value; with --labels-map / --dataset-json each class names its ids")
+    if args.lesion_classes and not (args.labels_map or args.dataset_json):
+        parser.error("--lesion-classes names classes of --labels-map or --dataset-json (the binary evaluation "
+                     "always counts lesions)")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, found {args.workers}")
     if not 0.0 <= args.min_overlap_fraction <= 1.0:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Segment lesions in 3D CT/MR volumes with a model trained by medseg-train. Writes a label "
-            "volume (0 background, 1 lesion) on exactly the input's grid (shape, spacing, origin, direction)."
+            "volume (0 background, 1 lesion; a multi-class model writes the dataset's label ids) on exactly "
+            "the input's grid (shape, spacing, origin, direction)."
         ),
         epilog=(
             f"Model: --model, else ${MODEL_ENV}, else the newest run in ./{DEFAULT_RUNS_DIR}/ holding a bundle.json. "
@@ -401,18 +402,34 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
     volume = read_volume(job.source, case_id=job.case_id)
     check_image(volume, job.source)  # NaN or a constant image: refused before the model runs
     post = dict(threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, largest_component=args.largest_component)
-    if job.prob_path is None:
+    if job.prob_path is None or predictor.multiclass:
         # Labels only: thresholded part by part, no float volume of the input's size is kept.
-        probability, labels = None, predictor.segment(volume, **post)
+        # Several classes: the argmax labels, and the foreground probability as a second pass.
+        labels = predictor.segment(volume, **post)
+        probability = predictor.predict_proba(volume) if job.prob_path is not None else None
     else:
         probability = predictor.predict_proba(volume)
         labels = predictor.labels_from_proba(probability, **post)
     outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
     write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
-    lesion_ml = float(labels.array.sum(dtype="int64")) * labels.voxel_volume_ml
     written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
-    message = f"{job.case_id}: lesion {lesion_ml:.2f} ml -> {written} ({time.perf_counter() - start:.1f} s)"
-    return message
+    return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"
+
+
+def _volumes_text(predictor, labels) -> str:
+    """``lesion 12.30 ml``, or for several classes ``liver 1520.11 ml, spleen 210.40 ml, ...``."""
+    import numpy as np
+
+    spec = predictor.classes
+    if spec.is_binary:
+        return f"lesion {float(labels.array.sum(dtype='int64')) * labels.voxel_volume_ml:.2f} ml"
+    counts = np.bincount(np.asarray(labels.array).ravel().astype(np.int64))
+    parts = []
+    for k, (name, ids) in enumerate(zip(spec.names, spec.ids)):
+        written = spec.region_order[k] if spec.regions else ids[0]  # the id the model writes for it
+        voxels = int(counts[written]) if written < counts.size else 0
+        parts.append(f"{name} {voxels * labels.voxel_volume_ml:.2f} ml")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``medseg-train``: train a UNet++ lesion segmenter on folders of images and labels.
+"""``medseg-train``: train a lesion segmenter (UNet++ by default) on folders of images and labels.
 
 Thin wrapper around :func:`medseg.train.loop.train`; TensorFlow is imported only after the
 arguments are parsed, so ``--help`` is fast.
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="medseg-train",
-        description="Train a UNet++ lesion segmenter (dataset check, plan, patient split, "
+        description="Train a lesion segmenter, UNet++ by default (dataset check, plan, patient split, "
         "whole-volume 3D validation, resumable checkpoints, multi-GPU/multi-worker).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", help="folder of label maps, paired with the images by case id")
     d.add_argument("--map-labels", metavar="FROM:TO[,FROM:TO]",
                    help="map label values first, e.g. 255:1, or 5:1,*:0 to train on label 5 alone (* = all others)")
+    d.add_argument("--labels-map", nargs="+", metavar="NAME=IDS",
+                   help="several classes at once, e.g. liver=5 spleen=1 stomach=6 aorta=52 (default: the labels of "
+                        "a dataset.json next to the images when it names 2 or more; else binary: any nonzero value)")
     d.add_argument("--out", help="parent folder of run folders (default: runs)")
     d.add_argument("--run-dir", help="exact run folder instead of OUT/<timestamp>")
     d.add_argument("--config", help="YAML or JSON file of settings (TrainConfig field names)")
@@ -131,7 +134,7 @@ def config_from_args(args: argparse.Namespace):
                     "warmup_epochs", "schedule_over", "loss", "seed", "patch_size", "network", "filters", "depth",
                     "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
-                    "cpu_sizing")
+                    "labels_map", "cpu_sizing")
     }
     if args.debug:
         flags["debug"] = True

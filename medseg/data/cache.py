@@ -213,7 +213,7 @@ class VolumeCache:
         sample = self.pipeline.preprocess({"image": image, "label": label}, training=True)
         prepared, lab = sample["image"], np.ascontiguousarray(sample["label"], dtype=np.uint8)
         del sample
-        index = build_index(lab, prepared.body, seed=seed)
+        index = build_index(lab, prepared.body, seed=seed, label_kind=self.pipeline.label_kind)
         pad = float(prepared.array.min()) if prepared.array.size else 0.0
         if not to_disk:
             self.sources.append(SampleSource(prepared.array, lab, index, pad, image.case_id))
@@ -243,7 +243,7 @@ class VolumeCache:
     @classmethod
     def from_arrays(cls, arrays: Sequence[tuple[str, np.ndarray, np.ndarray]], plan: Any, *, mode: str = "memory",
                     cache_dir: str | os.PathLike | None = None, body_threshold: float | None = None,
-                    seed: int = 0) -> "VolumeCache":
+                    seed: int = 0, label_kind: str = "binary") -> "VolumeCache":
         """A cache of already preprocessed ``(case_id, image (n, H, W) float32, label (n, H, W))``.
 
         ``body_threshold``: image values above it count as body (None: no body sample).
@@ -264,7 +264,7 @@ class VolumeCache:
             if image.shape != label.shape or image.ndim != 3:
                 raise ValueError(f"{case_id}: image {image.shape} and label {label.shape} must be equal 3D shapes")
             body = image > body_threshold if body_threshold is not None else None
-            index = build_index(label, body, seed=seed + n)
+            index = build_index(label, body, seed=seed + n, label_kind=label_kind)
             pad = float(image.min())
             if mode == "memory":
                 self.sources.append(SampleSource(image, label, index, pad, case_id))

@@ -7,8 +7,15 @@ Warnings are worth knowing: empty labels (no lesion), constant images.
 
 Lesion statistics per case: connected components (:func:`medseg.components.label_components`,
 26-connectivity), volume in mL, fraction of slices holding lesion (slices along
-:func:`medseg.transforms.slicing.largest_spacing_axis`, the axis training slices along),
+:func:`medseg.io.volume.largest_spacing_axis`, the axis training slices along),
 fraction of foreground voxels. Label values are judged by :func:`medseg.io.labels.label_problems`.
+
+With named classes (a :class:`medseg.io.classes.ClassSpec`: ``--labels-map liver=5 spleen=1`` or a
+``dataset.json``) the statistics are per class (or nested region: region ``k`` is every voxel whose
+id is one of ``ids[k]``) and per case: voxels, volume, connected components, slices holding the
+class. Any integer label id is then valid: ids of no class are background, reported in one warning
+with their voxel counts; a class absent from some labels is a warning naming them, a class absent
+from every label is fatal (nothing to learn for it).
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from medseg.components import label_components
 from medseg.io.labels import apply_label_map, label_problems, label_values, parse_label_map  # noqa: F401
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.io import Case, Volume, read_volume
+from medseg.io.classes import ClassSpec
 from medseg.io.jsonsafe import json_safe
-from medseg.transforms.slicing import largest_spacing_axis
+from medseg.io.volume import largest_spacing_axis
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,41 @@ def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str
     }
 
 
+def class_statistics(label: np.ndarray, spacing_mm: Iterable[float], classes: ClassSpec) -> dict[str, Any]:
+    """Statistics of each class (or region) of a label map of ids.
+
+    Args:
+        label: 3D array of integral label ids (any dtype), axes (i, j, k).
+        spacing_mm: voxel size along (i, j, k) in mm.
+        classes: named classes or regions; class ``k`` is every voxel whose id is in ``ids[k]``.
+
+    Returns:
+        ``{"slice_axis", "n_slices", "n_voxels", "classes", "unlisted_ids"}``: ``classes`` maps each
+        name to ``{"voxels", "volume_ml", "components", "slices", "slice_fraction"}`` (components
+        by :func:`medseg.components.label_components`; slices along the slice axis that hold the
+        class); ``unlisted_ids`` maps each nonzero id of no class to its voxel count.
+    """
+    label = np.asarray(label)
+    spacing = [float(v) for v in spacing_mm]
+    per_class: dict[str, dict[str, Any]] = {}
+    s: dict[str, Any] = {}
+    for name, ids in zip(classes.names, classes.ids):
+        s = lesion_statistics(np.isin(label, ids), spacing)
+        per_class[name] = {"voxels": s["lesion_voxels"], "volume_ml": s["lesion_volume_ml"],
+                           "components": s["lesion_count"], "slices": s["slices_with_lesion"],
+                           "slice_fraction": s["slice_fraction"]}
+    listed = sorted({i for ids in classes.ids for i in ids})
+    other = label[(label != 0) & ~np.isin(label, listed)]
+    values, counts = np.unique(other, return_counts=True)
+    return {
+        "slice_axis": s["slice_axis"],
+        "n_slices": s["n_slices"],
+        "n_voxels": s["n_voxels"],
+        "classes": per_class,
+        "unlisted_ids": {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())},
+    }
+
+
 @dataclass
 class CheckReport:
     """Result of :func:`check_dataset`.
@@ -101,12 +144,18 @@ class CheckReport:
             from :func:`lesion_statistics` when the label is valid).
         totals: dataset-level numbers (cases, empty labels, lesions, volume, fractions).
         label_map: the ``--map-labels`` mapping applied before checking label values.
+        classes: the named classes reported per class (None: binary, every nonzero value);
+            then each case's stats hold :func:`class_statistics` and ``totals["classes"]``
+            sums them per class.
+        classes_source: where the classes came from (``--labels-map`` or a dataset.json path).
     """
 
     problems: list[Problem] = field(default_factory=list)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     label_map: dict[int, int] | None = None
+    classes: ClassSpec | None = None
+    classes_source: str | None = None
 
     @property
     def fatal(self) -> bool:
@@ -131,8 +180,9 @@ class CheckReport:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: ``ok``, ``fatal``, counts, ``problems``, ``cases`` (stats), ``totals``."""
-        return json_safe({
+        """JSON-ready dict: ``ok``, ``fatal``, counts, ``problems``, ``cases`` (stats), ``totals``;
+        with named classes also ``classes`` (the spec, with its ``source``)."""
+        out = {
             "ok": not self.fatal,
             "fatal": self.fatal,
             "n_cases": len(self.stats),
@@ -142,10 +192,14 @@ class CheckReport:
             "problems": [p._asdict() for p in self.problems],
             "cases": self.stats,
             "totals": self.totals,
-        })
+        }
+        if self.classes is not None:
+            out["classes"] = {**self.classes.to_dict(), "source": self.classes_source}
+        return json_safe(out)
 
     def format_text(self) -> str:
-        """Human-readable report: problems table, lesion statistics per case and in total, verdict."""
+        """Human-readable report: problems table, lesion (or per-class) statistics per case and in
+        total, verdict."""
         lines: list[str] = []
         t = self.totals
         lines.append(f"{t.get('n_cases', len(self.stats))} cases checked")
@@ -157,6 +211,18 @@ class CheckReport:
                 lines.append(f"  {p.severity.upper():<7}  {p.case_id:<{width}}  {p.message}{where}")
         else:
             lines.append("\nproblems: none")
+        lines += self._lesion_lines() if self.classes is None else _class_lines(self)
+        verdict = (
+            f"FAILED: {len(self.fatal_problems)} fatal problem(s)" if self.fatal
+            else "OK" + (f" ({len(self.warnings)} warnings)" if self.warnings else "")
+        )
+        lines.append(f"\nresult: {verdict}")
+        return "\n".join(lines)
+
+    def _lesion_lines(self) -> list[str]:
+        """The lesion statistics table (binary labels), empty without a valid label."""
+        lines: list[str] = []
+        t = self.totals
         rows = [(cid, s) for cid, s in self.stats.items() if "lesion_count" in s]
         if rows:
             width = max(5, max(len(cid) for cid, _ in rows))
@@ -179,12 +245,41 @@ class CheckReport:
                 f"  valid labels: {t['n_labelled']}, with lesion: {t['n_with_lesion']}, empty: {t['n_empty_labels']}; "
                 f"median lesions per case {t['median_lesion_count']:g}, smallest lesion {t['smallest_lesion_ml']:.4f} mL"
             )
-        verdict = (
-            f"FAILED: {len(self.fatal_problems)} fatal problem(s)" if self.fatal
-            else "OK" + (f" ({len(self.warnings)} warnings)" if self.warnings else "")
-        )
-        lines.append(f"\nresult: {verdict}")
-        return "\n".join(lines)
+        return lines
+
+
+def _slices_text(slices: int, n_slices: int) -> str:
+    return f"{slices}/{n_slices} ({100 * slices / n_slices if n_slices else 0:.0f}%)"
+
+
+def _class_lines(report: CheckReport) -> list[str]:
+    """The per-class tables: one row per case and class, then one total per class."""
+    spec = report.classes
+    kind = "region" if spec.regions else "class"
+    ids = {name: ",".join(str(i) for i in v) for name, v in zip(spec.names, spec.ids)}
+    lines = [f"\n{kind} ids (from {report.classes_source or 'the caller'}): "
+             + ", ".join(f"{name}={ids[name]}" for name in spec.names)]
+    rows = [(cid, s) for cid, s in report.stats.items() if "classes" in s]
+    if not rows:
+        return lines
+    cw = max(5, max(len(cid) for cid, _ in rows))
+    nw = max(len(kind), max(len(n) for n in spec.names))
+    head = (f"  {'case':<{cw}}  {kind:<{nw}}  {'voxels':>10}  {'volume_ml':>10}  {'components':>10}  "
+            f"{f'slices_with_{kind}':>19}")
+    rule = "  " + "-" * (len(head) - 2)
+    lines += [f"\n{kind} statistics (slices along each case's slice axis, its largest spacing):", head, rule]
+    for cid, s in rows:
+        for name in spec.names:
+            c = s["classes"][name]
+            lines.append(f"  {cid:<{cw}}  {name:<{nw}}  {c['voxels']:>10d}  {c['volume_ml']:>10.3f}  "
+                         f"{c['components']:>10d}  {_slices_text(c['slices'], s['n_slices']):>19}")
+    lines.append(rule)
+    for name in spec.names:
+        c = report.totals["classes"][name]
+        lines.append(f"  {'total':<{cw}}  {name:<{nw}}  {c['voxels']:>10d}  {c['volume_ml']:>10.3f}  "
+                     f"{c['components']:>10d}  {_slices_text(c['slices'], c['n_slices']):>19}"
+                     f"  in {c['n_present']}/{report.totals['n_labelled']} labels")
+    return lines
 
 
 def _fmt(values: np.ndarray) -> str:
@@ -233,17 +328,7 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
     """
     if array.dtype == np.bool_:
         return [], array
-    problems = []
-    # Only float arrays can hold NaN or fractions: spare integer labels a pass over the volume.
-    for p in label_problems(array) if array.dtype.kind == "f" else []:
-        if p.kind == "nan":
-            problems.append(f"label has {p.count} NaN/inf voxels")
-        elif p.kind == "non_integer":
-            examples = ", ".join(f"{v:g}" for v in p.values)
-            problems.append(
-                f"label has {p.count} non-integer voxels (values such as {examples}): interpolated mask? "
-                "resample labels with nearest-neighbour interpolation"
-            )
+    problems = _float_problems(array)
     if problems:
         return problems, None
     mapped = apply_label_map(array, label_map)
@@ -264,6 +349,31 @@ def _label_value_problems(array: np.ndarray, label_map: Mapping[int, int] | None
     return [], mapped == 1
 
 
+def _id_problems(array: np.ndarray, label_map: Mapping[int, int] | None) -> tuple[list[str], np.ndarray | None]:
+    """(messages, label ids after ``--map-labels`` or None) for a label of named classes: NaN/inf
+    and non-integer values are fatal; any integer id is valid (ids of no class are background)."""
+    if array.dtype == np.bool_:
+        return [], array.astype(np.uint8)
+    problems = _float_problems(array)
+    return (problems, None) if problems else ([], apply_label_map(array, label_map))
+
+
+def _float_problems(array: np.ndarray) -> list[str]:
+    """NaN/inf and non-integer voxels (judged before ``--map-labels``: no mapping repairs them)."""
+    problems = []
+    # Only float arrays can hold NaN or fractions: spare integer labels a pass over the volume.
+    for p in label_problems(array) if array.dtype.kind == "f" else []:
+        if p.kind == "nan":
+            problems.append(f"label has {p.count} NaN/inf voxels")
+        elif p.kind == "non_integer":
+            examples = ", ".join(f"{v:g}" for v in p.values)
+            problems.append(
+                f"label has {p.count} non-integer voxels (values such as {examples}): interpolated mask? "
+                "resample labels with nearest-neighbour interpolation"
+            )
+    return problems
+
+
 def _without_path(exc: BaseException, path: Path) -> str:
     """The error message without its leading ``"PATH: "`` (the problem row shows the path)."""
     text = str(exc)
@@ -277,6 +387,7 @@ def check_case(
     label_map: Mapping[int, int] | None = None,
     tolerance_mm: float = 0.01,
     direction_tolerance: float = 1e-3,
+    classes: ClassSpec | None = None,
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Check one case; returns its problems and statistics (see :func:`check_dataset`)."""
     cid = case.case_id
@@ -323,6 +434,13 @@ def check_case(
             label = aligned
         for message in _grid_problems(image, label, tolerance_mm, direction_tolerance):
             add(FATAL, case.label_path, message)
+    if classes is not None:
+        value_problems, ids = _id_problems(label.array, label_map)
+        for message in value_problems:
+            add(FATAL, case.label_path, message)
+        if ids is not None:
+            stats.update(class_statistics(ids, label.spacing_mm, classes))
+        return problems, stats
     value_problems, mask = _label_value_problems(label.array, label_map)
     for message in value_problems:
         add(FATAL, case.label_path, message)
@@ -343,6 +461,8 @@ def check_dataset(
     extra_problems: Iterable[str] = (),
     workers: int | None = None,
     progress: bool = False,
+    classes: ClassSpec | None = None,
+    classes_source: str | None = None,
 ) -> CheckReport:
     """Check every case and report all problems at once, with lesion statistics.
 
@@ -357,11 +477,17 @@ def check_dataset(
         workers: cases checked in parallel threads (decompression and numpy release the GIL);
             default ``min(4, cpu count)``. The report's order does not depend on it.
         progress: show a progress bar on stderr (tqdm).
+        classes: named classes (or regions) to report per class (:func:`class_statistics`), with
+            warnings for classes absent from some labels and for label ids of no class; None
+            (or the binary spec): every nonzero value is the lesion, values must be 0/1.
+        classes_source: where ``classes`` came from, shown in the report.
 
     Returns:
         :class:`CheckReport`; ``report.fatal`` says whether training may proceed.
     """
-    report = CheckReport(label_map=dict(label_map) if label_map else None)
+    classes = None if classes is None or classes.is_binary else classes
+    report = CheckReport(label_map=dict(label_map) if label_map else None, classes=classes,
+                         classes_source=classes_source if classes is not None else None)
     for message in extra_problems:
         report.problems.append(Problem(FATAL, "(dataset)", None, message))
     cases = list(cases)
@@ -370,7 +496,7 @@ def check_dataset(
     def one(case: Case) -> tuple[list[Problem], dict[str, Any]]:
         log.debug("checking %s", case.case_id)
         return check_case(case, label_map=label_map, tolerance_mm=tolerance_mm,
-                          direction_tolerance=direction_tolerance)
+                          direction_tolerance=direction_tolerance, classes=classes)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, cases)
@@ -381,6 +507,10 @@ def check_dataset(
         for case, (problems, stats) in zip(cases, results):
             report.problems.extend(problems)
             report.stats[case.case_id] = stats
+    if classes is not None:
+        report.totals = _class_totals(report.stats, classes)
+        report.problems += _class_problems(report.totals, classes, label_map)
+        return report
     report.totals = _totals(report.stats)
     empty = report.totals["n_empty_labels"]
     if empty and empty == report.totals["n_labelled"]:
@@ -420,3 +550,64 @@ def _totals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "slice_fraction": slices_with / n_slices if n_slices else 0.0,
         "foreground_fraction": voxels / n_voxels if n_voxels else 0.0,
     }
+
+
+def _class_totals(stats: Mapping[str, Mapping[str, Any]], classes: ClassSpec) -> dict[str, Any]:
+    """Dataset totals of :func:`class_statistics`: per class the sums over the valid labels, the
+    cases holding it and those without it; per id of no class its voxels and cases."""
+    labelled = {cid: s for cid, s in stats.items() if "classes" in s}
+    per_class = {}
+    for name in classes.names:
+        rows = {cid: s["classes"][name] for cid, s in labelled.items()}
+        per_class[name] = {
+            "voxels": sum(c["voxels"] for c in rows.values()),
+            "volume_ml": sum(c["volume_ml"] for c in rows.values()),
+            "components": sum(c["components"] for c in rows.values()),
+            "slices": sum(c["slices"] for c in rows.values()),
+            "n_slices": sum(s["n_slices"] for s in labelled.values()),
+            "n_present": sum(1 for c in rows.values() if c["voxels"]),
+            "absent_cases": [cid for cid, c in rows.items() if not c["voxels"]],
+        }
+    unlisted: dict[int, dict[str, Any]] = {}
+    for cid, s in labelled.items():
+        for value, count in s["unlisted_ids"].items():
+            entry = unlisted.setdefault(value, {"voxels": 0, "cases": []})
+            entry["voxels"] += count
+            entry["cases"].append(cid)
+    return {"n_cases": len(stats), "n_labelled": len(labelled), "classes": per_class,
+            "unlisted_ids": dict(sorted(unlisted.items()))}
+
+
+#: Cases or ids named in one problem line; the JSON report has them all.
+_SHOWN = 20
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - _SHOWN
+    return ", ".join(items[:_SHOWN]) + (f", ... ({more} more in --json)" if more > 0 else "")
+
+
+def _class_problems(totals: Mapping[str, Any], classes: ClassSpec, label_map) -> list[Problem]:
+    """Dataset-level findings of the per-class totals: a class absent from every valid label
+    (fatal), from some (warning naming the cases), label ids of no class (warning with counts)."""
+    found = []
+    n = totals["n_labelled"]
+    kind = "region" if classes.regions else "class"
+    unlisted = totals["unlisted_ids"]
+    for name, ids in zip(classes.names, classes.ids):
+        c = totals["classes"][name]
+        what = f"{kind} {name!r} (label ids {', '.join(map(str, ids))})"
+        if n and not c["n_present"]:
+            others = f"; ids found in no {kind}: {_listed([str(v) for v in unlisted])}" if unlisted else ""
+            found.append(Problem(FATAL, "(dataset)", None, (
+                f"{what} is absent from every one of the {n} valid labels: there is nothing to learn for it; "
+                f"check its ids" + (" and --map-labels" if label_map else "") + others)))
+        elif c["absent_cases"]:
+            found.append(Problem(WARNING, "(dataset)", None, (
+                f"{what} is absent from {len(c['absent_cases'])} of {n} labels: {_listed(c['absent_cases'])}")))
+    if unlisted:
+        counts = [f"{v} ({e['voxels']} voxels in {len(e['cases'])} case{'s' if len(e['cases']) > 1 else ''})"
+                  for v, e in unlisted.items()]
+        found.append(Problem(WARNING, "(dataset)", None, (
+            f"{len(unlisted)} label ids belong to no {kind} and count as background: {_listed(counts)}")))
+    return found

@@ -89,6 +89,7 @@ class BatchMaker:
         patches = pipeline.patches
         self.patch_size = tuple(int(v) for v in patches.patch_size)
         self.context_slices = int(patches.context_slices)
+        self.label_kind = patches.label_kind
         self.sampler = patches.sampler(cache.sources)
         joint = [t for t in pipeline.random if isinstance(getattr(t, "augmenter", None), Augmenter)]
         self.augmenter = joint[0].augmenter if joint else None
@@ -118,7 +119,7 @@ class BatchMaker:
             spatial = self.augmenter.draw_spatial(self.batch_size, rng, square=self.patch_size[0] == self.patch_size[1])
         after = self.cache.release_slices if self.release_pages else None
         images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial,
-                               after_patch=after)
+                               after_patch=after, label_kind=self.label_kind)
         params: dict[str, Any] = {"index": index, "centres": centres.as_dict()}
         if self.augmenter is not None:
             intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)

@@ -71,10 +71,14 @@ class Plan:
         context_slices: odd number of neighbouring slices given as channels (1 = plain 2D).
         patch_size: training patch (H, W) in plan space; multiples of ``divisor``.
         lesion_fraction: fraction of training patches centred on a lesion.
-        num_classes: 2 (background, lesion).
+        num_classes: network outputs: 2 (background, lesion), or background + each class of
+            ``classes``.
         divisor: the network's size multiple, ``2 ** depth``.
         fingerprint: dataset statistics the decisions came from (informative only).
         version: Plan format version.
+        classes: the named classes (:meth:`medseg.io.classes.ClassSpec.to_dict`) when there are
+            several; None for binary lesion segmentation (every nonzero value is the lesion).
+            Left out of :meth:`to_dict` when None, so binary plans read as before.
 
     Raises:
         ValueError: on inconsistent fields (message names the field and the value found).
@@ -93,6 +97,7 @@ class Plan:
     divisor: int = 16
     fingerprint: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
+    classes: dict | None = None
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality)
@@ -125,11 +130,28 @@ class Plan:
         if int(self.num_classes) != self.num_classes or self.num_classes < 2:
             raise ValueError(f"Plan.num_classes must be an integer >= 2, found {self.num_classes!r}")
         self.num_classes = int(self.num_classes)
+        if self.classes is not None:
+            from medseg.io.classes import ClassSpec
+
+            spec = ClassSpec.from_dict(self.classes)
+            if spec.num_classes != self.num_classes:
+                raise ValueError(f"Plan.num_classes {self.num_classes} does not fit its classes {list(spec.names)} "
+                                 f"({spec.num_classes} outputs)")
+            self.classes = spec.to_dict()
+
+    @property
+    def class_spec(self):
+        """The :class:`medseg.io.classes.ClassSpec` of the plan (binary when ``classes`` is None)."""
+        from medseg.io.classes import ClassSpec
+
+        return ClassSpec.binary() if self.classes is None else ClassSpec.from_dict(self.classes)
 
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (tuples become lists)."""
         d = dataclasses.asdict(self)
+        if d["classes"] is None:
+            del d["classes"]
         d["patch_size"] = list(self.patch_size)
         d["target_spacing_mm"] = None if self.target_spacing_mm is None else list(self.target_spacing_mm)
         return json.loads(json.dumps(d, default=_json_default))
@@ -236,7 +258,8 @@ def load_pair(item: Any):
     return image, label
 
 
-def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
+def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
+                      classes=None) -> tuple[dict, np.ndarray, np.ndarray]:
     from medseg.components import label_components
 
     reo = reorientation(image.affine, image.shape, orientation)
@@ -260,7 +283,9 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator) 
         if label.shape != image.shape:
             raise InputError(label.meta.get("source_path") or label.case_id, f"a label of shape {image.shape}",
                              f"shape {label.shape}")
-        lab = reorient_array(np.asarray(label.array), reo) > 0
+        lab = np.asarray(label.array)
+        # Foreground = the named classes only (a multi-organ map holds many more ids), else nonzero.
+        lab = reorient_array(classes.region_masks(lab).any(axis=-1) if classes is not None else lab, reo) > 0
         n_vox = int(lab.sum())
         comps, n_comp = label_components(lab)
         sizes = np.bincount(comps.ravel())[1:] if n_comp else np.zeros(0, int)
@@ -314,10 +339,11 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         raise ValueError(f"unknown Plan fields in overrides: {unknown}; known fields: {sorted(names)}")
     rng = np.random.default_rng(seed)
     orientation = str(overrides.get("orientation", "RAS"))
+    classes = _class_spec(overrides.get("classes"))
     entries, body_all, fg_all = [], [], []
     for item in cases_or_volumes:
         image, label = load_pair(item)
-        entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng)
+        entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng, classes)
         entries.append(entry)
         body_all.append(body_vals)
         fg_all.append(fg_vals)
@@ -363,6 +389,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "num_classes": overrides.get("num_classes", 2),
         "divisor": divisor,
         "fingerprint": overrides.get("fingerprint", fingerprint),
+        "classes": overrides.get("classes"),
     }
     return Plan(**fields)
 
@@ -410,3 +437,12 @@ def _modality_for(modalities: list[str], overrides: Mapping[str, Any]) -> str:
     # Several modalities (e.g. MR brain and CT chest cases): HU windows would be meaningless for
     # the MR cases, so every volume is z-scored over its own body, which suits both.
     return MIXED
+
+
+def _class_spec(classes: Mapping[str, Any] | None):
+    """The :class:`medseg.io.classes.ClassSpec` of a ``classes`` override (None: binary)."""
+    if classes is None:
+        return None
+    from medseg.io.classes import ClassSpec
+
+    return ClassSpec.from_dict(classes)

@@ -5,10 +5,10 @@ Pure metric functions (NumPy/SciPy only, no TensorFlow)::
     from medseg.eval import compute_metrics, dice
     m = compute_metrics(pred, ref, spacing_mm=(0.7, 0.7, 2.5))   # dsc, hd95_mm, assd_mm, nsd, ...
 
-Definitions, the empty-mask rule and the lesion detection rule: docs/eval.md.
+Definitions, the empty-mask rule, the lesion detection rule and per-class evaluation: docs/eval.md.
 """
 
-from medseg.eval.aggregate import aggregate, describe, scored_value
+from medseg.eval.aggregate import aggregate, aggregate_classes, class_view, describe, scored_value
 from medseg.eval.lesions import lesion_metrics
 from medseg.eval.metrics import (
     DISTANCE_KEYS,
@@ -28,6 +28,8 @@ __all__ = [
     "METRIC_KEYS",
     "SurfaceDistances",
     "aggregate",
+    "aggregate_classes",
+    "class_view",
     "compute_metrics",
     "describe",
     "dice",

@@ -8,6 +8,9 @@ Per-case values keep the raw empty-mask rule of :func:`medseg.eval.metrics.compu
   diagonal in mm (the largest distance possible in that image), ``"exclude"`` drops them;
   both are counted. A case whose prediction file is missing always gets the diagonal, so a
   missing file can never improve the summary.
+
+With several classes (:func:`aggregate_classes`) each class is aggregated as above on its own
+(:func:`class_view`), the same rules applying per class.
 """
 
 from __future__ import annotations
@@ -68,17 +71,19 @@ def describe(values: Iterable[float]) -> dict:
     }
 
 
-def aggregate(cases: list[Mapping], empty_distance: str = "worst") -> dict:
+def aggregate(cases: list[Mapping], empty_distance: str = "worst", *, lesion_wise: bool = True) -> dict:
     """Summary over patients: statistics per metric, empty-mask counts and pooled lesion scores.
 
     Args:
         cases: per-case records (``metrics``, ``lesions``, ``diagonal_mm``, ``missing``,
             ``pred_empty``, ``ref_empty``).
         empty_distance: ``"worst"`` (inf distance -> image diagonal) or ``"exclude"``.
+        lesion_wise: summarise the lesion-wise keys too (False: a class not counted lesion-wise).
 
     Returns:
         dict with ``policy`` (text and counts), ``metrics`` (key -> :func:`describe` plus
-        ``n_nan`` and ``n_inf``) and ``lesions`` (totals and pooled precision/recall/F1).
+        ``n_nan`` and ``n_inf``) and ``lesions`` (totals and pooled precision/recall/F1; absent
+        without ``lesion_wise``, as the lesion rates in ``metrics``).
 
     Raises:
         ValueError: on an unknown policy.
@@ -92,7 +97,7 @@ def aggregate(cases: list[Mapping], empty_distance: str = "worst") -> dict:
         "n_ref_empty_only": sum(bool(c["ref_empty"] and not c["pred_empty"]) for c in cases),
     }
     stats = {}
-    for key in METRIC_KEYS + LESION_RATE_KEYS:
+    for key in METRIC_KEYS + (LESION_RATE_KEYS if lesion_wise else ()):
         raw = [float((c["metrics"] if key in c["metrics"] else c.get("lesions", {})).get(key, math.nan)) for c in cases]
         entry = describe(scored_value(c, key, empty_distance) for c in cases)
         entry["n_nan"] = sum(math.isnan(v) for v in raw)
@@ -105,16 +110,68 @@ def aggregate(cases: list[Mapping], empty_distance: str = "worst") -> dict:
         "recall": tp / (tp + fn) if tp + fn else math.nan,
         "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan,
     }
+    out = {
+        "policy": {"empty_distance": empty_distance, "description": _policy_text(empty_distance), **counts},
+        "metrics": stats,
+        "lesions": {"totals": totals, "pooled": pooled},
+    }
+    if not lesion_wise:
+        del out["lesions"]
+    return out
+
+
+def _policy_text(empty_distance: str) -> str:
     if empty_distance == "worst":
         text = "inf distances (exactly one mask empty) replaced by the image diagonal in mm"
     else:
         text = "inf distances (exactly one mask empty) excluded, except for missing predictions (diagonal)"
+    return text + "; NaN values (both masks empty) excluded from every statistic"
+
+
+#: Keys averaged over classes in ``mean_over_classes`` (volumes are not: a sum would be the total).
+CLASS_MEAN_KEYS = ("dsc", "jaccard", "nsd", "hd_mm", "hd95_mm", "assd_mm", "masd_mm")
+
+
+def class_view(case: Mapping, name: str) -> dict:
+    """The record of one class of a per-class case record, shaped as a binary record
+    (``metrics``, ``lesions`` ({} for a class not counted lesion-wise), ``pred_empty``, ...)."""
+    view = {k: v for k, v in case.items() if k not in ("classes", "unknown_prediction_values")}
+    view.update(case["classes"][name])
+    view.setdefault("lesions", {})
+    return view
+
+
+def aggregate_classes(cases: list[Mapping], spec, empty_distance: str = "worst") -> dict:
+    """Summary of per-class records (:class:`medseg.io.classes.ClassSpec` ``spec``): :func:`aggregate`
+    per class.
+
+    Returns:
+        dict with ``policy`` (text, ``n_cases``, ``n_missing_prediction``), ``classes`` (name ->
+        :func:`aggregate` of that class, lesion-wise for ``spec.lesions`` only; its ``policy``
+        adds ``n_reference_without_class``, the cases whose reference lacks the class) and
+        ``mean_over_classes`` (key of :data:`CLASS_MEAN_KEYS` -> mean over classes of the
+        per-class means; classes without a finite mean left out; NaN when none).
+
+    Raises:
+        ValueError: on an unknown policy.
+    """
+    check_policy(empty_distance)
+    per_class = {}
+    for name in spec.names:
+        entry = aggregate([class_view(c, name) for c in cases], empty_distance, lesion_wise=name in spec.lesions)
+        entry["policy"]["n_reference_without_class"] = sum(bool(c["classes"][name]["ref_empty"]) for c in cases)
+        per_class[name] = entry
+    means = {}
+    for key in CLASS_MEAN_KEYS:
+        values = [entry["metrics"][key]["mean"] for entry in per_class.values()]
+        means[key] = describe(values)["mean"]
     return {
         "policy": {
             "empty_distance": empty_distance,
-            "description": text + "; NaN values (both masks empty) excluded from every statistic",
-            **counts,
+            "description": _policy_text(empty_distance),
+            "n_cases": len(cases),
+            "n_missing_prediction": sum(bool(c.get("missing")) for c in cases),
         },
-        "metrics": stats,
-        "lesions": {"totals": totals, "pooled": pooled},
+        "classes": per_class,
+        "mean_over_classes": means,
     }

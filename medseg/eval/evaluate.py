@@ -13,15 +13,17 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from medseg.components import LESION_CONNECTIVITY
 from medseg.errors import DatasetError, InputError, MedsegError
-from medseg.eval.aggregate import aggregate, check_policy
+from medseg.eval.aggregate import aggregate, aggregate_classes, check_policy
 from medseg.eval.lesions import lesion_metrics
 from medseg.eval.metrics import compute_metrics, image_diagonal_mm
 from medseg.io.atomic import same_file
+from medseg.io.classes import ClassSpec
 from medseg.io.labels import check_label_values, label_values
 from medseg.io.volume import Volume
 
@@ -45,6 +47,9 @@ class EvalOptions:
         figures: the report draws the per-patient slice figure.
         map_labels: ``--map-labels`` mapping applied to each reference label map first (as in
             ``medseg-train``; ``{5: 1, "*": 0}`` scores label 5 of a multi-organ map).
+        classes: named classes or regions scored one by one (``--labels-map``, ``--dataset-json``);
+            None or a binary spec: one foreground, scored as without it. Lesion-wise counts
+            for ``classes.lesions`` only. Incompatible with ``label``.
     """
 
     label: int | None = None
@@ -55,6 +60,13 @@ class EvalOptions:
     nsd_tolerance_mm: float = 1.0
     percentile: float = 95.0
     figures: bool = True
+    classes: ClassSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None and self.classes.is_binary:
+            object.__setattr__(self, "classes", None)  # one foreground: the binary evaluation
+        if self.classes is not None and self.label is not None:
+            raise ValueError("label picks one foreground value; with classes each class names its ids")
 
 
 @dataclass(frozen=True)
@@ -232,7 +244,9 @@ class CaseMasks:
     """The masks of one case, both on the reference grid.
 
     Attributes:
-        pred, ref: bool arrays of the reference's shape (``pred`` all False when missing).
+        pred, ref: bool arrays of the reference's shape (``pred`` all False when missing); with
+            ``options.classes``, the label maps (values checked: integers >= 0; ``pred`` all 0
+            when missing).
         ref_volume: the reference as read (grid, spacing).
         ref_array: the reference label map after ``--map-labels`` (for the absent-label warning).
         resampled: the prediction was resampled nearest-neighbour onto the reference grid.
@@ -274,8 +288,9 @@ def read_case(pair: CasePair, options: EvalOptions) -> CaseMasks:
     """Read and check the reference and prediction of one case (what is scored, and drawn).
 
     Raises:
-        InputError: unreadable files, label values other than {0, 1} (without a label), or a
-            prediction on another grid than the reference (without ``resample_pred``).
+        InputError: unreadable files, label values other than {0, 1} (without a label or
+            classes; with classes: values that are no integers >= 0), or a prediction on
+            another grid than the reference (without ``resample_pred``).
     """
     from medseg.io import read_volume
 
@@ -285,12 +300,66 @@ def read_case(pair: CasePair, options: EvalOptions) -> CaseMasks:
         from medseg.io.labels import apply_label_map
 
         ref_array = apply_label_map(np.asarray(ref_array), options.map_labels)
-    ref = binary_mask(ref_array, pair.ref_path, options.label, role="reference")
+    ref = _foreground(ref_array, pair.ref_path, options, "reference")
     if pair.pred_path is None:
-        return CaseMasks(np.zeros(ref.shape, dtype=bool), ref, ref_vol, ref_array)
+        return CaseMasks(np.zeros(ref.shape, dtype=ref.dtype), ref, ref_vol, ref_array)
     pred_arr, resampled, reoriented = _prediction_on_reference_grid(pair, ref_vol, options)
-    pred = binary_mask(pred_arr, pair.pred_path, options.label, role="prediction")
+    pred = _foreground(pred_arr, pair.pred_path, options, "prediction")
     return CaseMasks(pred, ref, ref_vol, ref_array, resampled, reoriented)
+
+
+def _foreground(array: np.ndarray, path, options: EvalOptions, role: str) -> np.ndarray:
+    """The bool foreground (:func:`binary_mask`), or with classes the checked label map."""
+    if options.classes is None:
+        return binary_mask(array, path, options.label, role=role)
+    array = np.asarray(array)
+    check_label_values(array, path, num_classes=None, hints=_LABEL_HINTS[role])
+    return array
+
+
+def class_masks(spec: ClassSpec, label: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, mask)`` per class of ``spec``, in order: bool ``label.shape``, True where the
+    label is one of the class's ids (a region: the union of its ids, which may overlap other
+    regions). Ids of no class belong to no mask. One mask at a time for classes (memory)."""
+    if spec.regions:
+        masks = spec.region_masks(label)
+        for k, name in enumerate(spec.names):
+            yield name, np.ascontiguousarray(masks[..., k])
+    else:
+        indices = spec.class_indices(label)
+        for k, name in enumerate(spec.names, 1):
+            yield name, indices == k
+
+
+def unknown_values(spec: ClassSpec, label: np.ndarray) -> dict[str, int]:
+    """Nonzero values of ``label`` in no class of ``spec`` -> their voxel counts (str keys, for JSON)."""
+    label = np.asarray(label)
+    known = sorted({i for ids in spec.ids for i in ids})
+    stray = (label != 0) & ~np.isin(label, known)
+    if not stray.any():
+        return {}
+    values, counts = np.unique(label[stray], return_counts=True)
+    return {f"{v:g}": int(n) for v, n in zip(values.tolist(), counts.tolist())}
+
+
+def score_masks(pred: np.ndarray, ref: np.ndarray, spacing, options: EvalOptions, *, lesion_wise: bool = True,
+                kd_workers: int = -1) -> dict:
+    """Metrics of one pair of bool masks (one class): ``pred_empty``, ``ref_empty``, ``metrics``
+    (:func:`compute_metrics`, one surface computation) and, when ``lesion_wise``, ``lesions``
+    (counts and rates) and ``lesion_details`` (per lesion)."""
+    out = {
+        "pred_empty": not bool(pred.any()),
+        "ref_empty": not bool(ref.any()),
+        "metrics": compute_metrics(pred, ref, spacing, percentile=options.percentile,
+                                   nsd_tolerance_mm=options.nsd_tolerance_mm, workers=kd_workers),
+    }
+    if lesion_wise:
+        lesions = lesion_metrics(
+            pred, ref, spacing, connectivity=options.connectivity, min_overlap_fraction=options.min_overlap_fraction
+        )
+        out["lesions"] = lesions
+        out["lesion_details"] = {"ref_lesions": lesions.pop("ref_lesions"), "pred_lesions": lesions.pop("pred_lesions")}
+    return out
 
 
 def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1) -> dict:
@@ -307,7 +376,10 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         ``ref_empty``, grid, ``diagonal_mm``, ``metrics`` (:func:`compute_metrics`), ``lesions``
         (counts and rates), ``lesion_details`` (per lesion), ``resampled``, ``reoriented`` (the
         prediction held the reference's voxels in another axis order and was brought onto its grid
-        exactly).
+        exactly). With ``options.classes``, ``metrics``/``lesions``/``lesion_details`` move into
+        ``classes`` (name -> :func:`score_masks`; lesions for lesion classes only), the case's
+        ``pred_empty``/``ref_empty`` mean no class at all, and ``unknown_prediction_values``
+        counts the voxels of prediction values in no class (ignored).
 
     Raises:
         InputError: see :func:`read_case`.
@@ -315,29 +387,32 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
     masks = read_case(pair, options)
     pred, ref, ref_vol = masks.pred, masks.ref, masks.ref_volume
     spacing = ref_vol.spacing_mm
-    metrics = compute_metrics(
-        pred, ref, spacing, percentile=options.percentile, nsd_tolerance_mm=options.nsd_tolerance_mm, workers=kd_workers
-    )
-    lesions = lesion_metrics(
-        pred, ref, spacing, connectivity=options.connectivity, min_overlap_fraction=options.min_overlap_fraction
-    )
-    details = {"ref_lesions": lesions.pop("ref_lesions"), "pred_lesions": lesions.pop("pred_lesions")}
+    spec = options.classes
+    if spec is None:
+        scores = score_masks(pred, ref, spacing, options, kd_workers=kd_workers)
+    else:
+        scores = {"classes": {}}
+        pairs = zip(class_masks(spec, pred), class_masks(spec, ref))
+        for (name, pred_c), (_, ref_c) in pairs:
+            scores["classes"][name] = score_masks(pred_c, ref_c, spacing, options, kd_workers=kd_workers,
+                                                  lesion_wise=name in spec.lesions)
+        scores["unknown_prediction_values"] = unknown_values(spec, pred)
+        scores["pred_empty"] = all(c["pred_empty"] for c in scores["classes"].values())
+        scores["ref_empty"] = all(c["ref_empty"] for c in scores["classes"].values())
     record = {
         "case_id": pair.case_id,
         "ref_path": str(pair.ref_path),
         "pred_path": None if pair.pred_path is None else str(pair.pred_path),
         "image_path": None if pair.image_path is None else str(pair.image_path),
         "missing": pair.pred_path is None,
-        "pred_empty": not bool(pred.any()),
-        "ref_empty": not bool(ref.any()),
+        "pred_empty": scores.pop("pred_empty"),
+        "ref_empty": scores.pop("ref_empty"),
         "resampled": masks.resampled,
         "reoriented": masks.reoriented,
         "shape": list(ref_vol.shape),
         "spacing_mm": [float(s) for s in spacing],
         "diagonal_mm": image_diagonal_mm(ref_vol.shape, spacing),
-        "metrics": metrics,
-        "lesions": lesions,
-        "lesion_details": details,
+        **scores,
     }
     if options.label is not None and not ref.any():
         # For the warning on a label found nowhere (removed from the record by evaluate_folders).
@@ -388,8 +463,8 @@ def evaluate_folders(
 
     Returns:
         :class:`EvalResult` with cases sorted by id; its ``warnings`` name results that are
-        computed but likely not what was meant (a label in no reference, a prediction that is
-        its reference file).
+        computed but likely not what was meant (a label or class in no reference, a prediction
+        that is its reference file, prediction values in no class).
 
     Raises:
         InputError, DatasetError: see :func:`pair_cases` and :func:`evaluate_case`.
@@ -436,7 +511,10 @@ def evaluate_folders(
         bar.close()
     cases = [results[p.case_id] for p in pairs]
     warnings = _warnings(pairs, cases, options)
-    summary = aggregate(cases, empty_distance)
+    if options.classes is None:
+        summary = aggregate(cases, empty_distance)
+    else:
+        summary = aggregate_classes(cases, options.classes, empty_distance)
     return EvalResult(cases, summary, unmatched, options, empty_distance, warnings)
 
 
@@ -455,6 +533,26 @@ def _warnings(pairs: list[CasePair], cases: list[dict], options: EvalOptions) ->
         held = f"; the references hold the values {', '.join(f'{v:g}' for v in values[:10])}" if values else ""
         out.append(f"label {options.label} occurs in {where} ({n}): the scores compare empty masks "
                    f"(DSC NaN){held}; check --label")
+    if options.classes is not None:
+        out.extend(_class_warnings(cases, options.classes))
+    return out
+
+
+def _class_warnings(cases: list[dict], spec: ClassSpec) -> list[str]:
+    """A class in no reference (a wrong id?), and prediction values in no class, once each."""
+    out = []
+    absent = [name for name in spec.names if cases and all(c["classes"][name]["ref_empty"] for c in cases)]
+    if absent:
+        ids = ", ".join(f"{name} ({','.join(map(str, spec.ids[spec.names.index(name)]))})" for name in absent)
+        out.append(f"classes {ids} occur in no reference: their DSC is NaN or 0 in every case; check the label ids")
+    stray = [c["unknown_prediction_values"] for c in cases if c["unknown_prediction_values"]]
+    if stray:
+        values = sorted({v for found in stray for v in found}, key=float)
+        voxels = sum(n for found in stray for n in found.values())
+        listed = ", ".join(values[:10]) + (", ..." if len(values) > 10 else "")
+        out.append(f"{len(values)} prediction value{'s' if len(values) > 1 else ''} of no class ignored ({listed}; "
+                   f"{voxels} voxels in {len(stray)} of {len(cases)} cases; summary.json unknown_prediction_values "
+                   "has them per value); check --labels-map / --dataset-json")
     return out
 
 
@@ -475,7 +573,10 @@ def options_dict(options: EvalOptions) -> dict:
     """The options as a JSON-ready dict (for ``summary.json``)."""
     out = asdict(options)
     out["percentile"] = float(out["percentile"])
-    if out["label"] is None:
+    if out["label"] is None and options.classes is None:
         out["label"] = "binary {0, 1}"
+    classes = out.pop("classes")  # absent in a binary summary, as before classes existed
+    if classes is not None:
+        out["classes"] = options.classes.to_dict()
     return out
 

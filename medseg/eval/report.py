@@ -83,18 +83,21 @@ def largest_disagreement_slice(pred: np.ndarray, ref: np.ndarray, spacing_mm) ->
     Falls back to the slice with the largest reference (then prediction) area when the masks agree,
     and to the middle slice when both are empty.
     """
+    return busiest_slice((pred != ref, ref, pred), spacing_mm)
+
+
+def busiest_slice(candidates, spacing_mm) -> tuple[int, int]:
+    """``(axis, index)`` of the slice across the coarsest axis holding most nonzero voxels of the
+    first 3D array of ``candidates`` with any; the middle slice when all are empty."""
     from medseg.io.volume import largest_spacing_axis
 
     axis = largest_spacing_axis(spacing_mm)
     other = tuple(a for a in range(3) if a != axis)
-    for counts in (
-        np.count_nonzero(pred != ref, axis=other),
-        np.count_nonzero(ref, axis=other),
-        np.count_nonzero(pred, axis=other),
-    ):
+    for candidate in candidates:
+        counts = np.count_nonzero(candidate, axis=other)
         if counts.any():
             return axis, int(np.argmax(counts))
-    return axis, pred.shape[axis] // 2
+    return axis, candidates[0].shape[axis] // 2
 
 
 def _zoom_window(masks: list[np.ndarray], spacing_2d: np.ndarray, margin_mm: float = 25.0):
@@ -121,17 +124,39 @@ def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm,
     yellow); right: a zoom on the outlines with a 25 mm margin. Pixels keep their physical
     aspect ratio; the slice's first remaining array axis runs left to right.
     """
+    axis, index = largest_disagreement_slice(pred, ref, spacing_mm)
+    title = f"{case_id}: array axis {axis}, slice {index}; DSC {_fmt(dsc)}\ngreen: reference, red: prediction"
+    return outline_figure_png(title, axis, index, spacing_mm, [(ref, "#00e000", None), (pred, "#ff3030", None)],
+                              image=image)
+
+
+def slice_take(axis: int, index: int) -> tuple:
+    """The index tuple of slice ``index`` across ``axis`` of a 3D array."""
+    take = [slice(None)] * 3
+    take[axis] = index
+    return tuple(take)
+
+
+def outline_figure_png(title: str, axis: int, index: int, spacing_mm, layers, *, image=None, legend=None) -> str:
+    """Base64 PNG of one slice: outlines of 3D masks on the image, whole slice and zoom.
+
+    Args:
+        title: the figure's title.
+        axis, index: the slice (:func:`busiest_slice`).
+        spacing_mm: voxel size of the masks' axes.
+        layers: ``(mask, colour, linestyle)`` per outline, drawn in order; ``mask`` a 3D array
+            (or the 2D slice already taken), ``linestyle`` None for matplotlib's default.
+        image: 3D image under the outlines (1st-99th percentile window of the slice); None: black.
+        legend: matplotlib handles shown as a legend below the panels (None: no legend).
+    """
     from matplotlib.patches import Rectangle
 
     plt = _pyplot()
-    axis, index = largest_disagreement_slice(pred, ref, spacing_mm)
-    take = [slice(None)] * 3
-    take[axis] = index
-    take = tuple(take)
+    take = slice_take(axis, index)
     horiz, vert = [a for a in range(3) if a != axis]
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     # Displayed arrays are (vertical, horizontal) = the slice transposed.
-    shown = [np.asarray(m[take], dtype=bool).T for m in (ref, pred)]
+    shown = [np.asarray(m if np.ndim(m) == 2 else m[take], dtype=bool).T for m, _, _ in layers]
     if image is not None:
         background = np.asarray(image[take], dtype=np.float64).T
         finite = background[np.isfinite(background)]
@@ -145,9 +170,10 @@ def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm,
         for ax, zoomed in zip(axes, (False, True)):
             ax.imshow(background, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6),
                       aspect=spacing[vert] / spacing[horiz], interpolation="nearest")
-            for mask, colour in zip(shown, ("#00e000", "#ff3030")):
+            for mask, (_, colour, style) in zip(shown, layers):
                 if mask.any() and not mask.all():
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.0)
+                    extra = {} if style is None else {"linestyles": style}
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.0, **extra)
             ax.set_xticks([])
             ax.set_yticks([])
             if window is not None:
@@ -158,8 +184,10 @@ def case_figure_png(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing_mm,
                 else:
                     ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
                                            edgecolor="#ffd700", linewidth=0.8))
-        fig.suptitle(f"{case_id}: array axis {axis}, slice {index}; DSC {_fmt(dsc)}\n"
-                     "green: reference, red: prediction", fontsize=8)
+        fig.suptitle(title, fontsize=8)
+        if legend:
+            fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 4), fontsize=7,
+                       bbox_to_anchor=(0.5, -0.02), frameon=False)
         return _png_b64(fig)
     finally:
         plt.close(fig)
@@ -189,6 +217,10 @@ def draw_case(case: dict, options) -> str:
     pair = CasePair(case["case_id"], Path(case["ref_path"]), path("pred_path"), path("image_path"))
     masks = read_case(pair, options)
     image = None if pair.image_path is None else _image_on_grid(pair.image_path, masks.ref_volume)
+    if options.classes is not None:
+        from medseg.eval.report_classes import class_figure_png
+
+        return class_figure_png(case, masks, options.classes, image=image)
     return case_figure_png(pair.case_id, masks.pred, masks.ref, masks.ref_volume.spacing_mm, image=image,
                            dsc=case["metrics"]["dsc"])
 
@@ -280,29 +312,42 @@ def versions() -> dict:
     }
 
 
-def csv_text(cases: list[dict]) -> str:
-    """``metrics.csv``: one row per patient, raw values (``nan``/``inf`` as text)."""
+def csv_text(cases: list[dict], classes=None) -> str:
+    """``metrics.csv``: one row per patient, raw values (``nan``/``inf`` as text); with ``classes``
+    (a :class:`~medseg.io.classes.ClassSpec`) long form, one row per patient and class
+    (:func:`medseg.eval.report_classes.csv_text`)."""
+    if classes is not None:
+        from medseg.eval.report_classes import csv_text as class_csv
+
+        return class_csv(cases, classes)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for case in cases:
-        row = []
-        for key in CSV_COLUMNS:
-            value = _case_value(case, key)
-            if isinstance(value, (float, np.floating)):
-                row.append(repr(float(value)))
-            elif isinstance(value, (bool, np.bool_)):
-                row.append(str(bool(value)).lower())
-            else:
-                row.append("" if value is None else str(value))
-        writer.writerow(row)
+        writer.writerow([csv_cell(_case_value(case, key)) for key in CSV_COLUMNS])
     return buf.getvalue()
 
 
+def csv_cell(value) -> str:
+    """One CSV value: floats as ``repr`` (``nan``, ``inf`` as text), booleans lower case, None empty."""
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    return "" if value is None else str(value)
+
+
 def summary_dict(result) -> dict:
-    """``summary.json`` content (nnU-Net-like): per-case values with paths, statistics, policy."""
+    """``summary.json`` content (nnU-Net-like): per-case values with paths, statistics, policy.
+
+    Per class with ``result.options.classes``: :func:`medseg.eval.report_classes.summary_dict`.
+    """
     from medseg.eval.evaluate import options_dict
 
+    if result.options.classes is not None:
+        from medseg.eval.report_classes import summary_dict as class_summary
+
+        return class_summary(result)
     per_case = list(result.cases)
     stats = result.summary["metrics"]
     return json_safe(
@@ -321,13 +366,20 @@ def summary_dict(result) -> dict:
     )
 
 
-def format_table(cases: list[dict]) -> str:
-    """The per-patient table as aligned plain text (printed by ``medseg-eval``)."""
-    header = [title for _, title in TABLE_COLUMNS]
+def format_table(cases: list[dict], classes=None) -> str:
+    """The per-patient table as aligned plain text (printed by ``medseg-eval``); with ``classes``
+    (a :class:`~medseg.io.classes.ClassSpec`) one row per patient and class."""
+    columns = TABLE_COLUMNS
+    if classes is not None:
+        from medseg.eval.report_classes import class_rows
+
+        columns = TABLE_COLUMNS[:1] + (("class", "class"),) + TABLE_COLUMNS[1:]
+        cases = [view for _, _, view in class_rows(cases, classes)]
+    header = [title for _, title in columns]
     rows = []
     for case in cases:
         row = [_fmt(_case_value(case, key), 2 if key.endswith("_ml") or key.endswith("_mm") else 3)
-               for key, _ in TABLE_COLUMNS]
+               for key, _ in columns]
         if case.get("missing"):
             row[0] += " (missing)"
         rows.append(row)
@@ -351,8 +403,34 @@ th{background:#f2f2f2}td.id{text-align:left}tr.flag td{background:#fff3e0}
 def _html_intro(result, policy: dict) -> list[str]:
     """Title, the definitions used, the empty-mask policy and the warnings."""
     esc = html.escape
+    parts = _html_head(result) + [
+        "<h2>Empty masks</h2>",
+        f"<p>Policy <b>{esc(policy['empty_distance'])}</b>: {esc(policy['description'])}.</p>",
+        "<ul>"
+        f"<li>both masks empty: {policy['n_both_empty']}</li>"
+        f"<li>prediction empty, reference not (missed): {policy['n_pred_empty_only']}</li>"
+        f"<li>reference empty, prediction not (false alarm): {policy['n_ref_empty_only']}</li>"
+        f"<li>prediction file missing (scored as a miss): {policy['n_missing_prediction']}</li></ul>",
+    ]
+    return parts + html_notes(result)
+
+
+def html_notes(result) -> list[str]:
+    """The warnings and the predictions without reference."""
+    esc = html.escape
+    parts = []
+    for warning in getattr(result, "warnings", []):
+        parts.append(f"<p class='warn'><b>Warning:</b> {esc(warning)}</p>")
+    if result.unmatched_predictions:
+        parts.append("<p class='note'>Predictions without reference (ignored): "
+                     + esc(", ".join(result.unmatched_predictions)) + "</p>")
+    return parts
+
+
+def _html_head(result) -> list[str]:
+    """The page's head, title and the definitions used."""
     options = result.options
-    parts = [
+    return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>medseg evaluation report</title>",
         f"<style>{_CSS}</style></head><body>",
@@ -364,44 +442,39 @@ def _html_intro(result, policy: dict) -> list[str]:
         + ("at least one voxel" if options.min_overlap_fraction == 0 else
            f"at least {100 * options.min_overlap_fraction:.0f}% of the lesion")
         + ".</p>",
-        "<h2>Empty masks</h2>",
-        f"<p>Policy <b>{esc(policy['empty_distance'])}</b>: {esc(policy['description'])}.</p>",
-        "<ul>"
-        f"<li>both masks empty: {policy['n_both_empty']}</li>"
-        f"<li>prediction empty, reference not (missed): {policy['n_pred_empty_only']}</li>"
-        f"<li>reference empty, prediction not (false alarm): {policy['n_ref_empty_only']}</li>"
-        f"<li>prediction file missing (scored as a miss): {policy['n_missing_prediction']}</li></ul>",
     ]
-    for warning in getattr(result, "warnings", []):
-        parts.append(f"<p class='warn'><b>Warning:</b> {esc(warning)}</p>")
-    if result.unmatched_predictions:
-        parts.append("<p class='note'>Predictions without reference (ignored): "
-                     + esc(", ".join(result.unmatched_predictions)) + "</p>")
-    return parts
 
 
 def _html_statistics(result) -> list[str]:
     """Statistics over patients, pooled lesion counts and the box plots."""
-    parts = ["<h2>Summary over patients</h2><table><tr><th>metric</th><th>n</th><th>mean</th>"
+    parts = html_stats_table(result.summary["metrics"])
+    parts[0] = "<h2>Summary over patients</h2>" + parts[0]  # one line, as the page always had
+    parts.append("<p>Lesions over all patients: " + lesion_text(result.summary["lesions"]) + ".</p>")
+    parts.append("<h2>Distributions</h2><p class='note'>One point per patient, after the empty-mask "
+                 "policy above (NaN values are not drawn).</p><img alt='box plots' src='data:image/png;base64,"
+                 f"{boxplot_png(result.cases, result.empty_distance)}'>")
+    return parts
+
+
+def html_stats_table(stats: dict) -> list[str]:
+    """The table of :func:`~medseg.eval.aggregate.aggregate`'s ``metrics`` statistics."""
+    parts = ["<table><tr><th>metric</th><th>n</th><th>mean</th>"
              "<th>median</th><th>std</th><th>min</th><th>max</th><th>NaN</th><th>inf</th></tr>"]
-    for key, st in result.summary["metrics"].items():
+    for key, st in stats.items():
         parts.append(
             f"<tr><td class='id'>{html.escape(key)}</td><td>{st['n']}</td>"
             + "".join(f"<td>{_fmt(st[s])}</td>" for s in ("mean", "median", "std", "min", "max"))
             + f"<td>{st['n_nan']}</td><td>{st['n_inf']}</td></tr>"
         )
     parts.append("</table>")
-    les = result.summary["lesions"]
-    parts.append(
-        "<p>Lesions over all patients: "
-        + ", ".join(f"{k.replace('lesion_', '').replace('_', ' ')} {v}" for k, v in les["totals"].items())
-        + "; pooled precision " + _fmt(les["pooled"]["precision"]) + ", recall " + _fmt(les["pooled"]["recall"])
-        + ", F1 " + _fmt(les["pooled"]["f1"]) + ".</p>"
-    )
-    parts.append("<h2>Distributions</h2><p class='note'>One point per patient, after the empty-mask "
-                 "policy above (NaN values are not drawn).</p><img alt='box plots' src='data:image/png;base64,"
-                 f"{boxplot_png(result.cases, result.empty_distance)}'>")
     return parts
+
+
+def lesion_text(lesions: dict) -> str:
+    """Lesion totals and pooled rates of a summary's ``lesions``, as one phrase."""
+    return (", ".join(f"{k.replace('lesion_', '').replace('_', ' ')} {v}" for k, v in lesions["totals"].items())
+            + "; pooled precision " + _fmt(lesions["pooled"]["precision"]) + ", recall "
+            + _fmt(lesions["pooled"]["recall"]) + ", F1 " + _fmt(lesions["pooled"]["f1"]))
 
 
 def _case_notes(case: dict) -> list[str]:
@@ -419,19 +492,21 @@ def _case_notes(case: dict) -> list[str]:
     return notes
 
 
-def _html_case_table(cases: list[dict]) -> list[str]:
-    """The per-patient table; rows with notes are highlighted."""
+def _html_case_table(cases: list[dict], columns=TABLE_COLUMNS, title: str = "Per patient") -> list[str]:
+    """The per-patient table (``columns``: (key, title), text keys ``case_id`` and ``class``);
+    rows with notes are highlighted."""
     esc = html.escape
-    parts = ["<h2>Per patient</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in TABLE_COLUMNS)
+    parts = [f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in columns)
              + "<th>notes</th></tr>"]
     for case in cases:
         notes = _case_notes(case)
         cls = " class='flag'" if notes else ""
         cells = []
-        for key, _ in TABLE_COLUMNS:
+        for key, _ in columns:
             value = _case_value(case, key)
-            text = esc(str(value)) if key == "case_id" else _fmt(value, 2 if key.endswith(("_ml", "_mm")) else 3)
-            cells.append(f"<td{' class=id' if key == 'case_id' else ''}>{text}</td>")
+            label = key in ("case_id", "class")
+            text = esc(str(value)) if label else _fmt(value, 2 if key.endswith(("_ml", "_mm")) else 3)
+            cells.append(f"<td{' class=id' if label else ''}>{text}</td>")
         parts.append(f"<tr{cls}>" + "".join(cells) + f"<td class='id'>{esc('; '.join(notes))}</td></tr>")
     parts.append("</table>")
     return parts
@@ -445,7 +520,15 @@ def html_text(result, summary: dict, figures: dict[str, str] | None = None) -> s
         summary: :func:`summary_dict` of it (policy, versions).
         figures: case id -> base64 PNG (:func:`case_figures`); cases without one show none.
     """
-    parts = _html_intro(result, summary["policy"]) + _html_statistics(result) + _html_case_table(result.cases)
+    if result.options.classes is None:
+        parts = _html_intro(result, summary["policy"]) + _html_statistics(result) + _html_case_table(result.cases)
+    else:
+        from medseg.eval.report_classes import class_rows, html_class_sections
+
+        parts = _html_head(result) + html_class_sections(result)
+        columns = TABLE_COLUMNS[:1] + (("class", "class"),) + TABLE_COLUMNS[1:]
+        views = [view for _, _, view in class_rows(result.cases, result.options.classes)]
+        parts += _html_case_table(views, columns, "Per patient and class")
     shown = [c["case_id"] for c in result.cases if (figures or {}).get(c["case_id"])]
     if shown:
         parts.append("<h2>Slice with the largest disagreement</h2><div class='cards'>")
@@ -496,7 +579,7 @@ def write_report(result, out_dir: str | os.PathLike, *, workers: int = 1) -> dic
     out = Path(out_dir)
     summary = summary_dict(result)
     texts = {
-        "csv": ("metrics.csv", csv_text(result.cases)),
+        "csv": ("metrics.csv", csv_text(result.cases, result.options.classes)),
         "json": ("summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"),
         "html": ("report.html", html_text(result, summary, case_figures(result, workers))),
     }

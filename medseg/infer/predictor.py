@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -159,6 +159,12 @@ class Predictor:
         #: Input slices preprocessed at a time when the normalization is voxel-wise (see _parts).
         self.chunk_slices = CHUNK_SLICES
         self._forward = self._compile()
+        self._forward_classes: Callable[[np.ndarray], Any] | None = None
+        #: The named classes (medseg.io.classes.ClassSpec); several classes are segmented by
+        #: the argmax of their probabilities and written with the dataset's label ids.
+        self.classes = self.pipeline.classes
+        self.multiclass = self.pipeline.label_kind in ("classes", "bits")
+        self.regions = self.pipeline.label_kind == "bits"
 
     def __repr__(self) -> str:
         return (
@@ -177,14 +183,25 @@ class Predictor:
 
         model = self.model
 
+        regions = self.pipeline.label_kind == "bits"
+
         def forward(x):
-            probs = model(x, training=False)
+            probs = tf.cast(model(x, training=False), tf.float32)
+            if regions:  # one sigmoid per region: the probability that some region holds
+                return tf.reduce_max(probs, axis=-1)
             # Foreground = every class but the background: P(lesion) for the usual 2 classes.
-            return tf.reduce_sum(tf.cast(probs[..., 1:], tf.float32), axis=-1)
+            return tf.reduce_sum(probs[..., 1:], axis=-1)
 
         return tf.function(forward, reduce_retracing=True)
 
-    def predict_slices(self, x: np.ndarray, *, pad_value: float | None = None) -> np.ndarray:
+    def _compile_classes(self) -> Callable[[np.ndarray], Any]:
+        """As :meth:`_compile`, returning every class's probability ``(B, Hp, Wp, num_classes)``."""
+        import tensorflow as tf
+
+        model = self.model
+        return tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+
+    def predict_slices(self, x: np.ndarray, *, pad_value: float | None = None, per_class: bool = False) -> np.ndarray:
         """Foreground probabilities of one batch of preprocessed slices.
 
         Pads the slices to a multiple of the network's divisor (centred), runs the model once per
@@ -196,6 +213,8 @@ class Predictor:
             pad_value: value of the padding, in plan space. Training pads patches that reach past
                 the image with the case's background (the minimum of its preprocessed volume), so
                 the volume methods pass that; None uses the minimum of ``x``.
+            per_class: every class's probability ``(B, H, W, num_classes)`` instead of the
+                foreground's (multi-class models).
 
         Returns:
             ``(B, H, W)`` float32 in ``[0, 1]``.
@@ -215,6 +234,9 @@ class Predictor:
             fill = float(x.min()) if pad_value is None else float(pad_value)
             padded = np.full((b, h + top + bottom, w + left + right, x.shape[-1]), fill, dtype=np.float32)
         total = None
+        if per_class and self._forward_classes is None:
+            self._forward_classes = self._compile_classes()
+        forward = self._forward_classes if per_class else self._forward
         for axes in TTA_FLIPS if self.tta else ((),):
             xi = _flip(x, axes)
             if padded is not None:
@@ -222,7 +244,7 @@ class Predictor:
                 xi = padded
             else:
                 xi = np.ascontiguousarray(xi)
-            p = np.asarray(self._forward(xi))[:, top : top + h, left : left + w]
+            p = np.asarray(forward(xi))[:, top : top + h, left : left + w]
             p = _flip(p, axes)
             total = p.copy() if total is None else total + p
         out = total if not self.tta else total / np.float32(len(TTA_FLIPS))
@@ -273,7 +295,8 @@ class Predictor:
         return volume.with_array(out)
 
     # --- streaming machinery ---------------------------------------------------------------------
-    def _stream(self, prepared, start: int, stop: int, protect: np.ndarray, pad_value: float) -> np.ndarray:
+    def _stream(self, prepared, start: int, stop: int, protect: np.ndarray, pad_value: float,
+                per_class: bool = False) -> np.ndarray:
         """Predict plan-space slices ``[start, stop)`` of ``prepared`` batch by batch.
 
         Returns a stack shaped like ``prepared.array`` whose slices ``[start, stop)`` hold the
@@ -281,10 +304,13 @@ class Predictor:
         preprocessed slices once no later batch needs them as context (the next batch looks back
         ``context_slices // 2`` slices), so no second stack is allocated. Only done on our own
         writable float32 copy, never on memory shared with ``protect`` (the caller's volume).
+        ``per_class``: every class's probability, in a new ``(n, H, W, num_classes)`` stack.
         """
         stack = prepared.array
-        in_place = stack.dtype == np.float32 and stack.flags.writeable and not np.shares_memory(stack, protect)
-        out = stack if in_place else np.empty(stack.shape, dtype=np.float32)
+        in_place = (not per_class and stack.dtype == np.float32 and stack.flags.writeable
+                    and not np.shares_memory(stack, protect))
+        shape = stack.shape + ((self.num_classes,) if per_class else ())
+        out = stack if in_place else np.empty(shape, dtype=np.float32)
         reach = self.context_slices // 2 if in_place else 0
         pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
 
@@ -304,7 +330,8 @@ class Predictor:
 
         for begin in range(start, stop, self.batch_size):
             end = min(begin + self.batch_size, stop)
-            pending.append((begin, self.predict_slices(prepared.slices(begin, end), pad_value=pad_value)))
+            pending.append((begin, self.predict_slices(prepared.slices(begin, end), pad_value=pad_value,
+                                                       per_class=per_class)))
             flush(end - reach)
         flush(stop)
         return out
@@ -328,9 +355,33 @@ class Predictor:
         pipeline's value steps applied to the raw minimum (see :meth:`Pipeline.background`)."""
         return self.pipeline.background(float(np.min(volume.array)))
 
-    def _parts(self, volume: "Volume"):
+    def _restore(self, prepared, stack: np.ndarray) -> np.ndarray:
+        """A plan-space stack back on the input grid: probabilities ``(n, H, W)``, or, from every
+        class's ``(n, H, W, C)``, the uint8 class of largest probability on the input grid (each
+        class restored linearly, then the argmax: two float volumes at a time, not C)."""
+        if stack.ndim == 3:
+            return self.pipeline.restore(prepared, stack).array
+        if self.regions:  # one sigmoid per region, each thresholded on the input grid: region bits
+            bits = None
+            for r in range(stack.shape[-1]):
+                held = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., r])).array >= np.float32(0.5)
+                part = held.astype(np.uint8) << np.uint8(r)
+                bits = part if bits is None else bits | part
+            return bits
+        best = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., 0])).array
+        best = np.array(best, dtype=np.float32)  # our own, writable
+        classes = np.zeros(best.shape, np.uint8)
+        for c in range(1, stack.shape[-1]):
+            p = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., c])).array
+            take = p > best
+            classes[take] = c
+            np.maximum(best, p, out=best)
+        return classes
+
+    def _parts(self, volume: "Volume", per_class: bool = False):
         """Yield ``(index, probabilities)`` covering ``volume``: ``index`` None for the whole volume,
         else a tuple of slices into the input array (chunks along the input's slice axis).
+        ``per_class``: uint8 class indices (argmax) instead of foreground probabilities.
 
         Chunks keep peak memory independent of the number of slices: only ``chunk_slices``
         slices (plus their 2.5D context) are preprocessed at a time.
@@ -347,8 +398,8 @@ class Predictor:
             background = (
                 self._background(volume) if voxelwise else float(prepared.array.min()) if prepared.array.size else 0.0
             )
-            stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background)
-            yield None, self.pipeline.restore(prepared, stack).array
+            stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background, per_class)
+            yield None, self._restore(prepared, stack)
             return
         axis, flipped = chunking
         background = self._background(volume)
@@ -367,8 +418,8 @@ class Predictor:
             prepared = self.pipeline.prepare(sub)
             # Plan slices of input indices [first, last): reversed when the axis is flipped.
             begin = (high - last) if flipped else (first - low)
-            stack = self._stream(prepared, begin, begin + (last - first), volume.array, background)
-            restored = self.pipeline.restore(prepared, stack).array
+            stack = self._stream(prepared, begin, begin + (last - first), volume.array, background, per_class)
+            restored = self._restore(prepared, stack)
             keep, target = [slice(None)] * 3, [slice(None)] * 3
             keep[axis], target[axis] = slice(first - low, last - low), slice(first, last)
             yield tuple(target), restored[tuple(keep)]
@@ -434,6 +485,8 @@ class Predictor:
         """
         t = self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
         self.check_modality(volume)
+        if self.multiclass:
+            return self._segment_classes(volume, min_lesion_ml, largest_component)
         mask = np.empty(volume.shape, dtype=bool)
         for index, probs in self._parts(volume):
             np.greater_equal(probs, t, out=mask if index is None else mask[index])
@@ -445,12 +498,48 @@ class Predictor:
             labels = keep_largest_component(labels)
         return volume.with_array(labels)
 
+    def _segment_classes(self, volume: "Volume", min_lesion_ml: float, largest_component: bool | None) -> "Volume":
+        """Several classes: the argmax class per voxel (nested regions: each region's sigmoid at
+        0.5), post-processed class by class, written with the dataset's label ids
+        (``ClassSpec.label_ids``; regions: ``ClassSpec.resolve_regions``, later regions win)."""
+        parts = np.empty(volume.shape, dtype=np.uint8)
+        for index, part in self._parts(volume, per_class=True):
+            if index is None:
+                parts = part
+                break
+            parts[index] = part
+        spec = self.classes
+        masks = [(parts >> np.uint8(k) & 1).astype(bool) if self.regions else parts == k + 1
+                 for k in range(len(spec.names))]
+        for k, name in enumerate(spec.names):
+            keep = self._largest(largest_component, name)
+            if (keep or min_lesion_ml > 0) and masks[k].any():
+                cleaned = masks[k].view(np.uint8)
+                if min_lesion_ml > 0:
+                    cleaned = remove_small_lesions(cleaned, volume.spacing_mm, min_lesion_ml)
+                if keep:
+                    cleaned = keep_largest_component(cleaned)
+                masks[k] = cleaned > 0
+        if self.regions:
+            return volume.with_array(spec.resolve_regions(np.stack(masks, axis=-1)))
+        classes = np.zeros(volume.shape, np.uint8)
+        for k, mask in enumerate(masks, 1):
+            classes[mask] = k
+        return volume.with_array(spec.label_ids(classes))
+
     @property
     def largest_component_default(self) -> bool:
         """The bundle's post-processing choice: keep the largest component when training's
         validation showed it helps (``bundle.json`` ``extra.postprocessing``); False otherwise."""
-        extra = (getattr(self.bundle, "info", None) or {}).get("extra") or {}
-        return bool((extra.get("postprocessing") or {}).get("largest_component", False))
+        return self._largest(None)
 
-    def _largest(self, largest_component: bool | None) -> bool:
-        return self.largest_component_default if largest_component is None else bool(largest_component)
+    def _largest(self, largest_component: bool | None, class_name: str | None = None) -> bool:
+        """Keep only the largest component? The caller's choice, else the bundle's (per class for
+        several classes: ``extra.postprocessing.largest_component`` maps class names to choices)."""
+        if largest_component is not None:
+            return bool(largest_component)
+        extra = (getattr(self.bundle, "info", None) or {}).get("extra") or {}
+        choice = (extra.get("postprocessing") or {}).get("largest_component", False)
+        if isinstance(choice, Mapping):
+            return bool(choice.get(class_name, False))
+        return bool(choice)

@@ -189,7 +189,10 @@ def list_volume_files(folder: str | os.PathLike, *, images: bool = False) -> dic
     return dict(sorted(raw.items()))
 
 
-def _find_dataset_json(images_dir: Path) -> Path | None:
+def find_dataset_json(images_dir: str | os.PathLike) -> Path | None:
+    """The ``dataset.json`` of an images folder: in it, or one level up (MSD / nnU-Net layout);
+    None when there is none. The one rule pairing, ``medseg-check`` and training use."""
+    images_dir = Path(images_dir)
     for candidate in (images_dir / "dataset.json", images_dir.parent / "dataset.json"):
         if candidate.is_file():
             return candidate
@@ -274,7 +277,7 @@ def pair_cases(
     _check_dir(images_dir, "images")
     if labels_dir is not None and os.path.realpath(labels_dir) == os.path.realpath(images_dir):
         raise InputError(labels_dir, "a labels folder different from the images folder", "the images folder itself")
-    json_path = _find_dataset_json(images_dir)
+    json_path = find_dataset_json(images_dir)
     if json_path is not None:
         cases = _cases_from_json(json_path, images_dir, labels_dir)
         if cases is not None:

@@ -229,13 +229,8 @@ def _scan_folder(folder: Path) -> _Scan:
         if not entry.is_file():
             skipped.append(f"{entry.name} (not a regular file)")
             continue
-        try:
-            dicom = _sniff(path)
-        except PermissionError as exc:
-            # Never skip an unreadable file silently: it may be a slice of the series.
-            raise _no_permission(path) from exc
-        except OSError as exc:
-            raise InputError(path, "a readable file", f"an OS error ({exc})") from exc
+        # Never skip an unreadable file silently: it may be a slice of the series.
+        dicom = _sniff_readable(path, "a readable file")
         if not dicom:
             skipped.append(f"{entry.name} (not DICOM)")
             continue
@@ -690,14 +685,19 @@ def _series_of_folder(p: Path, series_uid: str | None) -> tuple[SeriesInfo, dict
     return info, {q: scan.headers[q] for q in info.paths}, scan.skipped
 
 
+def _sniff_readable(path: Path, expected: str) -> bool:
+    """Whether ``path`` is DICOM (:func:`_sniff`); a file that cannot be read is an error naming it."""
+    try:
+        return _sniff(path)
+    except PermissionError as exc:
+        raise _no_permission(path) from exc
+    except OSError as exc:
+        raise InputError(path, expected, f"an unreadable file ({exc})") from exc
+
+
 def _series_of_file(p: Path, series_uid: str | None) -> tuple[SeriesInfo, dict[Path, Dataset], list[str]]:
     """(series, header, no skipped files) of the single DICOM file ``p``."""
-    try:
-        dicom = _sniff(p)
-    except PermissionError as exc:
-        raise _no_permission(p) from exc
-    except OSError as exc:
-        raise InputError(p, "a readable DICOM file", f"an unreadable file ({exc})") from exc
+    dicom = _sniff_readable(p, "a readable DICOM file")
     if not dicom:
         with open(p, "rb") as fh:
             start = fh.read(16)

@@ -13,8 +13,11 @@ from medseg.losses.metrics import (
     ForegroundDice,
     ForegroundFraction,
     LesionSliceDice,
+    MeanClassDice,
     TrueForegroundFraction,
+    dice_metrics,
 )
+from medseg.losses.regions import RegionDiceBCELoss
 from medseg.losses.regularization import regularization_loss
 
 __all__ = [
@@ -27,5 +30,8 @@ __all__ = [
     "LesionSliceDice",
     "ForegroundFraction",
     "TrueForegroundFraction",
+    "MeanClassDice",
+    "dice_metrics",
+    "RegionDiceBCELoss",
     "regularization_loss",
 ]

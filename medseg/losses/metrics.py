@@ -8,16 +8,25 @@ a batch of empty slices adds nothing instead of scoring 1.0.
 
 Names in Keras logs (prefixed ``head_L_`` for deep-supervision models, ``val_`` for
 validation): ``foreground_dice``, ``lesion_slice_dice``, ``fg_fraction``, ``true_fg_fraction``.
+
+N classes (background + several organs or lesions): :func:`dice_metrics` gives one Dice and one
+predicted fraction per foreground class (``dice_<name>``, ``fg_fraction_<name>``), the mean Dice
+over the foreground classes (``mean_dice``, :class:`MeanClassDice`) and ``fg_fraction``; for 2
+classes it gives today's ``foreground_dice`` and ``fg_fraction``.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 import keras
 from keras import ops
 
 from medseg.losses import _overlap
 
-__all__ = ["ForegroundDice", "LesionSliceDice", "ForegroundFraction", "TrueForegroundFraction"]
+__all__ = ["ForegroundDice", "LesionSliceDice", "ForegroundFraction", "TrueForegroundFraction",
+           "MeanClassDice", "class_metric_names", "dice_metrics"]
 
 
 def _labels(y_true, y_pred):
@@ -159,14 +168,21 @@ class ForegroundFraction(keras.metrics.Metric):
 
     ``source="pred"`` (default, name ``fg_fraction``) counts the hard predictions: 0 means the
     model has collapsed to background. ``source="true"`` counts the reference, for comparison.
+    ``class_id`` counts one class only (default name ``fg_fraction_<class_id>``): 0 means the
+    model never predicts that class.
     """
 
-    def __init__(self, source="pred", name=None, dtype=None, **kwargs):
+    def __init__(self, source="pred", name=None, dtype=None, class_id=None, **kwargs):
         if source not in ("pred", "true"):
             raise ValueError(f"ForegroundFraction: source must be 'pred' or 'true', found {source!r}")
-        name = name or ("fg_fraction" if source == "pred" else "true_fg_fraction")
-        super().__init__(name=name, dtype=dtype or "float32", **kwargs)
+        if class_id is not None and int(class_id) < 1:
+            raise ValueError(f"ForegroundFraction: class_id must be >= 1 or None, found {class_id}")
+        class_id = None if class_id is None else int(class_id)
+        default = ("fg_fraction" if source == "pred" else "true_fg_fraction") + (
+            "" if class_id is None else f"_{class_id}")
+        super().__init__(name=name or default, dtype=dtype or "float32", **kwargs)
         self.source = source
+        self.class_id = class_id
         self.foreground = self.add_variable((), initializer="zeros", name="foreground")
         self.total = self.add_variable((), initializer="zeros", name="total")
 
@@ -174,7 +190,7 @@ class ForegroundFraction(keras.metrics.Metric):
         pred, ref, _ = _labels(y_true, y_pred)
         labels = pred if self.source == "pred" else ref
         w = _pixel_weights(sample_weight, pred)
-        self.foreground.assign_add(ops.sum(ops.cast(labels > 0, "float32") * w))
+        self.foreground.assign_add(ops.sum(ops.cast(_is_class(labels, self.class_id), "float32") * w))
         self.total.assign_add(ops.sum(w))
 
     def result(self):
@@ -185,7 +201,7 @@ class ForegroundFraction(keras.metrics.Metric):
         self.total.assign(0.0)
 
     def get_config(self):
-        return {**super().get_config(), "source": self.source}
+        return {**super().get_config(), "source": self.source, "class_id": self.class_id}
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -200,3 +216,110 @@ class TrueForegroundFraction(ForegroundFraction):
         config = super().get_config()
         config.pop("source", None)
         return config
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class MeanClassDice(keras.metrics.Metric):
+    """Mean over the foreground classes ``1..C-1`` of each class's hard Dice, pooled over the epoch.
+
+    Each class ``k`` keeps its own TP/FP/FN (pixels predicted ``k`` and labelled ``k``; predicted
+    ``k`` elsewhere; labelled ``k`` and predicted otherwise), summed over every batch; its Dice is
+    ``2 TP / (2 TP + FP + FN)`` as :class:`ForegroundDice` with ``class_id=k``. A class neither
+    labelled nor predicted in the epoch has no Dice and is left out of the mean; NaN when no
+    class has one.
+
+    Args:
+        num_classes: classes including background (>= 2); predictions must have this many channels.
+        name: metric name in the logs (default ``mean_dice``).
+    """
+
+    def __init__(self, num_classes, name="mean_dice", dtype=None, **kwargs):
+        super().__init__(name=name, dtype=dtype or "float32", **kwargs)
+        if int(num_classes) < 2:
+            raise ValueError(f"MeanClassDice: num_classes must be >= 2 (background + 1), found {num_classes}")
+        self.num_classes = int(num_classes)
+        shape = (self.num_classes - 1,)
+        self.true_positives = self.add_variable(shape, initializer="zeros", name="true_positives")
+        self.false_positives = self.add_variable(shape, initializer="zeros", name="false_positives")
+        self.false_negatives = self.add_variable(shape, initializer="zeros", name="false_negatives")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        pred, ref, num_classes = _labels(y_true, y_pred)
+        if num_classes != self.num_classes:
+            raise ValueError(f"MeanClassDice: predictions have {num_classes} classes, the metric was built "
+                             f"for num_classes={self.num_classes}")
+        w = ops.expand_dims(_pixel_weights(sample_weight, pred), -1)
+        # Foreground channels of the one-hot labels: (B, *spatial, C - 1).
+        p = ops.one_hot(pred, num_classes, dtype="float32")[..., 1:]
+        r = ops.one_hot(ref, num_classes, dtype="float32")[..., 1:]
+        axes = tuple(range(len(p.shape) - 1))
+        self.true_positives.assign_add(ops.sum(p * r * w, axis=axes))
+        self.false_positives.assign_add(ops.sum(p * (1.0 - r) * w, axis=axes))
+        self.false_negatives.assign_add(ops.sum((1.0 - p) * r * w, axis=axes))
+
+    def class_dice(self):
+        """Per-class Dice ``(C - 1,)`` of the epoch so far (NaN where undefined)."""
+        denominator = 2.0 * self.true_positives + self.false_positives + self.false_negatives
+        return ops.where(denominator > 0, 2.0 * self.true_positives / ops.maximum(denominator, 1.0),
+                         float("nan"))
+
+    def result(self):
+        denominator = 2.0 * self.true_positives + self.false_positives + self.false_negatives
+        defined = ops.cast(denominator > 0, "float32")
+        dice = 2.0 * self.true_positives / ops.maximum(denominator, 1.0)
+        n = ops.sum(defined)
+        return ops.where(n > 0, ops.sum(dice * defined) / ops.maximum(n, 1.0), float("nan"))
+
+    def reset_state(self):
+        for v in (self.true_positives, self.false_positives, self.false_negatives):
+            v.assign(ops.zeros(v.shape, dtype=v.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def class_metric_names(num_classes: int, class_names: Sequence[str] | None = None) -> list[str]:
+    """Suffixes of the per-class metric names, one per foreground class ``1..num_classes-1``:
+    the class names with characters other than letters, digits and ``_`` made ``_``
+    (``"non-enhancing"`` -> ``non_enhancing``), or the class indices ``"1"``, ``"2"``, ...
+
+    Raises:
+        ValueError: ``num_classes < 2``, not ``num_classes - 1`` names, or two names alike.
+    """
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2 (background + 1), found {num_classes}")
+    if class_names is None:
+        return [str(k) for k in range(1, int(num_classes))]
+    names = [re.sub(r"[^A-Za-z0-9_]", "_", str(n)) for n in class_names]
+    if len(names) != int(num_classes) - 1:
+        raise ValueError(f"expected {int(num_classes) - 1} foreground class names (background excluded) for "
+                         f"num_classes={num_classes}, found {list(class_names)}")
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"class names must give distinct metric names, found {list(class_names)} -> {names}")
+    return names
+
+
+def dice_metrics(num_classes: int, class_names: Sequence[str] | None = None) -> list[keras.metrics.Metric]:
+    """The Dice metrics of a model with ``num_classes`` outputs (background included).
+
+    2 classes: ``[ForegroundDice(), ForegroundFraction()]``, logged as ``foreground_dice`` and
+    ``fg_fraction`` (what medseg always logged). More: per foreground class ``k`` (named by
+    :func:`class_metric_names`) ``dice_<name>`` (:class:`ForegroundDice` ``class_id=k``) and
+    ``fg_fraction_<name>``, then ``mean_dice`` (:class:`MeanClassDice`) and ``fg_fraction`` (any
+    foreground class). :class:`medseg.train.diagnostics.Diagnostics` reads these names.
+
+    Args:
+        num_classes: classes including background (>= 2).
+        class_names: names of the foreground classes (``num_classes - 1``), e.g.
+            ``ClassSpec.names``; default the class indices.
+
+    Example:
+        >>> model.compile(loss=DiceCELoss(), metrics=dice_metrics(3, ["liver", "tumour"]))
+    """
+    names = class_metric_names(num_classes, class_names)
+    if int(num_classes) == 2:
+        return [ForegroundDice(), ForegroundFraction()]
+    per_class: list[keras.metrics.Metric] = [ForegroundDice(class_id=k, name=f"dice_{n}")
+                                             for k, n in enumerate(names, 1)]
+    fractions = [ForegroundFraction(class_id=k, name=f"fg_fraction_{n}") for k, n in enumerate(names, 1)]
+    return per_class + [MeanClassDice(num_classes), ForegroundFraction()] + fractions

@@ -140,8 +140,9 @@ def upsample(x, filters, name, *, upsampling, regularizer):
     return keras.layers.UpSampling2D(2, interpolation="bilinear", name=name)(x)
 
 
-def softmax_head(x, num_classes, *, regularizer, logits_name, name):
+def softmax_head(x, num_classes, *, regularizer, logits_name, name, activation: str = "softmax"):
     """1x1 convolution to ``num_classes`` logits, then softmax; output ``(B, H, W, num_classes)``.
+    ``activation="sigmoid"``: one independent probability per channel (nested regions).
 
     Both layers compute in float32 even under mixed_float16/bfloat16: a half-precision softmax
     saturates and the Dice/CE of small lesions loses its gradient.
@@ -154,4 +155,6 @@ def softmax_head(x, num_classes, *, regularizer, logits_name, name):
         dtype="float32",
         name=logits_name,
     )(x)
-    return keras.layers.Activation("softmax", dtype="float32", name=name)(logits)
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"head activation must be softmax or sigmoid, found {activation!r}")
+    return keras.layers.Activation(activation, dtype="float32", name=name)(logits)

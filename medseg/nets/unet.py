@@ -39,6 +39,7 @@ def build_unet(
     input_shape_hw: tuple[int | None, int | None] = (None, None),
     name: str = "unet",
     sync_batch_norm: bool = False,
+    head_activation: str = "softmax",
 ) -> keras.Model:
     """Build a U-Net that maps images to per-class softmax probabilities.
 
@@ -55,6 +56,8 @@ def build_unet(
         l2: L2 kernel-regularization factor of every convolution (0 disables it).
         input_shape_hw: fixed ``(height, width)`` or ``(None, None)`` for any valid size.
         name: model name.
+        head_activation: ``"softmax"`` (classes), or ``"sigmoid"`` (one independent probability
+            per output channel: nested regions); a run argument, not recorded in the spec.
         sync_batch_norm: synchronise BatchNorm statistics across replicas.
 
     Returns:
@@ -87,7 +90,8 @@ def build_unet(
         up = upsample(x, filters[i], f"dec{i}_up", upsampling=upsampling, regularizer=regularizer)
         x = keras.layers.Concatenate(name=f"dec{i}_concat")([skips[i], up])
         x = conv_block(x, filters[i], f"dec{i}", **block)
-    outputs = softmax_head(x, num_classes, regularizer=regularizer, logits_name="logits", name=HEAD)
+    outputs = softmax_head(x, num_classes, regularizer=regularizer, logits_name="logits", name=HEAD,
+                           activation=head_activation)
     return keras.Model(inputs=inputs, outputs=outputs, name=name)
 
 

@@ -108,6 +108,7 @@ def build_unetpp(
     input_shape_hw: tuple[int | None, int | None] = (None, None),
     name: str = "unetpp",
     sync_batch_norm: bool = False,
+    head_activation: str = "softmax",
 ) -> keras.Model:
     """Build a UNet++ that maps images to per-class softmax probabilities.
 
@@ -128,6 +129,8 @@ def build_unetpp(
             separately as ``reg_loss``.
         input_shape_hw: fixed ``(height, width)`` or ``(None, None)`` for any valid size.
         name: model name.
+        head_activation: ``"softmax"`` (classes), or ``"sigmoid"`` (one independent probability
+            per output channel: nested regions); a run argument, not recorded in the spec.
         sync_batch_norm: synchronise BatchNorm statistics across replicas under a
             ``tf.distribute`` strategy (so N replicas train like one device).
 
@@ -163,7 +166,7 @@ def build_unetpp(
     levels = list(range(1, depth + 1)) if deep_supervision else [depth]
     outputs = [
         softmax_head(nodes[0, level], num_classes, regularizer=block["regularizer"],
-                     logits_name=f"x0_{level}_logits", name=f"head_{level}")
+                     logits_name=f"x0_{level}_logits", name=f"head_{level}", activation=head_activation)
         for level in levels
     ]
     return keras.Model(

@@ -174,7 +174,8 @@ class WholeVolumeValidation(keras.callbacks.Callback):
 
 
 def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
-    """Means of per-patient validation rows: ``val_dsc_3d``, ``val_hd95_mm``, ``val_hd95_inf``."""
+    """Means of per-patient validation rows: ``val_dsc_3d``, ``val_hd95_mm``, ``val_hd95_inf``, and
+    ``val_dsc_<class>`` per class for a multi-class model (its ``val_dsc_3d`` is the class mean)."""
     dsc = np.array([float(r.get("dsc", np.nan)) for r in rows], dtype=float)
     hd95 = np.array([float(r.get("hd95_mm", np.nan)) for r in rows], dtype=float)
     finite_hd = hd95[np.isfinite(hd95)]
@@ -182,7 +183,7 @@ def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
         mean_dsc = float(np.nanmean(dsc)) if np.any(np.isfinite(dsc)) else float("nan")
     pred_empty = np.array([float(r.get("pred_empty", 0.0)) > 0 for r in rows], dtype=bool)
     ref_empty = np.array([float(r.get("ref_empty", 0.0)) > 0 for r in rows], dtype=bool)
-    return {
+    summary = {
         "val_dsc_3d": mean_dsc,
         "val_hd95_mm": float(finite_hd.mean()) if finite_hd.size else float("nan"),
         "val_hd95_inf": float(np.sum(np.isinf(hd95))),
@@ -190,6 +191,12 @@ def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
         "val_empty_pred": float(np.sum(pred_empty & ~ref_empty)),
         "val_empty_ref": float(np.sum(ref_empty)),
     }
+    # Several classes: each class's mean DSC too (rows of a multi-class model carry dsc_<name>).
+    per_class = sorted({k for r in rows for k in r if k.startswith("dsc_") and not k.startswith("dsc_largest")})
+    for key in per_class:
+        values = np.array([float(r.get(key, np.nan)) for r in rows], dtype=float)
+        summary[f"val_{key}"] = float(np.nanmean(values)) if np.any(np.isfinite(values)) else float("nan")
+    return summary
 
 
 def current_learning_rate(model: keras.Model) -> float:

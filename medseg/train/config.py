@@ -81,6 +81,9 @@ class TrainConfig:
             ``batch_size`` left at their defaults, time a few real training steps of candidate
             network widths and take the widest whose step stays near the target
             (:mod:`medseg.train.sizing`); False keeps the paper's network.
+        labels_map: several classes at once, ``["liver=5", "spleen=1"]`` (names and label ids;
+            :class:`medseg.io.classes.ClassSpec`). None: the ``labels`` of a ``dataset.json`` next
+            to the images when it names two or more classes, else binary (any nonzero value).
         map_labels: label values mapped before anything reads the labels, ``"FROM:TO,..."``;
             ``*`` stands for every other value (``"5:1,*:0"``: label 5 is the foreground).
         network: the registered network to train (:mod:`medseg.nets.registry`): ``"unetpp"``
@@ -132,6 +135,7 @@ class TrainConfig:
     patch_size: list[int] | None = None
     cpu_sizing: bool = True
     map_labels: str | None = None
+    labels_map: list[str] | None = None
     network: str = "unetpp"
     filters: list[int] | None = None
     depth: int = 4
@@ -220,6 +224,13 @@ class TrainConfig:
         if self.val_fraction == 0 and self.folds is None and self.early_stopping is not None:
             raise InputError(where, "early_stopping only with held-out validation cases (val_fraction > 0)",
                              "val_fraction=0 (validation on the training cases)")
+        if self.labels_map is not None:
+            from medseg.io.classes import ClassSpec
+
+            try:
+                ClassSpec.parse(self.labels_map)
+            except InputError as exc:
+                raise InputError(where, "labels_map entries NAME=IDS (e.g. liver=5)", str(exc)) from exc
         if self.map_labels is not None:
             from medseg.io.labels import parse_label_map
 

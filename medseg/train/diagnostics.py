@@ -13,8 +13,16 @@ loss above 1"), and it warns, naming the cause and the fix, when
 * ``alignment``: the augmentation self-check found image and mask out of register
   (``alignment_dice < 0.99``).
 
+With ``num_classes > 2`` (background + several classes) ``collapse`` and ``flat_dice`` are also
+judged per foreground class, on the per-class metrics of
+:func:`medseg.losses.metrics.dice_metrics` (``dice_<name>``, ``fg_fraction_<name>``) or on
+``sample_batch``: a class the model never predicts, or whose Dice stays flat while the loss
+falls, is named by its index (and name); the class-weight rule names each class that background
+outweighs. Two classes behave as always (class 1 is the lesion).
+
 Each warning is a :class:`DiagnosticsWarning` (Python ``warnings``), a ``logging`` warning, and
-a dict ``{"kind", "epoch", "cause", "fix", "message"}`` in ``callback.warnings_seen``.
+a dict ``{"kind", "epoch", "cause", "fix", "message"}`` in ``callback.warnings_seen`` (plus
+``"class"``, the class index, for a per-class warning).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import keras
 import numpy as np
 
 from medseg.io.labels import label_problems, label_values
+from medseg.losses.metrics import class_metric_names
 from medseg.losses.regularization import regularization_loss
 
 __all__ = [
@@ -98,10 +107,13 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
 
     Returns:
         ``{"ok": bool, "values": sorted unique values (up to 20), "problems": [str],
-        "foreground_fraction": float}``. One-hot labels ``(..., num_classes)`` of 0/1 count as ok.
+        "foreground_fraction": float, "class_fractions": [float] * num_classes}`` (pixel
+        fraction of each class index; NaN without pixels). One-hot labels
+        ``(..., num_classes)`` of 0/1 count as ok.
     """
     values: set[float] = set()
     fg = total = 0
+    counts = np.zeros(max(int(num_classes), 1), np.int64)
     for y in _label_arrays(data, max_batches):
         y = np.asarray(y)
         if y.ndim >= 3 and y.shape[-1] == num_classes and num_classes > 1 and \
@@ -110,6 +122,8 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
         values.update(label_values(y))
         fg += int(np.count_nonzero(y > 0))
         total += int(y.size)
+        for k in range(counts.size):
+            counts[k] += int(np.count_nonzero(y == k))
     distinct = np.unique(np.asarray(list(values))) if values else np.zeros(0)
     found = distinct.tolist()
     problems = []
@@ -134,6 +148,7 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
         "values": found[:20],
         "problems": problems,
         "foreground_fraction": fg / total if total else float("nan"),
+        "class_fractions": (counts / total).tolist() if total else [float("nan")] * counts.size,
     }
 
 
@@ -142,13 +157,14 @@ def check_class_weights(
     class_fractions: Sequence[float] | None = None,
     include_background: bool = True,
 ) -> str | None:
-    """Say whether class weights make the loss favour background (else None).
+    """Say whether class weights make the loss favour background over a foreground class (else None).
 
-    Background is favoured when it enters the loss with at least the weight of every lesion
-    class, or, given the pixel fraction of each class, when its weighted pixel mass
-    ``w_0 * f_0`` exceeds that of all lesion classes together (what a pixel-averaged
-    cross-entropy or a flattened-batch Dice sees: the user's 0.3/0.7 with 5 % lesion pixels gives
-    background 0.285 against 0.035).
+    Background is favoured over class ``k`` when it enters the loss with at least the weight of
+    ``k``, or, given the pixel fraction of each class, when its weighted pixel mass ``w_0 * f_0``
+    exceeds ``w_k * f_k`` (what a pixel-averaged cross-entropy or a flattened-batch Dice sees:
+    the user's 0.3/0.7 with 5 % lesion pixels gives background 0.285 against 0.035). With two
+    classes the sentence speaks of "the lesion class"; with more it names every class ``k``
+    concerned by its index.
 
     Returns:
         A sentence naming the numbers, or None if the weights do not favour background.
@@ -156,19 +172,26 @@ def check_class_weights(
     w = [float(v) for v in class_weights]
     if not include_background or len(w) < 2:
         return None
-    if w[0] >= max(w[1:]):
-        return (f"class weights {w} give background (class 0) at least the weight of the "
-                "lesion class")
-    if class_fractions is not None:
-        f = [float(v) for v in class_fractions]
-        if len(f) == len(w):
-            mass_bg = w[0] * f[0]
-            mass_fg = sum(wc * fc for wc, fc in zip(w[1:], f[1:]))
-            if mass_bg > mass_fg:
-                return (f"with class weights {w} and class pixel fractions "
-                        f"{[round(v, 4) for v in f]}, background carries "
-                        f"{mass_bg / (mass_bg + mass_fg):.0%} of the weighted pixels")
-    return None
+    lighter = [k for k in range(1, len(w)) if w[0] >= w[k]]
+    if lighter:
+        which = "the lesion class" if len(w) == 2 else _class_list(lighter)
+        return f"class weights {w} give background (class 0) at least the weight of {which}"
+    f = None if class_fractions is None else [float(v) for v in class_fractions]
+    if f is None or len(f) != len(w):
+        return None
+    mass = [wc * fc for wc, fc in zip(w, f)]
+    heavier = [k for k in range(1, len(w)) if mass[0] > mass[k]]
+    if not heavier:
+        return None
+    head = f"with class weights {w} and class pixel fractions {[round(v, 4) for v in f]}, background carries "
+    if len(w) == 2:
+        return head + f"{mass[0] / (mass[0] + mass[1]):.0%} of the weighted pixels"
+    return head + ", ".join(f"{mass[0] / (mass[0] + mass[k]):.0%} of the weighted pixels of background and "
+                            f"class {k}" for k in heavier)
+
+
+def _class_list(classes: Sequence[int]) -> str:
+    return ("class " if len(classes) == 1 else "classes ") + ", ".join(str(k) for k in classes)
 
 
 def _loss_class_weights(loss) -> list[tuple[list[float], bool]]:
@@ -226,7 +249,8 @@ class Diagnostics(keras.callbacks.Callback):
         class_weights: class weights of a loss the callback cannot inspect (e.g. the user's own
             function); medseg losses in ``model.loss`` are found automatically.
         include_background: whether that loss includes the background class.
-        num_classes: classes including background, for the label check.
+        num_classes: classes including background, for the label check; above 2 the collapse
+            and flat-Dice rules also run per foreground class.
         alignment_dice: Dice between a mask warped by the augmentation and the mask recomputed
             from the warped image (the pipeline's self-check); warn below
             ``alignment_threshold``.
@@ -234,6 +258,10 @@ class Diagnostics(keras.callbacks.Callback):
         dice_key, fraction_key: metric names to read from the logs (default the medseg
             metrics ``foreground_dice`` and ``fg_fraction``; ``head_L_`` prefixes are found).
         verbose: 1 prints one line per epoch with the loss split; 0 only logs it.
+        class_names: names of the foreground classes (``num_classes - 1``, e.g.
+            ``ClassSpec.names``): the per-class metrics are read as ``dice_<name>`` and
+            ``fg_fraction_<name>`` (:func:`medseg.losses.metrics.dice_metrics`) and warnings say
+            ``class 2 (spleen)``; default the indices (``dice_1``, ``dice_2``, ...).
 
     Example:
         >>> diag = Diagnostics(sample_batch=(x[:8], y[:8]))
@@ -256,6 +284,7 @@ class Diagnostics(keras.callbacks.Callback):
         dice_key: str = "foreground_dice",
         fraction_key: str = "fg_fraction",
         verbose: int = 1,
+        class_names: Sequence[str] | None = None,
     ):
         super().__init__()
         if int(collapse_epochs) < 1 or int(flat_epochs) < 2:
@@ -276,6 +305,10 @@ class Diagnostics(keras.callbacks.Callback):
         self.dice_key = dice_key
         self.fraction_key = fraction_key
         self.verbose = int(verbose)
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+        # Metric-name suffixes of the foreground classes, checked one by one above 2 classes.
+        self._class_keys = (class_metric_names(self.num_classes, self.class_names)
+                            if self.num_classes > 2 else [])
         self.warnings_seen: list[dict[str, Any]] = []
         self._reset_history()
 
@@ -288,20 +321,25 @@ class Diagnostics(keras.callbacks.Callback):
         self._losses: list[float] = []
         self._dice: list[float | None] = []
         self._zero_epochs = 0
-        self._kinds_this_run: set[str] = set()
+        self._class_dice: dict[int, list[float | None]] = {k: [] for k in range(1, len(self._class_keys) + 1)}
+        self._class_zero = {k: 0 for k in self._class_dice}
+        self._kinds_this_run: set[tuple[str, int | None]] = set()
         self._reg_sum, self._reg_steps = 0.0, 0
 
     # === Warnings ===
-    def _warn(self, kind: str, cause: str, fix: str, epoch: int | None = None) -> None:
-        if kind in self._kinds_this_run:
+    def _warn(self, kind: str, cause: str, fix: str, epoch: int | None = None,
+              class_id: int | None = None) -> None:
+        # Once per run for each kind, and for each class of a per-class rule.
+        if (kind, class_id) in self._kinds_this_run:
             return
-        self._kinds_this_run.add(kind)
+        self._kinds_this_run.add((kind, class_id))
         where = f"epoch {epoch + 1}: " if epoch is not None else ""
         message = f"medseg diagnostics [{kind}] {where}{cause}. Fix: {fix}."
-        self.warnings_seen.append(
-            {"kind": kind, "epoch": None if epoch is None else epoch + 1, "cause": cause,
-             "fix": fix, "message": message}
-        )
+        record = {"kind": kind, "epoch": None if epoch is None else epoch + 1, "cause": cause,
+                  "fix": fix, "message": message}
+        if class_id is not None:
+            record["class"] = class_id
+        self.warnings_seen.append(record)
         log.warning(message)
         _warnings.warn(message, DiagnosticsWarning, stacklevel=2)
 
@@ -334,6 +372,8 @@ class Diagnostics(keras.callbacks.Callback):
             fg = report["foreground_fraction"]
             if report["ok"] and self.num_classes == 2 and math.isfinite(fg):
                 fractions = [1.0 - fg, fg]
+            elif report["ok"] and math.isfinite(fg):
+                fractions = report["class_fractions"]
         candidates = _loss_class_weights(getattr(self.model, "loss", None))
         if self.class_weights is not None:
             candidates.insert(0, (self.class_weights, self.include_background))
@@ -345,7 +385,9 @@ class Diagnostics(keras.callbacks.Callback):
                     f"the loss weights favour background: {problem}; a model that predicts "
                     "only background already scores well on such a loss",
                     "leave the background out of the Dice (DiceLoss(include_background=False)), "
-                    "or give the lesion class the larger weight, e.g. inverse class frequency",
+                    + ("or give the lesion class the larger weight" if len(weights) == 2 else
+                       "or give each foreground class a larger weight than background")
+                    + ", e.g. inverse class frequency",
                 )
                 break
 
@@ -373,8 +415,10 @@ class Diagnostics(keras.callbacks.Callback):
             self._reg_sum += self._reg_fn()
             self._reg_steps += 1
 
-    def _sample_metrics(self) -> tuple[float | None, float | None]:
-        """(foreground Dice, predicted foreground fraction) on ``sample_batch``."""
+    def _sample_metrics(self) -> dict[str, Any]:
+        """On ``sample_batch``: ``dice``, ``fraction`` (any foreground class), ``class_dice`` and
+        ``class_fraction`` (lists over the foreground classes above 2 classes; Dice None where
+        neither labelled nor predicted)."""
         images, labels = self.sample_batch[0], np.asarray(self.sample_batch[1])
         pred = self.model.predict(images, verbose=0)
         if isinstance(pred, dict):
@@ -386,8 +430,14 @@ class Diagnostics(keras.callbacks.Callback):
             labels = labels[..., 0] if labels.shape[-1] == 1 else labels.argmax(-1)
         tp = np.count_nonzero((hard > 0) & (hard == labels))
         denominator = np.count_nonzero(hard > 0) + np.count_nonzero(labels > 0)
-        dice = 2.0 * tp / denominator if denominator else None
-        return dice, float(np.mean(hard > 0))
+        out: dict[str, Any] = {"dice": 2.0 * tp / denominator if denominator else None,
+                               "fraction": float(np.mean(hard > 0)), "class_dice": [], "class_fraction": []}
+        for k in range(1, len(self._class_keys) + 1):
+            pred_k, ref_k = hard == k, labels == k
+            denominator = np.count_nonzero(pred_k) + np.count_nonzero(ref_k)
+            out["class_dice"].append(2.0 * np.count_nonzero(pred_k & ref_k) / denominator if denominator else None)
+            out["class_fraction"].append(float(np.mean(pred_k)))
+        return out
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -403,31 +453,62 @@ class Diagnostics(keras.callbacks.Callback):
             logs["val_reg_loss"] = reg_end
             logs["val_data_loss"] = float(logs["val_loss"]) - reg_end
 
-        outputs = list(getattr(self.model, "output_names", None) or [])
-        dice_key = _find_key(logs, self.dice_key, outputs)
-        fraction_key = _find_key(logs, self.fraction_key, outputs)
-        dice = _finite(logs.get(dice_key)) if dice_key else None
-        fraction = _finite(logs.get(fraction_key)) if fraction_key else None
-        if (dice_key is None or fraction_key is None) and self.sample_batch is not None:
-            sample_dice, sample_fraction = self._sample_metrics()
-            if dice_key is None:
-                dice = sample_dice
-                logs["diag_foreground_dice"] = float("nan") if dice is None else dice
-            if fraction_key is None:
-                fraction = sample_fraction
-                logs["diag_fg_fraction"] = fraction
-
+        dice, fraction, per_class = self._epoch_metrics(logs)
         line = f"epoch {epoch + 1}: loss {loss if loss is not None else float('nan'):.4f} = " \
                f"data {logs.get('data_loss', float('nan')):.4f} + regularization {reg:.4f}"
         if dice is not None:
             line += f"; foreground Dice {dice:.4f}"
         if fraction is not None:
             line += f"; predicted foreground fraction {fraction:.4f}"
+        shown = [f"{self._class_label(k)} {d:.4f}" for k, d, _ in per_class if d is not None]
+        if shown:
+            line += "; Dice of " + ", ".join(shown)
         log.info(line)
         if self.verbose:
             print(line, flush=True)
+        self._check_collapse(epoch, fraction, per_class)
+        self._check_flat_dice(epoch, loss, dice, per_class)
 
-        # Collapse to background.
+    def _class_label(self, k: int) -> str:
+        return f"class {k}" + (f" ({self.class_names[k - 1]})" if self.class_names else "")
+
+    def _epoch_metrics(self, logs: dict) -> tuple[float | None, float | None, list[tuple[int, Any, Any]]]:
+        """(foreground Dice, predicted foreground fraction, per class ``(k, Dice, fraction)``)
+        of the epoch: from the logs, else measured on ``sample_batch`` (also written to the logs
+        as ``diag_*``), else None."""
+        outputs = list(getattr(self.model, "output_names", None) or [])
+        dice_key = _find_key(logs, self.dice_key, outputs)
+        fraction_key = _find_key(logs, self.fraction_key, outputs)
+        dice = _finite(logs.get(dice_key)) if dice_key else None
+        fraction = _finite(logs.get(fraction_key)) if fraction_key else None
+        class_keys = [(_find_key(logs, f"dice_{n}", outputs), _find_key(logs, f"fg_fraction_{n}", outputs))
+                      for n in self._class_keys]
+        # Above 2 classes the Dice rule is judged per class: the pooled Dice is only shown.
+        missing = fraction_key is None or (dice_key is None and not class_keys) or \
+            any(key is None for pair in class_keys for key in pair)
+        sample = self._sample_metrics() if missing and self.sample_batch is not None else None
+        if sample is not None:
+            if dice_key is None:
+                dice = sample["dice"]
+                logs["diag_foreground_dice"] = float("nan") if dice is None else dice
+            if fraction_key is None:
+                fraction = sample["fraction"]
+                logs["diag_fg_fraction"] = fraction
+        per_class = []
+        for k, (name, (d_key, f_key)) in enumerate(zip(self._class_keys, class_keys), 1):
+            d = _finite(logs.get(d_key)) if d_key else None
+            f = _finite(logs.get(f_key)) if f_key else None
+            if sample is not None and d_key is None:
+                d = sample["class_dice"][k - 1]
+                logs[f"diag_dice_{name}"] = float("nan") if d is None else d
+            if sample is not None and f_key is None:
+                f = logs[f"diag_fg_fraction_{name}"] = sample["class_fraction"][k - 1]
+            per_class.append((k, d, f))
+        return dice, fraction, per_class
+
+    def _check_collapse(self, epoch: int, fraction, per_class) -> None:
+        """Nothing predicted for ``collapse_epochs`` epochs: no foreground at all, or one class
+        while others are predicted."""
         if fraction is not None:
             self._zero_epochs = self._zero_epochs + 1 if fraction <= 0.0 else 0
             if self._zero_epochs >= self.collapse_epochs:
@@ -439,29 +520,53 @@ class Diagnostics(keras.callbacks.Callback):
                     "lesion-containing patches, check the labels and lower the learning rate",
                     epoch,
                 )
+        for k, _, f in per_class:
+            if f is None:
+                continue
+            self._class_zero[k] = self._class_zero[k] + 1 if f <= 0.0 else 0
+            # A model predicting nothing at all gets the one warning above, not one per class.
+            if self._class_zero[k] >= self.collapse_epochs and not (fraction is not None and fraction <= 0.0):
+                self._warn(
+                    "collapse",
+                    f"the model predicts no voxel of {self._class_label(k)} for {self._class_zero[k]} "
+                    "epochs while it predicts other classes",
+                    f"check that the labels hold class index {k} (--labels-map / dataset.json ids), give "
+                    "the class a larger loss weight (class_weights) and sample more patches containing it",
+                    epoch, class_id=k,
+                )
 
-        # Loss falls, Dice flat.
-        if loss is not None:
-            self._losses.append(loss)
-            self._dice.append(dice)
-            window = self.flat_epochs
-            if len(self._losses) >= window:
-                losses = self._losses[-window:]
-                dices = self._dice[-window:]
-                fell = losses[-1] < losses[0] * (1.0 - self.loss_drop)
-                if fell and all(d is not None for d in dices) and \
-                        max(dices) - min(dices) <= self.flat_dice_tolerance:
-                    self._warn(
-                        "flat_dice",
-                        f"the loss fell from {losses[0]:.4f} to {losses[-1]:.4f} over {window} "
-                        f"epochs while the hard foreground Dice stayed at {dices[-1]:.4f}: the "
-                        "loss is improving on something other than the lesion (background "
-                        "Dice, the regularization term, or empty slices)",
-                        "use a foreground-only loss (DiceLoss/DiceCELoss with "
-                        "include_background=False), watch reg_loss vs data_loss, and check that "
-                        "augmentation keeps masks aligned",
-                        epoch,
-                    )
+    def _check_flat_dice(self, epoch: int, loss, dice, per_class) -> None:
+        """The loss fell by ``loss_drop`` over ``flat_epochs`` epochs while a Dice stayed flat:
+        the foreground Dice (2 classes, or no per-class Dice), else each class's."""
+        if loss is None:
+            return
+        self._losses.append(loss)
+        self._dice.append(dice)
+        for k, d, _ in per_class:
+            self._class_dice[k].append(d)
+        window = self.flat_epochs
+        if len(self._losses) < window:
+            return
+        losses = self._losses[-window:]
+        if not losses[-1] < losses[0] * (1.0 - self.loss_drop):
+            return
+        fell = f"the loss fell from {losses[0]:.4f} to {losses[-1]:.4f} over {window} epochs"
+        fix = ("use a foreground-only loss (DiceLoss/DiceCELoss with include_background=False), watch "
+               "reg_loss vs data_loss, and check that augmentation keeps masks aligned")
+        series = [(k, self._class_dice[k][-window:]) for k in self._class_dice]
+        if not any(d is not None for _, values in series for d in values):
+            series = [(None, self._dice[-window:])]
+        for k, dices in series:
+            if all(d is not None for d in dices) and max(dices) - min(dices) <= self.flat_dice_tolerance:
+                which = "the hard foreground Dice" if k is None else f"the hard Dice of {self._class_label(k)}"
+                self._warn(
+                    "flat_dice",
+                    f"{fell} while {which} stayed at {dices[-1]:.4f}: the loss is improving on something "
+                    "other than " + ("the lesion" if k is None else "this class")
+                    + " (background Dice, the regularization term, or empty slices)",
+                    fix if k is None else fix + f"; with several classes, weight class {k} up in the loss",
+                    epoch, class_id=k,
+                )
 
     def get_config(self):
         return {
@@ -477,4 +582,5 @@ class Diagnostics(keras.callbacks.Callback):
             "dice_key": self.dice_key,
             "fraction_key": self.fraction_key,
             "verbose": self.verbose,
+            "class_names": self.class_names,
         }

@@ -217,7 +217,7 @@ def check_and_split(cfg: TrainConfig):
     cases, unpaired = pair_cases(cfg.images, cfg.labels)
     if label_map:
         cases = [dataclasses.replace(c, label_map=label_map) for c in cases]
-    report = check_dataset(cases, label_map=label_map, extra_problems=unpaired)
+    report = check_dataset(cases, label_map=label_map, extra_problems=unpaired, classes=class_spec_for(cfg))
     report.raise_if_fatal()
     labelled = [c for c in cases if c.label_path is not None]
     if not labelled:
@@ -266,6 +266,10 @@ def network_spec(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, plan, *, sync_batch_norm: bool = False):
     """The run's network, built by its registered builder (2.5D input channels =
     ``plan.context_slices``)."""
+    spec = plan.class_spec
+    if spec.regions:  # one sigmoid per region (they overlap), no background channel
+        return network_spec(cfg).build(int(plan.context_slices), spec.num_outputs, sync_batch_norm=sync_batch_norm,
+                                       head_activation="sigmoid")
     return network_spec(cfg).build(int(plan.context_slices), int(plan.num_classes), sync_batch_norm=sync_batch_norm)
 
 
@@ -274,9 +278,16 @@ def output_heads(cfg: TrainConfig) -> list[str]:
     return network_spec(cfg).output_names
 
 
-def make_loss(cfg: TrainConfig):
-    """The per-sample segmentation loss (Dice + cross-entropy by default)."""
+def make_loss(cfg: TrainConfig, regions: bool = False):
+    """The per-sample segmentation loss (Dice + cross-entropy by default; nested regions: Dice +
+    binary cross-entropy per region, :class:`medseg.losses.regions.RegionDiceBCELoss`)."""
     from medseg.losses import DiceCELoss, DiceLoss
+
+    if regions:
+        from medseg.losses.regions import RegionDiceBCELoss
+
+        return RegionDiceBCELoss(dice_weight=0.0 if cfg.loss == "ce" else 1.0,
+                                 bce_weight=0.0 if cfg.loss == "dice" else 1.0)
 
     if cfg.loss == "dice":
         return DiceLoss()
@@ -305,25 +316,28 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float, schedule=None):
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
-def compile_model(model, cfg: TrainConfig, learning_rate: float, schedule=None) -> None:
+def compile_model(model, cfg: TrainConfig, learning_rate: float, schedule=None, regions: bool = False,
+                  class_names=None) -> None:
     """Compile with one loss per trained output (the network's deep-supervision weights) and the
-    Dice metrics on its final output."""
-    from medseg.losses import ForegroundDice, ForegroundFraction
+    Dice metrics on its final output (none for nested regions: their multi-hot targets are scored
+    by the whole-volume validation, region by region)."""
+    from medseg.losses.metrics import dice_metrics
 
     spec = network_spec(cfg)
     heads = spec.output_names
-    metrics = [ForegroundDice(), ForegroundFraction()]
+    # Two classes: foreground_dice, fg_fraction as ever; more: dice_<name> per class and mean_dice.
+    metrics = [] if regions else dice_metrics(len(class_names) + 1 if class_names else 2, class_names)
     if len(heads) > 1:
         model.compile(
             optimizer=make_optimizer(cfg, learning_rate, schedule),
-            loss={h: make_loss(cfg) for h in heads},
+            loss={h: make_loss(cfg, regions) for h in heads},
             loss_weights=dict(zip(heads, spec.loss_weights)),
             metrics={spec.final_output: metrics},
             run_eagerly=cfg.run_eagerly,
         )
     else:
-        model.compile(optimizer=make_optimizer(cfg, learning_rate, schedule), loss=make_loss(cfg), metrics=metrics,
-                      run_eagerly=cfg.run_eagerly)
+        model.compile(optimizer=make_optimizer(cfg, learning_rate, schedule), loss=make_loss(cfg, regions),
+                      metrics=metrics, run_eagerly=cfg.run_eagerly)
 
 
 def targets_for_heads(cfg: TrainConfig):
@@ -358,6 +372,15 @@ def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, valid
     predictor = Predictor(bundle, batch_size=max(8, cfg.batch_size))
     cases = list(val_cases)[: cfg.max_val_cases] if cfg.max_val_cases else list(val_cases)
 
+    spec = predictor.classes
+
+    def score(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+        metrics = compute_metrics(pred, ref, spacing)
+        return {**{k: float(v) for k, v in metrics.items()},
+                "pred_empty": float(not pred.any()), "ref_empty": float(not ref.any()),
+                # for the post-processing choice (medseg.infer.postprocess.choose_largest_component)
+                "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref))}
+
     def evaluate(model) -> list[dict]:
         twin.set_weights(model.get_weights())
         rows = []
@@ -365,22 +388,40 @@ def make_validator(twin, plan, val_cases, cfg: TrainConfig, run_dir: Path, valid
             # Read per validation, not cached: validation sets of CT volumes do not fit in memory.
             # load_pair applies the label map and brings the label onto the image's grid.
             image, label = load_pair(case)
-            ref = np.asarray(label.array) > 0
-            pred = np.asarray(predictor.segment(image, largest_component=False).array) > 0
-            metrics = compute_metrics(pred, ref, image.spacing_mm)
-            rows.append({"case_id": case.case_id, "validation": validation,
-                         **{k: float(v) for k, v in metrics.items()},
-                         "pred_empty": float(not pred.any()), "ref_empty": float(not ref.any()),
-                         # for the post-processing choice (medseg.infer.postprocess.choose_largest_component)
-                         "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref))})
+            pred = np.asarray(predictor.segment(image, largest_component=False).array)
+            if spec.is_binary:
+                rows.append({"case_id": case.case_id, "validation": validation,
+                             **score(pred > 0, np.asarray(label.array) > 0, image.spacing_mm)})
+                continue
+            ref = np.asarray(label.array)
+            per_class = {name: score(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm)
+                         for k, name in enumerate(spec.names)}
+            rows.append(_class_row(case.case_id, validation, per_class))
         return rows
 
     return evaluate
 
 
+def _class_row(case_id: str, validation: str, per_class: Mapping[str, dict]) -> dict:
+    """One validation row of a multi-class model: the mean over classes (what selects the model)
+    and each class's ``dsc_<name>``, ``hd95_mm_<name>``, ``dsc_largest_component_<name>``."""
+    def mean(key: str) -> float:
+        values = [m[key] for m in per_class.values() if np.isfinite(m[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    row = {"case_id": case_id, "validation": validation,
+           **{k: mean(k) for k in ("dsc", "jaccard", "hd95_mm", "assd_mm", "nsd", "dsc_largest_component")},
+           "pred_empty": float(all(m["pred_empty"] for m in per_class.values())),
+           "ref_empty": float(all(m["ref_empty"] for m in per_class.values()))}
+    for name, m in per_class.items():
+        row.update({f"dsc_{name}": m["dsc"], f"hd95_mm_{name}": m["hd95_mm"],
+                    f"dsc_largest_component_{name}": m["dsc_largest_component"]})
+    return row
+
+
 # --- the run ------------------------------------------------------------------------------------------
 def train(config: TrainConfig | Mapping[str, Any], *, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Train a UNet++ lesion segmenter end to end; see the module docstring for the steps.
+    """Train a lesion segmenter (the configured network) end to end; see the module docstring for the steps.
 
     Args:
         config: a :class:`TrainConfig` or a mapping of its fields.
@@ -550,7 +591,9 @@ def _build(run: _Run) -> None:
     with run.strategy.scope():
         run.model = build_model(cfg, run.plan, sync_batch_norm=run.replicas > 1)
         run.schedule = make_schedule(cfg, run.learning_rate)
-        compile_model(run.model, cfg, run.learning_rate, run.schedule)
+        spec = run.plan.class_spec
+        compile_model(run.model, cfg, run.learning_rate, run.schedule, regions=spec.regions,
+                      class_names=None if spec.is_binary else spec.names)
     check_disk_space(run.write_dir, run.model)  # before the work: the outputs' size is known from here
     if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _fix_multi_worker_build(run.model, run.strategy)
@@ -583,21 +626,36 @@ def _bundle_saver(run: _Run, selection: str):
 
     def save_best(model_, epoch, logs):
         from medseg.infer.bundle import save_bundle
-        from medseg.infer.postprocess import choose_largest_component
 
         run.twin.set_weights(model_.get_weights())
         rows = run.validation.last_rows if run.validation.last_epoch == epoch else []
-        save_bundle(run.write_dir, run.twin, run.plan, pipeline=run.pipeline, network=network_spec(cfg), extra={
+        spec = run.plan.class_spec
+        save_bundle(run.write_dir, run.twin, run.plan, pipeline=run.pipeline, network=network_spec(cfg),
+                    classes=spec.output_names, extra={
             "epoch": epoch + 1, "val_dsc_3d": logs.get("val_dsc_3d"), "val_hd95_mm": logs.get("val_hd95_mm"),
             "train_cases": [c.case_id for c in run.train_cases], "val_cases": [c.case_id for c in run.val_cases],
             "validation": run.validation_kind,
             "selection": ("last model (validation on the training cases)" if selection == "last"
                           else "best mean 3D validation DSC on held-out cases"),
             "map_labels": cfg.map_labels,
-            "postprocessing": choose_largest_component(rows, validation=run.validation_kind),
+            "postprocessing": _postprocessing(spec, rows, run.validation_kind),
         })
 
     return save_best
+
+
+def _postprocessing(spec, rows: list[dict], validation: str) -> dict:
+    """The largest-component choice made on validation: one for a binary model, one per class
+    (``{"largest_component": {name: bool}, "classes": {name: details}}``) for several."""
+    from medseg.infer.postprocess import choose_largest_component
+
+    if spec.is_binary:
+        return choose_largest_component(rows, validation=validation)
+    details = {name: choose_largest_component(
+        [{"dsc": r.get(f"dsc_{name}", float("nan")),
+          "dsc_largest_component": r.get(f"dsc_largest_component_{name}", float("nan"))} for r in rows],
+        validation=validation) for name in spec.names}
+    return {"largest_component": {name: d["largest_component"] for name, d in details.items()}, "classes": details}
 
 
 def _fit(run: _Run, extra_callbacks: Sequence[Any]) -> None:
@@ -625,7 +683,11 @@ def _fit(run: _Run, extra_callbacks: Sequence[Any]) -> None:
         callbacks_.insert(1, keras.callbacks.ProgbarLogger())
     if run.clock is not None:
         callbacks_.insert(0, run.clock)  # before validation: its time_up makes the final validation
-    diagnostics = make_diagnostics(cfg, run.write_dir, dataset)
+    # Region labels are bits (values up to 2**R - 1) until the batches turn them multi-hot.
+    spec = run.plan.class_spec
+    diagnostics = make_diagnostics(cfg, run.write_dir, dataset,
+                                   num_classes=2 ** len(spec.names) if spec.regions else run.plan.num_classes,
+                                   class_names=None if spec.is_binary or spec.regions else spec.names)
     callbacks_.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others
     previous_warnings = _read_warnings(run.run_dir) if cfg.resume else []
     if run.chief:
@@ -871,6 +933,22 @@ def _keras_verbose(verbose: int) -> int | str:
     return {0: 0, 1: "auto", 2: 0}.get(int(verbose), "auto")
 
 
+def class_spec_for(cfg: TrainConfig):
+    """The run's named classes: ``labels_map``, else a ``dataset.json`` (next to the images or one
+    folder up, as MSD/nnU-Net lay them out) naming two or more; None: binary lesion segmentation.
+
+    Raises:
+        InputError: malformed ``labels_map`` or ``dataset.json`` labels.
+    """
+    from medseg.io.classes import ClassSpec
+    from medseg.io.dataset import find_dataset_json
+
+    if cfg.labels_map:
+        return ClassSpec.parse(cfg.labels_map)
+    path = find_dataset_json(cfg.images) if cfg.images is not None else None
+    return ClassSpec.from_dataset_json(path) if path is not None else None
+
+
 def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):
     """The run's plan: fitted on the training patients (or read back on resume), with overrides."""
     from medseg.data.plan import Plan, make_plan
@@ -880,6 +958,10 @@ def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):
         return Plan.load(path)
     overrides = dict(cfg.plan)
     overrides.setdefault("divisor", network_spec(cfg).divisor)
+    spec = class_spec_for(cfg)
+    if spec is not None:
+        overrides.setdefault("classes", spec.to_dict())
+        overrides.setdefault("num_classes", spec.num_classes)
     if cfg.patch_size is not None:
         overrides["patch_size"] = tuple(cfg.patch_size)
     try:
@@ -892,7 +974,7 @@ def _plan_for_run(cfg: TrainConfig, train_cases, run_dir: Path, chief: bool):
 
 
 # --- diagnostics ------------------------------------------------------------------------------------------
-def make_diagnostics(cfg: TrainConfig, write_dir: Path, dataset=None):
+def make_diagnostics(cfg: TrainConfig, write_dir: Path, dataset=None, num_classes: int = 2, class_names=None):
     """The training-diagnostics callback (:class:`medseg.train.diagnostics.Diagnostics`).
 
     With the training ``dataset`` it checks the labels of the first batch and the augmentation
@@ -911,7 +993,8 @@ def make_diagnostics(cfg: TrainConfig, write_dir: Path, dataset=None):
                                         seed=cfg.seed)
     # verbose=0: RunKeeper prints the epoch's summary line (with the same loss split).
     return Diagnostics(sample_batch=sample_batch, alignment_dice=alignment, verbose=0,
-                       flat_epochs=flat_dice_window(cfg.steps_per_epoch))
+                       flat_epochs=flat_dice_window(cfg.steps_per_epoch), num_classes=num_classes,
+                       class_names=class_names)
 
 
 #: The flat-Dice rule looks at least this many optimizer steps back: in the first few hundred
@@ -927,8 +1010,10 @@ def flat_dice_window(steps_per_epoch: int) -> int:
 def write_warnings(diagnostics, run_dir: Path, previous: list[dict] | None = None) -> Path:
     """``warnings.json``: the diagnostics' warnings (those of the run before a resume kept)."""
     seen = list(previous or [])
-    keys = {(w.get("kind"), w.get("epoch")) for w in seen}
-    seen += [w for w in getattr(diagnostics, "warnings", []) if (w.get("kind"), w.get("epoch")) not in keys]
+    # A warning is one kind at one epoch (for one class, with several classes).
+    keys = {(w.get("kind"), w.get("epoch"), w.get("class")) for w in seen}
+    seen += [w for w in getattr(diagnostics, "warnings", [])
+             if (w.get("kind"), w.get("epoch"), w.get("class")) not in keys]
     return atomic_write_json(Path(run_dir) / "warnings.json", {"warnings": seen})
 
 
@@ -966,6 +1051,12 @@ def make_train_dataset(train_cases, plan, cfg: TrainConfig, global_batch: int, s
                       start_batch=start_epoch * cfg.steps_per_epoch, num_parallel_calls=cfg.workers,
                       cache_dir=cache_dir, pipeline=pipeline if pipeline is not None else build_pipeline(cfg, plan))
     maker = ds.batch_maker
+    spec = plan.class_spec
+    if spec.regions:
+        from medseg.losses.regions import multi_hot_from_bits
+
+        n_regions = len(spec.names)
+        ds = ds.map(lambda images, masks: (images, multi_hot_from_bits(masks, n_regions)))
     heads = targets_for_heads(cfg)
     if heads is not None:
         ds = ds.map(heads)

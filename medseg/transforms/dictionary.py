@@ -65,8 +65,10 @@ __all__ = [
 class LabelClassesd(MapTransform):
     """Label values -> uint8 class indices (:func:`medseg.transforms.preprocess.label_classes`).
 
-    With ``num_classes == 2`` every nonzero value is the lesion (masks stored as 0/255 or with
-    several lesion codes work unchanged); with more classes values must be ``< num_classes``.
+    With ``num_classes == 2`` and no ``classes`` every nonzero value is the lesion (masks stored
+    as 0/255 or with several lesion codes work unchanged); with ``classes``
+    (:meth:`medseg.io.classes.ClassSpec.to_dict`) the dataset's ids become class indices, or
+    region bits for nested regions.
 
     Raises:
         InputError: NaN, negative values, or values ``>= num_classes`` (names the file).
@@ -74,18 +76,42 @@ class LabelClassesd(MapTransform):
 
     slice_local = True
 
-    def __init__(self, keys="label", num_classes: int = 2, allow_missing_keys: bool = True):
+    def __init__(self, keys="label", num_classes: int = 2, allow_missing_keys: bool = True,
+                 classes: Mapping[str, Any] | None = None):
         super().__init__(keys, allow_missing_keys)
         if int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, found {num_classes!r}")
         self.num_classes = int(num_classes)
+        self.classes = None
+        if classes is not None:
+            from medseg.io.classes import ClassSpec
+
+            spec = ClassSpec.from_dict(classes)
+            if spec.num_classes != self.num_classes:
+                raise ValueError(f"num_classes {num_classes} does not fit the classes {list(spec.names)}")
+            if spec.regions and len(spec.names) > 8:
+                raise ValueError(f"at most 8 nested regions (one bit each), found {len(spec.names)}")
+            self.classes = spec.to_dict()
 
     def __repr__(self) -> str:
-        return f"LabelClassesd(keys={self.keys}, num_classes={self.num_classes})"
+        named = f", classes={self.classes['names']}" if self.classes else ""
+        return f"LabelClassesd(keys={self.keys}, num_classes={self.num_classes}{named})"
+
+    def get_config(self) -> dict:
+        config = {"keys": list(self.keys), "num_classes": self.num_classes,
+                  "allow_missing_keys": self.allow_missing_keys}
+        if self.classes is not None:  # binary pipelines read exactly as before classes existed
+            config["classes"] = self.classes
+        return config
+
+    @property
+    def regions(self) -> bool:
+        """True when the labels become region bits (nested regions), not class indices."""
+        return bool(self.classes and self.classes.get("regions"))
 
     def apply(self, value, key):
         source = value.meta.get("source_path") or value.case_id
-        return value.with_array(label_classes(np.asarray(value.array), self.num_classes, source))
+        return value.with_array(label_classes(np.asarray(value.array), self.num_classes, source, self.classes))
 
 
 @register_transform
@@ -397,9 +423,14 @@ class RandLesionPatchd(Randomizable):
 
     def __init__(self, keys: tuple[str, str] = ("image", "label"), patch_size: tuple[int, int] = (256, 256), *,
                  num_samples: int = 4, lesion_fraction: float = 0.5, context_slices: int = 1,
-                 inside_body: bool = True, seed: int | None = None):
+                 inside_body: bool = True, seed: int | None = None, label_kind: str = "binary"):
+        from medseg.transforms.warp import LABEL_KINDS
+
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, found {num_samples!r}")
+        if label_kind not in LABEL_KINDS:
+            raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {label_kind!r}")
+        self.label_kind = label_kind
         self.keys = tuple(keys)
         self.patch_size = tuple(int(v) for v in patch_size)
         self.num_samples = int(num_samples)
@@ -416,7 +447,9 @@ class RandLesionPatchd(Randomizable):
     def get_config(self) -> dict:
         return {"keys": list(self.keys), "patch_size": list(self.patch_size), "num_samples": self.num_samples,
                 "lesion_fraction": self.lesion_fraction, "context_slices": self.context_slices,
-                "inside_body": self.inside_body}
+                "inside_body": self.inside_body,
+                # binary pipelines read exactly as before classes existed
+                **({} if self.label_kind == "binary" else {"label_kind": self.label_kind})}
 
     def sampler(self, sources: Sequence[SampleSource]) -> PatchSampler:
         """The batch sampler of these settings over cached cases (what training runs per batch)."""
@@ -432,10 +465,10 @@ class RandLesionPatchd(Randomizable):
         stack = np.asarray(getattr(image, "array", image), dtype=np.float32)
         if stack.shape != label.shape:
             raise ValueError(f"{self!r}: image {stack.shape} and label {label.shape} differ in shape")
-        src = SampleSource(stack, label.astype(np.uint8, copy=False), build_index(label, body),
+        src = SampleSource(stack, label.astype(np.uint8, copy=False), build_index(label, body, label_kind=self.label_kind),
                            float(stack.min()) if stack.size else 0.0, str(getattr(image, "case_id", "")))
         centres = self.sampler([src]).draw(self.num_samples, self.rng)
-        images, masks = render([src], centres, self.patch_size, self.context_slices)
+        images, masks = render([src], centres, self.patch_size, self.context_slices, label_kind=self.label_kind)
         self.last_params = centres.as_dict()
         out = dict(sample)
         out[self.keys[0]], out[self.keys[1]] = images, masks

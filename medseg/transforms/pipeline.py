@@ -87,7 +87,8 @@ class Pipeline:
                                                   PlanSpaced, RandJointAugmentd, RandLesionPatchd)
 
         steps: list[Any] = [
-            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True),
+            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True,
+                          classes=getattr(plan, "classes", None)),
             PlanSpaced(("image", "label"), orientation=plan.orientation, slice_axis=plan.slice_axis,
                        target_spacing_mm=plan.target_spacing_mm, allow_missing_keys=True),
             BodyMaskd("image", modality=plan.modality, allow_missing_keys=True),
@@ -95,7 +96,7 @@ class Pipeline:
             ContextSlicesd("image", context_slices=plan.context_slices, allow_missing_keys=True),
             RandLesionPatchd(("image", "label"), tuple(plan.patch_size), context_slices=plan.context_slices,
                              lesion_fraction=plan.lesion_fraction if lesion_fraction is None else lesion_fraction,
-                             inside_body=inside_body),
+                             inside_body=inside_body, label_kind=_label_kind(getattr(plan, "classes", None))),
         ]
         config = _augment_config(augment)
         if config is not None:
@@ -174,6 +175,21 @@ class Pipeline:
         return 1
 
     @property
+    def label_kind(self) -> str:
+        """``"binary"``, ``"classes"`` or ``"bits"`` (nested regions): what the label steps make."""
+        labels = [t for t in self.deterministic if hasattr(t, "classes") and hasattr(t, "num_classes")]
+        return _label_kind(labels[0].classes) if labels else "binary"
+
+    @property
+    def classes(self):
+        """The :class:`medseg.io.classes.ClassSpec` of the label step (binary when it names none)."""
+        from medseg.io.classes import ClassSpec
+
+        labels = [t for t in self.deterministic if hasattr(t, "classes") and hasattr(t, "num_classes")]
+        spec = labels[0].classes if labels else None
+        return ClassSpec.binary() if spec is None else ClassSpec.from_dict(spec)
+
+    @property
     def chunkable(self) -> bool:
         """True when every inference step is ``slice_local``: a long volume may then be preprocessed
         chunk by chunk (plus context) with exactly the result of the whole volume."""
@@ -214,6 +230,13 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return "Pipeline([" + ", ".join(_name(t) for t in self.transforms) + "])"
+
+
+def _label_kind(classes: Mapping[str, Any] | None) -> str:
+    """How labels are held after ``LabelClassesd``: 0/1, class indices, or region bits."""
+    if classes is None:
+        return "binary"
+    return "bits" if classes.get("regions") else "classes"
 
 
 def _augment_config(augment: Any):

@@ -203,13 +203,18 @@ def plan_space_label(volume: Volume, orientation: str, slice_axis: int, target_s
     return np.ascontiguousarray(_to_plan_space(np.asarray(volume.array), reo, grid, slice_axis, nearest=True))
 
 
-def label_classes(array: np.ndarray, num_classes: int, source: Any = "") -> np.ndarray:
-    """Label values -> uint8 class indices.
+def label_classes(array: np.ndarray, num_classes: int, source: Any = "", classes: Any = None) -> np.ndarray:
+    """Label values -> uint8 class indices (or, for nested regions, region bits).
 
     Float-stored labels are rounded to integers first; the values are then checked by medseg's
     one label rule (:func:`medseg.io.labels.check_label_values`: no NaN, no negative value, and
-    with more than 2 classes none ``>= num_classes``). With ``num_classes == 2`` every nonzero
-    value is lesion (1), so masks stored as 0/255 or with several lesion codes work unchanged.
+    with more than 2 classes and no ``classes``, none ``>= num_classes``).
+
+    - ``classes`` None, ``num_classes == 2``: every nonzero value is lesion (1), so masks stored
+      as 0/255 or with several lesion codes work unchanged;
+    - ``classes`` (a :class:`medseg.io.classes.ClassSpec` or its dict) of named classes: the
+      dataset's ids -> class index ``k`` of ``names[k - 1]``; ids of no class are background;
+    - ``classes`` of regions: bit ``k`` set where region ``k`` holds (at most 8 regions).
 
     Raises:
         InputError: naming ``source`` (a file or case id), from the label rule.
@@ -221,6 +226,18 @@ def label_classes(array: np.ndarray, num_classes: int, source: Any = "") -> np.n
         lab = np.asarray(lab, dtype=np.float64)
         finite = np.isfinite(lab)
         lab = np.where(finite, np.rint(np.where(finite, lab, 0)), lab)  # NaN/inf stay for the rule to name
+    if classes is not None:
+        from medseg.io.classes import ClassSpec
+
+        spec = classes if isinstance(classes, ClassSpec) else ClassSpec.from_dict(classes)
+        check_label_values(lab, source, num_classes=None)
+        lab = lab.astype(np.int64, copy=False)
+        if not spec.regions:
+            return spec.class_indices(lab)
+        bits = np.zeros(lab.shape, np.uint8)
+        for k, ids in enumerate(spec.ids):
+            bits |= np.isin(lab, ids).astype(np.uint8) << np.uint8(k)
+        return bits
     check_label_values(lab, source, num_classes=None if num_classes == 2 else num_classes)
     if num_classes == 2:
         return (lab > 0).astype(np.uint8)

@@ -8,7 +8,9 @@ Sampling rule (per batch of ``B``):
 - ``floor(B * lesion_fraction)`` patches (plus one more with probability equal to the remainder)
   are *lesion-centred*: pick a case among those with lesion, then one of its lesions (connected
   component) uniformly, then a voxel of that lesion uniformly, then shift the centre by a uniform
-  jitter of at most ``jitter`` pixels. Choosing the component first keeps a 10-voxel metastasis
+  jitter of at most ``jitter`` pixels. With several foreground classes (or regions) a class is
+  picked first, uniformly, then a case holding it and one of its components there: a class
+  present in few cases or as small structures gets the same share as a large one. Choosing the component first keeps a 10-voxel metastasis
   as likely as a 10 000-voxel primary; sampling voxels would almost never pick the small one.
 - The others are *random*: a slice drawn uniformly over all slices of all cases, centred on a
   random body voxel (``inside_body=True``, the default; air-only patches teach nothing) or
@@ -44,12 +46,19 @@ class LesionIndex:
         offsets: int64 ``(n_components + 1,)``; component ``c`` is ``coords[offsets[c]:offsets[c+1]]``.
         body: int32 ``(M, 3)`` random body voxels (empty: the whole image counts as body).
         component_voxels: int64 ``(n_components,)`` full size of each component.
+        component_class: int64 ``(n_components,)`` the class (1-based; region ``k`` is ``k + 1``)
+            each component belongs to; all 1 for binary labels.
     """
 
     coords: np.ndarray
     offsets: np.ndarray
     body: np.ndarray
     component_voxels: np.ndarray
+    component_class: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.component_class is None:  # binary, or a cache written before classes existed
+            object.__setattr__(self, "component_class", np.ones(self.n_components, np.int64))
 
     @property
     def n_components(self) -> int:
@@ -57,35 +66,37 @@ class LesionIndex:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"coords": self.coords, "offsets": self.offsets, "body": self.body,
-                "component_voxels": self.component_voxels}
+                "component_voxels": self.component_voxels, "component_class": self.component_class}
 
     @classmethod
     def from_arrays(cls, arrays: Any) -> "LesionIndex":
-        return cls(*(np.asarray(arrays[k]) for k in ("coords", "offsets", "body", "component_voxels")))
+        keys = getattr(arrays, "files", None) or list(arrays)
+        parts = [np.asarray(arrays[k]) for k in ("coords", "offsets", "body", "component_voxels")]
+        return cls(*parts, np.asarray(arrays["component_class"]) if "component_class" in keys else None)
 
 
-def build_index(
-    label: np.ndarray,
-    body: np.ndarray | None = None,
-    *,
-    max_per_component: int = 2048,
-    max_body: int = 4096,
-    seed: int = 0,
-) -> LesionIndex:
-    """Index the lesions (3D connected components, :mod:`medseg.components`) and sample body voxels.
+def _class_masks(label: np.ndarray, label_kind: str):
+    """``(class, mask)`` pairs of the foreground classes present (binary: one, class 1)."""
+    if label_kind == "binary":
+        yield 1, label > 0
+    elif label_kind == "classes":
+        for c in np.unique(label):
+            if c > 0:
+                yield int(c), label == c
+    elif label_kind == "bits":
+        present = int(np.bitwise_or.reduce(np.unique(label).astype(np.uint8)))
+        for bit in range(8):
+            if present >> bit & 1:
+                yield bit + 1, (label >> bit & 1).astype(bool)
+    else:
+        raise ValueError(f"label_kind must be binary, classes or bits, found {label_kind!r}")
 
-    Args:
-        label: ``(n, H, W)``; nonzero is lesion.
-        body: optional boolean ``(n, H, W)`` body mask.
-        max_per_component: voxels kept per component (memory stays small for big lesions).
-        max_body: body voxels kept.
-        seed: seeds the subsampling.
-    """
+
+def _component_voxels(mask: np.ndarray, rng: np.random.Generator, max_per_component: int):
+    """Flat voxel indices of each component of ``mask`` (subsampled), and the full sizes."""
     from medseg.components import label_components
 
-    rng = np.random.default_rng(seed)
-    lab = np.asarray(label) > 0
-    comps, n = label_components(lab)
+    comps, n = label_components(mask)
     flat = np.flatnonzero(comps)
     ids = comps.ravel()[flat]
     order = np.argsort(ids, kind="stable")
@@ -98,6 +109,37 @@ def build_index(
         if seg.size > max_per_component:
             seg = np.sort(rng.choice(seg, max_per_component, replace=False))
         keep.append(seg)
+    return keep, counts
+
+
+def build_index(
+    label: np.ndarray,
+    body: np.ndarray | None = None,
+    *,
+    max_per_component: int = 2048,
+    max_body: int = 4096,
+    seed: int = 0,
+    label_kind: str = "binary",
+) -> LesionIndex:
+    """Index the lesions (3D connected components, :mod:`medseg.components`) and sample body voxels.
+
+    Args:
+        label: ``(n, H, W)``; binary: nonzero is lesion; ``"classes"``: class indices, the
+            components of each class apart; ``"bits"``: region bits, each region apart.
+        body: optional boolean ``(n, H, W)`` body mask.
+        max_per_component: voxels kept per component (memory stays small for big lesions).
+        max_body: body voxels kept.
+        seed: seeds the subsampling.
+        label_kind: ``"binary"``, ``"classes"`` or ``"bits"``.
+    """
+    rng = np.random.default_rng(seed)
+    lab = np.asarray(label)
+    keep, sizes, classes = [], [], []
+    for cls_id, mask in _class_masks(lab, label_kind):
+        parts, counts = _component_voxels(mask, rng, max_per_component)
+        keep += parts
+        sizes.append(counts)
+        classes.append(np.full(len(parts), cls_id, np.int64))
     kept_counts = np.array([k.size for k in keep], dtype=np.int64)
     kept = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     coords = np.stack(np.unravel_index(kept, lab.shape), axis=1).astype(np.int32) if kept.size else \
@@ -111,7 +153,9 @@ def build_index(
         cand = cand[b.ravel()[cand]][:max_body]
         if cand.size:
             body_coords = np.stack(np.unravel_index(cand, b.shape), axis=1).astype(np.int32)
-    return LesionIndex(coords, offsets, body_coords, counts.astype(np.int64))
+    component_voxels = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    component_class = np.concatenate(classes) if classes else np.zeros(0, np.int64)
+    return LesionIndex(coords, offsets, body_coords, component_voxels, component_class)
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,6 +235,14 @@ class PatchSampler:
         self._slice_cum = np.cumsum(self.n_slices)
         self.lesion_cases = np.array([i for i, s in enumerate(self.sources) if s.index.n_components > 0],
                                      dtype=np.int64)
+        # Several foreground classes: a lesion-centred patch picks a class first, so a rare class
+        # gets its share of patches (then a case holding it, then one of its components there).
+        present = sorted({int(c) for s in self.sources for c in np.unique(s.index.component_class)})
+        self.classes = np.array(present, dtype=np.int64)
+        self._class_cases = {c: np.array([i for i, s in enumerate(self.sources)
+                                          if np.any(s.index.component_class == c)], dtype=np.int64) for c in present}
+        self._class_components = {(c, i): np.flatnonzero(self.sources[i].index.component_class == c)
+                                  for c in present for i in self._class_cases[c]}
 
     def n_lesion_patches(self, batch_size: int, rng: np.random.Generator) -> int:
         """``floor(B * f)`` plus one with probability ``frac(B * f)``; 0 when no case has a lesion."""
@@ -216,7 +268,9 @@ class PatchSampler:
         ww = np.empty(B, np.int64)
         u = rng.random((B, 4))  # case / component / voxel (or slice / row / column) choices
         jitter = np.stack([rng.integers(-jh, jh + 1, B), rng.integers(-jw, jw + 1, B)], axis=1)
-        if n_les:
+        if n_les and self.classes.size > 1:
+            self._draw_by_class(n_les, u, rng.random(n_les), jitter, case, sl, hh, ww)
+        elif n_les:
             chosen = self.lesion_cases[(u[:n_les, 0] * self.lesion_cases.size).astype(np.int64)]
             for b, c in enumerate(chosen):
                 idx = self.sources[int(c)].index
@@ -240,6 +294,22 @@ class PatchSampler:
                     hh[b] = _uniform_centre(H, ph, u[b, 2])
                     ww[b] = _uniform_centre(W, pw, u[b, 3])
         return Centres(case, sl, hh, ww, np.arange(batch_size) < n_les)
+
+
+    def _draw_by_class(self, n_les: int, u: np.ndarray, u_class: np.ndarray, jitter: np.ndarray,
+                       case: np.ndarray, sl: np.ndarray, hh: np.ndarray, ww: np.ndarray) -> None:
+        """Lesion-centred centres with several classes: class, case holding it, component, voxel,
+        each uniform (``u_class`` picks the class; ``u`` columns 0-2 the rest)."""
+        for b in range(n_les):
+            c = int(self.classes[int(u_class[b] * self.classes.size)])
+            cases = self._class_cases[c]
+            i = int(cases[int(u[b, 0] * cases.size)])
+            comps = self._class_components[(c, i)]
+            comp = int(comps[int(u[b, 1] * comps.size)])
+            idx = self.sources[i].index
+            lo, hi = int(idx.offsets[comp]), int(idx.offsets[comp + 1])
+            s, h, w = idx.coords[lo + int(u[b, 2] * (hi - lo))]
+            case[b], sl[b], hh[b], ww[b] = i, s, h + jitter[b, 0], w + jitter[b, 1]
 
 
 def _uniform_centre(size: int, patch: int, u: float) -> int:

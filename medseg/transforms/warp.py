@@ -179,7 +179,7 @@ def warp_backend() -> str:
 _BACKEND: str | None = None
 
 
-def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad) -> None:
+def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind="binary") -> None:
     """Bilinear warp in numpy; points outside the plane read ``pad`` (image) / 0 (mask)."""
     ph, pw = out_mask.shape
     yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
@@ -206,7 +206,7 @@ def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, 
     invalid = None if valid.all() else ~valid
     for c, plane in enumerate(planes):
         out_image[:, :, c] = _bilinear(plane, corners, fy, fx, invalid, pad)
-    out_mask[...] = _bilinear(label_plane, corners, fy, fx, invalid, 0.0) > np.float32(0.5)
+    out_mask[...] = _label_from(lambda p: _bilinear(p, corners, fy, fx, invalid, 0.0), label_plane, label_kind)
 
 
 def _cv2_layout(a: np.ndarray) -> bool:
@@ -222,7 +222,7 @@ def _cv2_ready(window: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(window, dtype=np.float32)
 
 
-def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad) -> None:
+def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind="binary") -> None:
     """The same warp with OpenCV (bilinear; agrees with :func:`_warp_numpy` to about 1e-5).
 
     Image planes and the mask are cut to one window around the sampled points (padded outside
@@ -242,8 +242,6 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
     # Mask first, then the image channels, one single-channel call each: OpenCV's single-channel
     # float path is exact, its multi-channel path quantizes positions to 1/32 pixel (and merging
     # channels first was measured slower than separate calls).
-    sources = [_crop(label_plane, y_lo, x_lo, wh, ww, 0).astype(np.float32)]
-    sources += [_cv2_ready(_crop(p, y_lo, x_lo, wh, ww, pad)) for p in planes]
     flags = cv2.INTER_LINEAR
     if disp is None:
         m = np.asarray(matrix, dtype=np.float64)
@@ -251,15 +249,56 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
         # OpenCV is x-first and maps destination (x, y) to source (x, y) with WARP_INVERSE_MAP.
         affine = np.array([[m[1, 1], m[1, 0], cx - m[1, 1] * half[1] - m[1, 0] * half[0]],
                            [m[0, 1], m[0, 0], cy - m[0, 1] * half[1] - m[0, 0] * half[0]]])
-        warped = [cv2.warpAffine(src, affine, (pw, ph), flags=flags | cv2.WARP_INVERSE_MAP,
-                                 borderMode=cv2.BORDER_REPLICATE) for src in sources]
+
+        def warp_one(src):
+            return cv2.warpAffine(np.ascontiguousarray(src, dtype=np.float32), affine, (pw, ph),
+                                  flags=flags | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     else:
         yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
         map_y, map_x = yy - np.float32(y_lo), xx - np.float32(x_lo)
-        warped = [cv2.remap(src, map_x, map_y, flags, borderMode=cv2.BORDER_REPLICATE) for src in sources]
-    out_mask[...] = warped[0] > np.float32(0.5)
-    for c in range(len(planes)):
-        out_image[:, :, c] = warped[c + 1]
+
+        def warp_one(src):
+            return cv2.remap(np.ascontiguousarray(src, dtype=np.float32), map_x, map_y, flags,
+                             borderMode=cv2.BORDER_REPLICATE)
+    out_mask[...] = _label_from(warp_one, _crop(label_plane, y_lo, x_lo, wh, ww, 0), label_kind)
+    for c, p in enumerate(planes):
+        out_image[:, :, c] = warp_one(_cv2_ready(_crop(p, y_lo, x_lo, wh, ww, pad)))
+
+
+#: How a label plane is interpolated by a warp: ``"binary"`` (0/1 lesion masks), ``"classes"``
+#: (class indices) or ``"bits"`` (nested regions, one bit each).
+LABEL_KINDS = ("binary", "classes", "bits")
+
+
+def _label_from(interp, label: np.ndarray, kind: str) -> np.ndarray:
+    """The warped label: ``interp`` (the warp of one float plane) applied to the label's parts.
+
+    binary: the mask interpolated like the image, thresholded at 0.5 (the alignment guarantee);
+    classes: the one-hot planes interpolated, each pixel taking the class of largest weight
+    (background first on ties), so no class index between two others is ever made up;
+    bits: each region bit thresholded at 0.5 on its own.
+    """
+    if kind == "binary":
+        return interp(label) > np.float32(0.5)
+    values = np.unique(label)
+    if kind == "classes":
+        best = interp((label == 0).astype(np.float32))
+        out = np.zeros(best.shape, np.uint8)
+        for c in values[values > 0]:
+            weight = interp((label == c).astype(np.float32))
+            take = weight > best
+            out[take] = c
+            np.maximum(best, weight, out=best)
+        return out
+    if kind == "bits":
+        present = int(np.bitwise_or.reduce(values.astype(np.uint8))) if values.size else 0
+        out = None
+        for bit in range(8):
+            if present >> bit & 1:
+                part = (interp(((label >> bit) & 1).astype(np.float32)) > np.float32(0.5)).astype(np.uint8) << bit
+                out = part if out is None else out | part
+        return out if out is not None else interp(np.zeros(label.shape, np.float32)) > 1
+    raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {kind!r}")
 
 
 def render(
@@ -272,6 +311,7 @@ def render(
     channel_offsets: Sequence[int] | None = None,
     backend: str | None = None,
     after_patch: Any = None,
+    label_kind: str = "binary",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut the patches of one batch, applying the spatial augmentation in the same pass.
 
@@ -286,11 +326,15 @@ def render(
         backend: ``"cv2"`` or ``"numpy"`` for warped patches (default :func:`warp_backend`).
         after_patch: optional ``after_patch(case, first_slice, last_slice)`` called once a patch
             is cut (the disk cache uses it to hand the slices' pages back at once).
+        label_kind: ``"binary"`` (masks in {0, 1}), ``"classes"`` (class indices: one-hot planes
+            interpolated, largest weight wins) or ``"bits"`` (nested regions, bit by bit); how a
+            warped patch's label is made (flips and quarter turns copy labels exactly anyway).
 
     Returns:
-        ``images`` float32 ``(B, H, W, context_slices)`` and ``masks`` uint8 ``(B, H, W)`` in {0, 1}.
-        A warped patch is sampled bilinearly from the source slice; its mask is the bilinearly
-        interpolated mask thresholded at 0.5, exactly as an image equal to the mask would be.
+        ``images`` float32 ``(B, H, W, context_slices)`` and ``masks`` uint8 ``(B, H, W)`` (labels
+        of the source's kind). A warped patch is sampled bilinearly from the source slice; its
+        binary mask is the bilinearly interpolated mask thresholded at 0.5, exactly as an image
+        equal to the mask would be.
 
     Raises:
         ValueError: if a 90-degree rotation is asked for a non-square patch, or the backend is unknown.
@@ -320,7 +364,7 @@ def render(
                 images[b, :, :, c] = _orient(_crop(plane, h0, w0, ph, pw, src.pad_value), fh, fw, k, fast)
             masks[b] = _orient(_crop(label_plane, h0, w0, ph, pw, 0), fh, fw, k, fast)
         else:
-            _warp_patch(images[b], masks[b], planes, label_plane, (ch, cw), sp, b, backend, src.pad_value)
+            _warp_patch(images[b], masks[b], planes, label_plane, (ch, cw), sp, b, backend, src.pad_value, label_kind)
         if after_patch is not None:
             n = src.image.shape[0]
             after_patch(int(centres.case[b]), max(0, s + int(offs.min())), min(n - 1, s + int(offs.max())))
@@ -328,7 +372,7 @@ def render(
 
 
 def _warp_patch(out_image, out_mask, planes, label_plane, centre_px, sp: SpatialParams, b: int, backend: str,
-                pad: float) -> None:
+                pad: float, label_kind: str = "binary") -> None:
     """Warp one patch (rotation / scaling / elastic, flips and rot90 folded in) from its source."""
     ph, pw = out_mask.shape
     ch, cw = centre_px
@@ -344,8 +388,8 @@ def _warp_patch(out_image, out_mask, planes, label_plane, centre_px, sp: Spatial
     if sp.elastic is not None and sp.elastic_on is not None and sp.elastic_on[b]:
         disp = _upsample_grid(sp.elastic[b], ph, pw)
     if backend == "cv2":
-        _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad)
+        _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind)
     else:
-        _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad)
+        _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind)
 
 

@@ -1,0 +1,245 @@
+"""What the label values mean: named classes, or nested regions, of a dataset.
+
+The nnU-Net / Medical Segmentation Decathlon convention, from ``dataset.json`` ``"labels"`` or
+``--labels-map name=ids`` on the commands:
+
+- classes (softmax): ``{"background": 0, "liver": 5, "spleen": 1}``: each name owns one or more
+  label ids, no id belongs to two classes; class index ``k`` (1-based, background 0) is the
+  ``k``-th name;
+- regions (sigmoid, nested): ``{"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}``
+  with ``"regions_class_order": [1, 2, 3]``: a region is the union of its ids, regions may
+  overlap; a prediction writes, for each region in order, its id from ``regions_class_order``
+  where the region is predicted, later regions overwriting earlier ones (nnU-Net's rule).
+
+Binary lesion segmentation (every nonzero value is the lesion) is :meth:`ClassSpec.binary`, the
+zero-configuration case.
+
+Example:
+    >>> spec = ClassSpec.parse(["liver=5", "spleen=1"])
+    >>> spec.names, spec.ids
+    (('liver', 'spleen'), ((5,), (1,)))
+    >>> spec.class_indices(np.array([0, 5, 1, 7]))
+    array([0, 1, 2, 0], dtype=uint8)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medseg.errors import InputError
+
+__all__ = ["ClassSpec", "ANY_NONZERO"]
+
+#: The ids of the binary lesion class: every nonzero value.
+ANY_NONZERO = ()
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_FORMAT = "--labels-map entries NAME=IDS such as liver=5 or tumour=2,3 (ids: integers > 0, comma-separated)"
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """Named foreground classes (or regions) and the label ids each stands for.
+
+    Attributes:
+        names: foreground names in order (background excluded); class index ``k + 1`` is ``names[k]``.
+        ids: label ids of each name; ``()`` (:data:`ANY_NONZERO`) for the binary lesion class.
+        regions: True for nested regions (sigmoid outputs, overlapping ids).
+        region_order: with regions, the id written where region ``k`` is predicted.
+        lesions: names evaluated lesion-wise (connected components); default all for the binary
+            spec, none otherwise.
+    """
+
+    names: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+    regions: bool = False
+    region_order: tuple[int, ...] | None = None
+    lesions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names or len(self.names) != len(self.ids):
+            raise ValueError(f"a class spec needs one id list per name, found {self.names} and {self.ids}")
+        if len(set(self.names)) != len(self.names) or "background" in self.names:
+            raise ValueError(f"class names must be distinct and not 'background', found {list(self.names)}")
+        unknown = sorted(set(self.lesions) - set(self.names))
+        if unknown:
+            raise ValueError(f"lesion classes {unknown} are not among the classes {list(self.names)}")
+        if self.is_binary:
+            return
+        if any(not ids or min(ids) < 1 for ids in self.ids):
+            raise ValueError(f"every class needs label ids > 0, found {dict(zip(self.names, self.ids))}")
+        if self.regions:
+            order = self.region_order
+            if order is None or len(order) != len(self.names):
+                raise ValueError(f"regions need regions_class_order with one id per region ({len(self.names)}), "
+                                 f"found {order}")
+        else:
+            seen: dict[int, str] = {}
+            for name, ids in zip(self.names, self.ids):
+                for i in ids:
+                    if i in seen:
+                        raise ValueError(f"label id {i} belongs to both {seen[i]!r} and {name!r}; overlapping "
+                                         f"classes are regions (dataset.json regions_class_order)")
+                    seen[i] = name
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def binary(cls, name: str = "lesion") -> "ClassSpec":
+        """One lesion class: every nonzero value (the default)."""
+        return cls((name,), (ANY_NONZERO,), lesions=(name,))
+
+    @classmethod
+    def parse(cls, items: Iterable[str], *, lesions: Sequence[str] = ()) -> "ClassSpec":
+        """From ``["liver=5", "tumour=2,3"]`` (``--labels-map``). Overlapping ids make regions, in
+        the order given, each writing its last id.
+
+        Raises:
+            InputError: malformed entries, repeated names, ids <= 0.
+        """
+        names, ids = [], []
+        for item in items:
+            name, sep, text = str(item).partition("=")
+            try:
+                values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+            except ValueError:
+                values = ()
+            if not sep or not _NAME.match(name) or not values:
+                raise InputError(None, _FORMAT, repr(item))
+            names.append(name)
+            ids.append(values)
+        return cls._checked(names, ids, None, lesions, "--labels-map")
+
+    @classmethod
+    def from_dataset_json(cls, source: str | os.PathLike | Mapping[str, Any], *,
+                          lesions: Sequence[str] = ()) -> "ClassSpec | None":
+        """From a ``dataset.json`` (path or its content): its ``labels`` (names -> id or ids) and
+        ``regions_class_order``. None when it defines at most one foreground class: that is the
+        binary case, where every nonzero value is the lesion (as without a ``dataset.json``).
+
+        Raises:
+            InputError: naming the file, when ``labels`` is malformed.
+        """
+        path = None
+        data = source
+        if not isinstance(source, Mapping):
+            path = Path(source)
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise InputError(path, "a readable dataset.json", str(exc)) from exc
+        labels = data.get("labels") if isinstance(data, Mapping) else None
+        if not labels:
+            return None
+        if not isinstance(labels, Mapping):
+            raise InputError(path, "dataset.json labels as a mapping of names to ids", repr(labels)[:200])
+        names, ids = [], []
+        for name, value in labels.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise InputError(path, "dataset.json label ids as integers or lists of integers", f"{name}: {value!r}")
+            if values == [0]:
+                continue  # background
+            names.append(str(name))
+            ids.append(tuple(values))
+        order = data.get("regions_class_order")
+        if len(names) < 2 and order is None:
+            return None
+        return cls._checked(names, ids, order, lesions, path or "dataset.json")
+
+    @classmethod
+    def _checked(cls, names, ids, order, lesions, where) -> "ClassSpec":
+        regions = order is not None or len({i for v in ids for i in v}) < sum(len(v) for v in ids)
+        if regions and order is None:
+            order = [v[-1] for v in ids]
+        try:
+            return cls(tuple(names), tuple(tuple(v) for v in ids), regions,
+                       None if order is None else tuple(int(o) for o in order), tuple(lesions))
+        except ValueError as exc:
+            raise InputError(where, "named classes with their label ids", str(exc)) from exc
+
+    # --- facts -------------------------------------------------------------------------------
+    @property
+    def is_binary(self) -> bool:
+        return len(self.names) == 1 and self.ids[0] == ANY_NONZERO
+
+    @property
+    def num_classes(self) -> int:
+        """Background + the named classes (or regions): the label step's class count."""
+        return len(self.names) + 1
+
+    @property
+    def num_outputs(self) -> int:
+        """Network output channels: background + classes (softmax), or one per region (sigmoid)."""
+        return len(self.names) if self.regions else len(self.names) + 1
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the output channels (``bundle.json`` ``classes``)."""
+        return self.names if self.regions else ("background", *self.names)
+
+    def mask(self, label: np.ndarray, k: int) -> np.ndarray:
+        """Where ``names[k]`` holds in a label map of the dataset's ids (binary: nonzero)."""
+        label = np.asarray(label)
+        return label > 0 if self.is_binary else np.isin(label, self.ids[k])
+
+    # --- applying ----------------------------------------------------------------------------
+    def class_indices(self, label: np.ndarray) -> np.ndarray:
+        """Label ids -> uint8 class indices (0 background, ``k`` for ``names[k - 1]``); ids of no
+        class are background. Classes only (regions: :meth:`region_masks`)."""
+        label = np.asarray(label)
+        if self.is_binary:
+            return (label > 0).astype(np.uint8)
+        if self.regions:
+            raise ValueError("a region spec has no class indices: use region_masks")
+        lut_size = int(max(max(v) for v in self.ids)) + 1
+        lut = np.zeros(lut_size, np.uint8)
+        for k, ids in enumerate(self.ids, 1):
+            lut[list(ids)] = k
+        out = np.zeros(label.shape, np.uint8)
+        inside = (label >= 0) & (label < lut_size)
+        out[inside] = lut[label[inside].astype(np.int64)]
+        return out
+
+    def region_masks(self, label: np.ndarray) -> np.ndarray:
+        """Label ids -> bool ``(*shape, R)``: region ``k`` where the label is one of its ids."""
+        label = np.asarray(label)
+        return np.stack([np.isin(label, ids) for ids in self.ids], axis=-1)
+
+    def label_ids(self, classes: np.ndarray) -> np.ndarray:
+        """Class indices (softmax argmax) -> the dataset's label ids (each class its first id);
+        binary: 1 for the lesion."""
+        if self.is_binary:
+            return np.asarray(classes, dtype=np.uint8)
+        lut = np.array([0] + [v[0] for v in self.ids])
+        return lut[np.asarray(classes)].astype(np.min_scalar_type(int(lut.max())))
+
+    def resolve_regions(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted region masks ``(*shape, R)`` -> one label map: each region in order writes its
+        ``region_order`` id where predicted (later regions overwrite earlier ones)."""
+        masks = np.asarray(masks, dtype=bool)
+        order = self.region_order or tuple(v[-1] for v in self.ids)
+        out = np.zeros(masks.shape[:-1], np.min_scalar_type(int(max(order))))
+        for k, value in enumerate(order):
+            out[masks[..., k]] = value
+        return out
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"names": list(self.names), "ids": [list(v) for v in self.ids]}
+        if self.regions:
+            d["regions"], d["region_order"] = True, list(self.region_order or ())
+        if self.lesions:
+            d["lesions"] = list(self.lesions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClassSpec":
+        order = d.get("region_order")
+        return cls(tuple(d["names"]), tuple(tuple(v) for v in d["ids"]), bool(d.get("regions", False)),
+                   None if order is None else tuple(order), tuple(d.get("lesions", ())))

@@ -363,7 +363,7 @@ def before(real, epoch_of):
 if target == "checkpoint":
     callbacks.save_checkpoint = before(callbacks.save_checkpoint, lambda run_dir, model, state: state["epoch"])
 elif target == "bundle":
-    bundle.save_bundle = before(bundle.save_bundle, lambda run_dir, model, plan, extra: extra["epoch"])
+    bundle.save_bundle = before(bundle.save_bundle, lambda run_dir, model, plan, extra, **_: extra["epoch"])
 else:
     real_end = callbacks.RunKeeper.on_epoch_end
     def on_epoch_end(self, epoch, logs=None):

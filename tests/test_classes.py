@@ -257,3 +257,19 @@ def test_nested_regions_train_and_the_written_map_resolves_them(tmp_path):
     for ids in ((1, 2, 3), (2, 3), (3,)):  # each region's DSC, from the written map
         p, r = np.isin(seg, ids), np.isin(ref, ids)
         assert 2 * np.sum(p & r) / (p.sum() + r.sum()) > 0.8, ids
+
+
+def test_joint_augmentation_step_keeps_class_indices():
+    """RandJointAugmentd on its own (a user's script) warps class labels as classes."""
+    from medseg.transforms.augment import AugmentConfig
+    from medseg.transforms.dictionary import RandJointAugmentd
+
+    masks = np.zeros((6, 32, 32), np.uint8)
+    masks[:, :, :16], masks[:, :, 16:] = 1, 3
+    images = masks.astype(np.float32)[..., None]
+    heavy = AugmentConfig(rotate_prob=1.0, scale_prob=1.0, gamma_prob=0, noise_prob=0, brightness_prob=0,
+                          contrast_prob=0)
+    out = RandJointAugmentd(config=heavy, seed=0, label_kind="classes")({"image": images, "label": masks})["label"]
+    assert set(np.unique(out).tolist()) <= {0, 1, 3} and {1, 3} <= set(np.unique(out).tolist())
+    assert "label_kind" in RandJointAugmentd(label_kind="classes").get_config()
+    assert "label_kind" not in RandJointAugmentd().get_config()

@@ -221,7 +221,7 @@ class Augmenter:
         return images
 
     def __call__(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator | int | None = None,
-                 *, pad_value: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 *, pad_value: float | None = None, label_kind: str = "binary") -> tuple[np.ndarray, np.ndarray]:
         """Augment a batch of ready patches.
 
         Args:
@@ -230,6 +230,8 @@ class Augmenter:
             rng: generator or seed (parameters drawn from it; same seed, same result).
             pad_value: image value shown where a warp looks outside the patch (default: each
                 patch's minimum); the mask shows 0 there.
+            label_kind: ``"binary"`` (0/1 masks), ``"classes"`` (class indices) or ``"bits"``
+                (nested regions): how warped masks are made (:func:`medseg.transforms.warp.render`).
 
         Returns:
             ``(images float32 (B, H, W, C), masks uint8 (B, H, W))``.
@@ -256,7 +258,8 @@ class Augmenter:
         # makes the unwarped crop the patch itself.
         centres = Centres(np.arange(B), np.zeros(B, np.int64), np.full(B, H // 2), np.full(B, W // 2), np.zeros(B, bool))
         spatial = self.draw_spatial(B, rng, square=H == W)
-        out_images, out_masks = render(sources, centres, (H, W), spatial=spatial, channel_offsets=np.arange(C))
+        out_images, out_masks = render(sources, centres, (H, W), spatial=spatial, channel_offsets=np.arange(C),
+                                       label_kind=label_kind)
         intensity = self.draw_intensity(B, rng, H * W * C)
         self.apply_intensity(out_images, intensity)
         self.last_params = {"spatial": spatial.as_dict(), "intensity": intensity.as_dict()}

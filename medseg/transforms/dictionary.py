@@ -486,7 +486,12 @@ class RandJointAugmentd(Randomizable):
     """
 
     def __init__(self, keys: Sequence[str] = ("image", "label"), config: AugmentConfig | Mapping | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, label_kind: str = "binary"):
+        from medseg.transforms.warp import LABEL_KINDS
+
+        if label_kind not in LABEL_KINDS:
+            raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {label_kind!r}")
+        self.label_kind = label_kind
         self.keys = tuple(keys)
         if isinstance(config, Mapping):
             config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
@@ -502,13 +507,16 @@ class RandJointAugmentd(Randomizable):
         return self.augmenter.config
 
     def get_config(self) -> dict:
-        return {"keys": list(self.keys), "config": self.config.to_dict()}
+        # binary pipelines read exactly as before classes existed
+        return {"keys": list(self.keys), "config": self.config.to_dict(),
+                **({} if self.label_kind == "binary" else {"label_kind": self.label_kind})}
 
     def __call__(self, sample: dict) -> dict:
         for key in self.keys:
             if key not in sample:
                 raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
         out = dict(sample)
-        out[self.keys[0]], out[self.keys[1]] = self.augmenter(sample[self.keys[0]], sample[self.keys[1]], self.rng)
+        out[self.keys[0]], out[self.keys[1]] = self.augmenter(sample[self.keys[0]], sample[self.keys[1]], self.rng,
+                                                              label_kind=self.label_kind)
         self.last_params = self.augmenter.last_params
         return out

@@ -100,7 +100,8 @@ class Pipeline:
         ]
         config = _augment_config(augment)
         if config is not None:
-            steps.append(RandJointAugmentd(("image", "label"), config=config))
+            steps.append(RandJointAugmentd(("image", "label"), config=config,
+                                           label_kind=_label_kind(getattr(plan, "classes", None))))
         for item in extra:
             _insert(steps, item)
         return cls(steps)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
+
+import pytest
 
 DATA = Path(__file__).parent / "data"
 
@@ -34,3 +37,21 @@ def tiny_bundle(run: Path) -> Path:
     plan = Plan(modality="MR", context_slices=3, divisor=2, patch_size=(32, 32), normalization={"kind": "zscore"})
     save_bundle(run, model, plan, threshold=0.5)
     return run
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a file (inputs must come out of a command unchanged)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# Fixtures of the medseg-infer/medseg-eval tests; a test file imports the ones it uses.
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny bundle (:func:`tiny_bundle`) shared by the tests of one module."""
+    return tiny_bundle(tmp_path_factory.mktemp("runs") / "exp1")
+
+
+@pytest.fixture()
+def no_env_model(monkeypatch):
+    """No ``MEDSEG_MODEL`` from the caller's environment: tests name their model."""
+    monkeypatch.delenv("MEDSEG_MODEL", raising=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from medseg.cli.evaluate import main as eval_main
 from medseg.cli.infer import main as infer_main
 from medseg.io import read_volume
 
-from _helpers import tiny_bundle
+from _helpers import digest, no_env_model, run_dir  # noqa: F401  (fixtures)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parent.parent
@@ -36,18 +35,9 @@ NRRD = DATA / "nrrd" / "breast1_image.nrrd"  # 45 x 120 x 21, LPS
 LABEL = DATA / "nrrd" / "breast1_label.nrrd"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.mktemp("runs") / "exp1")
-
-
 @pytest.fixture(autouse=True)
-def _no_env_model(monkeypatch):
-    monkeypatch.delenv("MEDSEG_MODEL", raising=False)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _no_env_model(no_env_model):
+    """Every test here runs without the caller's ``MEDSEG_MODEL``."""
 
 
 def error_lines(err: str, prog: str) -> list[str]:

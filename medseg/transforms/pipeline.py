@@ -175,19 +175,22 @@ class Pipeline:
                 return int(t.context_slices)
         return 1
 
+    def _named_classes(self) -> Mapping[str, Any] | None:
+        """The label step's ``classes`` (None: binary, or no label step)."""
+        labels = [t for t in self.deterministic if hasattr(t, "classes") and hasattr(t, "num_classes")]
+        return labels[0].classes if labels else None
+
     @property
     def label_kind(self) -> str:
         """``"binary"``, ``"classes"`` or ``"bits"`` (nested regions): what the label steps make."""
-        labels = [t for t in self.deterministic if hasattr(t, "classes") and hasattr(t, "num_classes")]
-        return _label_kind(labels[0].classes) if labels else "binary"
+        return _label_kind(self._named_classes())
 
     @property
     def classes(self):
         """The :class:`medseg.io.classes.ClassSpec` of the label step (binary when it names none)."""
         from medseg.io.classes import ClassSpec
 
-        labels = [t for t in self.deterministic if hasattr(t, "classes") and hasattr(t, "num_classes")]
-        spec = labels[0].classes if labels else None
+        spec = self._named_classes()
         return ClassSpec.binary() if spec is None else ClassSpec.from_dict(spec)
 
     @property

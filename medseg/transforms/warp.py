@@ -19,7 +19,7 @@ import numpy as np
 from medseg.transforms.sampling import Centres, SampleSource
 from medseg.transforms.slicing import context_offsets
 
-__all__ = ["SpatialParams", "identity_spatial", "render", "warp_backend"]
+__all__ = ["SpatialParams", "identity_spatial", "render", "warp_backend", "LABEL_KINDS", "check_label_kind"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,6 +268,17 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
 #: How a label plane is interpolated by a warp: ``"binary"`` (0/1 lesion masks), ``"classes"``
 #: (class indices) or ``"bits"`` (nested regions, one bit each).
 LABEL_KINDS = ("binary", "classes", "bits")
+
+
+def check_label_kind(kind: str) -> str:
+    """``kind`` when it is one of :data:`LABEL_KINDS`.
+
+    Raises:
+        ValueError: naming the kinds.
+    """
+    if kind not in LABEL_KINDS:
+        raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {kind!r}")
+    return kind
 
 
 def _label_from(interp, label: np.ndarray, kind: str) -> np.ndarray:

@@ -197,6 +197,21 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     assert info["pipeline"]["transforms"][0]["args"]["classes"]["names"] == ["liver", "spleen", "stomach", "aorta"]
     assert set(info["extra"]["postprocessing"]["largest_component"]) == {"liver", "spleen", "stomach", "aorta"}
     assert {"val_dsc_liver", "val_dsc_aorta"} <= set(result.history[-1])
+    # Class balance, from patient A's files by plain numpy: each organ's share of the body (HU >
+    # -500) gives the cross-entropy weights, the organs' 5/95 HU percentiles the CT window.
+    from medseg.io import read_volume
+    from medseg.losses import balanced_class_weights
+
+    ct = np.asarray(read_volume(data / "imagesTr" / "patientA.nii.gz").array)
+    organs = np.asarray(read_volume(data / "labelsTr" / "patientA.nii.gz").array)
+    shares = [np.sum(organs == v) / np.sum(ct > -500) for v in (5, 1, 6, 52)]
+    weights = json.loads((run / "config.json").read_text())["ce_class_weights"]
+    assert weights == pytest.approx(balanced_class_weights(shares), abs=1e-4)
+    assert weights[0] == 1.0 and weights[1] < weights[2] < weights[3] < weights[4]   # rarer, heavier
+    p5, p95 = np.percentile(ct[np.isin(organs, (5, 1, 6, 52))], [5, 95])
+    window = info["plan"]["normalization"]
+    assert window["kind"] == "ct_window"
+    assert window["low_hu"] == pytest.approx(p5 - 250, abs=8) and window["high_hu"] == pytest.approx(p95 + 250, abs=8)
     image, label = load_pair(Case("patientB", data / "imagesTs" / "patientB", data / "labelsTs" / "patientB.nii.gz"))
     seg = Predictor(load_bundle(run)).segment(image)
     assert seg.shape == image.shape and np.array_equal(seg.affine, image.affine)

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --max-time-s: decay over the budget (default) or over epochs x steps (truncated)")
     t.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 0)")
     t.add_argument("--loss", choices=("dice_ce", "dice", "ce"), help="segmentation loss (default dice_ce)")
+    t.add_argument("--ce-class-weights", type=float, nargs="+", metavar="W",
+                   help="cross-entropy weight per class, background first (default: equal for one class; "
+                        "with several, inverse square root of each class's share of the body)")
     t.add_argument("--seed", type=int, help="seed of split, initialisation and sampling (default 0)")
     m = p.add_argument_group("model and input")
     m.add_argument("--patch-size", type=int, nargs=2, metavar=("H", "W"), help="training patch (default: from the plan)")
@@ -131,7 +134,8 @@ def config_from_args(args: argparse.Namespace):
         key: getattr(args, key)
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
                     "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
-                    "warmup_epochs", "schedule_over", "loss", "seed", "patch_size", "network", "filters", "depth",
+                    "warmup_epochs", "schedule_over", "loss", "ce_class_weights", "seed", "patch_size", "network",
+                    "filters", "depth",
                     "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
                     "labels_map", "cpu_sizing")

@@ -11,9 +11,12 @@ the data the way nnU-Net's "dataset fingerprint" does:
   need little resampling, none is badly down-sampled).
 - ``normalization``: CT -> a fixed HU window ``[-1000, 400]`` widened, if needed, to the lesions'
   0.5/99.5 percentiles (so no lesion intensity is clipped while lung and soft tissue keep their
-  contrast); MR and others -> per-volume z-score over the body after clipping to the volume's
-  0.5/99.5 body percentiles (MR intensities have no absolute scale, so dataset statistics would
-  not transfer between scanners).
+  contrast); CT with several named classes -> the classes' window: their pooled 5/95 HU
+  percentiles widened by ``CLASS_WINDOW_MARGIN_HU`` each side (organs that differ by tens of HU
+  must be told apart from each other, not only from the background; the margin keeps a
+  contrast-enhanced patient's brighter organs inside the window); MR and others -> per-volume
+  z-score over the body after clipping to the volume's 0.5/99.5 body percentiles (MR intensities
+  have no absolute scale, so dataset statistics would not transfer between scanners).
 - ``patch_size``: the median resampled in-plane size rounded up to ``divisor``, at most 256.
 - ``lesion_fraction``: 0.5 (see ``docs/pipeline.md`` for the reasoning).
 """
@@ -36,12 +39,16 @@ from medseg.transforms.intensity import body_mask, check_normalization, guess_mo
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
 
-__all__ = ["Plan", "make_plan", "load_pair", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION", "PLAN_VERSION"]
+__all__ = ["Plan", "make_plan", "load_pair", "CLASS_WINDOW_MARGIN_HU", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION",
+           "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 DEFAULT_CT_WINDOW_HU = (-1000.0, 400.0)
 #: Fraction of patches centred on a lesion (nnU-Net forces 1/3 foreground, MONAI's pos:neg=1:1 is 1/2).
 DEFAULT_LESION_FRACTION = 0.5
+#: HU added below the named classes' 5th and above their 95th percentile to make their CT window
+#: (organs of one non-contrast patient, 5..65 HU, give about [-245, 315]).
+CLASS_WINDOW_MARGIN_HU = 250.0
 DEFAULT_PATCH = 256
 #: Voxels sampled per case for the intensity fingerprint (nnU-Net uses 10 000 foreground voxels).
 _SAMPLES_PER_CASE = 10_000
@@ -145,6 +152,15 @@ class Plan:
         from medseg.io.classes import ClassSpec
 
         return ClassSpec.binary() if self.classes is None else ClassSpec.from_dict(self.classes)
+
+    def class_body_fractions(self) -> list[float] | None:
+        """Each named class's share of the training patients' body voxels, in class order.
+
+        None for a binary plan, or one fitted before these counts were recorded."""
+        fractions = (self.fingerprint or {}).get("class_body_fractions")
+        if self.classes is None or not fractions:
+            return None
+        return [float(fractions[name]) for name in self.class_spec.names]
 
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -286,6 +302,10 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
         lab = np.asarray(label.array)
         # Foreground = the named classes only (a multi-organ map holds many more ids), else nonzero.
         if classes is not None:
+            # Each class's share of the body: the cross-entropy's automatic class weights.
+            entry["body_voxels"] = int(body.sum())
+            entry["class_voxels"] = {name: int(np.isin(lab, ids).sum())
+                                     for name, ids in zip(classes.names, classes.ids)}
             lab = np.isin(lab, [i for ids in classes.ids for i in ids])
         lab = reorient_array(lab, reo) > 0
         n_vox = int(lab.sum())
@@ -364,8 +384,13 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     # When every case already has the median spacing, resampling is skipped (identity grid).
     target_spacing = overrides.get("target_spacing_mm", tuple(float(v) for v in median_spacing[inplane]))
 
-    body_stats, fg_stats = _stats(np.concatenate(body_all)), _stats(np.concatenate(fg_all))
-    normalization = overrides.get("normalization", _normalization_for(modality, fg_stats))
+    fg_values = np.concatenate(fg_all)
+    body_stats, fg_stats = _stats(np.concatenate(body_all)), _stats(fg_values)
+    if classes is not None and modality == "CT" and fg_values.size:
+        fitted = _class_ct_window(fg_values)
+    else:
+        fitted = _normalization_for(modality, fg_stats)
+    normalization = overrides.get("normalization", fitted)
     divisor = int(overrides.get("divisor", 16))
     spacing_for_size = np.asarray(target_spacing if target_spacing is not None else median_spacing[inplane])
     patch = overrides.get("patch_size", _patch_for(entries, inplane, spacing_for_size, divisor))
@@ -379,6 +404,8 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "lesion": lesion_summary,
         "cases": entries,
     }
+    if classes is not None:
+        fingerprint["class_body_fractions"] = _class_body_fractions(entries, classes.names)
     fields = {
         "modality": modality,
         "orientation": orientation,
@@ -394,6 +421,25 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "classes": overrides.get("classes"),
     }
     return Plan(**fields)
+
+
+def _class_body_fractions(entries: list[dict], names) -> dict | None:
+    """Pooled share of the body's voxels of each named class (None without labelled cases)."""
+    labelled = [e for e in entries if "class_voxels" in e]
+    body = sum(e["body_voxels"] for e in labelled)
+    if not labelled or body <= 0:
+        return None
+    return {name: float(sum(e["class_voxels"][name] for e in labelled) / body) for name in names}
+
+
+def _class_ct_window(values: np.ndarray) -> dict:
+    """The named classes' CT window: their 5/95 HU percentiles, each widened by the margin.
+
+    5/95 rather than 0.5/99.5: a stomach's gas or a calcification would otherwise stretch the
+    window back over the whole HU range and squeeze the organs' contrast."""
+    p5, p95 = np.percentile(values, [5, 95])
+    return {"kind": "ct_window", "low_hu": round(float(p5) - CLASS_WINDOW_MARGIN_HU, 1),
+            "high_hu": round(float(p95) + CLASS_WINDOW_MARGIN_HU, 1)}
 
 
 def _normalization_for(modality: str, fg_stats: dict | None) -> dict:

@@ -7,7 +7,7 @@ Usable in any Keras 3 ``compile``/``fit`` on their own::
                   metrics=[ForegroundDice(), ForegroundFraction()])
 """
 
-from medseg.losses.compound import DiceCELoss, weighted_cross_entropy
+from medseg.losses.compound import DiceCELoss, balanced_class_weights, weighted_cross_entropy
 from medseg.losses.dice import DiceLoss, FocalTverskyLoss, GeneralizedDiceLoss
 from medseg.losses.metrics import (
     ForegroundDice,
@@ -26,6 +26,7 @@ __all__ = [
     "GeneralizedDiceLoss",
     "FocalTverskyLoss",
     "weighted_cross_entropy",
+    "balanced_class_weights",
     "ForegroundDice",
     "LesionSliceDice",
     "ForegroundFraction",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
 from medseg.losses import _overlap
 from medseg.losses.dice import DiceLoss
 
-__all__ = ["DiceCELoss", "weighted_cross_entropy"]
+__all__ = ["DiceCELoss", "balanced_class_weights", "weighted_cross_entropy"]
 
 
 def weighted_cross_entropy(onehot, probs, class_weights=None, from_logits=False, logits=None):
@@ -29,6 +31,44 @@ def weighted_cross_entropy(onehot, probs, class_weights=None, from_logits=False,
     pixel_w = ops.sum(onehot * w, axis=-1)
     pixel_ce = -ops.sum(onehot * log_p, axis=-1)
     return ops.sum(pixel_w * pixel_ce, axis=axes) / ops.maximum(ops.sum(pixel_w, axis=axes), 1e-12)
+
+
+#: Upper bound of :func:`balanced_class_weights`: a class seen in a handful of voxels would
+#: otherwise get a weight in the hundreds and be painted everywhere.
+MAX_BALANCED_WEIGHT = 30.0
+
+
+def balanced_class_weights(fractions, power: float = 0.5, max_weight: float = MAX_BALANCED_WEIGHT) -> list[float]:
+    """Cross-entropy class weights, background first, from the foreground classes' voxel shares.
+
+    ``w_0 = 1`` and ``w_c = min(max_weight, max(1, f_0 / f_c) ** power)`` with ``f_0 = 1 - sum(f)``
+    (a class as common as the background keeps weight 1).
+    ``power=0.5`` (inverse square root of the frequency) lifts a class 100x rarer than the
+    background to weight 10: enough for its pixels to be heard next to a large class within a
+    few hundred steps, while the background still outweighs it in pixel mass (full inverse
+    frequency, ``power=1``, floods small classes with false positives). An absent class
+    (``f_c = 0``) gets ``max_weight``.
+
+    Args:
+        fractions: share of each foreground class in ``[0, 1]``, summing to at most 1.
+        power: exponent of the frequency ratio (0 gives equal weights).
+        max_weight: cap of every weight (>= 1).
+
+    Raises:
+        ValueError: on fractions outside ``[0, 1]`` or summing above 1, ``power < 0`` or
+            ``max_weight < 1``.
+    """
+    f = [float(v) for v in fractions]
+    if any(not 0.0 <= v <= 1.0 for v in f) or sum(f) > 1.0 + 1e-9:
+        raise ValueError(f"class fractions must lie in [0, 1] and sum to at most 1, found {f}")
+    if power < 0 or max_weight < 1:
+        raise ValueError(f"power must be >= 0 and max_weight >= 1, found {power} and {max_weight}")
+    background = max(0.0, 1.0 - sum(f))
+    weights = [1.0]
+    for v in f:
+        ratio = background / v if v > 0 else math.inf
+        weights.append(float(min(max_weight, max(1.0, ratio) ** power)))
+    return weights
 
 
 @keras.saving.register_keras_serializable(package="medseg")

@@ -96,6 +96,12 @@ class TrainConfig:
         dropout: dropout after each convolution (0: off; BatchNorm regularises enough).
         l2: L2 kernel regularization of each convolution (0: off).
         loss: ``dice_ce`` (default), ``dice`` or ``ce``.
+        ce_class_weights: cross-entropy weight of each class, background first (``dice_ce`` and
+            ``ce``). None: equal for binary lesion segmentation and nested regions; with several
+            classes, the inverse square root of each class's share of the body voxels
+            (:func:`medseg.losses.balanced_class_weights`, from the plan), so that a small
+            class (the aorta next to the liver) is learned within a CPU budget; the weights used
+            are written to the run's config. Give ``1`` for every class for plain cross-entropy.
         seed: seed of the split, weights initialisation and patch sampling.
         workers: parallel calls of the data pipeline (None: tf.data AUTOTUNE).
         max_val_cases: validate on at most this many held-out patients (None: all).
@@ -143,6 +149,7 @@ class TrainConfig:
     dropout: float = 0.0
     l2: float = 0.0
     loss: str = "dice_ce"
+    ce_class_weights: list[float] | None = None
     seed: int = 0
     workers: int | None = None
     max_val_cases: int | None = None
@@ -224,6 +231,11 @@ class TrainConfig:
         if self.val_fraction == 0 and self.folds is None and self.early_stopping is not None:
             raise InputError(where, "early_stopping only with held-out validation cases (val_fraction > 0)",
                              "val_fraction=0 (validation on the training cases)")
+        if self.ce_class_weights is not None and (
+                len(self.ce_class_weights) < 2 or any(not 0 <= w < float("inf") for w in self.ce_class_weights)
+                or not any(w > 0 for w in self.ce_class_weights)):
+            raise bad("ce_class_weights",
+                      "to be one finite non-negative number per class (background first), not all 0")
         if self.labels_map is not None:
             from medseg.io.classes import ClassSpec
 

@@ -194,16 +194,25 @@ def _class_list(classes: Sequence[int]) -> str:
     return ("class " if len(classes) == 1 else "classes ") + ", ".join(str(k) for k in classes)
 
 
-def _loss_class_weights(loss) -> list[tuple[list[float], bool]]:
-    """(weights, include_background) of every medseg-style loss object in ``model.loss``."""
+def _loss_class_weights(loss) -> list[tuple[list[float], bool, bool]]:
+    """(weights, include_background, weigh pixel mass) of every medseg-style loss object in
+    ``model.loss``.
+
+    Cross-entropy weights always see background pixels. Next to a Dice term over the foreground
+    classes only, they are held only to not weighing background at least as much as a class:
+    that Dice already balances the classes, and cross-entropy weights that also balanced the
+    pixel mass would flood small classes with false positives
+    (:func:`medseg.losses.balanced_class_weights`).
+    """
     found = []
     for item in keras.tree.flatten(loss) if loss is not None else []:
         weights = getattr(item, "class_weights", None)
         if weights is not None:
-            found.append((list(weights), bool(getattr(item, "include_background", True))))
+            found.append((list(weights), bool(getattr(item, "include_background", True)), True))
         ce = getattr(item, "ce_class_weights", None)
         if ce is not None and getattr(item, "ce_weight", 1.0) > 0:
-            found.append((list(ce), True))     # cross-entropy always sees background pixels
+            foreground_dice = getattr(item, "dice_weight", 0.0) > 0 and not getattr(item, "include_background", True)
+            found.append((list(ce), True, not foreground_dice))
     return found
 
 
@@ -376,9 +385,9 @@ class Diagnostics(keras.callbacks.Callback):
                 fractions = report["class_fractions"]
         candidates = _loss_class_weights(getattr(self.model, "loss", None))
         if self.class_weights is not None:
-            candidates.insert(0, (self.class_weights, self.include_background))
-        for weights, include_background in candidates:
-            problem = check_class_weights(weights, fractions, include_background)
+            candidates.insert(0, (self.class_weights, self.include_background, True))
+        for weights, include_background, by_mass in candidates:
+            problem = check_class_weights(weights, fractions if by_mass else None, include_background)
             if problem:
                 self._warn(
                     "class_weights",
@@ -531,7 +540,8 @@ class Diagnostics(keras.callbacks.Callback):
                     f"the model predicts no voxel of {self._class_label(k)} for {self._class_zero[k]} "
                     "epochs while it predicts other classes",
                     f"check that the labels hold class index {k} (--labels-map / dataset.json ids), give "
-                    "the class a larger loss weight (class_weights) and sample more patches containing it",
+                    "the class a larger cross-entropy weight (--ce-class-weights, ce_class_weights) and sample "
+                    "more patches containing it",
                     epoch, class_id=k,
                 )
 
@@ -564,7 +574,8 @@ class Diagnostics(keras.callbacks.Callback):
                     f"{fell} while {which} stayed at {dices[-1]:.4f}: the loss is improving on something "
                     "other than " + ("the lesion" if k is None else "this class")
                     + " (background Dice, the regularization term, or empty slices)",
-                    fix if k is None else fix + f"; with several classes, weight class {k} up in the loss",
+                    fix if k is None else fix + f"; with several classes, weight class {k} up in the cross-entropy "
+                    "(medseg-train --ce-class-weights, DiceCELoss(ce_class_weights=...))",
                     epoch, class_id=k,
                 )
 

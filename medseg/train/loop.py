@@ -292,8 +292,35 @@ def make_loss(cfg: TrainConfig, regions: bool = False):
     if cfg.loss == "dice":
         return DiceLoss()
     if cfg.loss == "ce":
-        return DiceCELoss(dice_weight=0.0, ce_weight=1.0, name="ce_loss")
-    return DiceCELoss()
+        return DiceCELoss(dice_weight=0.0, ce_weight=1.0, name="ce_loss", ce_class_weights=cfg.ce_class_weights)
+    return DiceCELoss(ce_class_weights=cfg.ce_class_weights)
+
+
+def ce_class_weights_for(cfg: TrainConfig, plan) -> list[float] | None:
+    """The cross-entropy class weights of the run: the config's, checked against the plan's
+    classes, else automatic (:func:`medseg.losses.balanced_class_weights` of the classes' body
+    shares with two or more classes; None, equal weights, for binary lesions and nested regions).
+
+    Raises:
+        InputError: weights given for nested regions, or not one per class.
+    """
+    spec = plan.class_spec
+    where = "training configuration"
+    if cfg.ce_class_weights is not None:
+        if spec.regions:
+            raise InputError(where, "ce_class_weights only with classes: nested regions are trained with a "
+                             "binary cross-entropy per region", f"{len(cfg.ce_class_weights)} weights")
+        if len(cfg.ce_class_weights) != plan.num_classes:
+            names = ", ".join(("background", *spec.names)) if not spec.is_binary else "background, lesion"
+            raise InputError(where, f"ce_class_weights with {plan.num_classes} values ({names})",
+                             f"{len(cfg.ce_class_weights)} values {list(cfg.ce_class_weights)}")
+        return [float(w) for w in cfg.ce_class_weights]
+    fractions = None if spec.is_binary or spec.regions else plan.class_body_fractions()
+    if fractions is None:
+        return None
+    from medseg.losses import balanced_class_weights
+
+    return [round(w, 4) for w in balanced_class_weights(fractions)]
 
 
 def make_schedule(cfg: TrainConfig, learning_rate: float):
@@ -562,6 +589,7 @@ def _settle_cases_and_plan(run: _Run) -> None:
         if run.chief:
             plan.save(run.run_dir / PLAN_FILE)
     run.plan, run.pipeline = plan, build_pipeline(cfg, plan)
+    cfg.ce_class_weights = ce_class_weights_for(cfg, plan)  # recorded in config.json: a resume reuses them
     cfg.run_dir = os.fspath(run.run_dir)
     run.global_batch = cfg.batch_size * run.replicas
     if run.verbose:
@@ -571,6 +599,11 @@ def _settle_cases_and_plan(run: _Run) -> None:
               f"peak lr {run.learning_rate:g} ({cfg.lr:g} x {run.replicas}), precision {run.precision}; "
               f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s); network {cfg.network} "
               f"(filters {' '.join(map(str, cfg.unet_filters))}, depth {cfg.depth})", flush=True)
+        if cfg.ce_class_weights is not None and cfg.loss != "dice":
+            spec = plan.class_spec
+            names = ("background", *(("lesion",) if spec.is_binary else spec.names))
+            print("medseg-train: cross-entropy class weights "
+                  + ", ".join(f"{n} {w:g}" for n, w in zip(names, cfg.ce_class_weights)), flush=True)
         if run.replanned is not None and run.replanned.message:
             print(f"medseg-train: {run.replanned.message}", flush=True)
 

@@ -303,10 +303,14 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
         # Foreground = the named classes only (a multi-organ map holds many more ids), else nonzero.
         if classes is not None:
             # Each class's share of the body: the cross-entropy's automatic class weights.
+            # One pass per class gives both its count and the union (no second pass over all ids).
             entry["body_voxels"] = int(body.sum())
-            entry["class_voxels"] = {name: int(np.isin(lab, ids).sum())
-                                     for name, ids in zip(classes.names, classes.ids)}
-            lab = np.isin(lab, [i for ids in classes.ids for i in ids])
+            entry["class_voxels"], union = {}, np.zeros(lab.shape, dtype=bool)
+            for name, ids in zip(classes.names, classes.ids):
+                mask = np.isin(lab, ids)
+                entry["class_voxels"][name] = int(mask.sum())
+                union |= mask
+            lab = union
         lab = reorient_array(lab, reo) > 0
         n_vox = int(lab.sum())
         comps, n_comp = label_components(lab)

@@ -311,8 +311,7 @@ def ce_class_weights_for(cfg: TrainConfig, plan) -> list[float] | None:
             raise InputError(where, "ce_class_weights only with classes: nested regions are trained with a "
                              "binary cross-entropy per region", f"{len(cfg.ce_class_weights)} weights")
         if len(cfg.ce_class_weights) != plan.num_classes:
-            names = ", ".join(("background", *spec.names)) if not spec.is_binary else "background, lesion"
-            raise InputError(where, f"ce_class_weights with {plan.num_classes} values ({names})",
+            raise InputError(where, f"ce_class_weights with {plan.num_classes} values ({', '.join(spec.output_names)})",
                              f"{len(cfg.ce_class_weights)} values {list(cfg.ce_class_weights)}")
         return [float(w) for w in cfg.ce_class_weights]
     fractions = None if spec.is_binary or spec.regions else plan.class_body_fractions()
@@ -600,10 +599,9 @@ def _settle_cases_and_plan(run: _Run) -> None:
               f"patch {tuple(plan.patch_size)}, {plan.context_slices} context slice(s); network {cfg.network} "
               f"(filters {' '.join(map(str, cfg.unet_filters))}, depth {cfg.depth})", flush=True)
         if cfg.ce_class_weights is not None and cfg.loss != "dice":
-            spec = plan.class_spec
-            names = ("background", *(("lesion",) if spec.is_binary else spec.names))
             print("medseg-train: cross-entropy class weights "
-                  + ", ".join(f"{n} {w:g}" for n, w in zip(names, cfg.ce_class_weights)), flush=True)
+                  + ", ".join(f"{n} {w:g}" for n, w in zip(plan.class_spec.output_names, cfg.ce_class_weights)),
+                  flush=True)
         if run.replanned is not None and run.replanned.message:
             print(f"medseg-train: {run.replanned.message}", flush=True)
 

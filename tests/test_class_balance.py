@@ -108,7 +108,7 @@ def test_run_weights_automatic_for_classes_none_for_binary_and_regions():
     assert ce_class_weights_for(TrainConfig(), plan) == expected
     assert make_loss(TrainConfig(ce_class_weights=expected)).ce_class_weights == expected
     assert ce_class_weights_for(TrainConfig(), make_plan([_ct_pair()])) is None
-    region_plan = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes)
+    region_plan = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None)
     assert ce_class_weights_for(TrainConfig(), region_plan) is None
     # a plan fitted before the shares were recorded: equal weights, as it was trained then
     old = plan.replace(fingerprint={k: v for k, v in plan.fingerprint.items() if k != "class_body_fractions"})
@@ -122,7 +122,7 @@ def test_run_weights_given_are_checked_against_the_classes():
         ce_class_weights_for(TrainConfig(ce_class_weights=[1, 2]), plan)
     with pytest.raises(InputError, match="nested regions"):
         ce_class_weights_for(TrainConfig(ce_class_weights=[1, 2, 3]),
-                             plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes))
+                             plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None))
 
 
 @pytest.mark.parametrize("weights", [[1.0], [1.0, -2.0], [0.0, 0.0], [1.0, float("nan")], [1.0, float("inf")]])

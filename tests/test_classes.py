@@ -187,10 +187,17 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     spec_.loader.exec_module(prep)
     data = prep.prepare_liver(tmp_path / "liver", repo / "tests" / "data" / "totalsegmentator")
     run = tmp_path / "run"
+    import keras
+
+    class StartingBias(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.bias = [layer.bias.numpy() for layer in self.model.layers if layer.name.endswith("_logits")]
+
+    start = StartingBias()
     result = train(dict(images=str(data / "imagesTr"), labels=str(data / "labelsTr"), run_dir=str(run),
                         labels_map=ORGANS, filters=[4, 8], depth=1, patch_size=[64, 64], batch_size=4,
                         steps_per_epoch=3, epochs=1, verbose=0, precision="float32", run_eagerly=True,
-                        cpu_sizing=False))
+                        cpu_sizing=False), callbacks=[start])
     info = json.loads((run / "bundle.json").read_text())
     assert info["classes"] == ["background", "liver", "spleen", "stomach", "aorta"]
     assert info["plan"]["classes"]["ids"] == [[5], [1], [6], [52]] and info["plan"]["num_classes"] == 5
@@ -208,10 +215,19 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     weights = json.loads((run / "config.json").read_text())["ce_class_weights"]
     assert weights == pytest.approx(balanced_class_weights(shares), abs=1e-4)
     assert weights[0] == 1.0 and weights[1] < weights[2] < weights[3] < weights[4]   # rarer, heavier
+    # every head started at the class priors of those shares: softmax(bias) = [1 - sum, *shares]
+    priors = np.array([1 - sum(shares), *shares])
+    assert start.bias  # one head per deep-supervision level
+    for bias in start.bias:
+        np.testing.assert_allclose(np.exp(bias) / np.exp(bias).sum(), priors, rtol=0.02)
     p5, p95 = np.percentile(ct[np.isin(organs, (5, 1, 6, 52))], [5, 95])
     window = info["plan"]["normalization"]
     assert window["kind"] == "ct_window"
     assert window["low_hu"] == pytest.approx(p5 - 250, abs=8) and window["high_hu"] == pytest.approx(p95 + 250, abs=8)
+    # training simulated contrast enhancement in that window, for every class
+    steps = {t["name"]: t["args"] for t in info["pipeline"]["transforms"]}
+    assert steps["RandEnhancementd"]["window_hu"] == [window["low_hu"], window["high_hu"]]
+    assert steps["RandEnhancementd"]["classes"] == [1, 2, 3, 4]
     image, label = load_pair(Case("patientB", data / "imagesTs" / "patientB", data / "labelsTs" / "patientB.nii.gz"))
     seg = Predictor(load_bundle(run)).segment(image)
     assert seg.shape == image.shape and np.array_equal(seg.affine, image.affine)

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--filters", type=int, nargs="+", help="filters per level (depth + 1 values)")
     m.add_argument("--depth", type=int, help="network depth: number of down-samplings (default 4)")
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
+    m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
+                   help="several CT classes: train without the simulated contrast enhancement (plan)")
     m.add_argument("--no-cpu-sizing", dest="cpu_sizing", action="store_const", const=False,
                    help="on a CPU, keep the paper's network instead of timing a few steps to size it")
     m.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_const", const=False,
@@ -145,6 +147,9 @@ def config_from_args(args: argparse.Namespace):
     cfg.update(flags, source="command line")
     if args.context_slices is not None:
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
+    if args.enhancement is False:
+        cfg.plan = dict(cfg.plan, enhancement=None)
+    if args.context_slices is not None or args.enhancement is False:
         cfg.validate(source="command line")
     if args.quiet and args.verbose is None:
         cfg.verbose = 0

@@ -26,6 +26,7 @@ import numpy as np
 
 from medseg.data.cache import VolumeCache
 from medseg.transforms.augment import Augmenter
+from medseg.transforms.enhance import Enhancement
 from medseg.transforms.warp import render
 
 __all__ = ["BatchMaker", "make_dataset", "dataset_from_folders", "default_workers"]
@@ -95,7 +96,11 @@ class BatchMaker:
         self.augmenter = joint[0].augmenter if joint else None
         if self.augmenter is not None:
             self.augmenter._noise_bank()  # built once here, not raced by parallel workers
-        self.extra = [t for t in pipeline.random if t is not patches and (not joint or t is not joint[0])]
+        enhancers = [t for t in pipeline.random if isinstance(getattr(t, "enhancement", None), Enhancement)]
+        # built-in steps draw from the batch's own generator (no lock); a user's take turns below
+        self.enhancement = enhancers[0].enhancement if enhancers else None
+        built_in = {id(patches), *(id(t) for t in joint[:1] + enhancers[:1])}
+        self.extra = [t for t in pipeline.random if id(t) not in built_in]
         # A user's random step keeps its generator on the object: parallel builders take turns.
         self._extra_lock = threading.Lock()
         self.release_pages = bool(release_pages) and any(cache.on_disk)
@@ -121,8 +126,15 @@ class BatchMaker:
         images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial,
                                after_patch=after, label_kind=self.label_kind)
         params: dict[str, Any] = {"index": index, "centres": centres.as_dict()}
+        intensity = None
         if self.augmenter is not None:
             intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)
+        if self.enhancement is not None:
+            # drawn after the augmenter so the other draws of a batch do not depend on it
+            enhancement = self.enhancement.draw(self.batch_size, rng)
+            self.enhancement.apply(images, masks, enhancement)
+            params.update(enhancement=enhancement.as_dict())
+        if intensity is not None:
             self.augmenter.apply_intensity(images, intensity)
             params.update(spatial=spatial.as_dict(), intensity=intensity.as_dict())
         if self.extra:

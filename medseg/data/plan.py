@@ -17,6 +17,9 @@ the data the way nnU-Net's "dataset fingerprint" does:
   contrast-enhanced patient's brighter organs inside the window); MR and others -> per-volume
   z-score over the body after clipping to the volume's 0.5/99.5 body percentiles (MR intensities
   have no absolute scale, so dataset statistics would not transfer between scanners).
+- ``enhancement``: CT with several named classes (not nested regions) in a CT window -> the
+  default simulated contrast enhancement (:mod:`medseg.transforms.enhance`): a patient whose
+  organs a contrast agent brightened must not look like a new kind of tissue; None otherwise.
 - ``patch_size``: the median resampled in-plane size rounded up to ``divisor``, at most 256.
 - ``lesion_fraction``: 0.5 (see ``docs/pipeline.md`` for the reasoning).
 """
@@ -86,6 +89,9 @@ class Plan:
         classes: the named classes (:meth:`medseg.io.classes.ClassSpec.to_dict`) when there are
             several; None for binary lesion segmentation (every nonzero value is the lesion).
             Left out of :meth:`to_dict` when None, so binary plans read as before.
+        enhancement: the training augmentation that simulates contrast enhancement
+            (:meth:`medseg.transforms.enhance.EnhancementConfig.to_dict`), or None. Needs a CT
+            window and named classes (not regions); left out of :meth:`to_dict` when None.
 
     Raises:
         ValueError: on inconsistent fields (message names the field and the value found).
@@ -105,6 +111,7 @@ class Plan:
     fingerprint: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
     classes: dict | None = None
+    enhancement: dict | None = None
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality)
@@ -145,6 +152,32 @@ class Plan:
                 raise ValueError(f"Plan.num_classes {self.num_classes} does not fit its classes {list(spec.names)} "
                                  f"({spec.num_classes} outputs)")
             self.classes = spec.to_dict()
+        if self.enhancement is not None:
+            self.enhancement = self._checked_enhancement(self.enhancement)
+
+    def _checked_enhancement(self, value: Any) -> dict:
+        from medseg.transforms.enhance import EnhancementConfig
+
+        if not isinstance(value, Mapping):
+            raise ValueError(f"Plan.enhancement must be None or a mapping of enhancement settings, found {value!r}")
+        config = EnhancementConfig.from_dict(value)
+        if self.normalization.get("kind") != "ct_window":
+            raise ValueError(f"Plan.enhancement shifts HU and needs a ct_window normalization, found "
+                             f"{self.normalization.get('kind')!r}")
+        spec = self.class_spec
+        if self.classes is None or spec.regions:
+            raise ValueError("Plan.enhancement needs named classes (not the binary lesion class, not nested "
+                             "regions): it shifts each class on its own")
+        unknown = sorted(set(config.classes or ()) - set(spec.names))
+        if unknown:
+            raise ValueError(f"Plan.enhancement classes {unknown} are not among the classes {list(spec.names)}")
+        return config.to_dict()
+
+    def enhanced_class_indices(self) -> list[int]:
+        """Class indices (1..K) the enhancement shifts on their own (its ``classes``, else all)."""
+        names = list(self.class_spec.names)
+        chosen = (self.enhancement or {}).get("classes")
+        return [i + 1 for i, n in enumerate(names) if chosen is None or n in chosen]
 
     @property
     def class_spec(self):
@@ -166,8 +199,9 @@ class Plan:
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (tuples become lists)."""
         d = dataclasses.asdict(self)
-        if d["classes"] is None:
-            del d["classes"]
+        for key in ("classes", "enhancement"):  # binary plans read as before these existed
+            if d[key] is None:
+                del d[key]
         d["patch_size"] = list(self.patch_size)
         d["target_spacing_mm"] = None if self.target_spacing_mm is None else list(self.target_spacing_mm)
         return json.loads(json.dumps(d, default=_json_default))
@@ -423,8 +457,18 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "divisor": divisor,
         "fingerprint": overrides.get("fingerprint", fingerprint),
         "classes": overrides.get("classes"),
+        "enhancement": overrides.get("enhancement", _enhancement_for(modality, normalization, classes)),
     }
     return Plan(**fields)
+
+
+def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:
+    """The default simulated contrast enhancement for CT classes in a CT window, else None."""
+    if classes is None or classes.regions or modality != "CT" or normalization.get("kind") != "ct_window":
+        return None
+    from medseg.transforms.enhance import EnhancementConfig
+
+    return EnhancementConfig().to_dict()
 
 
 def _class_body_fractions(entries: list[dict], names) -> dict | None:

@@ -4,6 +4,8 @@
   records), :func:`network_names`, :func:`get_network`.
 - :mod:`~medseg.nets.unetpp`: UNet++ (``"unetpp"``), :func:`build_unetpp`, :func:`prune_unetpp`.
 - :mod:`~medseg.nets.unet`: plain U-Net (``"unet"``), :func:`build_unet`.
+- :mod:`~medseg.nets.prior`: :func:`prior_logits`, :func:`set_output_bias` (heads started at
+  the class priors).
 
 Names load on first use (PEP 562), so importing this package, or its registry for the network
 names of a command line, does not import Keras.
@@ -23,13 +25,15 @@ _EXPORTS = {
     "deep_supervision_weights": "unetpp",
     "repeat_targets": "unetpp",
     "build_unet": "unet",
+    "prior_logits": "prior",
+    "set_output_bias": "prior",
     "Network": "registry",
     "NetworkSpec": "registry",
     "get_network": "registry",
     "network_names": "registry",
     "register_network": "registry",
 }
-_SUBMODULES = ("blocks", "registry", "unet", "unetpp")
+_SUBMODULES = ("blocks", "prior", "registry", "unet", "unetpp")
 
 __all__ = list(_EXPORTS)
 

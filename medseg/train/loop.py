@@ -322,6 +322,19 @@ def ce_class_weights_for(cfg: TrainConfig, plan) -> list[float] | None:
     return [round(w, 4) for w in balanced_class_weights(fractions)]
 
 
+def output_bias_for(plan) -> list[float] | None:
+    """The softmax heads' starting bias: the class priors of the training patients' body
+    (:func:`medseg.nets.prior.prior_logits`) with two or more classes; None (zeros, as built)
+    for binary lesions, nested regions and plans fitted before the class shares were recorded."""
+    spec = plan.class_spec
+    fractions = None if spec.is_binary or spec.regions else plan.class_body_fractions()
+    if fractions is None:
+        return None
+    from medseg.nets.prior import prior_logits
+
+    return prior_logits(fractions)
+
+
 def make_schedule(cfg: TrainConfig, learning_rate: float):
     """The per-step :class:`WarmupDecay` schedule; under a time budget (``max_time_s``, with
     ``schedule_over == "budget"``) it also follows the clock (:mod:`medseg.train.budget`)."""
@@ -621,6 +634,15 @@ def _build(run: _Run) -> None:
     keras.config.set_dtype_policy(run.precision)
     with run.strategy.scope():
         run.model = build_model(cfg, run.plan, sync_batch_norm=run.replicas > 1)
+        bias = output_bias_for(run.plan)
+        if bias is not None:  # a resumed run's checkpoint overwrites it below
+            from medseg.nets.prior import set_output_bias
+
+            set_output_bias(run.model, bias)
+            if run.verbose:
+                print("medseg-train: output heads start at the class priors (bias "
+                      + ", ".join(f"{n} {b:.2f}" for n, b in zip(run.plan.class_spec.output_names, bias)) + ")",
+                      flush=True)
         run.schedule = make_schedule(cfg, run.learning_rate)
         spec = run.plan.class_spec
         compile_model(run.model, cfg, run.learning_rate, run.schedule, regions=spec.regions,

@@ -40,6 +40,9 @@ _EXPORTS = {
     "Augmenter": "medseg.transforms.augment",
     "AugmentConfig": "medseg.transforms.augment",
     "RandJointAugmentd": "medseg.transforms.dictionary",
+    "RandEnhancementd": "medseg.transforms.dictionary",
+    "Enhancement": "medseg.transforms.enhance",
+    "EnhancementConfig": "medseg.transforms.enhance",
     "check_alignment": "medseg.transforms.augment",
 }
 

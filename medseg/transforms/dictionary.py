@@ -17,13 +17,16 @@ What a model's pipeline holds, in order (built from the Plan by ``Pipeline.from_
 ``NormalizeIntensityd``     CT window / z-score / percentiles (the Plan's ``normalization``)
 ``ContextSlicesd``          2.5D: the number of neighbouring slices fed as channels
 ``RandLesionPatchd``        random, training: lesion-aware patch centres and the patches
+``RandEnhancementd``        random, training, CT with several classes: simulated contrast
+                            enhancement (each class's HU shifted on its own, soft tissue
+                            brightened; :mod:`~medseg.transforms.enhance`)
 ``RandJointAugmentd``       random, training: flips, rotations, scaling (image and mask
                             together), then gamma, noise, brightness, contrast (image only)
 ==========================  =====================================================================
 
 Array functions live apart: :mod:`~medseg.transforms.spatial`, :mod:`~medseg.transforms.intensity`,
 :mod:`~medseg.transforms.preprocess`, :mod:`~medseg.transforms.sampling`,
-:mod:`~medseg.transforms.warp`, :mod:`~medseg.transforms.augment`.
+:mod:`~medseg.transforms.warp`, :mod:`~medseg.transforms.augment`, :mod:`~medseg.transforms.enhance`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 from medseg.transforms.augment import AugmentConfig, Augmenter
 from medseg.transforms.compose import Lambdad, MapTransform, Randomizable
+from medseg.transforms.enhance import Enhancement, EnhancementConfig
 from medseg.transforms.intensity import body_mask, check_normalization, needs_body, normalize, normalize_inplace
 from medseg.transforms.preprocess import Prepared, label_classes, plan_space_image, plan_space_label, restore
 from medseg.transforms.registry import register_transform
@@ -55,6 +59,7 @@ __all__ = [
     "Orientationd",
     "Spacingd",
     "RandLesionPatchd",
+    "RandEnhancementd",
     "RandJointAugmentd",
     "Lambdad",
 ]
@@ -469,6 +474,57 @@ class RandLesionPatchd(Randomizable):
         out = dict(sample)
         out[self.keys[0]], out[self.keys[1]] = images, masks
         out["patch_centres"] = self.last_params
+        return out
+
+
+@register_transform
+class RandEnhancementd(Randomizable):
+    """Dictionary transform: simulated contrast enhancement of CT-window patches
+    (:class:`medseg.transforms.enhance.Enhancement`) of ``sample[keys[0]]`` (images
+    ``(B, H, W, C)`` in [0, 1]) using the class indices of ``sample[keys[1]]`` (``(B, H, W)``).
+
+    Args:
+        window_hu: ``(low_hu, high_hu)`` of the pipeline's CT window.
+        classes: indices (1..K) of the classes shifted on their own.
+        num_classes: outputs including the background.
+        config: an :class:`~medseg.transforms.enhance.EnhancementConfig` or a dict of its fields.
+
+    Raises:
+        KeyError: if the sample lacks a key (names key and transform).
+        ValueError: bad settings (see :class:`~medseg.transforms.enhance.EnhancementConfig`).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), *, window_hu: Sequence[float],
+                 classes: Sequence[int], num_classes: int, config: EnhancementConfig | Mapping | None = None,
+                 seed: int | None = None):
+        self.keys = tuple(keys)
+        if isinstance(config, Mapping):
+            config = EnhancementConfig.from_dict(config)
+        self.enhancement = Enhancement(config or EnhancementConfig(), window_hu, classes, num_classes)
+        self.rng = np.random.default_rng(seed)
+        self.last_params: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"RandEnhancementd(keys={self.keys}, classes={list(self.enhancement.classes)})"
+
+    def get_config(self) -> dict:
+        e = self.enhancement
+        return {"keys": list(self.keys), "window_hu": [e.low_hu, e.low_hu + e.span_hu], "classes": list(e.classes),
+                "num_classes": e.num_classes, "config": e.config.to_dict()}
+
+    def __call__(self, sample: dict) -> dict:
+        for key in self.keys:
+            if key not in sample:
+                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
+        images = np.array(sample[self.keys[0]], dtype=np.float32, copy=True)
+        masks = np.asarray(sample[self.keys[1]])
+        if images.ndim != 4 or masks.shape != images.shape[:3]:
+            raise ValueError(f"{self!r}: images (B, H, W, C) and masks (B, H, W) expected, found "
+                             f"{images.shape} and {masks.shape}")
+        params = self.enhancement.draw(images.shape[0], self.rng)
+        out = dict(sample)
+        out[self.keys[0]] = self.enhancement.apply(images, masks, params)
+        self.last_params = params.as_dict()
         return out
 
 

@@ -76,7 +76,8 @@ class Pipeline:
         Args:
             plan: the fitted Plan (orientation, slice axis, spacing, normalization, patch, ...).
             augment: True (the default recipe), False/None (no augmentation step), an
-                ``AugmentConfig`` or a dict of its fields.
+                ``AugmentConfig`` or a dict of its fields. A plan's ``enhancement`` adds
+                ``RandEnhancementd`` before it (not with False/None).
             extra: transforms (objects or ``{"name", "module", "args", "after"/"before"}``
                 entries) inserted after the step named by ``after``/``before``; by default a
                 deterministic one goes after ``NormalizeIntensityd`` and a random one at the end.
@@ -84,7 +85,8 @@ class Pipeline:
             lesion_fraction: overrides ``plan.lesion_fraction``.
         """
         from medseg.transforms.dictionary import (BodyMaskd, ContextSlicesd, LabelClassesd, NormalizeIntensityd,
-                                                  PlanSpaced, RandJointAugmentd, RandLesionPatchd)
+                                                  PlanSpaced, RandEnhancementd, RandJointAugmentd,
+                                                  RandLesionPatchd)
 
         steps: list[Any] = [
             LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True,
@@ -99,6 +101,12 @@ class Pipeline:
                              inside_body=inside_body, label_kind=_label_kind(getattr(plan, "classes", None))),
         ]
         config = _augment_config(augment)
+        enhancement = getattr(plan, "enhancement", None)
+        if config is not None and enhancement is not None:
+            window = plan.normalization
+            steps.append(RandEnhancementd(("image", "label"), window_hu=(window["low_hu"], window["high_hu"]),
+                                          classes=plan.enhanced_class_indices(), num_classes=plan.num_classes,
+                                          config=enhancement))
         if config is not None:
             steps.append(RandJointAugmentd(("image", "label"), config=config,
                                            label_kind=_label_kind(getattr(plan, "classes", None))))

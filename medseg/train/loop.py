@@ -314,7 +314,7 @@ def ce_class_weights_for(cfg: TrainConfig, plan) -> list[float] | None:
             raise InputError(where, f"ce_class_weights with {plan.num_classes} values ({', '.join(spec.output_names)})",
                              f"{len(cfg.ce_class_weights)} values {list(cfg.ce_class_weights)}")
         return [float(w) for w in cfg.ce_class_weights]
-    fractions = None if spec.is_binary or spec.regions else plan.class_body_fractions()
+    fractions = _softmax_class_shares(plan)
     if fractions is None:
         return None
     from medseg.losses import balanced_class_weights
@@ -326,13 +326,19 @@ def output_bias_for(plan) -> list[float] | None:
     """The softmax heads' starting bias: the class priors of the training patients' body
     (:func:`medseg.nets.prior.prior_logits`) with two or more classes; None (zeros, as built)
     for binary lesions, nested regions and plans fitted before the class shares were recorded."""
-    spec = plan.class_spec
-    fractions = None if spec.is_binary or spec.regions else plan.class_body_fractions()
+    fractions = _softmax_class_shares(plan)
     if fractions is None:
         return None
     from medseg.nets.prior import prior_logits
 
     return prior_logits(fractions)
+
+
+def _softmax_class_shares(plan) -> list[float] | None:
+    """The classes' body shares where they set class weights and head priors: two or more
+    classes under one softmax (None for binary lesions, nested regions and older plans)."""
+    spec = plan.class_spec
+    return None if spec.is_binary or spec.regions else plan.class_body_fractions()
 
 
 def make_schedule(cfg: TrainConfig, learning_rate: float):

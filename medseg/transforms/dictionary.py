@@ -509,7 +509,7 @@ class RandEnhancementd(Randomizable):
 
     def get_config(self) -> dict:
         e = self.enhancement
-        return {"keys": list(self.keys), "window_hu": [e.low_hu, e.low_hu + e.span_hu], "classes": list(e.classes),
+        return {"keys": list(self.keys), "window_hu": list(e.window_hu), "classes": list(e.classes),
                 "num_classes": e.num_classes, "config": e.config.to_dict()}
 
     def __call__(self, sample: dict) -> dict:

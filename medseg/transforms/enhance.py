@@ -127,6 +127,7 @@ class Enhancement:
         if any(c < 1 for c in self.classes):
             raise ValueError(f"shifted classes are indices >= 1 (0 is the background), found {self.classes}")
         self.config = config
+        self.window_hu = (low, high)
         self.low_hu, self.span_hu = low, high - low
         self.num_classes = int(num_classes) if num_classes is not None else max(self.classes, default=0) + 1
 
@@ -140,7 +141,7 @@ class Enhancement:
         if self.classes:
             cols = np.asarray(self.classes)
             class_hu[:, cols] = np.where(shifted[:, None], offsets[:, cols], 0.0)
-        return EnhancementParams(tissue.astype(np.float64), class_hu)
+        return EnhancementParams(tissue, class_hu)
 
     def apply(self, images: np.ndarray, masks: np.ndarray, params: EnhancementParams) -> np.ndarray:
         """Shift ``images`` ``(B, H, W, C)`` float32 in place by ``params``; ``masks`` ``(B, H, W)``

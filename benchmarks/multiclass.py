@@ -6,8 +6,8 @@ Liver (5), spleen (1), stomach (6) and aorta (52) of TotalSegmentator's label ma
 present in both patients. medseg-train runs on patient A with ``--labels-map liver=5 spleen=1
 stomach=6 aorta=52`` (softmax over 5 classes started at the class priors, class-balanced
 lesion-aware sampling, the classes' CT window, class-weighted cross-entropy, simulated contrast
-enhancement) under a ``--budget-s`` training budget (CPU sizing picks the network, as for a
-user); patient B is
+enhancement, patches that keep the body's orientation: the organs lie on their own sides) under a
+``--budget-s`` training budget (CPU sizing picks the network, as for a user); patient B is
 segmented by the bundle (what medseg-infer writes: the dataset's label ids) and each organ is
 scored in 3D with medseg's metrics against B's label map. The peer, in the same run, is the same
 recipe trained binary on the liver alone (``--map-labels 5:1,*:0``) under the same budget:
@@ -16,7 +16,8 @@ recipe trained binary on the liver alone (``--map-labels 5:1,*:0``) under the sa
 The last line printed is one JSON object with ``dsc_liver``, ``dsc_spleen``, ``dsc_stomach``,
 ``dsc_aorta``, ``dsc_mean`` (the four organs' mean) and ``dsc_liver_binary``, plus HD95 per
 organ, the same DSCs with test-time flips (``dsc_<organ>_tta``, ``dsc_mean_tta``: ``medseg-infer
---tta``), each organ's DSC on patient A itself (``fit_dsc_<organ>_patient_a``: learned, versus
+--tta``; null when the model kept the orientation, as the four organs' does: it saw no flips and
+``--tta`` refuses it), each organ's DSC on patient A itself (``fit_dsc_<organ>_patient_a``: learned, versus
 carried over to B), the steps each run made and the network it chose. Goal (issue 13): ``dsc_liver >= 0.80``
 and ``dsc_mean >= 0.6``.
 """
@@ -44,7 +45,7 @@ def score_organs(data: Path, run_dir: Path) -> dict:
     from medseg.data.plan import load_pair
     from medseg.eval import compute_metrics
     from medseg.infer.bundle import load_bundle
-    from medseg.infer.predictor import Predictor
+    from medseg.infer.predictor import Predictor, tta_flips
     from medseg.io import Case
 
     image, label = load_pair(Case("patientB", data / "imagesTs" / "patientB", data / "labelsTs" / "patientB.nii.gz"))
@@ -60,8 +61,13 @@ def score_organs(data: Path, run_dir: Path) -> dict:
         out[f"dsc_{name}"] = round(float(m["dsc"]), 4)
         out[f"hd95_mm_{name}"] = round(float(m["hd95_mm"]), 2)
     out["dsc_mean"] = round(float(np.mean([out[f"dsc_{n}"] for n in ORGANS])), 4)
-    # medseg-infer --tta: the mean probability over the in-plane flips (4x the compute).
-    pred = np.asarray(Predictor(load_bundle(run_dir), tta=True).segment(image).array)
+    # medseg-infer --tta: the mean probability over the in-plane flips the model was trained with;
+    # None for a model that kept the orientation (no flips in training: --tta is refused).
+    bundle = load_bundle(run_dir)
+    if len(tta_flips(bundle)) == 1:
+        out.update({f"dsc_{n}_tta": None for n in ORGANS}, dsc_mean_tta=None)
+        return out
+    pred = np.asarray(Predictor(bundle, tta=True).segment(image).array)
     for name, value in ORGANS.items():
         out[f"dsc_{name}_tta"] = round(float(compute_metrics(pred == value, ref == value, image.spacing_mm)["dsc"]), 4)
     out["dsc_mean_tta"] = round(float(np.mean([out[f"dsc_{n}_tta"] for n in ORGANS])), 4)
@@ -87,7 +93,8 @@ def main() -> None:
         scores = score_organs(data, Path(tmp) / "multi")
         print(f"multiclass: 4 organs, {multi.steps} steps in {multi_s:.0f} s (filters {multi.model_config['filters']}): "
               + ", ".join(f"{n} {scores[f'dsc_{n}']:.3f}" for n in ORGANS) + f"; mean {scores['dsc_mean']:.3f} "
-              f"(with --tta: {scores['dsc_mean_tta']:.3f})", flush=True)
+              + (f"(with --tta: {scores['dsc_mean_tta']:.3f})" if scores["dsc_mean_tta"] is not None
+                 else "(no --tta: the model kept the orientation)"), flush=True)
         t0 = time.perf_counter()
         binary = train_liver(data, Path(tmp) / "binary", args.budget_s, seed=args.seed)
         binary_s = time.perf_counter() - t0

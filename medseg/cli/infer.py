@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument(
-        "--tta", action="store_true", help="test-time augmentation: average over in-plane flips (4x slower)"
+        "--tta", action="store_true", help="test-time augmentation: average over the in-plane flips the model was trained with (4x slower); "
+        "refused for a model that kept the orientation (classes on one side of the body)"
     )
     parser.add_argument(
         "--probabilities", action="store_true",
@@ -331,8 +332,13 @@ def _run(args: argparse.Namespace) -> int:
         f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})", file=sys.stderr
     )
 
-    from medseg.infer.predictor import Predictor
+    from medseg.infer.predictor import Predictor, tta_flips
 
+    if args.tta and len(tta_flips(bundle)) == 1:
+        why = " (its plan keeps the orientation: a class lies on one side of the body)" \
+            if getattr(bundle.plan, "keep_orientation", False) else ""
+        raise InputError(run_dir, "a model trained with flips or 180-degree turns (--tta averages over those)",
+                         f"a model trained without either{why}", "run without --tta")
     predictor = Predictor(bundle, batch_size=args.batch_size, tta=args.tta)
     post = (bundle.info.get("extra") or {}).get("postprocessing") or {}
     if args.largest_component is None and post.get("largest_component"):

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
     m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
                    help="several CT classes: train without the simulated contrast enhancement (plan)")
+    m.add_argument("--keep-orientation", action=argparse.BooleanOptionalAction, default=None,
+                   help="never mirror or quarter-turn training patches (default: when a named class lies on one "
+                        "side of the body in every training case; plan)")
     m.add_argument("--no-cpu-sizing", dest="cpu_sizing", action="store_const", const=False,
                    help="on a CPU, keep the paper's network instead of timing a few steps to size it")
     m.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_const", const=False,
@@ -149,7 +152,9 @@ def config_from_args(args: argparse.Namespace):
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
     if args.enhancement is False:
         cfg.plan = dict(cfg.plan, enhancement=None)
-    if args.context_slices is not None or args.enhancement is False:
+    if args.keep_orientation is not None:
+        cfg.plan = dict(cfg.plan, keep_orientation=args.keep_orientation)
+    if args.context_slices is not None or args.enhancement is False or args.keep_orientation is not None:
         cfg.validate(source="command line")
     if args.quiet and args.verbose is None:
         cfg.verbose = 0

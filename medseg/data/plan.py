@@ -20,6 +20,13 @@ the data the way nnU-Net's "dataset fingerprint" does:
 - ``enhancement``: CT with several named classes (not nested regions) in a CT window -> the
   default simulated contrast enhancement (:mod:`medseg.transforms.enhance`): a patient whose
   organs a contrast agent brightened must not look like a new kind of tissue; None otherwise.
+- ``keep_orientation``: True when a named class (several classes, not nested regions) lies on
+  one side of the body in every training case (``LATERAL_SHARE`` of its voxels left, or right, of
+  the body's centre; liver right, spleen left): training patches are then never mirrored or
+  turned by quarter turns. Every volume is reoriented to the plan's orientation, so a mirrored or
+  upside-down body never reaches the network outside training, and position is what tells such
+  organs apart when their look does not (TotalSegmentator trains without mirroring for this
+  reason). False otherwise, and always for binary plans.
 - ``patch_size``: the median resampled in-plane size rounded up to ``divisor``, at most 256.
 - ``lesion_fraction``: 0.5 (see ``docs/pipeline.md`` for the reasoning).
 """
@@ -43,7 +50,7 @@ from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
 
 __all__ = ["Plan", "make_plan", "load_pair", "CLASS_WINDOW_MARGIN_HU", "DEFAULT_CT_WINDOW_HU", "DEFAULT_LESION_FRACTION",
-           "PLAN_VERSION"]
+           "LATERAL_SHARE", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 DEFAULT_CT_WINDOW_HU = (-1000.0, 400.0)
@@ -52,6 +59,11 @@ DEFAULT_LESION_FRACTION = 0.5
 #: HU added below the named classes' 5th and above their 95th percentile to make their CT window
 #: (organs of one non-contrast patient, 5..65 HU, give about [-245, 315]).
 CLASS_WINDOW_MARGIN_HU = 250.0
+#: A class is on one side of the body when at least this share of its voxels lies on that side of
+#: the body's centre (left-right, RAS axis 0) in every case holding it, the same side in all: the
+#: organs of patient A lie 89-100 % on their side; a class covering both kidneys lies about half
+#: and half, and a lesion class found on either side across patients is not one-sided.
+LATERAL_SHARE = 0.8
 DEFAULT_PATCH = 256
 #: Voxels sampled per case for the intensity fingerprint (nnU-Net uses 10 000 foreground voxels).
 _SAMPLES_PER_CASE = 10_000
@@ -92,6 +104,9 @@ class Plan:
         enhancement: the training augmentation that simulates contrast enhancement
             (:meth:`medseg.transforms.enhance.EnhancementConfig.to_dict`), or None. Needs a CT
             window and named classes (not regions); left out of :meth:`to_dict` when None.
+        keep_orientation: training patches keep the plan's orientation: the default
+            augmentation has no flips and no quarter turns (see the module docstring). Left out
+            of :meth:`to_dict` when False.
 
     Raises:
         ValueError: on inconsistent fields (message names the field and the value found).
@@ -112,6 +127,7 @@ class Plan:
     version: int = PLAN_VERSION
     classes: dict | None = None
     enhancement: dict | None = None
+    keep_orientation: bool = False
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality)
@@ -154,6 +170,9 @@ class Plan:
             self.classes = spec.to_dict()
         if self.enhancement is not None:
             self.enhancement = self._checked_enhancement(self.enhancement)
+        if not isinstance(self.keep_orientation, (bool, np.bool_)):
+            raise ValueError(f"Plan.keep_orientation must be true or false, found {self.keep_orientation!r}")
+        self.keep_orientation = bool(self.keep_orientation)
 
     def _checked_enhancement(self, value: Any) -> dict:
         from medseg.transforms.enhance import EnhancementConfig
@@ -202,6 +221,8 @@ class Plan:
         for key in ("classes", "enhancement"):  # binary plans read as before these existed
             if d[key] is None:
                 del d[key]
+        if not d["keep_orientation"]:
+            del d["keep_orientation"]
         d["patch_size"] = list(self.patch_size)
         d["target_spacing_mm"] = None if self.target_spacing_mm is None else list(self.target_spacing_mm)
         return json.loads(json.dumps(d, default=_json_default))
@@ -340,9 +361,15 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             # One pass per class gives both its count and the union (no second pass over all ids).
             entry["body_voxels"] = int(body.sum())
             entry["class_voxels"], union = {}, np.zeros(lab.shape, dtype=bool)
+            # Left-right: the plan orientation's L/R axis; the body's centre is its mean position.
+            lr = next(i for i, c in enumerate(orientation.upper()) if c in "LR")
+            body_x = body.sum(axis=tuple(a for a in range(3) if a != lr))
+            centre = float(np.average(np.arange(body_x.size), weights=body_x)) if body_x.any() else None
+            entry["class_side_shares"] = {}
             for name, ids in zip(classes.names, classes.ids):
                 mask = np.isin(lab, ids)
                 entry["class_voxels"][name] = int(mask.sum())
+                entry["class_side_shares"][name] = _side_share(reorient_array(mask, reo), centre, lr)
                 union |= mask
             lab = union
         lab = reorient_array(lab, reo) > 0
@@ -363,6 +390,17 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             fg = arr[lab]
             fg_vals = fg[rng.integers(0, fg.size, size=min(fg.size, _SAMPLES_PER_CASE))].astype(np.float64)
     return entry, body_vals.astype(np.float64), fg_vals
+
+
+def _side_share(mask: np.ndarray, centre: float | None, axis: int) -> float | None:
+    """Share of ``mask``'s voxels past ``centre`` (an index) along ``axis``, the left-right one;
+    voxels on the centre count half. None for an empty mask or a scan without body."""
+    per_x = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+    n = int(per_x.sum())
+    if not n or centre is None:
+        return None
+    x = np.arange(per_x.size)
+    return float((per_x[x > centre].sum() + 0.5 * per_x[x == centre].sum()) / n)
 
 
 def _stats(values: np.ndarray) -> dict | None:
@@ -442,8 +480,12 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "lesion": lesion_summary,
         "cases": entries,
     }
+    lateral: list[str] = []
     if classes is not None:
         fingerprint["class_body_fractions"] = _class_body_fractions(entries, classes.names)
+        if not classes.regions:
+            lateral = _lateral_classes(entries, classes.names)
+            fingerprint["lateral_classes"] = lateral
     fields = {
         "modality": modality,
         "orientation": orientation,
@@ -458,8 +500,21 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "fingerprint": overrides.get("fingerprint", fingerprint),
         "classes": overrides.get("classes"),
         "enhancement": overrides.get("enhancement", _enhancement_for(modality, normalization, classes)),
+        "keep_orientation": overrides.get("keep_orientation", bool(lateral)),
     }
     return Plan(**fields)
+
+
+def _lateral_classes(entries: list[dict], names) -> list[str]:
+    """The classes lying on one side of the body (:data:`LATERAL_SHARE`) in every labelled case
+    holding them, the same side in all."""
+    lateral = []
+    for name in names:
+        shares = [e["class_side_shares"][name] for e in entries
+                  if e.get("class_side_shares", {}).get(name) is not None]
+        if shares and (min(shares) >= LATERAL_SHARE or max(shares) <= 1.0 - LATERAL_SHARE):
+            lateral.append(name)
+    return lateral
 
 
 def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:

@@ -44,6 +44,24 @@ CHUNK_SLICES = 32
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 
 
+def tta_flips(bundle: Bundle) -> tuple[tuple[int, ...], ...]:
+    """The flips of :data:`TTA_FLIPS` the bundle's model saw in training: all four after mirroring
+    augmentation; the original and the 180-degree turn (both axes) after quarter turns without
+    mirroring; the original alone without either (a plan that keeps the orientation). Bundles
+    written before pipelines were saved trained with the full recipe."""
+    from medseg.transforms.augment import Augmenter
+
+    if bundle.pipeline is None:
+        return TTA_FLIPS
+    joint = [t.augmenter.config for t in bundle.pipeline.random if isinstance(getattr(t, "augmenter", None), Augmenter)]
+    if not joint:
+        return ((),)
+    config = joint[0]
+    if config.flip_prob > 0:
+        return TTA_FLIPS
+    return ((), (1, 2)) if config.rot90 else ((),)
+
+
 def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.flip(x, axis=axes) if axes else x
 
@@ -130,11 +148,13 @@ class Predictor:
     Args:
         bundle: a loaded :class:`medseg.infer.bundle.Bundle`.
         batch_size: slices per model call (peak memory grows with it, not with the volume).
-        tta: test-time augmentation: average the foreground probabilities of the original and the
-            in-plane flipped slices (H, W, both): 4 model calls per batch.
+        tta: test-time augmentation: average the probabilities of the original and the in-plane
+            flipped slices the model was trained on (:func:`tta_flips`: H, W and both, 4 model
+            calls per batch; only both, the 180-degree turn, after turns without mirroring).
 
     Raises:
-        ValueError: if ``batch_size`` is not a positive integer.
+        ValueError: if ``batch_size`` is not a positive integer, or ``tta`` for a model trained
+            without flips or turns (every flip would show it images it never saw).
 
     Example:
         >>> predictor = Predictor(load_bundle("runs/unetpp"), batch_size=8)   # doctest: +SKIP
@@ -152,6 +172,11 @@ class Predictor:
         self.pipeline = bundle.inference_pipeline()
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
+        #: The flips averaged: the original alone without ``tta``.
+        self.flips = tta_flips(bundle) if self.tta else ((),)
+        if self.tta and len(self.flips) == 1:
+            raise ValueError(f"test-time augmentation needs a model trained with flips or 180-degree turns; the "
+                             f"model in {bundle.run_dir} was trained without either")
         self.model = inference_model(bundle)
         self.context_slices = int(self.pipeline.context_slices)
         self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))
@@ -237,7 +262,7 @@ class Predictor:
         if per_class and self._forward_classes is None:
             self._forward_classes = self._compile_classes()
         forward = self._forward_classes if per_class else self._forward
-        for axes in TTA_FLIPS if self.tta else ((),):
+        for axes in self.flips:
             xi = _flip(x, axes)
             if padded is not None:
                 padded[:, top : top + h, left : left + w] = xi
@@ -247,7 +272,7 @@ class Predictor:
             p = np.asarray(forward(xi))[:, top : top + h, left : left + w]
             p = _flip(p, axes)
             total = p.copy() if total is None else total + p
-        out = total if not self.tta else total / np.float32(len(TTA_FLIPS))
+        out = total if len(self.flips) == 1 else total / np.float32(len(self.flips))
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
     # --- volumes -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -75,9 +76,10 @@ class Pipeline:
 
         Args:
             plan: the fitted Plan (orientation, slice axis, spacing, normalization, patch, ...).
-            augment: True (the default recipe), False/None (no augmentation step), an
-                ``AugmentConfig`` or a dict of its fields. A plan's ``enhancement`` adds
-                ``RandEnhancementd`` before it (not with False/None).
+            augment: True (the default recipe; without flips and quarter turns when the plan's
+                ``keep_orientation``), False/None (no augmentation step), an ``AugmentConfig`` or a dict of its
+                fields (taken as given). A plan's ``enhancement`` adds ``RandEnhancementd``
+                before it (not with False/None).
             extra: transforms (objects or ``{"name", "module", "args", "after"/"before"}``
                 entries) inserted after the step named by ``after``/``before``; by default a
                 deterministic one goes after ``NormalizeIntensityd`` and a random one at the end.
@@ -101,6 +103,10 @@ class Pipeline:
                              inside_body=inside_body, label_kind=_label_kind(getattr(plan, "classes", None))),
         ]
         config = _augment_config(augment)
+        if augment is True and getattr(plan, "keep_orientation", False):
+            # Organs on their own side of the body: a mirrored or upside-down patch shows a body
+            # that reoriented volumes never show, and hides where each organ is.
+            config = dataclasses.replace(config, flip_prob=0.0, rot90=False)
         enhancement = getattr(plan, "enhancement", None)
         if config is not None and enhancement is not None:
             window = plan.normalization

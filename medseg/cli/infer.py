@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument(
-        "--tta", action="store_true", help="test-time augmentation: average over the in-plane flips the model was trained with (4x slower); "
-        "refused for a model that kept the orientation (classes on one side of the body)"
+        "--tta", action="store_true",
+        help="test-time augmentation: average over the in-plane flips the model was trained with (4x slower); "
+             "refused for a model that kept the orientation (classes on one side of the body)"
     )
     parser.add_argument(
         "--probabilities", action="store_true",

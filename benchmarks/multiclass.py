@@ -6,7 +6,7 @@ Liver (5), spleen (1), stomach (6) and aorta (52) of TotalSegmentator's label ma
 present in both patients. medseg-train runs on patient A with ``--labels-map liver=5 spleen=1
 stomach=6 aorta=52`` (softmax over 5 classes started at the class priors, class-balanced
 lesion-aware sampling, the classes' CT window, class-weighted cross-entropy, simulated contrast
-enhancement, patches that keep the body's orientation: the organs lie on their own sides) under a
+enhancement, patches that keep the body's orientation: the organs lie on opposite sides) under a
 ``--budget-s`` training budget (CPU sizing picks the network, as for a user); patient B is
 segmented by the bundle (what medseg-infer writes: the dataset's label ids) and each organ is
 scored in 3D with medseg's metrics against B's label map. The peer, in the same run, is the same

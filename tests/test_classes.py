@@ -228,7 +228,7 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     steps = {t["name"]: t["args"] for t in info["pipeline"]["transforms"]}
     assert steps["RandEnhancementd"]["window_hu"] == [window["low_hu"], window["high_hu"]]
     assert steps["RandEnhancementd"]["classes"] == [1, 2, 3, 4]
-    # Each organ lies on its own side of A's body (shares from nibabel's RAS copy by numpy: the
+    # The organs lie on opposite sides of A's body (shares from nibabel's RAS copy by numpy: the
     # organ's voxels past the body's mean left-right position), so patches kept the orientation.
     import nibabel as nib
 
@@ -239,7 +239,10 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
              for name, v in zip(("liver", "spleen", "stomach", "aorta"), (5, 1, 6, 52))}
     case = info["plan"]["fingerprint"]["cases"][0]
     assert case["class_side_shares"] == pytest.approx(sides, abs=0.01)
-    assert info["plan"]["fingerprint"]["lateral_classes"] == [n for n, v in sides.items() if v >= 0.8 or v <= 0.2]
+    # RAS axis 0 runs toward the patient's right: liver right; spleen, stomach and aorta left
+    assert info["plan"]["fingerprint"]["lateral_classes"] == {
+        n: "right" if v >= 0.8 else "left" for n, v in sides.items() if v >= 0.8 or v <= 0.2}
+    assert set(info["plan"]["fingerprint"]["lateral_classes"].values()) == {"left", "right"}
     assert info["plan"]["keep_orientation"] is True
     assert steps["RandJointAugmentd"]["config"]["flip_prob"] == 0.0 and not steps["RandJointAugmentd"]["config"]["rot90"]
     image, label = load_pair(Case("patientB", data / "imagesTs" / "patientB", data / "labelsTs" / "patientB.nii.gz"))

@@ -27,13 +27,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])  # RAS: array axis 0 runs left-right
 
 
-def _ct(liver_x: slice, kidney_x=(slice(8, 12), slice(27, 31)), affine=AFFINE, flip=False):
-    """40x40x6 CT, body x 5..34 (centre 19.5): 'liver' (id 5) over ``liver_x``, 'kidneys' (id 3)
-    4 columns each side of the centre. ``flip`` stores the same anatomy LPS (axes 0, 1 reversed)."""
+def _ct(liver_x: slice, spleen_x=slice(8, 13), kidney_x=(slice(8, 12), slice(27, 31)), affine=AFFINE, flip=False):
+    """40x40x6 CT, body x 5..34 (centre 19.5): 'liver' (id 5) over ``liver_x``, 'spleen' (id 4)
+    over ``spleen_x`` (left: low x in RAS), 'kidneys' (id 3) 4 columns each side of the centre.
+    ``flip`` stores the same anatomy LPS (axes 0, 1 reversed)."""
     image = np.full((40, 40, 6), -1000.0, np.float32)
     label = np.zeros((40, 40, 6), np.uint8)
     image[5:35, 5:35] = 40.0
     label[liver_x, 10:20] = 5
+    label[spleen_x, 28:32] = 4
     for xs in kidney_x:
         label[xs, 22:26] = 3
     if flip:
@@ -44,55 +46,69 @@ def _ct(liver_x: slice, kidney_x=(slice(8, 12), slice(27, 31)), affine=AFFINE, f
     return Volume(image, affine, "ct", {"modality": "CT"}), Volume(label, affine, "ct", {})
 
 
-CLASSES = ClassSpec.parse(["liver=5", "kidneys=3"])
+CLASSES = ClassSpec.parse(["liver=5", "kidneys=3", "spleen=4"])
+NONE = slice(0, 0)
 
 
 def _plan(*pairs, **overrides):
-    return make_plan(list(pairs), overrides={"classes": CLASSES.to_dict(), "num_classes": 3, **overrides})
+    return make_plan(list(pairs), overrides={"classes": CLASSES.to_dict(), "num_classes": 4, **overrides})
 
 
-def test_side_shares_by_hand_and_a_one_sided_class_keeps_the_orientation():
+def _shares(plan, name):
+    return [e["class_side_shares"][name] for e in plan.fingerprint["cases"]]
+
+
+def test_side_shares_by_hand_and_classes_on_opposite_sides_keep_the_orientation():
     plan = _plan(_ct(slice(25, 31)))
-    shares = plan.fingerprint["cases"][0]["class_side_shares"]
-    # liver x 25..30, all past the centre 19.5; kidneys 4 + 4 columns either side
-    assert shares == {"liver": 1.0, "kidneys": 0.5}
-    assert plan.fingerprint["lateral_classes"] == ["liver"]
+    # liver x 25..30, all past the centre 19.5 (toward R); spleen 8..12 none; kidneys 4 + 4 columns
+    assert plan.fingerprint["cases"][0]["class_side_shares"] == {"liver": 1.0, "kidneys": 0.5, "spleen": 0.0}
+    assert plan.fingerprint["lateral_classes"] == {"liver": "right", "spleen": "left"}
     assert plan.keep_orientation is True and plan.to_dict()["keep_orientation"] is True
     assert Plan.from_dict(plan.to_dict()).keep_orientation is True
+    # the same decision in an LPS plan: its L/R axis runs the other way
+    lps = _plan(_ct(slice(25, 31)), orientation="LPS")
+    assert _shares(lps, "liver") == [0.0] and lps.fingerprint["lateral_classes"] == {"liver": "right",
+                                                                                      "spleen": "left"}
+    assert lps.keep_orientation is True
+
+
+def test_classes_on_one_side_only_keep_the_full_augmentation():
+    # liver and a lesion inside it (LiTS): a mirrored patch swaps no two classes' places
+    plan = _plan(_ct(slice(25, 31), spleen_x=NONE))
+    assert plan.fingerprint["lateral_classes"] == {"liver": "right"}
+    assert plan.keep_orientation is False and "keep_orientation" not in plan.to_dict()
 
 
 def test_share_threshold_and_voxels_on_the_centre():
     # 12 columns 14..25: 6 past the centre 19.5 -> 0.5; 18..24: 5 of 7 -> 0.714; 18..27: 8 of 10 -> 0.8
     for xs, share in ((slice(14, 26), 0.5), (slice(18, 25), 5 / 7), (slice(18, 28), 0.8)):
         plan = _plan(_ct(xs))
-        assert plan.fingerprint["cases"][0]["class_side_shares"]["liver"] == pytest.approx(share)
+        assert _shares(plan, "liver") == [pytest.approx(share)]
         assert plan.keep_orientation is (share >= LATERAL_SHARE)
     # a body of odd width: centre on column 19, whose voxels count half
     image, label = _ct(slice(19, 20))
     image.array[34] = -1000.0  # body x 5..33: centre 19.0
-    plan = _plan((image, label))
-    assert plan.fingerprint["cases"][0]["class_side_shares"]["liver"] == 0.5
+    assert _shares(_plan((image, label)), "liver") == [0.5]
 
 
 def test_sides_are_read_after_reorientation():
-    # The same anatomy stored LPS: the raw array has the liver on the other side of axis 0, the
-    # patient does not. Measured on the raw arrays, the two cases would disagree (1.0 and 0.0).
+    # The same anatomy stored LPS: the raw array has liver and spleen on the other side of axis 0,
+    # the patient does not. Measured on the raw arrays, the two cases would disagree (1.0 and 0.0).
     ras, lps = _ct(slice(25, 31)), _ct(slice(25, 31), flip=True)
     assert np.all(np.nonzero(lps[1].array == 5)[0] < 19.5)
     plan = _plan(ras, lps)
-    assert [e["class_side_shares"]["liver"] for e in plan.fingerprint["cases"]] == [1.0, 1.0]
+    assert _shares(plan, "liver") == [1.0, 1.0] and _shares(plan, "spleen") == [0.0, 0.0]
     assert plan.keep_orientation is True
 
 
 def test_a_class_on_either_side_across_cases_is_not_one_sided():
     # a lesion-like class: right in one patient, left in the other
     plan = _plan(_ct(slice(25, 31)), _ct(slice(8, 14)))
-    assert [e["class_side_shares"]["liver"] for e in plan.fingerprint["cases"]] == [1.0, 0.0]
-    assert plan.fingerprint["lateral_classes"] == [] and plan.keep_orientation is False
-    assert "keep_orientation" not in plan.to_dict()
+    assert _shares(plan, "liver") == [1.0, 0.0]
+    assert plan.fingerprint["lateral_classes"] == {"spleen": "left"} and plan.keep_orientation is False
     # a case without the class does not vote
-    plan = _plan(_ct(slice(25, 31)), _ct(slice(0, 0)))
-    assert plan.fingerprint["cases"][1]["class_side_shares"]["liver"] is None
+    plan = _plan(_ct(slice(25, 31)), _ct(NONE))
+    assert _shares(plan, "liver") == [1.0, None]
     assert plan.keep_orientation is True
 
 
@@ -100,8 +116,8 @@ def test_binary_regions_and_overrides():
     binary = make_plan([_ct(slice(25, 31))])
     assert binary.keep_orientation is False and "keep_orientation" not in binary.to_dict()
     assert "lateral_classes" not in binary.fingerprint
-    regions = ClassSpec.from_dict({"names": ["whole", "core"], "ids": [[5, 3], [5]], "regions": True,
-                                   "region_order": [3, 5]})
+    regions = ClassSpec.from_dict({"names": ["whole", "core"], "ids": [[5, 4], [4]], "regions": True,
+                                   "region_order": [5, 4]})
     plan = make_plan([_ct(slice(25, 31))], overrides={"classes": regions.to_dict(), "num_classes": 3})
     assert plan.keep_orientation is False and "lateral_classes" not in plan.fingerprint
     assert _plan(_ct(slice(25, 31)), keep_orientation=False).keep_orientation is False

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta", action="store_true",
         help="test-time augmentation: average over the in-plane flips the model was trained with (4x slower); "
-             "refused for a model that kept the orientation (classes on one side of the body)"
+             "refused for a model that kept the orientation (classes on opposite sides of the body)"
     )
     parser.add_argument(
         "--probabilities", action="store_true",
@@ -336,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.infer.predictor import Predictor, tta_flips
 
     if args.tta and len(tta_flips(bundle)) == 1:
-        why = " (its plan keeps the orientation: a class lies on one side of the body)" \
+        why = " (its plan keeps the orientation: its classes lie on opposite sides of the body)" \
             if getattr(bundle.plan, "keep_orientation", False) else ""
         raise InputError(run_dir, "a model trained with flips or 180-degree turns (--tta averages over those)",
                          f"a model trained without either{why}", "run without --tta")

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
                    help="several CT classes: train without the simulated contrast enhancement (plan)")
     m.add_argument("--keep-orientation", action=argparse.BooleanOptionalAction, default=None,
-                   help="never mirror or quarter-turn training patches (default: when a named class lies on one "
-                        "side of the body in every training case; plan)")
+                   help="never mirror or quarter-turn training patches (default: when named classes lie on "
+                        "opposite sides of the body, e.g. liver and spleen; plan)")
     m.add_argument("--no-cpu-sizing", dest="cpu_sizing", action="store_const", const=False,
                    help="on a CPU, keep the paper's network instead of timing a few steps to size it")
     m.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_const", const=False,

@@ -20,13 +20,15 @@ the data the way nnU-Net's "dataset fingerprint" does:
 - ``enhancement``: CT with several named classes (not nested regions) in a CT window -> the
   default simulated contrast enhancement (:mod:`medseg.transforms.enhance`): a patient whose
   organs a contrast agent brightened must not look like a new kind of tissue; None otherwise.
-- ``keep_orientation``: True when a named class (several classes, not nested regions) lies on
-  one side of the body in every training case (``LATERAL_SHARE`` of its voxels left, or right, of
-  the body's centre; liver right, spleen left): training patches are then never mirrored or
-  turned by quarter turns. Every volume is reoriented to the plan's orientation, so a mirrored or
-  upside-down body never reaches the network outside training, and position is what tells such
-  organs apart when their look does not (TotalSegmentator trains without mirroring for this
-  reason). False otherwise, and always for binary plans.
+- ``keep_orientation``: True when named classes (several classes, not nested regions) lie on
+  opposite sides of the body, each in every training case (``LATERAL_SHARE`` of its voxels on
+  its side of the body's centre; liver right, spleen left): training patches are then never
+  mirrored or turned by quarter turns. A mirrored patch puts each such class where the other
+  belongs, so the network could tell them apart by look only; every volume is reoriented to the
+  plan's orientation, so a mirrored or upside-down body never reaches it outside training
+  (TotalSegmentator trains without mirroring for this reason). False otherwise: classes on one
+  side only (liver and its tumours) or on both (kidneys) keep the full augmentation, as binary
+  plans always do.
 - ``patch_size``: the median resampled in-plane size rounded up to ``divisor``, at most 256.
 - ``lesion_fraction``: 0.5 (see ``docs/pipeline.md`` for the reasoning).
 """
@@ -60,9 +62,10 @@ DEFAULT_LESION_FRACTION = 0.5
 #: (organs of one non-contrast patient, 5..65 HU, give about [-245, 315]).
 CLASS_WINDOW_MARGIN_HU = 250.0
 #: A class is on one side of the body when at least this share of its voxels lies on that side of
-#: the body's centre (left-right, RAS axis 0) in every case holding it, the same side in all: the
-#: organs of patient A lie 89-100 % on their side; a class covering both kidneys lies about half
-#: and half, and a lesion class found on either side across patients is not one-sided.
+#: the body's centre (along the orientation's left-right axis) in every case holding it, the same
+#: side in all: the organs of patient A lie 89-100 % on their side; a class covering both kidneys
+#: lies about half and half, and a lesion class found on either side across patients is not
+#: one-sided.
 LATERAL_SHARE = 0.8
 DEFAULT_PATCH = 256
 #: Voxels sampled per case for the intensity fingerprint (nnU-Net uses 10 000 foreground voxels).
@@ -105,8 +108,9 @@ class Plan:
             (:meth:`medseg.transforms.enhance.EnhancementConfig.to_dict`), or None. Needs a CT
             window and named classes (not regions); left out of :meth:`to_dict` when None.
         keep_orientation: training patches keep the plan's orientation: the default
-            augmentation has no flips and no quarter turns (see the module docstring). Left out
-            of :meth:`to_dict` when False.
+            augmentation has no flips and no quarter turns (see the module docstring; fitted
+            True when classes lie on opposite sides of the body). Left out of :meth:`to_dict`
+            when False.
 
     Raises:
         ValueError: on inconsistent fields (message names the field and the value found).
@@ -480,12 +484,12 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "lesion": lesion_summary,
         "cases": entries,
     }
-    lateral: list[str] = []
+    sides: dict[str, str] = {}
     if classes is not None:
         fingerprint["class_body_fractions"] = _class_body_fractions(entries, classes.names)
         if not classes.regions:
-            lateral = _lateral_classes(entries, classes.names)
-            fingerprint["lateral_classes"] = lateral
+            sides = _lateral_classes(entries, classes.names, orientation)
+            fingerprint["lateral_classes"] = sides
     fields = {
         "modality": modality,
         "orientation": orientation,
@@ -500,21 +504,27 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "fingerprint": overrides.get("fingerprint", fingerprint),
         "classes": overrides.get("classes"),
         "enhancement": overrides.get("enhancement", _enhancement_for(modality, normalization, classes)),
-        "keep_orientation": overrides.get("keep_orientation", bool(lateral)),
+        # Classes on both sides: a mirrored patch would swap their places.
+        "keep_orientation": overrides.get("keep_orientation", len(set(sides.values())) == 2),
     }
     return Plan(**fields)
 
 
-def _lateral_classes(entries: list[dict], names) -> list[str]:
-    """The classes lying on one side of the body (:data:`LATERAL_SHARE`) in every labelled case
-    holding them, the same side in all."""
-    lateral = []
+def _lateral_classes(entries: list[dict], names, orientation: str) -> dict[str, str]:
+    """``{class: "left" or "right"}`` for the classes lying on one side of the body
+    (:data:`LATERAL_SHARE`) in every labelled case holding them, the same side in all."""
+    # The shares count voxels toward higher indices of the orientation's L/R axis.
+    high = {"R": "right", "L": "left"}[next(c for c in orientation.upper() if c in "LR")]
+    low = "left" if high == "right" else "right"
+    sides = {}
     for name in names:
         shares = [e["class_side_shares"][name] for e in entries
                   if e.get("class_side_shares", {}).get(name) is not None]
-        if shares and (min(shares) >= LATERAL_SHARE or max(shares) <= 1.0 - LATERAL_SHARE):
-            lateral.append(name)
-    return lateral
+        if shares and min(shares) >= LATERAL_SHARE:
+            sides[name] = high
+        elif shares and max(shares) <= 1.0 - LATERAL_SHARE:
+            sides[name] = low
+    return sides
 
 
 def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:

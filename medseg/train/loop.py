@@ -622,9 +622,9 @@ def _settle_cases_and_plan(run: _Run) -> None:
                   + ", ".join(f"{n} {w:g}" for n, w in zip(plan.class_spec.output_names, cfg.ce_class_weights)),
                   flush=True)
         if plan.keep_orientation:
-            lateral = (plan.fingerprint or {}).get("lateral_classes")
+            sides = (plan.fingerprint or {}).get("lateral_classes") or {}
             print("medseg-train: patches keep the orientation (no flips, no quarter turns)"
-                  + (f": {', '.join(lateral)} lie on one side of the body" if lateral else "")
+                  + (": " + ", ".join(f"{n} {side}" for n, side in sides.items()) if sides else "")
                   + "; --no-keep-orientation mirrors them", flush=True)
         if run.replanned is not None and run.replanned.message:
             print(f"medseg-train: {run.replanned.message}", flush=True)

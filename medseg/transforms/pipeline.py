@@ -104,8 +104,8 @@ class Pipeline:
         ]
         config = _augment_config(augment)
         if augment is True and getattr(plan, "keep_orientation", False):
-            # Organs on their own side of the body: a mirrored or upside-down patch shows a body
-            # that reoriented volumes never show, and hides where each organ is.
+            # Classes on opposite sides of the body: a mirrored patch swaps their places, and
+            # reoriented volumes never show a mirrored or upside-down body.
             config = dataclasses.replace(config, flip_prob=0.0, rot90=False)
         enhancement = getattr(plan, "enhancement", None)
         if config is not None and enhancement is not None:

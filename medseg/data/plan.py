@@ -366,7 +366,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             entry["body_voxels"] = int(body.sum())
             entry["class_voxels"], union = {}, np.zeros(lab.shape, dtype=bool)
             # Left-right: the plan orientation's L/R axis; the body's centre is its mean position.
-            lr = next(i for i, c in enumerate(orientation.upper()) if c in "LR")
+            lr = _left_right_axis(orientation)
             body_x = body.sum(axis=tuple(a for a in range(3) if a != lr))
             centre = float(np.average(np.arange(body_x.size), weights=body_x)) if body_x.any() else None
             entry["class_side_shares"] = {}
@@ -394,6 +394,11 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             fg = arr[lab]
             fg_vals = fg[rng.integers(0, fg.size, size=min(fg.size, _SAMPLES_PER_CASE))].astype(np.float64)
     return entry, body_vals.astype(np.float64), fg_vals
+
+
+def _left_right_axis(orientation: str) -> int:
+    """The array axis of ``orientation`` (axis codes such as ``"RAS"``) that runs left-right."""
+    return next(i for i, c in enumerate(orientation.upper()) if c in "LR")
 
 
 def _side_share(mask: np.ndarray, centre: float | None, axis: int) -> float | None:
@@ -514,7 +519,7 @@ def _lateral_classes(entries: list[dict], names, orientation: str) -> dict[str, 
     """``{class: "left" or "right"}`` for the classes lying on one side of the body
     (:data:`LATERAL_SHARE`) in every labelled case holding them, the same side in all."""
     # The shares count voxels toward higher indices of the orientation's L/R axis.
-    high = {"R": "right", "L": "left"}[next(c for c in orientation.upper() if c in "LR")]
+    high = {"R": "right", "L": "left"}[orientation.upper()[_left_right_axis(orientation)]]
     low = "left" if high == "right" else "right"
     sides = {}
     for name in names:

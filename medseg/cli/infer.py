@@ -333,13 +333,8 @@ def _run(args: argparse.Namespace) -> int:
         f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})", file=sys.stderr
     )
 
-    from medseg.infer.predictor import Predictor, tta_flips
+    from medseg.infer.predictor import Predictor
 
-    if args.tta and len(tta_flips(bundle)) == 1:
-        why = " (its plan keeps the orientation: its classes lie on opposite sides of the body)" \
-            if getattr(bundle.plan, "keep_orientation", False) else ""
-        raise InputError(run_dir, "a model trained with flips or 180-degree turns (--tta averages over those)",
-                         f"a model trained without either{why}", "run without --tta")
     predictor = Predictor(bundle, batch_size=args.batch_size, tta=args.tta)
     post = (bundle.info.get("extra") or {}).get("postprocessing") or {}
     if args.largest_component is None and post.get("largest_component"):

@@ -153,8 +153,9 @@ class Predictor:
             calls per batch; only both, the 180-degree turn, after turns without mirroring).
 
     Raises:
-        ValueError: if ``batch_size`` is not a positive integer, or ``tta`` for a model trained
-            without flips or turns (every flip would show it images it never saw).
+        ValueError: if ``batch_size`` is not a positive integer.
+        InputError: ``tta`` for a model trained without flips or turns (every flip would show it
+            images it never saw).
 
     Example:
         >>> predictor = Predictor(load_bundle("runs/unetpp"), batch_size=8)   # doctest: +SKIP
@@ -175,8 +176,11 @@ class Predictor:
         #: The flips averaged: the original alone without ``tta``.
         self.flips = tta_flips(bundle) if self.tta else ((),)
         if self.tta and len(self.flips) == 1:
-            raise ValueError(f"test-time augmentation needs a model trained with flips or 180-degree turns; the "
-                             f"model in {bundle.run_dir} was trained without either")
+            why = (" (its plan keeps the orientation: its classes lie on opposite sides of the body)"
+                   if getattr(self.plan, "keep_orientation", False) else "")
+            raise InputError(bundle.run_dir, "a model trained with flips or 180-degree turns (test-time "
+                             "augmentation averages over those)", f"a model trained without either{why}",
+                             "run without --tta (tta=False)")
         self.model = inference_model(bundle)
         self.context_slices = int(self.pipeline.context_slices)
         self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))

@@ -77,9 +77,9 @@ class Pipeline:
         Args:
             plan: the fitted Plan (orientation, slice axis, spacing, normalization, patch, ...).
             augment: True (the default recipe; without flips and quarter turns when the plan's
-                ``keep_orientation``), False/None (no augmentation step), an ``AugmentConfig`` or a dict of its
-                fields (taken as given). A plan's ``enhancement`` adds ``RandEnhancementd``
-                before it (not with False/None).
+                ``keep_orientation``), False/None (no augmentation step), an ``AugmentConfig``
+                or a dict of its fields (taken as given). A plan's ``enhancement`` adds
+                ``RandEnhancementd`` before it (not with False/None).
             extra: transforms (objects or ``{"name", "module", "args", "after"/"before"}``
                 entries) inserted after the step named by ``after``/``before``; by default a
                 deterministic one goes after ``NormalizeIntensityd`` and a random one at the end.

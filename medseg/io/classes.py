@@ -35,7 +35,7 @@ import numpy as np
 
 from medseg.errors import InputError
 
-__all__ = ["ClassSpec", "ANY_NONZERO"]
+__all__ = ["ClassSpec", "ANY_NONZERO", "LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS"]
 
 #: The ids of the binary lesion class: every nonzero value.
 ANY_NONZERO = ()
@@ -170,6 +170,11 @@ class ClassSpec:
         return len(self.names) == 1 and self.ids[0] == ANY_NONZERO
 
     @property
+    def kind(self) -> "LabelKind":
+        """How this spec's labels are encoded after the label step (:class:`LabelKind`)."""
+        return BINARY if self.is_binary else (BITS if self.regions else CLASSES)
+
+    @property
     def num_classes(self) -> int:
         """Background + the named classes (or regions): the label step's class count."""
         return len(self.names) + 1
@@ -243,3 +248,156 @@ class ClassSpec:
         order = d.get("region_order")
         return cls(tuple(d["names"]), tuple(tuple(v) for v in d["ids"]), bool(d.get("regions", False)),
                    None if order is None else tuple(order), tuple(d.get("lesions", ())))
+
+
+class LabelKind:
+    """What a label map holds after the pipeline's label step, and what each stage does with it.
+
+    Three kinds, one instance each (:data:`BINARY`, :data:`CLASSES`, :data:`BITS`); compare them
+    by identity (``kind is BITS``) or ask them; their ``name`` is only for saved configs:
+
+    - ``binary``: 0/1 lesion masks (every nonzero label value); softmax over background + lesion;
+    - ``classes``: class indices ``0..K`` (0 background); softmax over ``K + 1`` channels;
+    - ``bits``: nested regions, region ``r`` is bit ``r`` of a uint8 (at most 8); one sigmoid each.
+
+    Every decision that depends on the kind lives in a method here, so a new kind (an ignore
+    value, instances) is one subclass, not an edit of every stage.
+    """
+
+    name: str = ""
+    activation: str = "softmax"
+
+    def __repr__(self) -> str:
+        return f"LabelKind({self.name!r})"
+
+    def __reduce__(self):  # the singletons survive pickling (process pools) as themselves
+        return (LabelKind.named, (self.name,))
+
+    # --- naming --------------------------------------------------------------------------------
+    @staticmethod
+    def named(name: "str | LabelKind") -> "LabelKind":
+        """The kind saved as ``name`` (a kind is returned as it is).
+
+        Raises:
+            ValueError: naming the kinds there are.
+        """
+        if isinstance(name, LabelKind):
+            return name
+        try:
+            return _KINDS[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {name!r}") from None
+
+    @staticmethod
+    def of(classes: "ClassSpec | Mapping[str, Any] | None") -> "LabelKind":
+        """The kind of a :class:`ClassSpec`, of its ``to_dict()`` form, or binary for None."""
+        if classes is None:
+            return BINARY
+        if isinstance(classes, ClassSpec):
+            return classes.kind
+        return BITS if classes.get("regions") else CLASSES
+
+    # --- transforms ----------------------------------------------------------------------------
+    def warp(self, interp, label: np.ndarray) -> np.ndarray:
+        """The warped label: ``interp`` (the warp of one float32 plane) applied to its parts."""
+        raise NotImplementedError
+
+    def masks(self, label: np.ndarray):
+        """``(index, bool mask)`` of each foreground class (region) present, apart; binary: one, 1."""
+        raise NotImplementedError
+
+    # --- inference -------------------------------------------------------------------------------
+    def foreground(self, probs):
+        """Foreground probability ``(...)`` from the network's ``(..., C)`` output (NumPy or TF)."""
+        raise NotImplementedError
+
+
+class _Binary(LabelKind):
+    name = "binary"
+
+    def warp(self, interp, label):
+        # The mask interpolated like the image and thresholded at 0.5: the alignment guarantee.
+        return interp(label) > np.float32(0.5)
+
+    def masks(self, label):
+        yield 1, label > 0
+
+    def foreground(self, probs):
+        return _sum_from_1(probs)
+
+
+class _Classes(LabelKind):
+    name = "classes"
+
+    def warp(self, interp, label):
+        # One-hot planes interpolated, each pixel taking the class of largest weight (background
+        # first on ties): no class index between two others is ever made up.
+        values = np.unique(label)
+        best = interp((label == 0).astype(np.float32))
+        out = np.zeros(best.shape, np.uint8)
+        for c in values[values > 0]:
+            weight = interp((label == c).astype(np.float32))
+            take = weight > best
+            out[take] = c
+            np.maximum(best, weight, out=best)
+        return out
+
+    def masks(self, label):
+        for c in np.unique(label):
+            if c > 0:
+                yield int(c), label == c
+
+    def foreground(self, probs):
+        return _sum_from_1(probs)
+
+
+class _Bits(LabelKind):
+    name = "bits"
+    activation = "sigmoid"
+
+    def warp(self, interp, label):
+        # Each region bit interpolated and thresholded at 0.5 on its own.
+        present = _bits_present(label)
+        out = None
+        for bit in range(8):
+            if present >> bit & 1:
+                part = (interp(((label >> bit) & 1).astype(np.float32)) > np.float32(0.5)).astype(np.uint8) << bit
+                out = part if out is None else out | part
+        return out if out is not None else interp(np.zeros(label.shape, np.float32)) > 1
+
+    def masks(self, label):
+        present = _bits_present(label)
+        for bit in range(8):
+            if present >> bit & 1:
+                yield bit + 1, (label >> bit & 1).astype(bool)
+
+    def foreground(self, probs):
+        # One sigmoid per region: the probability that some region holds.
+        if isinstance(probs, np.ndarray):
+            return probs.max(axis=-1)
+        import tensorflow as tf
+
+        return tf.reduce_max(probs, axis=-1)
+
+
+def _bits_present(label: np.ndarray) -> int:
+    values = np.unique(label)
+    return int(np.bitwise_or.reduce(values.astype(np.uint8))) if values.size else 0
+
+
+def _sum_from_1(probs):
+    """Every channel but the background: P(lesion) for the usual two."""
+    if isinstance(probs, np.ndarray):
+        return probs[..., 1:].sum(axis=-1)
+    import tensorflow as tf
+
+    return tf.reduce_sum(probs[..., 1:], axis=-1)
+
+
+#: The kinds, one instance each.
+BINARY: LabelKind = _Binary()
+CLASSES: LabelKind = _Classes()
+BITS: LabelKind = _Bits()
+_KINDS = {k.name: k for k in (BINARY, CLASSES, BITS)}
+#: Their saved names.
+LABEL_KINDS = tuple(_KINDS)

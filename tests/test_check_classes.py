@@ -157,15 +157,25 @@ def test_dataset_json_regions_found_in_the_parent_folder(tmp_path, capsys):
     assert ["r1", "core", "5", "0.010", "2", "2/8", "(25%)"] in [line.split() for line in out.splitlines()]
 
 
-def test_one_class_dataset_json_and_binary_spec_keep_the_binary_report(dataset, capsys):
+def test_binary_spec_keeps_the_binary_report_and_one_class_dataset_json_names_it(dataset, capsys):
     cases = discover_cases(dataset / "images", dataset / "labels")
     binary = check_dataset(cases).to_dict()
     assert check_dataset(cases, classes=ClassSpec.binary()).to_dict() == binary
     assert "classes" not in binary and binary["fatal"]        # ids 2, 3, 7, 9 are outside {0, 1}
-    (dataset / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
-    check_cli.main(_args(dataset, "--json"))
-    data = json.loads(capsys.readouterr().out)
-    assert data == {**binary, "images": str(dataset / "images"), "labels": str(dataset / "labels")}
+    # One foreground label in dataset.json: that class, by its name; its id 1 is the class, the
+    # other ids are background (a warning), as for several classes.
+    (dataset / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    assert check_cli.main(_args(dataset)) == 0
+    out = capsys.readouterr().out
+    assert f"class ids (from {dataset / 'dataset.json'}): liver=1" in out and "lesion" not in out
+    rows = [line.split() for line in out.splitlines()]
+    # liver of c1: two 2x2x2 cubes (16 voxels, 2 components, slices 1, 2, 5, 6); c2: two voxels
+    # touching by a corner (1 component, slices 0, 1).
+    assert ["c1", "liver", "16", "0.032", "2", "4/8", "(50%)"] in rows
+    assert ["c2", "liver", "2", "0.004", "1", "2/8", "(25%)"] in rows
+    assert ["total", "liver", "18", "0.036", "3", "6/16", "(38%)", "in", "2/2", "labels"] in rows
+    assert ("4 label ids belong to no class and count as background: 2 (6 voxels in 1 case), "
+            "3 (6 voxels in 1 case), 7 (8 voxels in 2 cases), 9 (2 voxels in 1 case)") in out
 
 
 def test_explicit_dataset_json_and_class_errors(dataset, tmp_path, capsys):

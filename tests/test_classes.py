@@ -14,7 +14,7 @@ import pytest
 
 from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.io.classes import ClassSpec
+from medseg.io.classes import BINARY, ClassSpec
 from medseg.transforms.pipeline import Pipeline
 from medseg.transforms.sampling import Centres, PatchSampler, SampleSource, build_index
 from medseg.transforms.warp import SpatialParams, _label_from, render
@@ -44,8 +44,11 @@ def test_parse_errors_name_the_entry(bad):
 def test_dataset_json_classes_regions_and_binary():
     spec = ClassSpec.from_dataset_json({"labels": {"background": 0, "liver": 1, "tumour": 2}})
     assert spec.names == ("liver", "tumour") and spec.ids == ((1,), (2,))
-    # One foreground class: the binary zero-configuration case.
-    assert ClassSpec.from_dataset_json({"labels": {"background": 0, "lesion": 1}}) is None
+    # One foreground label: a binary spec named by it (its id is the class, others background).
+    one = ClassSpec.from_dataset_json({"labels": {"background": 0, "liver": 1}})
+    assert one.names == ("liver",) and one.ids == ((1,),) and one.kind is BINARY and not one.any_nonzero
+    # No foreground label: the binary zero-configuration case.
+    assert ClassSpec.from_dataset_json({"labels": {"background": 0}}) is None
     assert ClassSpec.from_dataset_json({"name": "no labels"}) is None
     brats = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3},
              "regions_class_order": [1, 2, 3]}

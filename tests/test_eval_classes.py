@@ -225,9 +225,10 @@ def test_nested_regions_from_dataset_json_hand_computed(tmp_path, capsys):
 CUBE_REF = (slice(4, 8), slice(4, 8), slice(2, 6))  # 64 voxels
 
 
-def test_binary_output_unchanged_by_a_one_class_dataset_json(tmp_path):
-    """No class flags, and a dataset.json of one foreground class, give the same binary files:
-    today's one-row-per-patient CSV; DSC of a 4x4x4 cube against it shifted by one voxel: 2*48/128."""
+def test_binary_output_and_a_one_class_dataset_json_named(tmp_path, capsys):
+    """No class flags give today's binary files (one row per patient); a dataset.json of one
+    foreground label scores that class by its name, with the same numbers. DSC of a 4x4x4 cube
+    against it shifted by one voxel: 2*48/128."""
     ref = np.zeros((12, 12, 8), np.uint8)
     ref[CUBE_REF] = 1
     _save(tmp_path / "ref" / "cube.nii.gz", ref)
@@ -235,9 +236,18 @@ def test_binary_output_unchanged_by_a_one_class_dataset_json(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1}}))
     base = ["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--quiet"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "dj"), "--dataset-json", str(tmp_path / "dataset.json")]) == 0
-    for name in ("metrics.csv", "summary.json", "report.html"):
-        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "dj" / name).read_bytes(), name
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert table[0][:3] == ["case", "class", "DSC"] and table[1][:3] == ["cube", "tumour", "0.750"]
+    assert "tumour: mean DSC 0.7500, mean HD95 1.00 mm (reference without it: 0)" in [" ".join(r) for r in table]
+    named = next(csv.DictReader((tmp_path / "dj" / "metrics.csv").open()))
+    assert (named["case"], named["class"], float(named["dsc"]), float(named["jaccard"])) == ("cube", "tumour", 0.75, 0.6)
+    named_summary = json.loads((tmp_path / "dj" / "summary.json").read_text())
+    assert named_summary["classes"] == {"tumour": {"ids": [1], "lesion_wise": False}}
+    assert named_summary["mean"]["tumour"]["dsc"] == 0.75
+    html = (tmp_path / "dj" / "report.html").read_text()
+    assert "1 class (label ids)" in html and "<td class='id'>tumour</td>" in html
     lines = (tmp_path / "plain" / "metrics.csv").read_text().splitlines()
     assert lines[0] == (
         "case_id,missing,pred_empty,ref_empty,resampled,dsc,jaccard,hd_mm,hd95_mm,assd_mm,masd_mm,nsd,vol_pred_ml,"

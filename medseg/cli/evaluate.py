@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset-json", metavar="PATH",
         help="take the classes from an nnU-Net / MSD dataset.json: its labels (name -> id or ids) and "
-        "regions_class_order; one foreground class is the binary evaluation",
+        "regions_class_order; one foreground label is scored as that named class",
     )
     parser.add_argument(
         "--lesion-classes", nargs="+", metavar="NAME",
@@ -131,10 +131,12 @@ def _run(args: argparse.Namespace) -> int:
         print(mean_over_classes_text(result.summary))
         print(f"(empty-distance policy: {policy['empty_distance']}; missing {policy['n_missing_prediction']})")
     else:
+        from medseg.eval import catalog
+
         stats = result.summary["metrics"]
+        means = ", ".join(m.headline_text(stats[m.key]["mean"]) for m in catalog.headline_metrics())
         print(
-            f"mean DSC {stats['dsc']['mean']:.4f}, mean HD95 {stats['hd95_mm']['mean']:.2f} mm "
-            f"(empty-distance policy: {policy['empty_distance']}; both empty {policy['n_both_empty']}, "
+            f"{means} (empty-distance policy: {policy['empty_distance']}; both empty {policy['n_both_empty']}, "
             f"one empty {policy['n_pred_empty_only'] + policy['n_ref_empty_only']}, "
             f"missing {policy['n_missing_prediction']})"
         )
@@ -159,7 +161,7 @@ def _classes(args: argparse.Namespace):
     if args.dataset_json:
         spec = ClassSpec.from_dataset_json(args.dataset_json, lesions=lesions)
         if spec is None and lesions:
-            log.info("%s defines one foreground class: binary evaluation, lesion-wise as always; "
+            log.info("%s names no foreground label: binary evaluation, lesion-wise as always; "
                      "--lesion-classes is not needed", args.dataset_json)
         return spec
     return None

@@ -255,7 +255,7 @@ def _slices_text(slices: int, n_slices: int) -> str:
 def _class_lines(report: CheckReport) -> list[str]:
     """The per-class tables: one row per case and class, then one total per class."""
     spec = report.classes
-    kind = "region" if spec.regions else "class"
+    kind = spec.kind.noun
     ids = {name: ",".join(str(i) for i in v) for name, v in zip(spec.names, spec.ids)}
     lines = [f"\n{kind} ids (from {report.classes_source or 'the caller'}): "
              + ", ".join(f"{name}={ids[name]}" for name in spec.names)]
@@ -479,13 +479,14 @@ def check_dataset(
         progress: show a progress bar on stderr (tqdm).
         classes: named classes (or regions) to report per class (:func:`class_statistics`), with
             warnings for classes absent from some labels and for label ids of no class; None
-            (or the binary spec): every nonzero value is the lesion, values must be 0/1.
+            (or the default binary spec): every nonzero value is the lesion, values must be 0/1.
+            One named class (``liver=5``) is reported per class, by its name.
         classes_source: where ``classes`` came from, shown in the report.
 
     Returns:
         :class:`CheckReport`; ``report.fatal`` says whether training may proceed.
     """
-    classes = None if classes is None or classes.is_binary else classes
+    classes = None if classes is None or classes.any_nonzero else classes
     report = CheckReport(label_map=dict(label_map) if label_map else None, classes=classes,
                          classes_source=classes_source if classes is not None else None)
     for message in extra_problems:
@@ -592,7 +593,7 @@ def _class_problems(totals: Mapping[str, Any], classes: ClassSpec, label_map) ->
     (fatal), from some (warning naming the cases), label ids of no class (warning with counts)."""
     found = []
     n = totals["n_labelled"]
-    kind = "region" if classes.regions else "class"
+    kind = classes.kind.noun
     unlisted = totals["unlisted_ids"]
     for name, ids in zip(classes.names, classes.ids):
         c = totals["classes"][name]

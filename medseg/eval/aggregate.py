@@ -20,12 +20,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from medseg.eval.metrics import DISTANCE_KEYS, METRIC_KEYS
+from medseg.eval import catalog
 
 EMPTY_DISTANCE_POLICIES = ("worst", "exclude")
-#: Per-patient lesion-wise keys summarised like the metrics.
-LESION_RATE_KEYS = ("lesion_precision", "lesion_recall", "lesion_f1")
-LESION_COUNT_KEYS = ("n_ref_lesions", "n_pred_lesions", "lesion_tp", "lesion_fp", "lesion_fn")
+#: Per-patient lesion-wise keys summarised like the metrics, and those summed (as described at
+#: import; the live lists are :mod:`medseg.eval.catalog`'s).
+LESION_RATE_KEYS = tuple(k for k in catalog.lesion_keys() if k not in catalog.count_keys())
+LESION_COUNT_KEYS = catalog.count_keys()
 
 
 def check_policy(empty_distance: str) -> str:
@@ -49,7 +50,7 @@ def scored_value(case: Mapping, key: str, empty_distance: str = "worst") -> floa
     """
     source = case["metrics"] if key in case["metrics"] else case.get("lesions", {})
     value = float(source.get(key, math.nan))
-    if key in DISTANCE_KEYS and math.isinf(value):
+    if key in catalog.distance_keys() and math.isinf(value):
         if empty_distance == "worst" or case.get("missing", False):
             return float(case["diagonal_mm"])
         return math.nan
@@ -97,13 +98,13 @@ def aggregate(cases: list[Mapping], empty_distance: str = "worst", *, lesion_wis
         "n_ref_empty_only": sum(bool(c["ref_empty"] and not c["pred_empty"]) for c in cases),
     }
     stats = {}
-    for key in METRIC_KEYS + (LESION_RATE_KEYS if lesion_wise else ()):
+    for key in catalog.averaged_keys(lesion_wise):
         raw = [float((c["metrics"] if key in c["metrics"] else c.get("lesions", {})).get(key, math.nan)) for c in cases]
         entry = describe(scored_value(c, key, empty_distance) for c in cases)
         entry["n_nan"] = sum(math.isnan(v) for v in raw)
         entry["n_inf"] = sum(math.isinf(v) for v in raw)
         stats[key] = entry
-    totals = {k: int(sum(int(c.get("lesions", {}).get(k, 0)) for c in cases)) for k in LESION_COUNT_KEYS}
+    totals = {k: int(sum(int(c.get("lesions", {}).get(k, 0)) for c in cases)) for k in catalog.count_keys()}
     tp, fp, fn = totals["lesion_tp"], totals["lesion_fp"], totals["lesion_fn"]
     pooled = {
         "precision": tp / (tp + fp) if tp + fp else math.nan,
@@ -128,8 +129,9 @@ def _policy_text(empty_distance: str) -> str:
     return text + "; NaN values (both masks empty) excluded from every statistic"
 
 
-#: Keys averaged over classes in ``mean_over_classes`` (volumes are not: a sum would be the total).
-CLASS_MEAN_KEYS = ("dsc", "jaccard", "nsd", "hd_mm", "hd95_mm", "assd_mm", "masd_mm")
+#: Keys averaged over classes in ``mean_over_classes`` as described at import (volumes are not: a
+#: sum would be the total); the live list is :func:`medseg.eval.catalog.class_mean_keys`.
+CLASS_MEAN_KEYS = catalog.class_mean_keys()
 
 
 def class_view(case: Mapping, name: str) -> dict:
@@ -149,7 +151,7 @@ def aggregate_classes(cases: list[Mapping], spec, empty_distance: str = "worst")
         dict with ``policy`` (text, ``n_cases``, ``n_missing_prediction``), ``classes`` (name ->
         :func:`aggregate` of that class, lesion-wise for ``spec.lesions`` only; its ``policy``
         adds ``n_reference_without_class``, the cases whose reference lacks the class) and
-        ``mean_over_classes`` (key of :data:`CLASS_MEAN_KEYS` -> mean over classes of the
+        ``mean_over_classes`` (key of :func:`~medseg.eval.catalog.class_mean_keys` -> mean over classes of the
         per-class means; classes without a finite mean left out; NaN when none).
 
     Raises:
@@ -162,7 +164,7 @@ def aggregate_classes(cases: list[Mapping], spec, empty_distance: str = "worst")
         entry["policy"]["n_reference_without_class"] = sum(bool(c["classes"][name]["ref_empty"]) for c in cases)
         per_class[name] = entry
     means = {}
-    for key in CLASS_MEAN_KEYS:
+    for key in catalog.class_mean_keys():
         values = [entry["metrics"][key]["mean"] for entry in per_class.values()]
         means[key] = describe(values)["mean"]
     return {

@@ -47,9 +47,10 @@ class EvalOptions:
         figures: the report draws the per-patient slice figure.
         map_labels: ``--map-labels`` mapping applied to each reference label map first (as in
             ``medseg-train``; ``{5: 1, "*": 0}`` scores label 5 of a multi-organ map).
-        classes: named classes or regions scored one by one (``--labels-map``, ``--dataset-json``);
-            None or a binary spec: one foreground, scored as without it. Lesion-wise counts
-            for ``classes.lesions`` only. Incompatible with ``label``.
+        classes: named classes or regions scored one by one (``--labels-map``, ``--dataset-json``;
+            one named class too: reported by its name); None or the default binary spec
+            (:meth:`~medseg.io.classes.ClassSpec.binary`): one 0/1 foreground, scored as without
+            it. Lesion-wise counts for ``classes.lesions`` only. Incompatible with ``label``.
     """
 
     label: int | None = None
@@ -63,8 +64,8 @@ class EvalOptions:
     classes: ClassSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.classes is not None and self.classes.is_binary:
-            object.__setattr__(self, "classes", None)  # one foreground: the binary evaluation
+        if self.classes is not None and self.classes.any_nonzero:
+            object.__setattr__(self, "classes", None)  # every nonzero value: the binary evaluation
         if self.classes is not None and self.label is not None:
             raise ValueError("label picks one foreground value; with classes each class names its ids")
 

@@ -22,22 +22,13 @@ import math
 
 import numpy as np
 
+from medseg.eval import catalog
 from medseg.eval.surface import SurfaceDistances, bounding_box, surface_distances
 
-#: Keys of :func:`compute_metrics`, in report order.
-METRIC_KEYS = (
-    "dsc",
-    "jaccard",
-    "hd_mm",
-    "hd95_mm",
-    "assd_mm",
-    "masd_mm",
-    "nsd",
-    "vol_pred_ml",
-    "vol_ref_ml",
-    "rvd",
-)
-#: Keys whose value is a distance in mm (inf when exactly one mask is empty).
+#: Keys of :func:`compute_metrics` as described at import (:func:`medseg.eval.catalog.voxel_keys`
+#: is the live list), in report order.
+METRIC_KEYS = catalog.voxel_keys()
+#: Keys whose value is a distance in mm (inf when exactly one mask is empty), computed here.
 DISTANCE_KEYS = ("hd_mm", "hd95_mm", "assd_mm", "masd_mm")
 
 
@@ -232,9 +223,11 @@ def compute_metrics(
             pools); the values do not depend on it.
 
     Returns:
-        dict with float values for :data:`METRIC_KEYS`: ``dsc``, ``jaccard``, ``hd_mm``,
-        ``hd95_mm``, ``assd_mm``, ``masd_mm``, ``nsd``, ``vol_pred_ml``, ``vol_ref_ml`` and ``rvd``
-        = (V_pred - V_ref) / V_ref. Empty masks follow the module's table; never raises on them.
+        dict with float values for the voxel-wise keys of :mod:`medseg.eval.catalog`, in its
+        order: ``dsc``, ``jaccard``, ``hd_mm``, ``hd95_mm``, ``assd_mm``, ``masd_mm``, ``nsd``,
+        ``vol_pred_ml``, ``vol_ref_ml`` and ``rvd`` = (V_pred - V_ref) / V_ref, computed here, and
+        any other described metric by its ``compute(pred, ref, spacing_mm)``. Empty masks follow
+        the module's table; never raises on them.
 
     Raises:
         ValueError: on different shapes, non-3D masks or a bad spacing (not on empty masks).
@@ -261,4 +254,7 @@ def compute_metrics(
     out["vol_pred_ml"] = vol_pred
     out["vol_ref_ml"] = vol_ref
     out["rvd"] = (vol_pred - vol_ref) / vol_ref if n_ref else math.nan
-    return {k: float(out[k]) for k in METRIC_KEYS}
+    for key in catalog.voxel_keys():
+        if key not in out:  # a described metric computed outside this body
+            out[key] = catalog.metric(key).compute(pred, ref, spacing)
+    return {k: float(out[k]) for k in catalog.voxel_keys()}

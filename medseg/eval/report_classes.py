@@ -15,21 +15,24 @@ from typing import Iterator
 
 import numpy as np
 
-from medseg.eval.aggregate import LESION_COUNT_KEYS, LESION_RATE_KEYS, class_view, scored_value
-from medseg.eval.metrics import METRIC_KEYS
+from medseg.eval import catalog
+from medseg.eval.aggregate import class_view, scored_value
+from medseg.eval.figures import _png_b64, _pyplot, busiest_slice, outline_figure_png, slice_take
 from medseg.io.jsonsafe import json_safe
 
-#: Columns of the long-form ``metrics.csv``: one row per case and class (lesion columns empty for
-#: a class not counted lesion-wise).
-CLASS_CSV_COLUMNS = (
-    ("case", "class", "missing", "pred_empty", "ref_empty", "resampled")
-    + METRIC_KEYS
-    + LESION_COUNT_KEYS
-    + LESION_RATE_KEYS
-    + ("diagonal_mm", "pred_path", "ref_path")
-)
-#: Metrics drawn as box plots per class, with their axis labels.
-CLASS_BOXPLOT_KEYS = {"dsc": "DSC", "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)", "nsd": "NSD"}
+#: Per-row fields of the long-form ``metrics.csv`` before the metrics, and after them.
+CLASS_CSV_LEAD = ("case", "class", "missing", "pred_empty", "ref_empty", "resampled")
+CLASS_CSV_TAIL = ("diagonal_mm", "pred_path", "ref_path")
+#: The text columns that lead the per-patient-and-class table: ``(key, title)``.
+CLASS_LEAD = (("case_id", "case"), ("class", "class"))
+
+_fmt = catalog.format_value
+
+
+def class_csv_columns() -> tuple[str, ...]:
+    """Columns of the long-form ``metrics.csv``: one row per case and class (lesion columns empty
+    for a class not counted lesion-wise); the metrics are :data:`medseg.eval.catalog.METRICS`."""
+    return CLASS_CSV_LEAD + catalog.keys() + CLASS_CSV_TAIL
 
 
 def class_colours(names) -> dict[str, str]:
@@ -57,14 +60,15 @@ def class_rows(cases: list[dict], spec) -> Iterator[tuple[dict, str, dict]]:
 
 
 def csv_text(cases: list[dict], spec) -> str:
-    """Long-form ``metrics.csv``: :data:`CLASS_CSV_COLUMNS`, one row per case and class, raw values."""
+    """Long-form ``metrics.csv``: :func:`class_csv_columns`, one row per case and class, raw values."""
     from medseg.eval.report import _case_value, csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CLASS_CSV_COLUMNS)
+    columns = class_csv_columns()
+    writer.writerow(columns)
     for _, _, view in class_rows(cases, spec):
-        writer.writerow([csv_cell(_case_value(view, key)) for key in CLASS_CSV_COLUMNS])
+        writer.writerow([csv_cell(_case_value(view, key)) for key in columns])
     return buf.getvalue()
 
 
@@ -133,7 +137,6 @@ def class_figure_png(case: dict, masks, spec, *, image=None) -> str:
     from matplotlib.lines import Line2D
 
     from medseg.eval.evaluate import class_masks
-    from medseg.eval.report import _fmt, busiest_slice, outline_figure_png, slice_take
 
     spacing = masks.ref_volume.spacing_mm
     if spec.regions:
@@ -161,18 +164,18 @@ def class_figure_png(case: dict, masks, spec, *, image=None) -> str:
 
 
 def boxplot_png(cases: list[dict], spec, empty_distance: str) -> str:
-    """Base64 PNG: per metric of :data:`CLASS_BOXPLOT_KEYS`, one box per class in its colour
-    (values after the empty-mask policy; NaN not drawn)."""
-    from medseg.eval.report import _png_b64, _pyplot
-
+    """Base64 PNG: per metric of :func:`medseg.eval.catalog.class_plot_metrics`, one box per class
+    in its colour (values after the empty-mask policy; NaN not drawn)."""
     plt = _pyplot()
     colours = class_colours(spec.names)
-    keys = list(CLASS_BOXPLOT_KEYS)
+    shown = catalog.class_plot_metrics()
+    keys = [m.key for m in shown]
     width = min(2.0 + 0.45 * len(spec.names), 14.0)
     fig, axes = plt.subplots(len(keys), 1, figsize=(width, 1.9 * len(keys)), dpi=90, squeeze=False)
     rng = np.random.default_rng(0)  # jitter only; fixed so reports are reproducible
     try:
-        for ax, key in zip(axes[:, 0], keys):
+        for ax, m in zip(axes[:, 0], shown):
+            key = m.key
             for pos, name in enumerate(spec.names, 1):
                 values = np.asarray([scored_value(class_view(c, name), key, empty_distance) for c in cases])
                 values = values[np.isfinite(values)]
@@ -184,7 +187,7 @@ def boxplot_png(cases: list[dict], spec, empty_distance: str) -> str:
             ax.set_xticklabels(spec.names, rotation=45 if len(spec.names) > 6 else 0, ha="right"
                                if len(spec.names) > 6 else "center", fontsize=8)
             ax.set_xlim(0.4, len(spec.names) + 0.6)
-            ax.set_title(CLASS_BOXPLOT_KEYS[key], fontsize=9)
+            ax.set_title(m.label, fontsize=9)
             ax.tick_params(labelsize=8)
         fig.tight_layout()
         return _png_b64(fig)
@@ -193,14 +196,15 @@ def boxplot_png(cases: list[dict], spec, empty_distance: str) -> str:
 
 
 def _class_table(summary: dict, spec) -> list[str]:
-    """One row per class: colour, ids, main statistics, empty-mask counts, pooled lesion F1
-    (``summary``: :func:`~medseg.eval.aggregate.aggregate_classes`, raw values)."""
-    from medseg.eval.report import _fmt
-
+    """One row per class: colour, ids, the described statistics (``class_stats`` of
+    :mod:`medseg.eval.catalog`), empty-mask counts, pooled lesion F1 (``summary``:
+    :func:`~medseg.eval.aggregate.aggregate_classes`, raw values)."""
     esc = html.escape
     colours = class_colours(spec.names)
-    head = ("class", "colour", "ids", "n", "mean DSC", "median DSC", "mean HD95 mm", "mean ASSD mm", "mean NSD",
+    shown = [(m, stat) for m in catalog.class_table_metrics() for stat in m.class_stats]
+    head = ("class", "colour", "ids", "n", *(f"{stat} {m.column}" for m, stat in shown),
             "reference without class", "both empty", "missed", "false alarm", "lesion F1 (pooled)")
+    lead = catalog.primary().key
     parts = ["<table class='classes'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
     for name, ids in zip(spec.names, spec.ids):
         entry = summary["classes"][name]
@@ -209,12 +213,8 @@ def _class_table(summary: dict, spec) -> list[str]:
             f"<td class='id'>{esc(name)}</td>",
             f"<td class='id'><span class='swatch' style='background:{colours[name]}'></span> {colours[name]}</td>",
             f"<td>{esc(','.join(map(str, ids)))}</td>",
-            f"<td>{stats['dsc']['n']}</td>",
-            f"<td>{_fmt(stats['dsc']['mean'])}</td>",
-            f"<td>{_fmt(stats['dsc']['median'])}</td>",
-            f"<td>{_fmt(stats['hd95_mm']['mean'], 2)}</td>",
-            f"<td>{_fmt(stats['assd_mm']['mean'], 2)}</td>",
-            f"<td>{_fmt(stats['nsd']['mean'])}</td>",
+            f"<td>{stats[lead]['n']}</td>",
+            *(f"<td>{_fmt(stats[m.key][stat], m.digits)}</td>" for m, stat in shown),
             *(f"<td>{counts[k]}</td>" for k in ("n_reference_without_class", "n_both_empty", "n_pred_empty_only",
                                                 "n_ref_empty_only")),
             f"<td>{_fmt(lesions['pooled']['f1']) if lesions else '-'}</td>",
@@ -227,23 +227,24 @@ def _class_table(summary: dict, spec) -> list[str]:
 def html_class_sections(result) -> list[str]:
     """The per-class parts of ``report.html`` after its head: classes with colours and statistics,
     empty masks, warnings, full statistics per class, box plots per class."""
-    from medseg.eval.report import _fmt, html_notes, html_stats_table, lesion_text
+    from medseg.eval.report import html_notes, html_stats_table, lesion_text
 
     esc = html.escape
     spec = result.options.classes
     summary = result.summary  # raw values: NaN shows as nan, as in the binary report
     policy = summary["policy"]
-    kind = "regions (each the union of its label ids)" if spec.regions else "classes (label ids)"
+    kind = f"{spec.kind.count_text(len(spec.names))} ({spec.kind.ids_meaning})"
+    lead = catalog.primary()
     parts = [
         "<style>.swatch{display:inline-block;width:0.9em;height:0.9em;vertical-align:middle;"
         "border:1px solid #888}</style>",
-        f"<h2>Classes</h2><p class='note'>{len(spec.names)} {kind}, scored one by one; statistics over "
+        f"<h2>Classes</h2><p class='note'>{kind}, scored one by one; statistics over "
         "patients after the empty-mask policy below. Missed: prediction empty, reference not; false "
         "alarm: reference empty, prediction not.</p>",
     ]
     parts += _class_table(summary, spec)
-    parts.append(f"<p>Mean over classes of the per-class mean DSC: <b>{_fmt(summary['mean_over_classes']['dsc'])}"
-                 "</b>.</p>")
+    parts.append(f"<p>Mean over classes of the per-class mean {lead.abbr}: "
+                 f"<b>{_fmt(summary['mean_over_classes'][lead.key], lead.digits)}</b>.</p>")
     parts += [
         "<h2>Empty masks</h2>",
         f"<p>Policy <b>{esc(policy['empty_distance'])}</b>: {esc(policy['description'])}; per class, "
@@ -270,11 +271,13 @@ def html_class_sections(result) -> list[str]:
 
 
 def mean_over_classes_text(summary: dict) -> str:
-    """One line per class (mean DSC, mean HD95) and the mean over classes, for the terminal."""
+    """One line per class (the means of :func:`medseg.eval.catalog.headline_metrics`: mean DSC,
+    mean HD95) and the primary metric's mean over classes, for the terminal."""
     lines = []
     for name, entry in summary["classes"].items():
         stats = entry["metrics"]
-        lines.append(f"{name}: mean DSC {stats['dsc']['mean']:.4f}, mean HD95 {stats['hd95_mm']['mean']:.2f} mm "
-                     f"(reference without it: {entry['policy']['n_reference_without_class']})")
-    lines.append(f"mean DSC over classes {summary['mean_over_classes']['dsc']:.4f}")
+        means = ", ".join(m.headline_text(stats[m.key]["mean"]) for m in catalog.headline_metrics())
+        lines.append(f"{name}: {means} (reference without it: {entry['policy']['n_reference_without_class']})")
+    lead = catalog.primary()
+    lines.append(f"mean {lead.abbr} over classes {summary['mean_over_classes'][lead.key]:.{lead.headline}f}")
     return "\n".join(lines)

@@ -12,7 +12,11 @@ The nnU-Net / Medical Segmentation Decathlon convention, from ``dataset.json`` `
   where the region is predicted, later regions overwriting earlier ones (nnU-Net's rule).
 
 Binary lesion segmentation (every nonzero value is the lesion) is :meth:`ClassSpec.binary`, the
-zero-configuration case.
+zero-configuration case. One named class (``--labels-map liver=5``, or a ``dataset.json`` with one
+foreground label) is binary too (:data:`BINARY`: softmax over background + the class, exactly as
+``--map-labels 5:1,*:0`` trains) but keeps its name and ids: its voxels are those of its ids,
+every other id is background, and a prediction writes its first id (5); the default binary spec
+writes 1.
 
 Example:
     >>> spec = ClassSpec.parse(["liver=5", "spleen=1"])
@@ -50,7 +54,8 @@ class ClassSpec:
 
     Attributes:
         names: foreground names in order (background excluded); class index ``k + 1`` is ``names[k]``.
-        ids: label ids of each name; ``()`` (:data:`ANY_NONZERO`) for the binary lesion class.
+        ids: label ids of each name; ``()`` (:data:`ANY_NONZERO`) for the default binary class
+            (every nonzero value, :meth:`binary`).
         regions: True for nested regions (sigmoid outputs, overlapping ids).
         region_order: with regions, the id written where region ``k`` is predicted.
         lesions: names evaluated lesion-wise (connected components); default all for the binary
@@ -71,7 +76,7 @@ class ClassSpec:
         unknown = sorted(set(self.lesions) - set(self.names))
         if unknown:
             raise ValueError(f"lesion classes {unknown} are not among the classes {list(self.names)}")
-        if self.is_binary:
+        if self.any_nonzero:
             return
         if any(not ids or min(ids) < 1 for ids in self.ids):
             raise ValueError(f"every class needs label ids > 0, found {dict(zip(self.names, self.ids))}")
@@ -92,13 +97,13 @@ class ClassSpec:
     # --- construction ----------------------------------------------------------------------------
     @classmethod
     def binary(cls, name: str = "lesion") -> "ClassSpec":
-        """One lesion class: every nonzero value (the default)."""
+        """One class, every nonzero value, named ``name`` (the default, "lesion"); lesion-wise."""
         return cls((name,), (ANY_NONZERO,), lesions=(name,))
 
     @classmethod
     def parse(cls, items: Iterable[str], *, lesions: Sequence[str] = ()) -> "ClassSpec":
         """From ``["liver=5", "tumour=2,3"]`` (``--labels-map``). Overlapping ids make regions, in
-        the order given, each writing its last id.
+        the order given, each writing its last id. One entry is a named binary spec (:data:`BINARY`).
 
         Raises:
             InputError: malformed entries, repeated names, ids <= 0.
@@ -120,8 +125,9 @@ class ClassSpec:
     def from_dataset_json(cls, source: str | os.PathLike | Mapping[str, Any], *,
                           lesions: Sequence[str] = ()) -> "ClassSpec | None":
         """From a ``dataset.json`` (path or its content): its ``labels`` (names -> id or ids) and
-        ``regions_class_order``. None when it defines at most one foreground class: that is the
-        binary case, where every nonzero value is the lesion (as without a ``dataset.json``).
+        ``regions_class_order``. One foreground label is a named binary spec (``{"background": 0,
+        "liver": 1}``: "liver", id 1); None when it names no foreground label (then every nonzero
+        value is the lesion, as without a ``dataset.json``).
 
         Raises:
             InputError: naming the file, when ``labels`` is malformed.
@@ -149,7 +155,7 @@ class ClassSpec:
             names.append(str(name))
             ids.append(tuple(values))
         order = data.get("regions_class_order")
-        if len(names) < 2 and order is None:
+        if not names and order is None:
             return None
         return cls._checked(names, ids, order, lesions, path or "dataset.json")
 
@@ -166,12 +172,21 @@ class ClassSpec:
 
     # --- facts -------------------------------------------------------------------------------
     @property
-    def is_binary(self) -> bool:
+    def any_nonzero(self) -> bool:
+        """The default binary spec (:meth:`binary`): every nonzero label value is the class, and
+        label maps must hold 0 and 1 only (else ``--map-labels``)."""
         return len(self.names) == 1 and self.ids[0] == ANY_NONZERO
 
     @property
+    def is_binary(self) -> bool:
+        """One foreground under a two-channel softmax (:data:`BINARY`): the default spec or one
+        named class (not a region)."""
+        return len(self.names) == 1 and not self.regions
+
+    @property
     def kind(self) -> "LabelKind":
-        """How this spec's labels are encoded after the label step (:class:`LabelKind`)."""
+        """How this spec's labels are encoded after the label step (:class:`LabelKind`): binary
+        for one class (named or not), nested-region bits, else class indices."""
         return BINARY if self.is_binary else (BITS if self.regions else CLASSES)
 
     @property
@@ -190,16 +205,17 @@ class ClassSpec:
         return self.names if self.regions else ("background", *self.names)
 
     def mask(self, label: np.ndarray, k: int) -> np.ndarray:
-        """Where ``names[k]`` holds in a label map of the dataset's ids (binary: nonzero)."""
+        """Where ``names[k]`` holds in a label map of the dataset's ids (default binary: nonzero)."""
         label = np.asarray(label)
-        return label > 0 if self.is_binary else np.isin(label, self.ids[k])
+        return label > 0 if self.any_nonzero else np.isin(label, self.ids[k])
 
     # --- applying ----------------------------------------------------------------------------
     def class_indices(self, label: np.ndarray) -> np.ndarray:
         """Label ids -> uint8 class indices (0 background, ``k`` for ``names[k - 1]``); ids of no
-        class are background. Classes only (regions: :meth:`region_masks`)."""
+        class are background (one named class: 1 where its ids are); the default binary spec: 1 for
+        every nonzero value. Classes only (regions: :meth:`region_masks`)."""
         label = np.asarray(label)
-        if self.is_binary:
+        if self.any_nonzero:
             return (label > 0).astype(np.uint8)
         if self.regions:
             raise ValueError("a region spec has no class indices: use region_masks")
@@ -218,9 +234,9 @@ class ClassSpec:
         return np.stack([np.isin(label, ids) for ids in self.ids], axis=-1)
 
     def label_ids(self, classes: np.ndarray) -> np.ndarray:
-        """Class indices (softmax argmax) -> the dataset's label ids (each class its first id);
-        binary: 1 for the lesion."""
-        if self.is_binary:
+        """Class indices (softmax argmax) -> the dataset's label ids (each class its first id: one
+        named class ``liver=5`` writes 5); the default binary spec: 1 for the lesion."""
+        if self.any_nonzero:
             return np.asarray(classes, dtype=np.uint8)
         lut = np.array([0] + [v[0] for v in self.ids])
         return lut[np.asarray(classes)].astype(np.min_scalar_type(int(lut.max())))
@@ -295,7 +311,7 @@ class LabelKind:
             return BINARY
         if isinstance(classes, ClassSpec):
             return classes.kind
-        return BITS if classes.get("regions") else CLASSES
+        return ClassSpec.from_dict(classes).kind
 
     # --- transforms ----------------------------------------------------------------------------
     def warp(self, interp, label: np.ndarray) -> np.ndarray:
@@ -310,6 +326,16 @@ class LabelKind:
     def foreground(self, probs):
         """Foreground probability ``(...)`` from the network's ``(..., C)`` output (NumPy or TF)."""
         raise NotImplementedError
+
+    # --- eval helper ---------------------------------------------------------------------------
+    #: What the reports call one foreground (and several), and what its label ids mean.
+    noun: str = "class"
+    plural: str = "classes"
+    ids_meaning: str = "label ids"
+
+    def count_text(self, n: int) -> str:
+        """``"1 class"``, ``"3 classes"``, ``"2 regions"``."""
+        return f"{n} {self.noun if n == 1 else self.plural}"
 
 
 class _Binary(LabelKind):
@@ -378,6 +404,11 @@ class _Bits(LabelKind):
         import tensorflow as tf
 
         return tf.reduce_max(probs, axis=-1)
+
+    # --- eval helper ---------------------------------------------------------------------------
+    noun = "region"
+    plural = "regions"
+    ids_meaning = "each the union of its label ids"
 
 
 def _bits_present(label: np.ndarray) -> int:

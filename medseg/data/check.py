@@ -29,13 +29,12 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from medseg.components import label_components
 from medseg.io.labels import apply_label_map, label_problems, label_values, parse_label_map  # noqa: F401
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.io import Case, Volume, read_volume
 from medseg.io.classes import ClassSpec
 from medseg.io.jsonsafe import json_safe
-from medseg.io.volume import largest_spacing_axis
+from medseg.data.label_stats import class_statistics, lesion_statistics  # noqa: F401  (importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -51,87 +50,6 @@ class Problem(NamedTuple):
     case_id: str
     path: str | None
     message: str
-
-
-def lesion_statistics(mask: np.ndarray, spacing_mm: Iterable[float]) -> dict[str, Any]:
-    """Lesion statistics of a binary mask.
-
-    Args:
-        mask: boolean (or 0/1) 3D array, axes (i, j, k).
-        spacing_mm: voxel size along (i, j, k) in mm.
-
-    Returns:
-        dict with ``lesion_count`` (connected components), ``lesion_voxels``,
-        ``lesion_volume_ml``, ``lesion_volumes_ml`` (each component, largest first),
-        ``slice_axis``, ``n_slices``, ``slices_with_lesion``, ``slice_fraction``,
-        ``n_voxels``, ``foreground_fraction``.
-    """
-    mask = np.asarray(mask) != 0
-    spacing = np.asarray(list(spacing_mm), dtype=np.float64)
-    voxel_ml = float(np.prod(spacing) / 1000.0)
-    axis = largest_spacing_axis(spacing)
-    voxels = int(np.count_nonzero(mask))
-    volumes: list[float] = []
-    count = 0
-    slices_with = 0
-    if voxels:
-        # Label only the bounding box of the foreground: lesions are small, scans are not.
-        box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in
-                    (np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
-                     for a in range(mask.ndim)))
-        labelled, count = label_components(mask[box])
-        sizes = np.bincount(labelled.ravel())[1:]
-        volumes = sorted((float(s) * voxel_ml for s in sizes), reverse=True)
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        slices_with = int(np.count_nonzero(mask.any(axis=other)))
-    n_slices = int(mask.shape[axis])
-    return {
-        "lesion_count": int(count),
-        "lesion_voxels": voxels,
-        "lesion_volume_ml": voxels * voxel_ml,
-        "lesion_volumes_ml": volumes,
-        "slice_axis": axis,
-        "n_slices": n_slices,
-        "slices_with_lesion": slices_with,
-        "slice_fraction": slices_with / n_slices if n_slices else 0.0,
-        "n_voxels": int(mask.size),
-        "foreground_fraction": voxels / mask.size if mask.size else 0.0,
-    }
-
-
-def class_statistics(label: np.ndarray, spacing_mm: Iterable[float], classes: ClassSpec) -> dict[str, Any]:
-    """Statistics of each class (or region) of a label map of ids.
-
-    Args:
-        label: 3D array of integral label ids (any dtype), axes (i, j, k).
-        spacing_mm: voxel size along (i, j, k) in mm.
-        classes: named classes or regions; class ``k`` is every voxel whose id is in ``ids[k]``.
-
-    Returns:
-        ``{"slice_axis", "n_slices", "n_voxels", "classes", "unlisted_ids"}``: ``classes`` maps each
-        name to ``{"voxels", "volume_ml", "components", "slices", "slice_fraction"}`` (components
-        by :func:`medseg.components.label_components`; slices along the slice axis that hold the
-        class); ``unlisted_ids`` maps each nonzero id of no class to its voxel count.
-    """
-    label = np.asarray(label)
-    spacing = [float(v) for v in spacing_mm]
-    per_class: dict[str, dict[str, Any]] = {}
-    s: dict[str, Any] = {}
-    for name, ids in zip(classes.names, classes.ids):
-        s = lesion_statistics(np.isin(label, ids), spacing)
-        per_class[name] = {"voxels": s["lesion_voxels"], "volume_ml": s["lesion_volume_ml"],
-                           "components": s["lesion_count"], "slices": s["slices_with_lesion"],
-                           "slice_fraction": s["slice_fraction"]}
-    listed = sorted({i for ids in classes.ids for i in ids})
-    other = label[(label != 0) & ~np.isin(label, listed)]
-    values, counts = np.unique(other, return_counts=True)
-    return {
-        "slice_axis": s["slice_axis"],
-        "n_slices": s["n_slices"],
-        "n_voxels": s["n_voxels"],
-        "classes": per_class,
-        "unlisted_ids": {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())},
-    }
 
 
 @dataclass
@@ -199,87 +117,10 @@ class CheckReport:
 
     def format_text(self) -> str:
         """Human-readable report: problems table, lesion (or per-class) statistics per case and in
-        total, verdict."""
-        lines: list[str] = []
-        t = self.totals
-        lines.append(f"{t.get('n_cases', len(self.stats))} cases checked")
-        if self.problems:
-            lines.append(f"\nproblems ({len(self.fatal_problems)} fatal, {len(self.warnings)} warnings):")
-            width = max(len(p.case_id) for p in self.problems)
-            for p in self.problems:
-                where = f"  [{p.path}]" if p.path else ""
-                lines.append(f"  {p.severity.upper():<7}  {p.case_id:<{width}}  {p.message}{where}")
-        else:
-            lines.append("\nproblems: none")
-        lines += self._lesion_lines() if self.classes is None else _class_lines(self)
-        verdict = (
-            f"FAILED: {len(self.fatal_problems)} fatal problem(s)" if self.fatal
-            else "OK" + (f" ({len(self.warnings)} warnings)" if self.warnings else "")
-        )
-        lines.append(f"\nresult: {verdict}")
-        return "\n".join(lines)
+        total, verdict (:func:`medseg.data.check_text.format_report`)."""
+        from medseg.data.check_text import format_report
 
-    def _lesion_lines(self) -> list[str]:
-        """The lesion statistics table (binary labels), empty without a valid label."""
-        lines: list[str] = []
-        t = self.totals
-        rows = [(cid, s) for cid, s in self.stats.items() if "lesion_count" in s]
-        if rows:
-            width = max(5, max(len(cid) for cid, _ in rows))
-            head = f"  {'case':<{width}}  {'lesions':>7}  {'volume_ml':>10}  {'largest_ml':>10}  {'slices_with_lesion':>18}  {'fg_fraction':>11}"
-            lines += ["\nlesion statistics:", head, "  " + "-" * (len(head) - 2)]
-            for cid, s in rows:
-                largest = s["lesion_volumes_ml"][0] if s["lesion_volumes_ml"] else 0.0
-                sl = f"{s['slices_with_lesion']}/{s['n_slices']} ({100 * s['slice_fraction']:.0f}%)"
-                lines.append(
-                    f"  {cid:<{width}}  {s['lesion_count']:>7d}  {s['lesion_volume_ml']:>10.3f}  {largest:>10.3f}  "
-                    f"{sl:>18}  {s['foreground_fraction']:>11.5f}"
-                )
-            lines.append("  " + "-" * (len(head) - 2))
-            sl = f"{t['slices_with_lesion']}/{t['n_slices']} ({100 * t['slice_fraction']:.0f}%)"
-            lines.append(
-                f"  {'total':<{width}}  {t['lesion_count']:>7d}  {t['lesion_volume_ml']:>10.3f}  "
-                f"{t['largest_lesion_ml']:>10.3f}  {sl:>18}  {t['foreground_fraction']:>11.5f}"
-            )
-            lines.append(
-                f"  valid labels: {t['n_labelled']}, with lesion: {t['n_with_lesion']}, empty: {t['n_empty_labels']}; "
-                f"median lesions per case {t['median_lesion_count']:g}, smallest lesion {t['smallest_lesion_ml']:.4f} mL"
-            )
-        return lines
-
-
-def _slices_text(slices: int, n_slices: int) -> str:
-    return f"{slices}/{n_slices} ({100 * slices / n_slices if n_slices else 0:.0f}%)"
-
-
-def _class_lines(report: CheckReport) -> list[str]:
-    """The per-class tables: one row per case and class, then one total per class."""
-    spec = report.classes
-    kind = spec.kind.noun
-    ids = {name: ",".join(str(i) for i in v) for name, v in zip(spec.names, spec.ids)}
-    lines = [f"\n{kind} ids (from {report.classes_source or 'the caller'}): "
-             + ", ".join(f"{name}={ids[name]}" for name in spec.names)]
-    rows = [(cid, s) for cid, s in report.stats.items() if "classes" in s]
-    if not rows:
-        return lines
-    cw = max(5, max(len(cid) for cid, _ in rows))
-    nw = max(len(kind), max(len(n) for n in spec.names))
-    head = (f"  {'case':<{cw}}  {kind:<{nw}}  {'voxels':>10}  {'volume_ml':>10}  {'components':>10}  "
-            f"{f'slices_with_{kind}':>19}")
-    rule = "  " + "-" * (len(head) - 2)
-    lines += [f"\n{kind} statistics (slices along each case's slice axis, its largest spacing):", head, rule]
-    for cid, s in rows:
-        for name in spec.names:
-            c = s["classes"][name]
-            lines.append(f"  {cid:<{cw}}  {name:<{nw}}  {c['voxels']:>10d}  {c['volume_ml']:>10.3f}  "
-                         f"{c['components']:>10d}  {_slices_text(c['slices'], s['n_slices']):>19}")
-    lines.append(rule)
-    for name in spec.names:
-        c = report.totals["classes"][name]
-        lines.append(f"  {'total':<{cw}}  {name:<{nw}}  {c['voxels']:>10d}  {c['volume_ml']:>10.3f}  "
-                     f"{c['components']:>10d}  {_slices_text(c['slices'], c['n_slices']):>19}"
-                     f"  in {c['n_present']}/{report.totals['n_labelled']} labels")
-    return lines
+        return format_report(self)
 
 
 def _fmt(values: np.ndarray) -> str:

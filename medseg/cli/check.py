@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Check a segmentation dataset before training and report every problem at once: unpaired "
             "files, unreadable files, image/label grid mismatch, label values outside {0, 1}, interpolated "
             "labels, NaN/inf, empty labels. Prints lesion statistics per case and in total, or per class "
-            "with --labels-map / a dataset.json naming several classes."
+            "(by name) with --labels-map / a dataset.json naming classes."
         ),
         epilog="exit status: 0 no fatal problem, 1 fatal problems found, 2 usage/input error",
     )
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(tumour=2,3 for several ids); ids of no class count as background")
     named.add_argument("--dataset-json", metavar="PATH",
                        help="nnU-Net/MSD dataset.json whose labels (and regions_class_order) name the classes; "
-                            "default: the dataset.json of the images folder or its parent, if it names several")
+                            "default: the dataset.json of the images folder or its parent, if it names one or more")
     parser.add_argument("--tolerance-mm", type=float, default=0.01, metavar="MM",
                         help="largest distance between where image and label put the same voxel (origin shift, "
                              "or drift from a spacing/direction difference), default 0.01 mm")
@@ -95,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _classes(args: argparse.Namespace):
     """(ClassSpec or None, its source): ``--labels-map``, else ``--dataset-json``, else the
-    dataset.json pairing would use (images folder or its parent); None: binary labels."""
+    dataset.json pairing would use (images folder or its parent); one class is reported by its
+    name too; None: binary labels (every nonzero value the lesion)."""
     from pathlib import Path
 
     from medseg.io.classes import ClassSpec

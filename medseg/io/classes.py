@@ -311,6 +311,8 @@ class LabelKind:
             return BINARY
         if isinstance(classes, ClassSpec):
             return classes.kind
+        if "names" not in classes:  # a bare {"regions": ...}: no class count to tell one class apart
+            return BITS if classes.get("regions") else CLASSES
         return ClassSpec.from_dict(classes).kind
 
     # --- transforms ----------------------------------------------------------------------------

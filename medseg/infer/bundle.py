@@ -279,7 +279,15 @@ def save_bundle(
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
     typed = typed_fields(classes, postprocessing=postprocessing, selection=selection, validation=validation,
                          training=training, status=status, extra=extra_dict)
-    pipeline_config = _pipeline_config(pipeline, plan, channels, model)
+    typed["pipeline"] = _pipeline_config(pipeline, plan, channels, model)
+    if network is not None:
+        typed["network"] = network.to_dict()
+    return _write(run_dir, model, lambda digest: {
+        **_bundle_info(digest, plan_dict, classes, threshold, head_level, divisor, channels, extra_dict), **typed})
+
+
+def _write(run_dir: Path, model: "keras.Model", info_of) -> Path:
+    """``model.keras`` and ``bundle.json`` (``info_of(model sha256)``) moved into place together."""
     run_dir.mkdir(parents=True, exist_ok=True)
     from medseg.io.atomic import atomic_paths
 
@@ -287,13 +295,7 @@ def save_bundle(
     # atomic_paths' temp names keep the ".keras" suffix, which Keras insists on.
     with atomic_paths([run_dir / MODEL_FILE, bundle_path]) as (tmp_model, tmp_info):
         model.save(tmp_model, overwrite=True)
-        info = _bundle_info(sha256(tmp_model), plan_dict, classes, threshold, head_level, divisor, channels,
-                            extra_dict)
-        info.update(typed)
-        info["pipeline"] = pipeline_config
-        if network is not None:
-            info["network"] = network.to_dict()
-        tmp_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tmp_info.write_text(json.dumps(info_of(sha256(tmp_model)), indent=2) + "\n", encoding="utf-8")
     log.debug("wrote bundle %s", bundle_path)
     return bundle_path
 

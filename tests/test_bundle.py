@@ -49,7 +49,7 @@ def saved_run(tmp_path_factory, model) -> Path:
 
 def test_round_trip_records_everything(saved_run, model):
     info = json.loads((saved_run / BUNDLE_FILE).read_text())
-    assert info["format"] == "medseg-bundle" and info["format_version"] == 1
+    assert info["format"] == "medseg-bundle" and info["format_version"] == 2
     assert Plan.from_dict(info["plan"]).to_dict() == mr_plan().to_dict()
     assert info["classes"] == ["background", "lesion"]
     assert info["threshold"] == 0.4 and info["head_level"] == 2
@@ -61,6 +61,9 @@ def test_round_trip_records_everything(saved_run, model):
     created = dt.datetime.fromisoformat(info["created"])
     assert abs((dt.datetime.now(dt.timezone.utc) - created).total_seconds()) < 600
     assert info["extra"] == {"val_dsc": 0.5, "epochs": 3}
+    # Format 2's typed fields: nothing chosen or recorded here, a complete run.
+    assert (info["status"], info["postprocessing"], info["selection"], info["validation"], info["training"]) == (
+        "complete", None, None, None, None)
 
     bundle = load_bundle(saved_run)
     assert bundle.run_dir == saved_run and bundle.model_path == saved_run / MODEL_FILE
@@ -185,7 +188,7 @@ def _corrupt(run: Path, what: str) -> Path:
         ("bad_json", "expected a JSON bundle description, found unreadable content"),
         ("not_a_bundle", "expected a JSON object with format 'medseg-bundle', found format 'something else'"),
         ("missing_keys", "found threshold, divisor missing"),
-        ("newer_format", "expected bundle format_version <= 1, found 99"),
+        ("newer_format", "expected bundle format_version <= 2, found 99"),
         ("bad_plan", "expected a valid preprocessing plan.*context_slices must be a positive odd integer"),
         ("bad_threshold", r"threshold must be a number in \[0, 1\], found 'high'"),
         ("bad_model", r"expected a Keras 3 model file \(.keras zip\)"),

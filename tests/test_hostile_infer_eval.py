@@ -218,7 +218,8 @@ def test_a_full_disk_stops_the_batch(run_dir, tmp_path, monkeypatch, capsys):
 
     calls = []
     real = Predictor.predict_proba
-    monkeypatch.setattr(Predictor, "predict_proba", lambda self, v: calls.append(v.case_id) or real(self, v))
+    monkeypatch.setattr(Predictor, "predict_proba",  # medseg-infer passes its event subscriber too
+                        lambda self, v, **kw: calls.append(v.case_id) or real(self, v, **kw))
     _failing_prob_writer(monkeypatch)
     out = tmp_path / "out"
     assert infer_main([str(NIFTI), str(NRRD), "--model", str(run_dir), "-o", str(out), "--probabilities"]) == 1

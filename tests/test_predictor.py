@@ -318,3 +318,97 @@ def test_per_volume_statistics_are_never_chunked(bundle3, breast):
     predictor = Predictor(bundle3)  # MR z-score with per-volume mean/std
     predictor.chunk_slices = 5
     assert predictor._chunkable(breast) is None
+
+
+# --- events and cancel (issue 21) -----------------------------------------------------------------
+def _ct_chunked(breast, tmp_path, threshold=0.5):
+    """A CT-window bundle (slice-local steps: chunked) and the breast image as CT (21 slices on axis 2)."""
+    ct = breast.with_array(breast.array.astype(np.float32) * 4 - 1000.0, modality="CT")
+    plan = Plan(modality="CT", context_slices=3, divisor=2, patch_size=(32, 32),
+                normalization={"kind": "ct_window", "low_hu": -1000.0, "high_hu": 0.0})
+    return ct, bundle_of(tmp_path, small_unetpp(3), plan, threshold=threshold)
+
+
+def test_segment_reports_every_model_call_and_ends_at_the_total(breast, tmp_path):
+    from medseg.events import ChunkProgress, Recorder
+
+    ct, bundle = _ct_chunked(breast, tmp_path)
+    predictor = Predictor(bundle, batch_size=2)
+    predictor.chunk_slices = 4  # chunks of 4 input slices: 21 slices -> 5 chunks of 2 batches + 1 of 1 batch
+    assert predictor._chunkable(ct) is not None
+    rec = Recorder()
+    labels = predictor.segment(ct, events=rec)
+    done = [e.done for e in rec.of(ChunkProgress)]
+    assert done == list(range(1, 12)) and {e.total for e in rec.of(ChunkProgress)} == {11}  # 5 * 2 + 1 batches
+    assert rec.kinds()[0] == "run_started" and rec.kinds()[-1] == "finished"
+    assert rec[0].settings["case_id"] == ct.case_id and rec[-1].summary["units"] == 11
+    np.testing.assert_array_equal(labels.array, Predictor(bundle, batch_size=2).segment(ct).array)
+    # Whole volume (per-volume z-score): ceil(21 / 8) = 3 batches, times the 4 test-time flips.
+    whole = Predictor(bundle_of(tmp_path / "mr", small_unetpp(3), mr_plan(divisor=2)), batch_size=8, tta=True)
+    rec = Recorder()
+    whole.segment(breast, events=rec)
+    assert [e.done for e in rec.of(ChunkProgress)] == list(range(1, 13)) and rec.of(ChunkProgress)[-1].total == 12
+
+
+def test_cancel_after_the_first_chunk_raises_and_the_predictor_runs_again(breast, tmp_path):
+    from medseg.events import CancelToken, ChunkProgress, Recorder, RunCancelled
+
+    ct, bundle = _ct_chunked(breast, tmp_path)
+    predictor = Predictor(bundle, batch_size=2)
+    predictor.chunk_slices = 4
+    expected = Predictor(bundle, batch_size=2).segment(ct)
+    token, rec = CancelToken(), Recorder()
+
+    def sink(event):
+        rec(event)
+        if isinstance(event, ChunkProgress) and event.done == 2:  # the first chunk's two batches are done
+            token.cancel("the viewer closed")
+
+    with pytest.raises(RunCancelled, match="the viewer closed"):
+        predictor.segment(ct, events=sink, cancel=token)
+    assert rec.kinds()[-1] == "cancelled" and "finished" not in rec.kinds()
+    assert [e.done for e in rec.of(ChunkProgress)] == [1, 2]  # stopped before the third model call
+    assert rec[-1].reason == "the viewer closed"
+    again = predictor.segment(ct)  # no state left by the cancelled call
+    np.testing.assert_array_equal(again.array, expected.array)
+    assert np.array_equal(again.affine, ct.affine)
+    with pytest.raises(RunCancelled):  # a token already cancelled stops before any model call
+        predictor.predict_proba(ct, cancel=token)
+
+
+def test_a_second_predictor_in_the_same_process(breast, tmp_path):
+    ct, first = _ct_chunked(breast, tmp_path / "a", threshold=0.5)
+    second = bundle_of(tmp_path / "b", tiny_unetpp(3), mr_plan(), threshold=0.3)
+    p1 = Predictor(first, batch_size=2)
+    a1 = p1.segment(ct).array
+    p2 = Predictor(second, batch_size=4)
+    b1 = p2.predict_proba(breast).array
+    np.testing.assert_array_equal(p1.segment(ct).array, a1)  # the first is unchanged by the second
+    np.testing.assert_array_equal(Predictor(second, batch_size=4).predict_proba(breast).array, b1)
+    expected = reference_proba(second.model, breast, second.plan, 4)
+    np.testing.assert_allclose(b1, expected.array, atol=1e-5)
+
+
+def test_label_kinds_decode_and_encode_by_hand():
+    """What the Predictor asks the label kinds (medseg.io.classes), on values worked out by hand."""
+    from medseg.io.classes import BINARY, BITS, CLASSES, ClassSpec, LabelKind
+
+    same = lambda plane: plane  # noqa: E731 - restore onto the input grid: here the identity
+    softmax = np.array([[[[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.3, 0.3, 0.4], [0.4, 0.4, 0.2]]]], np.float32)
+    decoded = CLASSES.decode(same, softmax)
+    np.testing.assert_array_equal(decoded, [[[1, 0, 2, 0]]])  # a tie goes to the lower class
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(CLASSES.class_mask(decoded, 1), [[[False, False, True, False]]])
+    spec = ClassSpec.parse(["liver=5", "spleen=1"])
+    masks = [CLASSES.class_mask(decoded, k) for k in range(2)]
+    np.testing.assert_array_equal(CLASSES.encode(spec, masks), [[[5, 0, 1, 0]]])
+    sigmoid = np.array([[[[0.9, 0.2], [0.5, 0.7], [0.1, 0.49]]]], np.float32)  # two regions
+    bits = BITS.decode(same, sigmoid)
+    np.testing.assert_array_equal(bits, [[[1, 3, 0]]])  # region r is bit r, held at >= 0.5
+    regions = ClassSpec.from_dataset_json({"labels": {"background": 0, "whole": [1, 2], "core": 2},
+                                           "regions_class_order": [1, 2]})
+    masks = [BITS.class_mask(bits, k) for k in range(2)]
+    np.testing.assert_array_equal(masks[1], [[[False, True, False]]])
+    np.testing.assert_array_equal(BITS.encode(regions, masks), [[[1, 2, 0]]])  # core (2) overwrites whole (1)
+    assert not BINARY.decodes_classes and CLASSES.decodes_classes and BITS.decodes_classes
+    assert LabelKind.named("bits") is BITS and LabelKind.named(BITS) is BITS

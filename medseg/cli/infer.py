@@ -328,46 +328,82 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.infer.bundle import load_bundle
 
     bundle = load_bundle(run_dir, accept_modified=args.accept_modified_model)
-    saved = bundle.info.get("created", "at an unknown time")
-    print(
-        f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})", file=sys.stderr
-    )
+    events = _printer()
+    saved = bundle.contract.created or "at an unknown time"
+    _say(events, f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})")
+    if bundle.contract.status_note():
+        _say(events, f"{PROG}: note: {bundle.contract.status_note()}")
 
     from medseg.infer.predictor import Predictor
 
     predictor = Predictor(bundle, batch_size=args.batch_size, tta=args.tta)
-    post = (bundle.info.get("extra") or {}).get("postprocessing") or {}
-    if args.largest_component is None and post.get("largest_component"):
-        print(f"{PROG}: post-processing: largest connected component kept (the bundle's choice: {post.get('reason')}; "
-              f"--all-components keeps every component)", file=sys.stderr)
+    if args.largest_component is None and _postprocessing_text(predictor):
+        _say(events, f"{PROG}: post-processing: largest connected component kept {_postprocessing_text(predictor)}; "
+             "--all-components keeps every component)")
     failures: list[str] = []
     progress = _progress(jobs, args)
+    events = _printer(progress)
     for n, job in enumerate(progress):
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(job.case_id)
         try:
-            message = _segment_one(predictor, job, args)
+            message = _segment_one(predictor, job, args, events)
             if not args.quiet:
-                _write_line(progress, message, sys.stdout)
+                _say(events, message, "stdout")
         except (MedsegError, OSError, ValueError, RuntimeError) as exc:
             # One bad file (corrupt, truncated, 4D, unreadable) must not stop a batch.
             if args.debug:
                 raise
             line = f"{job.source}: {error_line(exc)}" if str(job.source) not in str(exc) else error_line(exc)
-            _write_line(progress, f"{PROG}: error: {line}")
+            _say(events, f"{PROG}: error: {line}")
             failures.append(line)
             if _output_exhausted(exc) and n + 1 < len(jobs):
                 # The disk filled up (or went read-only) meanwhile: every later case would fail alike.
                 left = len(jobs) - n - 1
-                _write_line(progress, f"{PROG}: stopped: the outputs cannot be written; "
-                            f"{left} input{'s' if left > 1 else ''} not segmented")
+                _say(events, f"{PROG}: stopped: the outputs cannot be written; "
+                     f"{left} input{'s' if left > 1 else ''} not segmented")
                 failures.extend(f"{j.source}: not segmented (stopped)" for j in jobs[n + 1:])
                 break
     if failures and len(jobs) > 1:
-        print(f"{PROG}: {len(failures)} of {len(jobs)} inputs failed:", file=sys.stderr)
+        events = _printer()
+        _say(events, f"{PROG}: {len(failures)} of {len(jobs)} inputs failed:")
         for line in failures:
-            print(f"  - {line}", file=sys.stderr)
+            _say(events, f"  - {line}")
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _postprocessing_text(predictor) -> str | None:
+    """How the bundle's largest-component choice is told, up to the closing ``;``; None when it keeps none."""
+    post = predictor.bundle.postprocessing
+    kept = [name for name in predictor.class_names if post.keeps_largest(name)]
+    if not kept:
+        return None
+    if not predictor.multiclass:
+        return f"(the bundle's choice: {post.largest_component[kept[0]].reason}"
+    return f"for {', '.join(kept)} (the bundle's choice, made on validation"
+
+
+def _printer(progress=None):
+    """The command's subscriber (:class:`medseg.events.Printer`); above a progress bar it prints
+    as ``tqdm.write`` does (bar cleared, line printed, bar redrawn)."""
+    from medseg.events import Message, Printer
+
+    printer = Printer()
+    if not hasattr(progress, "external_write_mode"):
+        return printer
+
+    def sink(event) -> None:
+        if isinstance(event, Message):
+            with progress.external_write_mode(file=sys.stdout if event.stream == "stdout" else sys.stderr):
+                printer(event)
+
+    return sink
+
+
+def _say(events, text: str, stream: str = "stderr") -> None:
+    from medseg.events import Message
+
+    events(Message(text, stream=stream))
 
 
 def _output_exhausted(exc: BaseException) -> bool:
@@ -387,18 +423,9 @@ def _progress(jobs: list[Job], args: argparse.Namespace):
     return tqdm(jobs, desc=PROG, unit="case", file=sys.stderr, dynamic_ncols=True)
 
 
-def _write_line(progress, line: str, stream=None) -> None:
-    # tqdm.write keeps the progress bar intact below the printed line.
-    stream = sys.stderr if stream is None else stream
-    if hasattr(progress, "write"):
-        progress.write(line, file=stream)
-    else:
-        print(line, file=stream, flush=True)
-
-
-def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
+def _segment_one(predictor, job: Job, args: argparse.Namespace, events=None) -> str:
     from medseg.infer.predictor import check_image
-    from medseg.io import read_volume, write_volumes
+    from medseg.io import read_volume
 
     start = time.perf_counter()
     volume = read_volume(job.source, case_id=job.case_id)
@@ -407,24 +434,33 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
     if job.prob_path is None or predictor.multiclass:
         # Labels only: thresholded part by part, no float volume of the input's size is kept.
         # Several classes: the argmax labels, and the foreground probability as a second pass.
-        labels = predictor.segment(volume, **post)
-        probability = predictor.predict_proba(volume) if job.prob_path is not None else None
+        labels = predictor.segment(volume, **post, events=events)
+        probability = predictor.predict_proba(volume, events=events) if job.prob_path is not None else None
     else:
-        probability = predictor.predict_proba(volume)
+        probability = predictor.predict_proba(volume, events=events)
         labels = predictor.labels_from_proba(probability, **post)
-    outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
-    write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
-    written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
+    written = _write_outputs(job, labels, probability, args)
     return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"
 
 
+def _write_outputs(job: Job, labels, probability, args: argparse.Namespace) -> str:
+    """Write a case's outputs, both or neither (the one place that writes: an output format is
+    chosen here); returns what was written, as the case's line names it."""
+    from medseg.io import write_volumes
+
+    outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
+    write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
+    return str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
+
+
 def _volumes_text(predictor, labels) -> str:
-    """``lesion 12.30 ml``, or for several classes ``liver 1520.11 ml, spleen 210.40 ml, ...``."""
+    """``lesion 12.30 ml`` (a one-class model: its class name), or for several classes
+    ``liver 1520.11 ml, spleen 210.40 ml, ...``."""
     import numpy as np
 
     spec = predictor.classes
-    if spec.is_binary:
-        return f"lesion {float(labels.array.sum(dtype='int64')) * labels.voxel_volume_ml:.2f} ml"
+    if not predictor.multiclass:  # one class, named by the bundle ("lesion" by default)
+        return f"{predictor.class_names[0]} {float(labels.array.sum(dtype='int64')) * labels.voxel_volume_ml:.2f} ml"
     counts = np.bincount(np.asarray(labels.array).ravel().astype(np.int64))
     parts = []
     for k, (name, ids) in enumerate(zip(spec.names, spec.ids)):

@@ -1,7 +1,7 @@
 """``medseg-info RUN_DIR``: what a trained model is and what it does to an image, from its bundle.
 
 Prints the network (registered builder and arguments), classes, threshold and post-processing,
-how it was trained and validated, and the model's pipeline step by step: which steps run at
+how it was trained, selected and validated, whether its run was cancelled, and the model's pipeline step by step: which steps run at
 inference, which only in training, and which one is inverted to put the prediction back on the
 input's grid. ``--json`` prints the same as one JSON object. Reads ``bundle.json`` only: no
 TensorFlow, no model loading (a second or less).
@@ -56,45 +56,65 @@ def pipeline_lines(info: Mapping[str, Any]) -> list[str]:
         return lines + [f"(cannot be rebuilt here: {exc})"]
 
 
-def _network_line(info: Mapping[str, Any]) -> str:
-    network = info.get("network")
+def _network_line(contract) -> str:
+    network = contract.network
     if isinstance(network, Mapping):
         args = ", ".join(f"{k}={v!r}" for k, v in (network.get("args") or {}).items())
         return f"{network.get('name')}({args})"
-    legacy = (info.get("extra") or {}).get("network")
+    legacy = contract.legacy_network
     return f"unetpp {legacy} (recorded before networks were named in bundles)" if legacy else "not recorded"
 
 
-def describe_bundle(run_dir: str | Path) -> dict[str, Any]:
-    """Everything ``medseg-info`` shows, as a JSON-ready dict (``pipeline`` as text lines)."""
-    from medseg.infer.bundle import read_bundle_info
+def _largest_component(contract) -> bool | dict[str, bool]:
+    """The largest-component choice: yes/no for a one-class model, per class for several."""
+    post, names = contract.postprocessing, contract.foreground
+    if len(names) == 1:
+        return post.keeps_largest(names[0])
+    return {name: post.keeps_largest(name) for name in names}
 
-    info = read_bundle_info(run_dir)
-    folder = Path(info.pop("_run_dir"))
-    extra = info.get("extra") or {}
-    post = (extra.get("postprocessing") or {})
+
+def describe_bundle(run_dir: str | Path) -> dict[str, Any]:
+    """Everything ``medseg-info`` shows, as a JSON-ready dict (``pipeline`` as text lines), from
+    the typed ``bundle.json`` (:class:`medseg.infer.contract.BundleInfo`)."""
+    from medseg.infer.bundle import read_bundle_contract
+
+    folder, contract = read_bundle_contract(run_dir)
+    training = contract.training.to_dict() if contract.training is not None else {}
+    training.update({k: v for k, v in (("validation", contract.validation), ("selection", contract.selection))
+                     if v is not None})
     return {
         "run_dir": str(folder.resolve()),
-        "model_file": info.get("model_file"),
-        "model_sha256": info.get("model_sha256"),
-        "created": info.get("created"),
-        "versions": info.get("versions"),
-        "network": _network_line(info),
-        "classes": info["classes"],
-        "threshold": info["threshold"],
-        "head_level": info.get("head_level"),
-        "input_channels": info["input_channels"],
-        "divisor": info["divisor"],
-        "modality": (info.get("plan") or {}).get("modality"),
-        "largest_component": bool(post.get("largest_component", False)),
-        "training": {k: extra.get(k) for k in ("epoch", "val_dsc_3d", "val_hd95_mm", "validation", "selection",
-                                               "train_cases", "val_cases", "map_labels") if k in extra},
-        "pipeline": pipeline_lines(info),
+        "model_file": contract.model_file,
+        "model_sha256": contract.model_sha256,
+        "created": contract.created,
+        "versions": dict(contract.versions),
+        "format_version": contract.format_version,
+        "status": contract.status,
+        "network": _network_line(contract),
+        "classes": list(contract.classes),
+        "threshold": contract.threshold,
+        "head_level": contract.head_level,
+        "input_channels": contract.input_channels,
+        "divisor": contract.divisor,
+        "modality": (contract.raw.get("plan") or {}).get("modality"),
+        "largest_component": _largest_component(contract),
+        "postprocessing": contract.postprocessing.to_dict(),
+        "training": training,
+        "pipeline": pipeline_lines(contract.raw),
     }
+
+
+def _yes_no(choice: bool | Mapping[str, bool]) -> str:
+    if isinstance(choice, Mapping):
+        kept = [name for name, keep in choice.items() if keep]
+        return ", ".join(kept) if kept else "no"
+    return "yes" if choice else "no"
 
 
 def format_text(d: Mapping[str, Any]) -> str:
     """The human-readable form of :func:`describe_bundle`."""
+    from medseg.infer.contract import SELECTION_TEXT
+
     training = d["training"]
     dsc = training.get("val_dsc_3d")
     lines = [
@@ -102,13 +122,17 @@ def format_text(d: Mapping[str, Any]) -> str:
         f"network    {d['network']}; input {d['input_channels']} channel(s), sizes padded to a multiple of "
         f"{d['divisor']}" + (f"; head {d['head_level']}" if d["head_level"] else ""),
         f"classes    {', '.join(d['classes'])}; threshold {d['threshold']:g}; keep largest component: "
-        f"{'yes' if d['largest_component'] else 'no'}",
+        f"{_yes_no(d['largest_component'])}",
         f"modality   {d['modality']}",
     ]
+    if d.get("status", "complete") != "complete":
+        lines.append(f"status     {d['status']}: the training run was cancelled before its end; the model "
+                     "is the one saved then, and it runs")
     if training:
+        selection = SELECTION_TEXT.get(training.get("selection", "best"), training.get("selection"))
         lines.append(f"trained    epoch {training.get('epoch')}, validation 3D DSC "
                      f"{'n/a' if dsc is None else f'{dsc:.3f}'} ({training.get('validation', 'held-out cases')}); "
-                     f"kept: {training.get('selection', 'best')}")
+                     f"kept: {selection}")
     versions = d.get("versions") or {}
     if versions:
         lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))

@@ -4,26 +4,35 @@
 new images with the preprocessing it was trained with::
 
     {
-      "format": "medseg-bundle", "format_version": 1,
+      "format": "medseg-bundle", "format_version": 2,
       "model_file": "model.keras", "model_sha256": "...",
+      "status": "complete",                # or "cancelled" (a run cancelled before its end)
       "plan": {...},                       # medseg.data.plan.Plan.to_dict()
       "classes": ["background", "lesion"],
       "threshold": 0.5,                    # on the foreground probability
       "network": {"name": "unetpp", "args": {...}},   # medseg.nets.registry.NetworkSpec.to_dict()
       "head_level": null,                  # deep-supervision head kept at inference (UNet++: 1..4)
-      "divisor": 16,                       # slices are padded to a multiple of this
+      "divisor": 16,                       # a record of the network's size multiple (see below)
       "input_channels": 3,                 # = plan.context_slices (2.5D)
+      "postprocessing": {...} | null,      # typed fields: medseg.infer.contract (BundleInfo)
+      "selection": "best" | "last" | null,
+      "validation": "held-out cases" | "training cases" | null,
+      "training": {"epoch": ..., "val_dsc_3d": ..., ...} | null,
       "versions": {"medseg": ..., "tensorflow": ..., "keras": ..., "numpy": ...},
       "created": "2026-01-01T12:00:00+00:00",
-      "extra": {...},                      # free, e.g. training metrics
+      "extra": {...},                      # free-form; nothing in inference reads it
       "pipeline": {"format": 1, "transforms": [{"name": "PlanSpaced", "module": ..., "args": {...}}, ...]}
                                            # medseg.transforms.pipeline.Pipeline.to_config()
     }
 
 ``medseg.train`` writes bundles through :func:`save_bundle`; ``medseg.infer`` reads them with
-:func:`load_bundle`. ``network`` (a registered builder and its arguments) gives the size multiple
-and the output to run. A bundle without it (written before the key existed, or saved without a
-declaration) falls back to the registered network that recognizes the model
+:func:`load_bundle`; :class:`~medseg.infer.contract.BundleInfo` is the typed value of
+``bundle.json``, parsed in one place (format-1 bundles, whose post-processing, selection and
+validation lived in ``"extra"``, load into the same value). ``network`` (a registered builder and
+its arguments) gives the output to run and the size multiple: the network's divisor is the one
+source (:func:`resolve_divisor`); ``"divisor"`` records it for readers without Keras. A bundle
+without ``network`` (written before the key existed, or saved without a declaration) falls back
+to the registered network that recognizes the model
 (:func:`medseg.nets.registry.recognize_network`), else the model runs as saved.
 
 Importing this module has no side effects (Keras and TensorFlow are imported inside the functions).
@@ -32,7 +41,6 @@ Importing this module has no side effects (Keras and TensorFlow are imported ins
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +50,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from medseg.errors import InputError
+from medseg.infer.contract import (BundleInfo, Postprocessing, check_network_entry, read_network, read_pipeline,
+                                   typed_fields)
+from medseg.infer.model_file import check_model_file, load_model, sha256, versions, warn_on_version_change
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -54,7 +65,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
 BUNDLE_FILE = "bundle.json"
 FORMAT = "medseg-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,13 +80,16 @@ class Bundle:
         threshold: default threshold on the foreground probability, in ``[0, 1]``.
         head_level: deep-supervision head used at inference (a pruned UNet++), or None for the
             network's final output.
-        divisor: slice height and width are padded to a multiple of this before the model.
+        divisor: slice height and width are padded to a multiple of this before the model;
+            None (default): :func:`resolve_divisor` of ``network`` and ``plan``.
         input_channels: channels the model expects (2.5D context slices).
-        info: the whole ``bundle.json`` content (versions, created, extra, ...).
+        info: the whole ``bundle.json`` content, as read (versions, created, extra, ...).
         network: the network that built the model (recorded, or recognized for a bundle without
             one), or None for a model no registered network built (it runs as saved).
         pipeline: the model's :class:`medseg.transforms.pipeline.Pipeline` (``bundle.json``
             ``"pipeline"``), or None for a bundle written before pipelines were saved.
+        contract: the typed ``bundle.json`` (post-processing, selection, status...), or None for a
+            bundle built in memory (no post-processing chosen, status complete).
     """
 
     run_dir: Path
@@ -84,11 +98,26 @@ class Bundle:
     classes: tuple[str, ...] = ("background", "lesion")
     threshold: float = 0.5
     head_level: int | None = None
-    divisor: int = 1
+    divisor: int | None = None
     input_channels: int = 1
     info: Mapping[str, Any] = field(default_factory=dict)
     network: "NetworkSpec | None" = None
     pipeline: Any = None
+    contract: BundleInfo | None = None
+
+    def __post_init__(self) -> None:
+        if self.divisor is None:
+            object.__setattr__(self, "divisor", resolve_divisor(self.network, self.plan))
+
+    @property
+    def postprocessing(self) -> Postprocessing:
+        """The post-processing chosen at training time (none for a bundle built in memory)."""
+        return self.contract.postprocessing if self.contract is not None else Postprocessing()
+
+    @property
+    def status(self) -> str:
+        """``"complete"``, or ``"cancelled"`` for a bundle written when its training run was cancelled."""
+        return self.contract.status if self.contract is not None else "complete"
 
     @property
     def model_path(self) -> Path:
@@ -111,26 +140,6 @@ class Bundle:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import medseg
-
-    return {
-        "medseg": medseg.__version__, "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__
-    }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _model_input_channels(model: "keras.Model") -> int:
     shape = model.inputs[0].shape if getattr(model, "inputs", None) else model.input_shape
     channels = shape[-1]
@@ -188,19 +197,39 @@ def _check_settings(classes: Sequence[str], threshold: float, head_level: int | 
 
 
 # --- public API ------------------------------------------------------------------------------
+def resolve_divisor(network: "NetworkSpec | None", plan: "Plan", recorded: int | None = None,
+                    format_version: int = FORMAT_VERSION) -> int:
+    """The multiple slice height and width are padded to before the model: the one rule.
+
+    The network's (:attr:`NetworkSpec.divisor`, ``2**depth`` for the U-Nets) is the source; a
+    model no registered network built takes the plan's (training's patch multiple). A format-1
+    bundle keeps what inference used for it then (the LCM of its recorded divisor, the network's
+    and the plan's), so old bundles segment exactly as before.
+    """
+    plan_divisor = int(getattr(plan, "divisor", 1) or 1)
+    if format_version < 2:  # LEGACY: format 1 bundles
+        return math.lcm(int(recorded or 1), network.divisor if network is not None else 1, plan_divisor)
+    return int(network.divisor) if network is not None else plan_divisor
+
+
 def save_bundle(
     run_dir: str | os.PathLike,
     model: "keras.Model",
     plan: "Plan",
     *,
     classes: Sequence[str] = ("background", "lesion"),
-    threshold: float = 0.5,
-    head_level: int | None = None,
-    extra: Mapping[str, Any] | None = None,
     pipeline: Any = None,
     network: "NetworkSpec | None" = None,
+    threshold: float = 0.5,
+    head_level: int | None = None,
+    postprocessing: Any = None,
+    selection: str | None = None,
+    validation: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    status: str = "complete",
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.keras`` and ``bundle.json`` into ``run_dir`` (created if missing).
+    """Write ``model.keras`` and ``bundle.json`` (format 2) into ``run_dir`` (created if missing).
 
     Both files are written to temporary files in ``run_dir`` and moved into place together
     (:func:`medseg.io.atomic.atomic_paths`): a ``bundle.json`` always sits next to the model it
@@ -214,14 +243,22 @@ def save_bundle(
             probabilities ``(B, H, W, num_classes)`` (or a list of such heads).
         plan: the preprocessing plan the model was trained with.
         classes: class names, index = label; ``len(classes)`` must equal the model's classes.
-        threshold: default threshold on the foreground probability, in ``[0, 1]``.
-        head_level: deep-supervision head to keep at inference (a pruned UNet++), or None.
-        extra: JSON-serializable extra information (e.g. validation metrics, epochs).
         pipeline: the model's :class:`medseg.transforms.pipeline.Pipeline` (saved under
             ``"pipeline"``; default: the one ``plan`` implies).
         network: the :class:`~medseg.nets.registry.NetworkSpec` that built ``model``, recorded
-            under ``"network"``; its divisor joins the plan's. None records none: inference then
-            recognizes the model as a registered network built it, or runs it as saved.
+            under ``"network"``; None records none: inference then recognizes the model as a
+            registered network built it, or runs it as saved.
+        threshold: default threshold on the foreground probability, in ``[0, 1]``.
+        head_level: deep-supervision head to keep at inference (a pruned UNet++), or None.
+        postprocessing: the largest-component choice made on validation: a
+            :class:`~medseg.infer.contract.Postprocessing`, or what training computes (one
+            ``choose_largest_component`` dict for one class; ``{"largest_component": {name: bool},
+            "classes": {name: details}}`` for several). None: none chosen.
+        selection: ``"best"`` (best validation) or ``"last"`` (last epoch), or None.
+        validation: ``"held-out cases"`` or ``"training cases"``, or None.
+        training: ``{"epoch", "val_dsc_3d", "val_hd95_mm", "train_cases", "val_cases", "map_labels"}``.
+        status: ``"complete"``, or ``"cancelled"`` for a bundle written when the run was cancelled.
+        extra: free-form JSON-serializable information; nothing in inference reads it.
 
     Returns:
         Path of the written ``bundle.json``.
@@ -235,12 +272,36 @@ def save_bundle(
     run_dir = Path(run_dir)
     channels = _check_model_fits(model, plan, classes)
     plan_dict = plan.to_dict()
-    spec = _network_of(model, network)
-    divisor = math.lcm(int(plan_dict.get("divisor") or 1), spec.divisor if spec is not None else 1)
+    divisor = resolve_divisor(_network_of(model, network), plan)
     try:
         extra_dict = json.loads(json.dumps(dict(extra or {}), allow_nan=True))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
+    typed = typed_fields(classes, postprocessing=postprocessing, selection=selection, validation=validation,
+                         training=training, status=status, extra=extra_dict)
+    typed["pipeline"] = _pipeline_config(pipeline, plan, channels, model)
+    if network is not None:
+        typed["network"] = network.to_dict()
+    return _write(run_dir, model, lambda digest: {
+        **_bundle_info(digest, plan_dict, classes, threshold, head_level, divisor, channels, extra_dict), **typed})
+
+
+def _write(run_dir: Path, model: "keras.Model", info_of) -> Path:
+    """``model.keras`` and ``bundle.json`` (``info_of(model sha256)``) moved into place together."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from medseg.io.atomic import atomic_paths
+
+    bundle_path = run_dir / BUNDLE_FILE
+    # atomic_paths' temp names keep the ".keras" suffix, which Keras insists on.
+    with atomic_paths([run_dir / MODEL_FILE, bundle_path]) as (tmp_model, tmp_info):
+        model.save(tmp_model, overwrite=True)
+        tmp_info.write_text(json.dumps(info_of(sha256(tmp_model)), indent=2) + "\n", encoding="utf-8")
+    log.debug("wrote bundle %s", bundle_path)
+    return bundle_path
+
+
+def _pipeline_config(pipeline: Any, plan: "Plan", channels: int, model: "keras.Model") -> dict:
+    """The saved form of ``pipeline`` (default: the one ``plan`` implies), checked against the model."""
     from medseg.transforms.pipeline import Pipeline
 
     if pipeline is None:
@@ -249,24 +310,9 @@ def save_bundle(
         raise ValueError(f"model {model.name!r} takes {channels} input channels but the pipeline feeds "
                          f"{pipeline.context_slices} context slices")
     try:
-        pipeline_config = pipeline.to_config()
+        return pipeline.to_config()
     except TypeError as exc:
         raise ValueError(f"the pipeline cannot be saved with the model: {exc}") from exc
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from medseg.io.atomic import atomic_paths
-
-    bundle_path = run_dir / BUNDLE_FILE
-    # atomic_paths' temp names keep the ".keras" suffix, which Keras insists on.
-    with atomic_paths([run_dir / MODEL_FILE, bundle_path]) as (tmp_model, tmp_info):
-        model.save(tmp_model, overwrite=True)
-        info = _bundle_info(_sha256(tmp_model), plan_dict, classes, threshold, head_level, divisor, channels,
-                            extra_dict)
-        info["pipeline"] = pipeline_config
-        if network is not None:
-            info["network"] = network.to_dict()
-        tmp_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    log.debug("wrote bundle %s", bundle_path)
-    return bundle_path
 
 
 def _bundle_info(sha256: str, plan_dict: dict, classes, threshold, head_level, divisor: int, channels: int,
@@ -282,7 +328,7 @@ def _bundle_info(sha256: str, plan_dict: dict, classes, threshold, head_level, d
         "head_level": head_level,
         "divisor": divisor,
         "input_channels": channels,
-        "versions": _versions(),
+        "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra_dict,
     }
@@ -327,11 +373,23 @@ def read_bundle_info(run_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"divisor must be a positive integer, found {info['divisor']!r}")
         if not isinstance(info["input_channels"], int) or info["input_channels"] < 1:
             raise ValueError(f"input_channels must be a positive integer, found {info['input_channels']!r}")
-        _check_network_entry(info.get("network"))
+        check_network_entry(info.get("network"))
     except ValueError as exc:
         raise InputError(path, "valid bundle settings", str(exc)) from exc
+    BundleInfo.parse(info, path)  # the typed fields: one clear error here, not at first use
     info["_run_dir"] = str(run_dir)
     return info
+
+
+def read_bundle_contract(run_dir: str | os.PathLike) -> tuple[Path, BundleInfo]:
+    """``(run folder, typed bundle.json)`` of ``run_dir`` without loading the model (no TensorFlow).
+
+    Raises:
+        InputError: as :func:`read_bundle_info`.
+    """
+    info = read_bundle_info(run_dir)
+    folder = Path(info.pop("_run_dir"))
+    return folder, BundleInfo.parse(info, folder / BUNDLE_FILE)
 
 
 def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) -> Bundle:
@@ -354,6 +412,7 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
     info = read_bundle_info(run_dir)
     run_dir = Path(info.pop("_run_dir"))
     bundle_path = run_dir / BUNDLE_FILE
+    contract = BundleInfo.parse(info, bundle_path)
     from medseg.data.plan import Plan
 
     try:
@@ -361,14 +420,14 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
     except (TypeError, ValueError, KeyError) as exc:
         found = f"{type(exc).__name__}: {exc}"
         raise InputError(bundle_path, "a valid preprocessing plan under 'plan'", found) from exc
-    pipeline = _read_pipeline(info, bundle_path)
-    declared = _read_network(info, bundle_path)
+    pipeline = read_pipeline(info, bundle_path)
+    declared = read_network(info, bundle_path)
 
     model_path = run_dir / info.get("model_file", MODEL_FILE)
     if not model_path.is_file():
         raise InputError(model_path, "the Keras model of the bundle", "no such file")
-    _check_model_file(model_path, info.get("model_sha256"), bundle_path, accept_modified)
-    model = _load_model(model_path)
+    check_model_file(model_path, info.get("model_sha256"), bundle_path, accept_modified)
+    model = load_model(model_path)
 
     channels = _model_input_channels(model)
     if channels != info["input_channels"]:
@@ -393,7 +452,7 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
         network = _network_of(model, declared)
     except ValueError as exc:
         raise InputError(model_path, f"the model of network {declared.name!r} (bundle.json)", str(exc)) from exc
-    _warn_on_version_change(info.get("versions") or {}, bundle_path)
+    warn_on_version_change(info.get("versions") or {}, bundle_path)
     return Bundle(
         run_dir=run_dir,
         model=model,
@@ -401,126 +460,11 @@ def load_bundle(run_dir: str | os.PathLike, *, accept_modified: bool = False) ->
         classes=tuple(info["classes"]),
         threshold=float(info["threshold"]),
         head_level=info.get("head_level"),
-        # lcm: a hand-edited bundle.json cannot make the slices too small for the network.
-        divisor=math.lcm(int(info["divisor"]), network.divisor if network is not None else 1),
+        # The network's: a hand-edited "divisor" cannot make the slices too small for it.
+        divisor=resolve_divisor(network, plan, contract.divisor, contract.format_version),
         input_channels=channels,
         info=info,
         pipeline=pipeline,
         network=network,
+        contract=contract,
     )
-
-
-def _check_network_entry(entry: Any) -> None:
-    """``bundle.json``'s ``"network"`` is absent or ``{"name": <registered>, "args": {...}}``
-    (checked without Keras; the arguments are checked when the spec is built)."""
-    if entry is None:
-        return
-    from medseg.nets.registry import network_names
-
-    if not isinstance(entry, dict) or not isinstance(entry.get("args", {}), dict):
-        raise ValueError(f'network must be {{"name": ..., "args": {{...}}}}, found {entry!r}')
-    if entry.get("name") not in network_names():
-        raise ValueError(f"unknown network {entry.get('name')!r}; registered networks: {', '.join(network_names())}")
-
-
-def _read_network(info: Mapping[str, Any], bundle_path: Path) -> "NetworkSpec | None":
-    """The recorded network (None for bundles written before ``bundle.json`` named it).
-
-    Raises:
-        InputError: naming ``bundle.json``, when the spec is invalid (bad arguments).
-    """
-    if info.get("network") is None:
-        return None
-    from medseg.nets.registry import NetworkSpec
-
-    try:
-        return NetworkSpec.from_dict(info["network"])
-    except ValueError as exc:
-        raise InputError(bundle_path, "a registered network and its arguments under 'network'", str(exc)) from exc
-
-
-def _read_pipeline(info: Mapping[str, Any], bundle_path: Path):
-    """The bundle's pipeline (None for bundles written before pipelines were saved).
-
-    Raises:
-        InputError: naming ``bundle.json``, when a step cannot be rebuilt (e.g. a user's transform
-            whose module is not importable here).
-    """
-    config = info.get("pipeline")
-    if config is None:
-        return None
-    from medseg.transforms.pipeline import Pipeline
-
-    try:
-        pipeline = Pipeline.from_config(config)
-    except (TypeError, ValueError) as exc:
-        raise InputError(bundle_path, "a pipeline of registered transforms under 'pipeline'", str(exc)) from exc
-    return pipeline
-
-
-def _zip_problem(model_path: Path) -> str | None:
-    """Why ``model_path`` is not a sound zip archive (a ``.keras`` file is one), or None."""
-    import zipfile
-
-    size = model_path.stat().st_size
-    if not zipfile.is_zipfile(model_path):
-        return f"a corrupt or truncated file (not a zip archive, {size} bytes)"
-    try:
-        with zipfile.ZipFile(model_path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        return f"a corrupt zip archive ({exc})"
-    return None if bad is None else f"a corrupt zip archive (damaged member {bad!r})"
-
-
-def _check_model_file(model_path: Path, recorded: str | None, bundle_path: Path, accept_modified: bool) -> None:
-    """Refuse a corrupt ``model.keras`` or, unless ``accept_modified``, one that is not the model
-    ``bundle.json`` recorded: the plan and threshold in it were chosen for that model."""
-    try:
-        found = _sha256(model_path)
-    except OSError as exc:
-        raise InputError(model_path, "a readable Keras model file", exc.strerror or str(exc)) from exc
-    if recorded and found == recorded:
-        return
-    # A changed digest is most often damage (a truncated copy): say so rather than "modified".
-    problem = _zip_problem(model_path)
-    if problem is not None:
-        raise InputError(model_path, "a Keras 3 model file (.keras zip)", problem,
-                         "the file is damaged: copy the run folder again or retrain")
-    if not recorded:
-        return
-    if not accept_modified:
-        raise InputError(
-            model_path, f"the model recorded in {bundle_path} (SHA-256 {recorded[:12]}...)",
-            f"another file (SHA-256 {found[:12]}...)",
-            "replaced after training; pass --accept-modified-model to use it anyway",
-        )
-    log.warning("%s: not the model recorded in %s (SHA-256 %s... instead of %s...): used anyway, as asked",
-                model_path, bundle_path, found[:12], recorded[:12])
-
-
-def _load_model(model_path: Path) -> "keras.Model":
-    import keras
-
-    # Networks' serializable Keras classes register themselves on import; load_model may need them.
-    from medseg.nets.registry import load_networks
-
-    load_networks()
-
-    try:
-        return keras.saving.load_model(model_path, compile=False)
-    except Exception as exc:  # zipfile, h5py, JSON and Keras deserialization errors all mean "corrupt"
-        # Keras words an unreadable archive "File not found"; the file is there, its content is wrong.
-        problem = _zip_problem(model_path) or f"an unreadable model ({type(exc).__name__}: {exc})"
-        raise InputError(model_path, "a Keras 3 model file (.keras zip)", problem) from exc
-
-
-def _warn_on_version_change(saved: Mapping[str, str], bundle_path: Path) -> None:
-    try:
-        now = _versions()
-    except ImportError:  # pragma: no cover
-        return
-    for name in ("keras", "tensorflow"):
-        old, new = saved.get(name), now.get(name)
-        if old and new and old.split(".")[0] != new.split(".")[0]:
-            log.warning("%s: saved with %s %s, running %s %s", bundle_path, name, old, name, new)

@@ -21,14 +21,18 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.events import CancelToken, EventSink
 from medseg.infer.bundle import Bundle
 from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
-from medseg.transforms.intensity import guess_modality
+from medseg.infer.progress import Progress
+from medseg.infer.slices import (TTA_FLIPS, check_image, flip, inference_model, modality_mismatch, padding_for,
+                                 tta_flips)
+from medseg.io.classes import LabelKind
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -37,109 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CHUNK_SLICES", "TTA_FLIPS", "Predictor", "check_image", "inference_model", "padding_for", "tta_flips"]
+
 #: Default chunk length (input slices) for streamed preprocessing: 32 slices of 512 x 512 take
 #: about 150 MB of temporaries, whatever the volume's length (4 batches of 8 per chunk).
 CHUNK_SLICES = 32
-#: Test-time augmentation: in-plane flips of a (B, H, W, C) batch, as array axes to reverse.
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
-
-
-def tta_flips(bundle: Bundle) -> tuple[tuple[int, ...], ...]:
-    """The flips of :data:`TTA_FLIPS` the bundle's model saw in training: all four after mirroring
-    augmentation; the original and the 180-degree turn (both axes) after quarter turns without
-    mirroring; the original alone without either (a plan that keeps the orientation). Bundles
-    written before pipelines were saved trained with the full recipe."""
-    from medseg.transforms.augment import Augmenter
-
-    if bundle.pipeline is None:
-        return TTA_FLIPS
-    joint = [t.augmenter.config for t in bundle.pipeline.random if isinstance(getattr(t, "augmenter", None), Augmenter)]
-    if not joint:
-        return ((),)
-    config = joint[0]
-    if config.flip_prob > 0:
-        return TTA_FLIPS
-    return ((), (1, 2)) if config.rot90 else ((),)
-
-
-def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    return np.flip(x, axis=axes) if axes else x
-
-
-def inference_model(bundle: Bundle) -> "keras.Model":
-    """The single-output model a :class:`Predictor` runs, as the bundle's network declares it
-    (:meth:`medseg.nets.registry.NetworkSpec.inference_model`).
-
-    Without ``bundle.head_level``: the network's final output (a deep-supervision model reduced to
-    it, sharing its layers and weights). With it: that deep-supervision head, where the network
-    has heads (a UNet++ is pruned to it: smaller, faster, same output as the full model's head).
-    A bundle built without a network (``Bundle(network=None)``) gets the one the registry
-    recognizes; a model no registered network built runs its last output.
-
-    Raises:
-        InputError: if the bundle asks for a head or output the model does not have.
-    """
-    from medseg.nets.registry import recognize_network, select_output
-
-    model = bundle.model
-    network = bundle.network if bundle.network is not None else recognize_network(model)
-    if network is None:
-        if bundle.head_level is not None:
-            raise InputError(bundle.model_path, "a model of a registered network (bundle head_level)",
-                             f"outputs {list(model.output_names)} that no registered network declares")
-        return select_output(model, model.output_names[-1])
-    try:
-        return network.inference_model(model, head=bundle.head_level)
-    except ValueError as exc:
-        expected = network.describe_head(bundle.head_level)
-        if bundle.head_level is not None:
-            expected += " (bundle head_level)"
-        raise InputError(bundle.model_path, expected, str(exc)) from exc
-
-
-def padding_for(size: int, divisor: int) -> tuple[int, int]:
-    """(before, after) padding bringing ``size`` up to the next multiple of ``divisor``, centred.
-
-    Example:
-        >>> padding_for(45, 16)   # 45 -> 48
-        (1, 2)
-    """
-    total = (-int(size)) % int(divisor)
-    return total // 2, total - total // 2
-
-
-def check_image(volume: "Volume", path=None) -> None:
-    """Refuse an image no model can segment meaningfully, before the model runs.
-
-    Non-finite voxels (NaN, inf) break the normalization (or silently spread NaN); a constant
-    image (every voxel one value, e.g. an all-zero export) holds nothing to segment, yet a model
-    still returns a "lesion" for it. Costs two reductions over the array, no temporaries.
-
-    Args:
-        volume: the image.
-        path: named in the error (default: the volume's ``source_path`` or case id).
-
-    Raises:
-        InputError: naming the file: the number of NaN and infinite voxels, or the constant value.
-    """
-    array = volume.array
-    if array.size == 0:
-        return
-    source = path if path is not None else volume.meta.get("source_path") or volume.case_id
-    low, high = array.min(), array.max()
-    if not (np.isfinite(low) and np.isfinite(high)):
-        n_nan, n_inf = int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array)))
-        raise InputError(
-            source, "an image with finite voxel values",
-            f"{n_nan} NaN and {n_inf} infinite voxels (of {array.size})",
-            "replace them, e.g. by the background value, before segmenting",
-        )
-    if low == high:
-        raise InputError(
-            source, "an image with varying intensities",
-            f"a constant image (every voxel {float(low):g})",
-            "nothing to segment: any result would be meaningless; check how the image was exported",
-        )
 
 
 class Predictor:
@@ -183,17 +89,27 @@ class Predictor:
                              "run without --tta (tta=False)")
         self.model = inference_model(bundle)
         self.context_slices = int(self.pipeline.context_slices)
-        self.divisor = math.lcm(int(bundle.divisor), int(getattr(self.plan, "divisor", 1) or 1))
+        self.divisor = int(bundle.divisor)  # the network's (medseg.infer.bundle.resolve_divisor)
         self.num_classes = int(self.model.outputs[0].shape[-1])
         #: Input slices preprocessed at a time when the normalization is voxel-wise (see _parts).
         self.chunk_slices = CHUNK_SLICES
+        #: What the labels hold (medseg.io.classes.LabelKind): decides decoding and post-processing.
+        self.kind = LabelKind.named(self.pipeline.label_kind)
         self._forward = self._compile()
         self._forward_classes: Callable[[np.ndarray], Any] | None = None
         #: The named classes (medseg.io.classes.ClassSpec); several classes are segmented by
         #: the argmax of their probabilities and written with the dataset's label ids.
         self.classes = self.pipeline.classes
-        self.multiclass = self.pipeline.label_kind in ("classes", "bits")
-        self.regions = self.pipeline.label_kind == "bits"
+        #: Segmentation decodes every class's probability (argmax, region bits), not a threshold.
+        self.multiclass = self.kind.decodes_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The foreground classes' names: the bundle's class name for a one-class model
+        (``"lesion"`` by default), the named classes (regions) otherwise."""
+        if self.multiclass:
+            return tuple(self.classes.names)
+        return tuple(c for c in self.bundle.classes if c != "background")[-1:] or ("lesion",)
 
     def __repr__(self) -> str:
         return (
@@ -210,16 +126,11 @@ class Predictor:
         """
         import tensorflow as tf
 
-        model = self.model
-
-        regions = self.pipeline.label_kind == "bits"
+        model, kind = self.model, self.kind
 
         def forward(x):
-            probs = tf.cast(model(x, training=False), tf.float32)
-            if regions:  # one sigmoid per region: the probability that some region holds
-                return tf.reduce_max(probs, axis=-1)
-            # Foreground = every class but the background: P(lesion) for the usual 2 classes.
-            return tf.reduce_sum(probs[..., 1:], axis=-1)
+            # Softmax: every class but the background (P(lesion) for two); regions: the largest sigmoid.
+            return kind.foreground(tf.cast(model(x, training=False), tf.float32))
 
         return tf.function(forward, reduce_retracing=True)
 
@@ -230,7 +141,8 @@ class Predictor:
         model = self.model
         return tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
 
-    def predict_slices(self, x: np.ndarray, *, pad_value: float | None = None, per_class: bool = False) -> np.ndarray:
+    def predict_slices(self, x: np.ndarray, *, pad_value: float | None = None, per_class: bool = False,
+                       on_call: Callable[[], None] | None = None) -> np.ndarray:
         """Foreground probabilities of one batch of preprocessed slices.
 
         Pads the slices to a multiple of the network's divisor (centred), runs the model once per
@@ -244,6 +156,7 @@ class Predictor:
                 the volume methods pass that; None uses the minimum of ``x``.
             per_class: every class's probability ``(B, H, W, num_classes)`` instead of the
                 foreground's (multi-class models).
+            on_call: called after each model call (one per test-time flip): progress.
 
         Returns:
             ``(B, H, W)`` float32 in ``[0, 1]``.
@@ -267,15 +180,17 @@ class Predictor:
             self._forward_classes = self._compile_classes()
         forward = self._forward_classes if per_class else self._forward
         for axes in self.flips:
-            xi = _flip(x, axes)
+            xi = flip(x, axes)
             if padded is not None:
                 padded[:, top : top + h, left : left + w] = xi
                 xi = padded
             else:
                 xi = np.ascontiguousarray(xi)
             p = np.asarray(forward(xi))[:, top : top + h, left : left + w]
-            p = _flip(p, axes)
+            p = flip(p, axes)
             total = p.copy() if total is None else total + p
+            if on_call is not None:
+                on_call()
         out = total if len(self.flips) == 1 else total / np.float32(len(self.flips))
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
@@ -286,46 +201,52 @@ class Predictor:
         Returns:
             The warning text, or None when the modality matches or cannot be told.
         """
-        expected = str(getattr(self.plan, "modality", "") or "").upper()
-        if not expected or expected == "MIXED":  # a model trained on several modalities: no claim
-            return None
-        found = guess_modality(volume)
-        if not found or found == expected:
-            return None
-        source = volume.meta.get("source_path") or volume.case_id or "<volume>"
-        how = "header" if volume.meta.get("modality") else "intensities"
-        message = (
-            f"{source}: the model was trained on {expected} but this volume is {found} (from its {how}); "
-            "the segmentation is likely wrong"
-        )
-        log.warning(message)
+        message = modality_mismatch(self.plan, volume)
+        if message is not None:
+            log.warning(message)
         return message
 
-    def predict_proba(self, volume: "Volume") -> "Volume":
+    def predict_proba(self, volume: "Volume", *, events: EventSink | None = None,
+                      cancel: CancelToken | None = None) -> "Volume":
         """Foreground probability map of ``volume`` on its exact grid.
 
         Args:
             volume: the image; any orientation and spacing (the Plan's preprocessing is applied).
                 A volume with fewer slices than the 2.5D context is padded by repeating its edge
                 slices.
+            events, cancel: as for :meth:`segment`.
 
         Returns:
             float32 :class:`Volume` in ``[0, 1]`` with the input's shape, affine, case id and meta.
+
+        Raises:
+            RunCancelled: ``cancel`` was cancelled (checked between batches of slices).
         """
         self.check_modality(volume)
-        out: np.ndarray | None = None
-        for index, probs in self._parts(volume):
-            if index is None:  # the whole volume in one part: no copy
-                out = probs
-                break
-            if out is None:
-                out = np.empty(volume.shape, dtype=np.float32)
-            out[index] = probs
-        return volume.with_array(out)
+
+        def work(progress: Progress) -> "Volume":
+            out: np.ndarray | None = None
+            for index, probs in self._parts(volume, progress=progress):
+                if index is None:  # the whole volume in one part: no copy
+                    out = probs
+                    break
+                if out is None:
+                    out = np.empty(volume.shape, dtype=np.float32)
+                out[index] = probs
+            return volume.with_array(out)
+
+        return self._run(volume, "probabilities", events, cancel, work)
+
+    def _run(self, volume: "Volume", output: str, events: EventSink | None, cancel: CancelToken | None, work):
+        """``work(progress)`` reported as one run (:class:`Progress`): the Predictor keeps no state of it."""
+        progress = Progress(events, cancel, str(volume.case_id or ""), len(self.flips))
+        settings = {"case_id": progress.case_id, "model": str(self.bundle.run_dir), "output": output,
+                    "shape": tuple(int(n) for n in volume.shape), "tta": self.tta, "batch_size": self.batch_size}
+        return progress.run(settings, work, lambda result: {"shape": settings["shape"]})
 
     # --- streaming machinery ---------------------------------------------------------------------
     def _stream(self, prepared, start: int, stop: int, protect: np.ndarray, pad_value: float,
-                per_class: bool = False) -> np.ndarray:
+                per_class: bool = False, progress: Progress | None = None) -> np.ndarray:
         """Predict plan-space slices ``[start, stop)`` of ``prepared`` batch by batch.
 
         Returns a stack shaped like ``prepared.array`` whose slices ``[start, stop)`` hold the
@@ -334,6 +255,7 @@ class Predictor:
         ``context_slices // 2`` slices), so no second stack is allocated. Only done on our own
         writable float32 copy, never on memory shared with ``protect`` (the caller's volume).
         ``per_class``: every class's probability, in a new ``(n, H, W, num_classes)`` stack.
+        ``progress``: checked for a cancel before each batch, told of each model call.
         """
         stack = prepared.array
         in_place = (not per_class and stack.dtype == np.float32 and stack.flags.writeable
@@ -359,8 +281,11 @@ class Predictor:
 
         for begin in range(start, stop, self.batch_size):
             end = min(begin + self.batch_size, stop)
+            if progress is not None:
+                progress.check()
             pending.append((begin, self.predict_slices(prepared.slices(begin, end), pad_value=pad_value,
-                                                       per_class=per_class)))
+                                                       per_class=per_class,
+                                                       on_call=None if progress is None else progress.step)))
             flush(end - reach)
         flush(stop)
         return out
@@ -390,27 +315,14 @@ class Predictor:
         class restored linearly, then the argmax: two float volumes at a time, not C)."""
         if stack.ndim == 3:
             return self.pipeline.restore(prepared, stack).array
-        if self.regions:  # one sigmoid per region, each thresholded on the input grid: region bits
-            bits = None
-            for r in range(stack.shape[-1]):
-                held = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., r])).array >= np.float32(0.5)
-                part = held.astype(np.uint8) << np.uint8(r)
-                bits = part if bits is None else bits | part
-            return bits
-        best = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., 0])).array
-        best = np.array(best, dtype=np.float32)  # our own, writable
-        classes = np.zeros(best.shape, np.uint8)
-        for c in range(1, stack.shape[-1]):
-            p = self.pipeline.restore(prepared, np.ascontiguousarray(stack[..., c])).array
-            take = p > best
-            classes[take] = c
-            np.maximum(best, p, out=best)
-        return classes
+        # Classes: the argmax of the restored probabilities; regions: each sigmoid at 0.5.
+        return self.kind.decode(lambda plane: self.pipeline.restore(prepared, plane).array, stack)
 
-    def _parts(self, volume: "Volume", per_class: bool = False):
+    def _parts(self, volume: "Volume", per_class: bool = False, progress: Progress | None = None):
         """Yield ``(index, probabilities)`` covering ``volume``: ``index`` None for the whole volume,
         else a tuple of slices into the input array (chunks along the input's slice axis).
-        ``per_class``: uint8 class indices (argmax) instead of foreground probabilities.
+        ``per_class``: uint8 decoded labels (:meth:`LabelKind.decode`) instead of foreground
+        probabilities. ``progress`` learns the number of batches before the first model call.
 
         Chunks keep peak memory independent of the number of slices: only ``chunk_slices``
         slices (plus their 2.5D context) are preprocessed at a time.
@@ -427,7 +339,9 @@ class Predictor:
             background = (
                 self._background(volume) if voxelwise else float(prepared.array.min()) if prepared.array.size else 0.0
             )
-            stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background, per_class)
+            if progress is not None:
+                progress.expect(math.ceil(prepared.n_slices / self.batch_size))
+            stack = self._stream(prepared, 0, prepared.n_slices, volume.array, background, per_class, progress)
             yield None, self._restore(prepared, stack)
             return
         axis, flipped = chunking
@@ -436,6 +350,8 @@ class Predictor:
         reach = self.context_slices // 2
         # Whole batches per chunk: the model sees the same batch sizes as without chunks.
         size = max(self.batch_size, self.chunk_slices // self.batch_size * self.batch_size)
+        if progress is not None:  # a chunk's plan slices are its input slices (slice-local steps)
+            progress.expect(sum(math.ceil((min(f + size, n) - f) / self.batch_size) for f in range(0, n, size)))
         for first in range(0, n, size):
             last = min(first + size, n)
             low, high = max(0, first - reach), min(n, last + reach)  # context from the neighbours
@@ -447,7 +363,8 @@ class Predictor:
             prepared = self.pipeline.prepare(sub)
             # Plan slices of input indices [first, last): reversed when the axis is flipped.
             begin = (high - last) if flipped else (first - low)
-            stack = self._stream(prepared, begin, begin + (last - first), volume.array, background, per_class)
+            stack = self._stream(prepared, begin, begin + (last - first), volume.array, background, per_class,
+                                 progress)
             restored = self._restore(prepared, stack)
             keep, target = [slice(None)] * 3, [slice(None)] * 3
             keep[axis], target[axis] = slice(first - low, last - low), slice(first, last)
@@ -505,19 +422,37 @@ class Predictor:
         threshold: float | None = None,
         min_lesion_ml: float = 0.0,
         largest_component: bool | None = None,
+        events: EventSink | None = None,
+        cancel: CancelToken | None = None,
     ) -> "Volume":
         """Label volume (``uint8``, 0 background, 1 lesion) of ``volume`` on its exact grid.
 
         The same labels as :meth:`predict_proba` followed by :meth:`labels_from_proba`, but the
         probabilities are thresholded part by part, so no float volume of the input's size is
         kept when the preprocessing runs in chunks.
+
+        Args:
+            events: receives :class:`~medseg.events.RunStarted`, a
+                :class:`~medseg.events.ChunkProgress` per model call (a batch of slices, per
+                test-time flip: ``done`` of ``total``), then ``Finished`` (or ``Cancelled`` /
+                ``Failed``), on the calling thread.
+            cancel: checked between batches of slices; once cancelled the call emits
+                ``Cancelled`` and raises :class:`~medseg.events.RunCancelled`, returning nothing.
+                The predictor keeps no state of the call: the next call runs as if none came before.
         """
         t = self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
         self.check_modality(volume)
         if self.multiclass:
-            return self._segment_classes(volume, min_lesion_ml, largest_component)
+            return self._run(volume, "labels", events, cancel,
+                             lambda progress: self._segment_classes(volume, min_lesion_ml, largest_component, progress))
+        return self._run(volume, "labels", events, cancel,
+                         lambda progress: self._segment_binary(volume, t, min_lesion_ml, largest_component, progress))
+
+    def _segment_binary(self, volume: "Volume", t: float, min_lesion_ml: float, largest_component: bool | None,
+                        progress: Progress) -> "Volume":
+        """One class: the foreground probability at ``t``, part by part, then post-processed."""
         mask = np.empty(volume.shape, dtype=bool)
-        for index, probs in self._parts(volume):
+        for index, probs in self._parts(volume, progress=progress):
             np.greater_equal(probs, t, out=mask if index is None else mask[index])
             del probs
         labels = mask.view(np.uint8)  # bool -> uint8 without a copy
@@ -527,19 +462,19 @@ class Predictor:
             labels = keep_largest_component(labels)
         return volume.with_array(labels)
 
-    def _segment_classes(self, volume: "Volume", min_lesion_ml: float, largest_component: bool | None) -> "Volume":
+    def _segment_classes(self, volume: "Volume", min_lesion_ml: float, largest_component: bool | None,
+                         progress: Progress | None = None) -> "Volume":
         """Several classes: the argmax class per voxel (nested regions: each region's sigmoid at
         0.5), post-processed class by class, written with the dataset's label ids
         (``ClassSpec.label_ids``; regions: ``ClassSpec.resolve_regions``, later regions win)."""
         parts = np.empty(volume.shape, dtype=np.uint8)
-        for index, part in self._parts(volume, per_class=True):
+        for index, part in self._parts(volume, per_class=True, progress=progress):
             if index is None:
                 parts = part
                 break
             parts[index] = part
         spec = self.classes
-        masks = [(parts >> np.uint8(k) & 1).astype(bool) if self.regions else parts == k + 1
-                 for k in range(len(spec.names))]
+        masks = [self.kind.class_mask(parts, k) for k in range(len(spec.names))]
         for k, name in enumerate(spec.names):
             keep = self._largest(largest_component, name)
             if (keep or min_lesion_ml > 0) and masks[k].any():
@@ -549,26 +484,17 @@ class Predictor:
                 if keep:
                     cleaned = keep_largest_component(cleaned)
                 masks[k] = cleaned > 0
-        if self.regions:
-            return volume.with_array(spec.resolve_regions(np.stack(masks, axis=-1)))
-        classes = np.zeros(volume.shape, np.uint8)
-        for k, mask in enumerate(masks, 1):
-            classes[mask] = k
-        return volume.with_array(spec.label_ids(classes))
+        return volume.with_array(self.kind.encode(spec, masks))
 
     @property
     def largest_component_default(self) -> bool:
         """The bundle's post-processing choice: keep the largest component when training's
-        validation showed it helps (``bundle.json`` ``extra.postprocessing``); False otherwise."""
+        validation showed it helps (``bundle.postprocessing``); False otherwise."""
         return self._largest(None)
 
     def _largest(self, largest_component: bool | None, class_name: str | None = None) -> bool:
-        """Keep only the largest component? The caller's choice, else the bundle's (per class for
-        several classes: ``extra.postprocessing.largest_component`` maps class names to choices)."""
+        """Keep only the largest component? The caller's choice, else the bundle's for class
+        ``class_name`` (None: the one class of a one-class model)."""
         if largest_component is not None:
             return bool(largest_component)
-        extra = (getattr(self.bundle, "info", None) or {}).get("extra") or {}
-        choice = (extra.get("postprocessing") or {}).get("largest_component", False)
-        if isinstance(choice, Mapping):
-            return bool(choice.get(class_name, False))
-        return bool(choice)
+        return self.bundle.postprocessing.keeps_largest(class_name)

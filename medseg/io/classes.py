@@ -339,6 +339,37 @@ class LabelKind:
         """``"1 class"``, ``"3 classes"``, ``"2 regions"``."""
         return f"{n} {self.noun if n == 1 else self.plural}"
 
+    # --- infer helper ---
+    #: Segmentation decodes every class's probability (argmax, region bits) rather than
+    #: thresholding the foreground probability.
+    decodes_classes: bool = True
+
+    def decode(self, restore, probs: np.ndarray) -> np.ndarray:
+        """uint8 decoded labels on the input grid from plan-space probabilities ``(n, H, W, C)``:
+        the class of largest probability (ties: the lower class), each channel put back by
+        ``restore`` (plan-space ``(n, H, W)`` float32 -> input grid) one at a time, so only two
+        float volumes exist at once."""
+        best = np.array(restore(np.ascontiguousarray(probs[..., 0])), dtype=np.float32)  # our own, writable
+        out = np.zeros(best.shape, np.uint8)
+        for c in range(1, probs.shape[-1]):
+            p = restore(np.ascontiguousarray(probs[..., c]))
+            take = p > best
+            out[take] = c
+            np.maximum(best, p, out=best)
+        return out
+
+    def class_mask(self, decoded: np.ndarray, k: int) -> np.ndarray:
+        """bool mask of foreground class (region) ``k`` (0-based) in :meth:`decode`'s labels."""
+        return decoded == k + 1
+
+    def encode(self, spec: "ClassSpec", masks: Sequence[np.ndarray]) -> np.ndarray:
+        """The label map written for the classes' masks (``spec.names`` order), with the
+        dataset's label ids (:meth:`ClassSpec.label_ids`; later masks win overlaps)."""
+        classes = np.zeros(np.shape(masks[0]), np.uint8)
+        for k, mask in enumerate(masks, 1):
+            classes[mask] = k
+        return spec.label_ids(classes)
+
 
 class _Binary(LabelKind):
     name = "binary"
@@ -352,6 +383,10 @@ class _Binary(LabelKind):
 
     def foreground(self, probs):
         return _sum_from_1(probs)
+
+    # --- infer helper ---
+    # One lesion class: segmentation thresholds the foreground probability (bundle threshold).
+    decodes_classes = False
 
 
 class _Classes(LabelKind):
@@ -411,6 +446,23 @@ class _Bits(LabelKind):
     noun = "region"
     plural = "regions"
     ids_meaning = "each the union of its label ids"
+
+    # --- infer helper ---
+    def decode(self, restore, probs):
+        # One sigmoid per region, each put back and thresholded at 0.5 on the input grid: bit r.
+        bits = None
+        for r in range(probs.shape[-1]):
+            held = restore(np.ascontiguousarray(probs[..., r])) >= np.float32(0.5)
+            part = held.astype(np.uint8) << np.uint8(r)
+            bits = part if bits is None else bits | part
+        return bits
+
+    def class_mask(self, decoded, k):
+        return (decoded >> np.uint8(k) & 1).astype(bool)
+
+    def encode(self, spec, masks):
+        # Nested regions: each writes its region_order id, later regions overwriting earlier ones.
+        return spec.resolve_regions(np.stack(masks, axis=-1))
 
 
 def _bits_present(label: np.ndarray) -> int:

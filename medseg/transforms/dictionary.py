@@ -350,10 +350,10 @@ class RandLesionPatchd(Randomizable):
         return PatchSampler(sources, self.patch_size, lesion_fraction=self.lesion_fraction,
                             inside_body=self.inside_body)
 
-    def _one_case(self, sample: Mapping) -> PatchBatch:
-        """A batch of ``num_samples`` over the one plan-space case ``sample`` holds."""
-        _require(self, sample, self.keys)
-        image, label = sample[self.keys[0]], np.asarray(sample[self.keys[1]])
+    def _one_case(self, batch: PatchBatch) -> None:
+        """Make ``batch`` draw ``num_samples`` patches of the one plan-space case it holds."""
+        _require(self, batch, self.keys)
+        image, label = batch[self.keys[0]], np.asarray(batch[self.keys[1]])
         body = getattr(image, "body", None)
         stack = np.asarray(getattr(image, "array", image), dtype=np.float32)
         if stack.shape != label.shape:
@@ -361,12 +361,12 @@ class RandLesionPatchd(Randomizable):
         src = SampleSource(stack, label.astype(np.uint8, copy=False),
                            build_index(label, body, label_kind=self.label_kind),
                            float(stack.min()) if stack.size else 0.0, str(getattr(image, "case_id", "")))
-        batch = PatchBatch(self.rng, self.num_samples, sources=[src], sampler=self.sampler([src]))
-        batch.update({k: v for k, v in sample.items() if k not in self.keys})
-        return batch
+        batch.sources, batch.sampler, batch.size = [src], self.sampler([src]), self.num_samples
 
     def __call__(self, sample: Mapping) -> PatchBatch:
-        batch = sample if isinstance(sample, PatchBatch) and sample.sampler is not None else self._one_case(sample)
+        batch = PatchBatch.of(sample, self.rng)
+        if batch.sampler is None:
+            self._one_case(batch)
         centres = batch.sampler.draw(batch.size, self.rng)
         batch.cut(self.keys, centres, self.patch_size, self.context_slices, self.label_kind)
         self.last_params = batch.params["centres"] = centres.as_dict()

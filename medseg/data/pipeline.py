@@ -91,6 +91,11 @@ class BatchMaker:
         self.release_pages = bool(release_pages) and any(cache.on_disk)
         self.last_params: dict | None = None
 
+    @property
+    def augmenter(self):
+        """The pipeline's :attr:`~medseg.transforms.pipeline.Pipeline.augmenter` (None without one)."""
+        return self.pipeline.augmenter
+
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(index)])
 

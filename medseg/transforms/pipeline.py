@@ -225,6 +225,13 @@ class Pipeline:
         return LabelKind.of(self._named_classes())
 
     @property
+    def augmenter(self) -> Augmenter | None:
+        """The joint augmentation's :class:`~medseg.transforms.augment.Augmenter` (its config says
+        which flips and turns training showed), or None without one."""
+        joint = [t for t in self.random if isinstance(t, RandJointAugmentd)]
+        return joint[0].augmenter if joint else None
+
+    @property
     def classes(self) -> ClassSpec:
         """The :class:`medseg.io.classes.ClassSpec` of the label step (binary when it names none)."""
         spec = self._named_classes()

@@ -47,6 +47,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.classes import CLASSES, ClassSpec, LabelKind
 from medseg.transforms.intensity import body_mask, check_normalization, guess_modality
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorient_array, reorientation
@@ -165,8 +166,6 @@ class Plan:
             raise ValueError(f"Plan.num_classes must be an integer >= 2, found {self.num_classes!r}")
         self.num_classes = int(self.num_classes)
         if self.classes is not None:
-            from medseg.io.classes import ClassSpec
-
             spec = ClassSpec.from_dict(self.classes)
             if spec.num_classes != self.num_classes:
                 raise ValueError(f"Plan.num_classes {self.num_classes} does not fit its classes {list(spec.names)} "
@@ -188,7 +187,7 @@ class Plan:
             raise ValueError(f"Plan.enhancement shifts HU and needs a ct_window normalization, found "
                              f"{self.normalization.get('kind')!r}")
         spec = self.class_spec
-        if self.classes is None or spec.regions:
+        if LabelKind.of(self.classes) is not CLASSES:  # binary, or region bits
             raise ValueError("Plan.enhancement needs named classes (not the binary lesion class, not nested "
                              "regions): it shifts each class on its own")
         unknown = sorted(set(config.classes or ()) - set(spec.names))
@@ -205,8 +204,6 @@ class Plan:
     @property
     def class_spec(self):
         """The :class:`medseg.io.classes.ClassSpec` of the plan (binary when ``classes`` is None)."""
-        from medseg.io.classes import ClassSpec
-
         return ClassSpec.binary() if self.classes is None else ClassSpec.from_dict(self.classes)
 
     def class_body_fractions(self) -> list[float] | None:
@@ -492,7 +489,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     sides: dict[str, str] = {}
     if classes is not None:
         fingerprint["class_body_fractions"] = _class_body_fractions(entries, classes.names)
-        if not classes.regions:
+        if _kind(classes) is CLASSES:  # regions nest, they have no sides
             sides = _lateral_classes(entries, classes.names, orientation)
             fingerprint["lateral_classes"] = sides
     fields = {
@@ -534,7 +531,7 @@ def _lateral_classes(entries: list[dict], names, orientation: str) -> dict[str, 
 
 def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:
     """The default simulated contrast enhancement for CT classes in a CT window, else None."""
-    if classes is None or classes.regions or modality != "CT" or normalization.get("kind") != "ct_window":
+    if _kind(classes) is not CLASSES or modality != "CT" or normalization.get("kind") != "ct_window":
         return None
     from medseg.transforms.enhance import EnhancementConfig
 
@@ -609,6 +606,9 @@ def _class_spec(classes: Mapping[str, Any] | None):
     """The :class:`medseg.io.classes.ClassSpec` of a ``classes`` override (None: binary)."""
     if classes is None:
         return None
-    from medseg.io.classes import ClassSpec
-
     return ClassSpec.from_dict(classes)
+
+
+def _kind(classes: ClassSpec | None) -> LabelKind:
+    """The label kind of a ``classes`` override, read as the plan saves it (its dict form)."""
+    return LabelKind.of(None if classes is None else classes.to_dict())

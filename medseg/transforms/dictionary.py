@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medseg.io.classes import BINARY, LabelKind
+from medseg.io.classes import BINARY, BITS, LabelKind
 from medseg.transforms.augment import AugmentConfig, Augmenter
 from medseg.transforms.base import Lambdad, MapTransform, Randomizable
 from medseg.transforms.batch import PatchBatch
@@ -114,7 +114,7 @@ class LabelClassesd(MapTransform):
     @property
     def regions(self) -> bool:
         """True when the labels become region bits (nested regions), not class indices."""
-        return bool(self.classes and self.classes.get("regions"))
+        return LabelKind.of(self.classes) is BITS
 
     def apply(self, value, key):
         source = value.meta.get("source_path") or value.case_id

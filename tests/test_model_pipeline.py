@@ -319,3 +319,25 @@ def test_a_users_random_step_placed_before_the_augmentation_sees_unaugmented_pat
                                                            extra=[entry])).batch_uint8(0)
     assert images.shape == (6, 32, 32, 1) and masks.shape == (6, 32, 32)
     np.testing.assert_array_equal(images[..., 0] > 0.5, masks > 0)
+
+
+def test_label_kind_is_an_object_and_saved_by_name():
+    """Pipeline.label_kind answers with a LabelKind; the saved config keeps the name (old bundles load)."""
+    from medseg.io.classes import BINARY, BITS, CLASSES, ClassSpec
+
+    assert Pipeline.from_plan(ct_plan()).label_kind is BINARY
+    organs = ClassSpec.parse(["liver=5", "aorta=52"])
+    classes = Pipeline.from_plan(ct_plan(classes=organs.to_dict(), num_classes=3))
+    regions = ClassSpec.from_dict({"names": ["whole", "core"], "ids": [[5, 52], [52]], "regions": True,
+                                   "region_order": [5, 52]})
+    bits = Pipeline.from_plan(ct_plan(classes=regions.to_dict(), num_classes=regions.num_classes))
+    assert classes.label_kind is CLASSES and bits.label_kind is BITS
+    for pipeline, name in ((classes, "classes"), (bits, "bits")):
+        config = json.loads(json.dumps(pipeline.to_config()))
+        args = {e["name"]: e["args"] for e in config["transforms"]}
+        assert args["RandLesionPatchd"]["label_kind"] == name and args["RandJointAugmentd"]["label_kind"] == name
+        again = Pipeline.from_config(config)
+        assert again.patches.label_kind is pipeline.label_kind and again.to_config() == config
+    assert "label_kind" not in transform_config(Pipeline.from_plan(ct_plan()).patches)["args"]
+    with pytest.raises(ValueError, match="label_kind must be one of"):
+        transform_from_config({"name": "RandLesionPatchd", "args": {"label_kind": "instances"}})

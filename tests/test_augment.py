@@ -12,7 +12,7 @@ from medseg.transforms.augment import (
     check_alignment,
 )
 from medseg.transforms.dictionary import RandJointAugmentd
-from medseg.transforms.compose import Compose
+from medseg.transforms.batch import PatchBatch, run_random
 
 HEAVY = AugmentConfig(rotate_prob=1.0, max_rotate_deg=30, scale_prob=1.0, elastic_prob=0.5)
 
@@ -140,9 +140,10 @@ def test_shape_mismatch_and_dict_transform():
     np.testing.assert_array_equal(out["image"][..., 0], out["label"])
     with pytest.raises(KeyError, match="sample has no key 'label'"):
         t({"image": images})
-    # Inside Compose the failure names the transform and the case.
-    with pytest.raises(RuntimeError, match=r"applying RandJointAugmentd\(keys=\('image', 'label'\)\) to p7"):
-        Compose([t])({"image": images, "case_id": "p7"})
+    # Run by the executor, the failure keeps its type and gets a note naming the step.
+    with pytest.raises(KeyError, match="sample has no key 'label'") as info:
+        run_random([t], PatchBatch.of({"image": images, "case_id": "p7"}, np.random.default_rng(0)))
+    assert any("RandJointAugmentd(keys=('image', 'label'))" in n for n in info.value.__notes__)
 
 
 def test_elastic_moves_pixels_smoothly():

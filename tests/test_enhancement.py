@@ -229,12 +229,15 @@ def test_batch_maker_applies_exactly_the_recorded_shifts():
     flips = AugmentConfig.flips_only()
     with_step = BatchMaker(cache, plan, batch_size=6, seed=4, augment=flips)
     without = BatchMaker(cache, plan.replace(enhancement=None), batch_size=6, seed=4, augment=flips)
-    assert with_step.enhancement is not None and without.enhancement is None and not with_step.extra
+    names = [type(t).__name__ for t in with_step.pipeline.random]
+    assert names == ["RandLesionPatchd", "RandEnhancementd", "RandJointAugmentd"]
+    assert "RandEnhancementd" not in [type(t).__name__ for t in without.pipeline.random]
+    enhancement = with_step.pipeline.random[1].enhancement
     shifted, masks = with_step.batch_uint8(2)
     plain, plain_masks = without.batch_uint8(2)
     np.testing.assert_array_equal(masks, plain_masks)       # same centres and flips
     recorded = with_step.last_params["enhancement"]
-    expected = with_step.enhancement.apply(plain.copy(), plain_masks, EnhancementParams(
+    expected = enhancement.apply(plain.copy(), plain_masks, EnhancementParams(
         np.asarray(recorded["tissue_hu"]), np.asarray(recorded["class_hu"])))
     np.testing.assert_allclose(shifted, expected, atol=2e-5)   # the recorded draws (rounded to 0.01 HU)
     assert not np.array_equal(shifted, plain)

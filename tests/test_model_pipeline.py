@@ -6,6 +6,7 @@ input's own geometry for the inverse, and a user transform that counts its calls
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import pytest
 
 from medseg.data.plan import Plan
 from medseg.io.volume import Volume
+from medseg.transforms.base import Randomizable
 from medseg.transforms.pipeline import Pipeline
 from medseg.transforms.preprocess import plan_space_image
-from medseg.transforms.registry import registered_transforms, transform_config, transform_from_config
+from medseg.transforms.registry import (register_transform, registered_transforms, transform_config,
+                                       transform_from_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +81,8 @@ def test_every_builtin_transform_round_trips_through_its_config():
     from medseg.transforms import dictionary as d
 
     built.update(CTWindowd=d.CTWindowd("image", -100, 200), ZScored=d.ZScored("image", (1, 99)),
-                 PercentileClipd=d.PercentileClipd("image", 2, 98), Orientationd=d.Orientationd("image", "LPS"),
-                 Spacingd=d.Spacingd(("image", "label"), (1.0, 2.0), slice_axis=1))
+                 PercentileClipd=d.PercentileClipd("image", 2, 98),
+                 RandEnhancementd=d.RandEnhancementd(window_hu=(-200, 300), classes=[1], num_classes=2))
     names = set(registered_transforms())
     assert names >= set(built), names ^ set(built)
     for name, t in built.items():
@@ -126,13 +129,15 @@ def test_mr_zscore_pipeline_is_not_chunkable_and_ct_is():
 
 
 def test_order_and_serializability_errors_are_clear():
-    from medseg.transforms.compose import Lambdad
-    from medseg.transforms.dictionary import ContextSlicesd, RandJointAugmentd
+    from medseg.transforms.base import Lambdad
+    from medseg.transforms.dictionary import ContextSlicesd, RandJointAugmentd, RandLesionPatchd
 
     with pytest.raises(ValueError, match="deterministic transforms must come before the random ones"):
         Pipeline([RandJointAugmentd(), ContextSlicesd()])
     with pytest.raises(TypeError, match="not a registered transform"):
         Pipeline([Lambdad("image", abs)]).to_config()
+    with pytest.raises(ValueError, match=r"so it comes first; found \['RandJointAugmentd'\] before it"):
+        Pipeline([RandJointAugmentd(), RandLesionPatchd()])
     with pytest.raises(ValueError, match="unknown transform 'Nope'"):
         transform_from_config({"name": "Nope", "args": {}})
     with pytest.raises(ValueError, match="module 'no_such_module_xyz', which cannot be imported"):
@@ -237,3 +242,102 @@ def test_show_pipeline_and_info_json(tmp_path, capsys):
     assert d["classes"] == ["background", "lesion"] and d["pipeline"][0].startswith("1. LabelClassesd(")
     assert info_main([str(tmp_path / "nothing")]) == 2
     assert "medseg-info: error:" in capsys.readouterr().err
+
+
+# --- a user's random step runs where its before/after puts it ---------------------------------
+SEEN: list = []
+
+
+@register_transform
+class ChecksumStepd(Randomizable):
+    """Records a digest of the patches it is given (and the batch generator's next draw)."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def get_config(self) -> dict:
+        return {}
+
+    def __call__(self, sample):
+        SEEN.append((_digest(sample["image"], sample["label"]), float(self.rng.random())))
+        return dict(sample)  # a new mapping, as a user's step usually returns
+
+
+def _digest(images, masks) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images, np.float32).tobytes()
+                          + np.ascontiguousarray(masks, np.uint8).tobytes()).hexdigest()
+
+
+def _small_cache(plan):
+    from medseg.data.cache import VolumeCache
+
+    rng = np.random.default_rng(3)
+    arrays = []
+    for i in range(2):
+        image = rng.random((6, 40, 40), dtype=np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        label[2:4, 10:18, 12:20] = 1
+        arrays.append((f"c{i}", image, label))
+    return VolumeCache.from_arrays(arrays, plan, body_threshold=0.2)
+
+
+def test_a_users_random_step_placed_before_the_augmentation_sees_unaugmented_patches():
+    from medseg.data.pipeline import BatchMaker
+
+    plan = ct_plan(target_spacing_mm=None)
+    cache = _small_cache(plan)
+    entry = {"name": "ChecksumStepd", "module": __name__, "args": {}, "before": "RandJointAugmentd"}
+    early = Pipeline.from_plan(plan, extra=[entry])
+    assert [type(t).__name__ for t in early.random] == ["RandLesionPatchd", "ChecksumStepd", "RandJointAugmentd"]
+    late = Pipeline.from_plan(plan, extra=[{k: v for k, v in entry.items() if k != "before"}])
+    assert [type(t).__name__ for t in late.random] == ["RandLesionPatchd", "RandJointAugmentd", "ChecksumStepd"]
+    plain = BatchMaker(cache, plan, batch_size=4, seed=8, augment=False)       # the patches, unaugmented
+    augmented = BatchMaker(cache, plan, batch_size=4, seed=8)                  # the default pipeline
+    for index in (0, 1):
+        SEEN.clear()
+        early_out = BatchMaker(cache, plan, batch_size=4, seed=8, pipeline=early).batch_uint8(index)
+        late_out = BatchMaker(cache, plan, batch_size=4, seed=8, pipeline=late).batch_uint8(index)
+        unaugmented = plain.batch_uint8(index)
+        final = augmented.batch_uint8(index)
+        assert SEEN[0][0] == _digest(*unaugmented)            # before: what the sampler cut, nothing else
+        assert SEEN[1][0] == _digest(*final) == _digest(*late_out)  # after: the augmented batch, unchanged by it
+        assert _digest(*early_out) != _digest(*unaugmented)    # the augmentation still ran, after it
+        # the step draws from the batch's own generator: right after the centres, or after the augmentation
+        rng = np.random.default_rng([8, index])
+        plain.sampler.draw(4, rng)
+        assert SEEN[0][1] == rng.random()
+    # spatial augmentation of ready patches: joint (an image equal to its mask stays equal), shapes kept
+    from medseg.transforms.augment import AugmentConfig
+
+    SEEN.clear()
+    equal = ct_plan(target_spacing_mm=None, context_slices=1)
+    cache = _small_cache(equal)
+    for source in cache.sources:
+        source.image[...] = source.label
+    images, masks = BatchMaker(cache, equal, batch_size=6, seed=2,
+                               pipeline=Pipeline.from_plan(equal, augment=AugmentConfig().spatial_only(),
+                                                           extra=[entry])).batch_uint8(0)
+    assert images.shape == (6, 32, 32, 1) and masks.shape == (6, 32, 32)
+    np.testing.assert_array_equal(images[..., 0] > 0.5, masks > 0)
+
+
+def test_label_kind_is_an_object_and_saved_by_name():
+    """Pipeline.label_kind answers with a LabelKind; the saved config keeps the name (old bundles load)."""
+    from medseg.io.classes import BINARY, BITS, CLASSES, ClassSpec
+
+    assert Pipeline.from_plan(ct_plan()).label_kind is BINARY
+    organs = ClassSpec.parse(["liver=5", "aorta=52"])
+    classes = Pipeline.from_plan(ct_plan(classes=organs.to_dict(), num_classes=3))
+    regions = ClassSpec.from_dict({"names": ["whole", "core"], "ids": [[5, 52], [52]], "regions": True,
+                                   "region_order": [5, 52]})
+    bits = Pipeline.from_plan(ct_plan(classes=regions.to_dict(), num_classes=regions.num_classes))
+    assert classes.label_kind is CLASSES and bits.label_kind is BITS
+    for pipeline, name in ((classes, "classes"), (bits, "bits")):
+        config = json.loads(json.dumps(pipeline.to_config()))
+        args = {e["name"]: e["args"] for e in config["transforms"]}
+        assert args["RandLesionPatchd"]["label_kind"] == name and args["RandJointAugmentd"]["label_kind"] == name
+        again = Pipeline.from_config(config)
+        assert again.patches.label_kind is pipeline.label_kind and again.to_config() == config
+    assert "label_kind" not in transform_config(Pipeline.from_plan(ct_plan()).patches)["args"]
+    with pytest.raises(ValueError, match="label_kind must be one of"):
+        transform_from_config({"name": "RandLesionPatchd", "args": {"label_kind": "instances"}})

@@ -275,39 +275,41 @@ def test_preprocess_label_values():
     np.testing.assert_array_equal(three.ravel(), [0, 2, 1, 0])
 
 
-# --- dictionary transforms and Compose ------------------------------------------------------------
-def test_orientation_and_spacing_dict_transforms_invert(brain1):
-    from medseg.transforms.dictionary import Orientationd, Spacingd
+# --- the pipeline's steps: geometry round trip, normalization, failures, random steps ----------------
+def test_plan_spaced_anisotropic_round_trip_keeps_world_places(brain1):
+    """PlanSpaced to an anisotropic in-plane spacing and its inverse (what inference runs):
+    the lesion stays at the same world place, and comes back on the input's exact grid."""
+    from medseg.transforms.dictionary import PlanSpaced
 
     image, label = brain1
-    orient = Orientationd(("image", "label"))
-    spacing = Spacingd(("image", "label"), (1.0, 1.2), slice_axis=2)
-    sample = spacing(orient({"image": image, "label": label}))
-    out_img, out_lab = sample["image"], sample["label"]
-    assert out_img.orientation == "RAS" and out_img.shape == (200, 167, 25)
-    np.testing.assert_allclose(out_img.spacing_mm, (1.0, 1.2, 6.5))
-    assert set(np.unique(out_lab.array)) == {0, 1} and out_lab.array.dtype == label.array.dtype
-    # The lesion is still at the same world place: centroids agree within a voxel.
-    def centroid(v):
-        return v.world_of(np.argwhere(v.array > 0)).mean(0)
-    np.testing.assert_allclose(centroid(out_lab), centroid(label), atol=1.0)
-    back = orient.inverse(spacing.inverse(sample))
-    assert back["image"].shape == image.shape and np.array_equal(back["image"].affine, image.affine)
-    assert dice(back["label"].array, label.array) > 0.95
-    assert back["image"].meta.get("applied_operations") == []
-    with pytest.raises(ValueError, match="cannot invert Spacingd: the last applied operation was Orientationd"):
-        spacing.inverse(orient({"image": image, "label": label}))
-    with pytest.raises(ValueError, match="mode must be 'linear' or 'nearest'"):
-        Spacingd("image", (1.0, 1.0), mode="cubic")
+    step = PlanSpaced(("image", "label"), orientation="RAS", slice_axis=2, target_spacing_mm=(1.0, 1.2))
+    sample = step({"image": image, "label": label})
+    prep, lab = sample["image"], sample["label"]
+    # 0.78 x 0.78 x 6.5 mm voxels, 25 slices -> slices first, 1.0 x 1.2 mm in-plane; nearest keeps the dtype
+    assert prep.array.shape == (25, 200, 167) and lab.shape == prep.array.shape and lab.dtype == label.array.dtype
+    assert set(np.unique(lab)) == {0, 1}
+    np.testing.assert_allclose(np.linalg.norm(prep.affine[:3, :3], axis=0), (6.5, 1.0, 1.2), rtol=1e-6)
+
+    def world_centroid(affine, mask):
+        idx = np.argwhere(mask > 0)
+        return (affine @ np.c_[idx, np.ones(len(idx))].T)[:3].mean(axis=1)
+
+    np.testing.assert_allclose(world_centroid(prep.affine, lab), world_centroid(label.affine, label.array), atol=1.0)
+    back = step.invert(prep, lab)
+    assert back.shape == image.shape and np.array_equal(back.affine, image.affine) and back.case_id == image.case_id
+    assert back.array.dtype == label.array.dtype and dice(back.array, label.array) > 0.95
+    with pytest.raises(ValueError, match="restore expects a stack of shape"):
+        step.invert(prep, lab[:3])
     with pytest.raises(ValueError, match="slice_axis must be 0, 1 or 2"):
-        Spacingd("image", (1.0, 1.0), slice_axis=4)
+        PlanSpaced(slice_axis=4)
     with pytest.raises(ValueError, match="one of each pair"):
-        Orientationd("image", "RAR")
+        PlanSpaced(orientation="RAR")
 
 
-def test_normalize_dict_transforms_and_compose():
-    from medseg.transforms.compose import Compose, Lambdad, MapTransform
+def test_normalize_dict_transforms_and_failures_name_step_and_case():
+    from medseg.transforms.base import Lambdad, MapTransform
     from medseg.transforms.dictionary import CTWindowd, PercentileClipd, ZScored
+    from medseg.transforms.pipeline import Pipeline
 
     ct = Volume(np.array([-1000.0, -300.0, 400.0, 1000.0]).reshape(1, 1, 4), np.eye(4), "ct7")
     out = CTWindowd("image")({"image": ct, "label": None})
@@ -328,27 +330,36 @@ def test_normalize_dict_transforms_and_compose():
     def boom(_):
         raise ZeroDivisionError("x")
 
-    pipeline = Compose([CTWindowd("image"), Lambdad("image", boom)])
-    with pytest.raises(RuntimeError, match=r"applying Lambdad\(keys=\('image',\)\) to ct7") as info:
-        pipeline({"image": ct})
-    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    # The pipeline runs the steps in order; a failure keeps its type and gets a note naming step and case.
+    pipeline = Pipeline([CTWindowd("image"), Lambdad("image", boom)])
+    with pytest.raises(ZeroDivisionError) as info:
+        pipeline.preprocess({"image": ct})
+    assert any("while applying Lambdad(keys=('image',)) to ct7" in n for n in info.value.__notes__)
     assert len(pipeline) == 2 and "CTWindowd" in repr(pipeline)
 
 
-def test_compose_seeds_random_members_independently():
-    from medseg.transforms.compose import Compose
+def test_executor_draws_from_the_batch_generator_only():
+    """run_random: the same batch generator gives the same patches, whatever the step's own
+    generator holds; the step object itself is left as it was (parallel builders share it)."""
+    from medseg.transforms.batch import PatchBatch, run_random
     from medseg.transforms.dictionary import RandLesionPatchd
 
     lab = np.zeros((4, 40, 40), np.uint8)
     lab[2, 20, 20] = 1
     sample = {"image": np.random.default_rng(0).random((4, 40, 40), dtype=np.float32), "label": lab}
+    step = RandLesionPatchd(patch_size=(16, 16), num_samples=3, lesion_fraction=1.0, seed=99)
+    own = step.rng.bit_generator.state
 
-    def make():
-        return Compose([RandLesionPatchd(patch_size=(16, 16), num_samples=3)], seed=11)
+    def run(seed):
+        return run_random([step], PatchBatch.of(sample, np.random.default_rng(seed)))
 
-    a, b = make(), make()
-    np.testing.assert_array_equal(a(sample)["image"], b(sample)["image"])
-    assert a.last_params == b.last_params and a.last_params[0]["lesion"] is not None
+    a, b, c = run(11), run(11), run(12)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a.params == b.params and a.params["centres"]["lesion"] == [True, True, True]
+    assert a.params != c.params
+    # lesion-centred patches hold the lesion voxel, within the quarter-patch jitter
+    assert np.all(a["label"].reshape(3, -1).max(axis=1) == 1)
+    assert step.rng.bit_generator.state == own and step.last_params is None
 
 
 def test_plan_pipeline_preprocess(brain1):

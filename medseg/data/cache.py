@@ -36,6 +36,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.classes import BINARY, LabelKind
 from medseg.transforms.sampling import LesionIndex, SampleSource, build_index
 
 __all__ = ["VolumeCache", "available_memory_mb", "open_npy_mmap", "CACHE_MODES"]
@@ -243,10 +244,11 @@ class VolumeCache:
     @classmethod
     def from_arrays(cls, arrays: Sequence[tuple[str, np.ndarray, np.ndarray]], plan: Any, *, mode: str = "memory",
                     cache_dir: str | os.PathLike | None = None, body_threshold: float | None = None,
-                    seed: int = 0, label_kind: str = "binary") -> "VolumeCache":
+                    seed: int = 0, label_kind: LabelKind | str = BINARY) -> "VolumeCache":
         """A cache of already preprocessed ``(case_id, image (n, H, W) float32, label (n, H, W))``.
 
         ``body_threshold``: image values above it count as body (None: no body sample).
+        ``label_kind``: the labels' :class:`~medseg.io.classes.LabelKind` (or its saved name).
 
         Raises:
             ValueError: unknown mode, shapes that differ, or no arrays.

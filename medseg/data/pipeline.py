@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from medseg.data.cache import VolumeCache
-from medseg.transforms.augment import Augmenter
-from medseg.transforms.enhance import Enhancement
-from medseg.transforms.warp import render
+from medseg.transforms.batch import PatchBatch, run_random
+from medseg.transforms.pipeline import Pipeline
 
 __all__ = ["BatchMaker", "make_dataset", "dataset_from_folders", "default_workers"]
 
@@ -46,13 +44,14 @@ def default_workers() -> int:
 
 class BatchMaker:
     """Builds numpy training batches from a :class:`VolumeCache`: the random steps of the model's
-    pipeline, run per batch (no TensorFlow needed).
+    pipeline, run per batch in their saved order (no TensorFlow needed).
 
-    The pipeline's ``RandLesionPatchd`` draws the batch's patch centres and its
-    ``RandJointAugmentd`` the spatial and intensity changes; the patches are cut with the spatial
-    change folded in (:func:`medseg.transforms.warp.render`, one pass), then the intensity change
-    is applied, then any further random step of the pipeline (a user's) gets
-    ``{"image": (B, H, W, C), "label": (B, H, W)}`` with the batch's own generator.
+    Batch ``i`` starts as a :class:`~medseg.transforms.batch.PatchBatch` over the cached cases
+    with the generator ``np.random.default_rng([seed, i])``; :func:`~medseg.transforms.batch.run_random`
+    then calls each random step on it, in order: the pipeline's ``RandLesionPatchd`` draws the
+    patch centres, ``RandEnhancementd`` and ``RandJointAugmentd`` draw and apply their changes
+    (the spatial one folded into the cut), a user's step gets ``{"image": (B, H, W, C),
+    "label": (B, H, W), ...}`` as the steps before it left it.
 
     Args:
         cache: the preprocessed cases.
@@ -73,9 +72,7 @@ class BatchMaker:
 
     def __init__(self, cache: VolumeCache, plan: Any, *, batch_size: int = 16, seed: int = 0, augment: Any = True,
                  lesion_fraction: float | None = None, inside_body: bool = True, release_pages: bool = True,
-                 pipeline: Any = None):
-        from medseg.transforms.pipeline import Pipeline
-
+                 pipeline: Pipeline | None = None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
         if pipeline is None:
@@ -90,21 +87,14 @@ class BatchMaker:
         patches = pipeline.patches
         self.patch_size = tuple(int(v) for v in patches.patch_size)
         self.context_slices = int(patches.context_slices)
-        self.label_kind = patches.label_kind
         self.sampler = patches.sampler(cache.sources)
-        joint = [t for t in pipeline.random if isinstance(getattr(t, "augmenter", None), Augmenter)]
-        self.augmenter = joint[0].augmenter if joint else None
-        if self.augmenter is not None:
-            self.augmenter._noise_bank()  # built once here, not raced by parallel workers
-        enhancers = [t for t in pipeline.random if isinstance(getattr(t, "enhancement", None), Enhancement)]
-        # built-in steps draw from the batch's own generator (no lock); a user's take turns below
-        self.enhancement = enhancers[0].enhancement if enhancers else None
-        built_in = {id(patches), *(id(t) for t in joint[:1] + enhancers[:1])}
-        self.extra = [t for t in pipeline.random if id(t) not in built_in]
-        # A user's random step keeps its generator on the object: parallel builders take turns.
-        self._extra_lock = threading.Lock()
         self.release_pages = bool(release_pages) and any(cache.on_disk)
         self.last_params: dict | None = None
+
+    @property
+    def augmenter(self):
+        """The pipeline's :attr:`~medseg.transforms.pipeline.Pipeline.augmenter` (None without one)."""
+        return self.pipeline.augmenter
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(index)])
@@ -117,43 +107,12 @@ class BatchMaker:
     def batch_uint8(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`batch` with uint8 masks (a quarter of the bytes to hand to TensorFlow)."""
         index = int(index)
-        rng = self.rng(index)
-        centres = self.sampler.draw(self.batch_size, rng)
-        spatial = None
-        if self.augmenter is not None:
-            spatial = self.augmenter.draw_spatial(self.batch_size, rng, square=self.patch_size[0] == self.patch_size[1])
         after = self.cache.release_slices if self.release_pages else None
-        images, masks = render(self.cache.sources, centres, self.patch_size, self.context_slices, spatial,
-                               after_patch=after, label_kind=self.label_kind)
-        params: dict[str, Any] = {"index": index, "centres": centres.as_dict()}
-        intensity = None
-        if self.augmenter is not None:
-            intensity = self.augmenter.draw_intensity(self.batch_size, rng, images[0].size)
-        if self.enhancement is not None:
-            # drawn after the augmenter so the other draws of a batch do not depend on it
-            enhancement = self.enhancement.draw(self.batch_size, rng)
-            self.enhancement.apply(images, masks, enhancement)
-            params.update(enhancement=enhancement.as_dict())
-        if intensity is not None:
-            self.augmenter.apply_intensity(images, intensity)
-            params.update(spatial=spatial.as_dict(), intensity=intensity.as_dict())
-        if self.extra:
-            images, masks = self._apply_extra(images, masks, rng)
-        self.last_params = params
-        return images, masks
-
-    def _apply_extra(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
-        sample = {"image": images, "label": masks}
-        with self._extra_lock:
-            for t in self.extra:
-                t.set_random_state(rng=np.random.default_rng(int(rng.integers(2 ** 63))))
-                sample = t(sample)
-        out_images = np.asarray(sample["image"], dtype=np.float32)
-        out_masks = np.asarray(sample["label"], dtype=np.uint8)
-        if out_images.shape != images.shape or out_masks.shape != masks.shape:
-            raise ValueError(f"random steps {[type(t).__name__ for t in self.extra]} must keep the batch shapes "
-                             f"{images.shape} / {masks.shape}, found {out_images.shape} / {out_masks.shape}")
-        return out_images, out_masks
+        batch = PatchBatch(self.rng(index), self.batch_size, sources=self.cache.sources, sampler=self.sampler,
+                           after_patch=after)
+        batch = run_random(self.pipeline.random, batch)
+        self.last_params = {"index": index, **batch.params}
+        return batch["image"], batch["label"]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         i = 0

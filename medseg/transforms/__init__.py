@@ -1,5 +1,5 @@
 """medseg.transforms: a model's pipeline of dictionary transforms (:mod:`.pipeline`, :mod:`.dictionary`,
-:mod:`.registry`) over array functions (plan space and back, intensity, lesion-aware sampling,
+:mod:`.registry`; the random steps run per batch by :mod:`.batch`) over array functions (plan space and back, intensity, lesion-aware sampling,
 warps, augmentation). Names are imported lazily."""
 
 from __future__ import annotations
@@ -8,23 +8,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Prepared": "medseg.transforms.preprocess",
+    "Prepared": "medseg.transforms.planspace",
     "preprocess_image": "medseg.transforms.preprocess",
     "preprocess_label": "medseg.transforms.preprocess",
     "restore": "medseg.transforms.preprocess",
     "Pipeline": "medseg.transforms.pipeline",
     "register_transform": "medseg.transforms.registry",
     "registered_transforms": "medseg.transforms.registry",
-    "Compose": "medseg.transforms.compose",
-    "MapTransform": "medseg.transforms.compose",
-    "Randomizable": "medseg.transforms.compose",
-    "Lambdad": "medseg.transforms.compose",
+    "MapTransform": "medseg.transforms.base",
+    "Randomizable": "medseg.transforms.base",
+    "Lambdad": "medseg.transforms.base",
+    "PatchBatch": "medseg.transforms.batch",
+    "run_random": "medseg.transforms.batch",
     "LabelClassesd": "medseg.transforms.dictionary",
     "PlanSpaced": "medseg.transforms.dictionary",
     "BodyMaskd": "medseg.transforms.dictionary",
     "ContextSlicesd": "medseg.transforms.dictionary",
-    "Orientationd": "medseg.transforms.dictionary",
-    "Spacingd": "medseg.transforms.dictionary",
     "NormalizeIntensityd": "medseg.transforms.dictionary",
     "CTWindowd": "medseg.transforms.dictionary",
     "ZScored": "medseg.transforms.dictionary",

@@ -22,11 +22,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medseg.io.classes import BINARY, LabelKind
 from medseg.transforms.sampling import Centres, SampleSource
 from medseg.transforms.warp import SpatialParams, render
 
@@ -109,6 +111,7 @@ class IntensityParams:
 
 
 _NOISE_BANK_SIZE = 1 << 20
+_NOISE_LOCK = threading.Lock()
 
 
 def _power(x: np.ndarray, gamma: float) -> None:
@@ -183,8 +186,11 @@ class Augmenter:
 
     # --- applying ------------------------------------------------------------------------------
     def _noise_bank(self) -> np.ndarray:
-        if self._noise is None:
-            self._noise = np.random.default_rng(self.noise_seed).standard_normal(_NOISE_BANK_SIZE, dtype=np.float32)
+        # Built once, under a lock: parallel batch builders share this object.
+        with _NOISE_LOCK:
+            if self._noise is None:
+                self._noise = np.random.default_rng(self.noise_seed).standard_normal(_NOISE_BANK_SIZE,
+                                                                                     dtype=np.float32)
         return self._noise
 
     def apply_intensity(self, images: np.ndarray, params: IntensityParams) -> np.ndarray:
@@ -221,20 +227,28 @@ class Augmenter:
         return images
 
     def __call__(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator | int | None = None,
-                 *, pad_value: float | None = None, label_kind: str = "binary") -> tuple[np.ndarray, np.ndarray]:
-        """Augment a batch of ready patches.
+                 *, pad_value: float | None = None,
+                 label_kind: LabelKind | str = BINARY) -> tuple[np.ndarray, np.ndarray]:
+        """Augment a batch of ready patches (:meth:`augment`; its draws go to ``last_params``)."""
+        images, masks, self.last_params = self.augment(images, masks, rng, pad_value=pad_value,
+                                                       label_kind=label_kind)
+        return images, masks
+
+    def augment(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator | int | None = None,
+                *, pad_value: float | None = None, label_kind: LabelKind | str = BINARY):
+        """Augment a batch of ready patches: draw and warp (spatial), then draw and apply (intensity).
 
         Args:
             images: float ``(B, H, W, C)`` (or ``(B, H, W)``, treated as one channel).
-            masks: ``(B, H, W)`` class indices.
+            masks: ``(B, H, W)`` labels of ``label_kind``.
             rng: generator or seed (parameters drawn from it; same seed, same result).
             pad_value: image value shown where a warp looks outside the patch (default: each
                 patch's minimum); the mask shows 0 there.
-            label_kind: ``"binary"`` (0/1 masks), ``"classes"`` (class indices) or ``"bits"``
-                (nested regions): how warped masks are made (:func:`medseg.transforms.warp.render`).
+            label_kind: the :class:`~medseg.io.classes.LabelKind` of the masks (or its saved
+                name): how warped masks are made (:meth:`~medseg.io.classes.LabelKind.warp`).
 
         Returns:
-            ``(images float32 (B, H, W, C), masks uint8 (B, H, W))``.
+            ``(images float32 (B, H, W, C), masks uint8 (B, H, W), {"spatial": ..., "intensity": ...})``.
 
         Raises:
             ValueError: if images and masks disagree in batch size or patch shape.
@@ -262,8 +276,8 @@ class Augmenter:
                                        label_kind=label_kind)
         intensity = self.draw_intensity(B, rng, H * W * C)
         self.apply_intensity(out_images, intensity)
-        self.last_params = {"spatial": spatial.as_dict(), "intensity": intensity.as_dict()}
-        return (out_images[..., 0] if squeeze else out_images), out_masks
+        params = {"spatial": spatial.as_dict(), "intensity": intensity.as_dict()}
+        return (out_images[..., 0] if squeeze else out_images), out_masks, params
 
 
 def _blobs(n: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Dictionary transforms: MONAI-style wrappers over the array functions of this package.
 
-Each takes and returns a sample ``{"image": ..., "label": ..., ...}`` (a new dict; the caller's
-is not modified, except that intensity transforms overwrite a :class:`Prepared` stack, which
-belongs to the pipeline run that made it). Every class here is registered by name
+Each takes and returns a sample ``{"image": ..., "label": ..., ...}`` (a new mapping; the
+caller's is not modified, except that intensity transforms overwrite a :class:`Prepared` stack,
+which belongs to the pipeline run that made it). The random ones work on a batch of patches
+(:class:`~medseg.transforms.batch.PatchBatch`) and are what training calls, in the pipeline's
+order, through :func:`medseg.transforms.batch.run_random`. Every class here is registered by name
 (:mod:`medseg.transforms.registry`) and rebuilt from ``get_config()``, so a model's pipeline
 (:class:`medseg.transforms.pipeline.Pipeline`) is saved with it.
 
@@ -16,36 +18,38 @@ What a model's pipeline holds, in order (built from the Plan by ``Pipeline.from_
 ``BodyMaskd``               training only: the body mask the patch sampler centres patches in
 ``NormalizeIntensityd``     CT window / z-score / percentiles (the Plan's ``normalization``)
 ``ContextSlicesd``          2.5D: the number of neighbouring slices fed as channels
-``RandLesionPatchd``        random, training: lesion-aware patch centres and the patches
+``RandLesionPatchd``        random, training: lesion-aware patch centres (the patches are cut
+                            when a step first reads them)
 ``RandEnhancementd``        random, training, CT with several classes: simulated contrast
                             enhancement (each class's HU shifted on its own, soft tissue
                             brightened; :mod:`~medseg.transforms.enhance`)
 ``RandJointAugmentd``       random, training: flips, rotations, scaling (image and mask
-                            together), then gamma, noise, brightness, contrast (image only)
+                            together, folded into the cut), then gamma, noise, brightness,
+                            contrast (image only)
 ==========================  =====================================================================
 
 Array functions live apart: :mod:`~medseg.transforms.spatial`, :mod:`~medseg.transforms.intensity`,
-:mod:`~medseg.transforms.preprocess`, :mod:`~medseg.transforms.sampling`,
+:mod:`~medseg.transforms.planspace`, :mod:`~medseg.transforms.sampling`,
 :mod:`~medseg.transforms.warp`, :mod:`~medseg.transforms.augment`, :mod:`~medseg.transforms.enhance`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from medseg.io.classes import BINARY, BITS, LabelKind
 from medseg.transforms.augment import AugmentConfig, Augmenter
-from medseg.transforms.compose import Lambdad, MapTransform, Randomizable
+from medseg.transforms.base import Lambdad, MapTransform, Randomizable
+from medseg.transforms.batch import PatchBatch
 from medseg.transforms.enhance import Enhancement, EnhancementConfig
-from medseg.transforms.intensity import body_mask, check_normalization, needs_body, normalize, normalize_inplace
-from medseg.transforms.preprocess import Prepared, label_classes, plan_space_image, plan_space_label, restore
+from medseg.transforms.intensity import body_mask, check_normalization, normalize, normalize_inplace
+from medseg.transforms.planspace import Prepared, label_classes, plan_space_image, plan_space_label, restore
 from medseg.transforms.registry import register_transform
 from medseg.transforms.sampling import PatchSampler, SampleSource, build_index
-from medseg.transforms.slicing import context_offsets, from_stack, to_stack
-from medseg.transforms.spatial import InPlaneGrid, inplane_grid, reorient_array, reorientation, resample_inplane
-from medseg.transforms.warp import check_label_kind, render
+from medseg.transforms.slicing import context_offsets
+from medseg.transforms.spatial import inplane_grid, reorientation
 
 __all__ = [
     "LabelClassesd",
@@ -56,8 +60,6 @@ __all__ = [
     "ZScored",
     "PercentileClipd",
     "ContextSlicesd",
-    "Orientationd",
-    "Spacingd",
     "RandLesionPatchd",
     "RandEnhancementd",
     "RandJointAugmentd",
@@ -68,7 +70,7 @@ __all__ = [
 # --- the steps of a model's pipeline ------------------------------------------------------------
 @register_transform
 class LabelClassesd(MapTransform):
-    """Label values -> uint8 class indices (:func:`medseg.transforms.preprocess.label_classes`).
+    """Label values -> uint8 class indices (:func:`medseg.transforms.planspace.label_classes`).
 
     With ``num_classes == 2`` and no ``classes`` every nonzero value is the lesion (masks stored
     as 0/255 or with several lesion codes work unchanged); with ``classes``
@@ -112,7 +114,7 @@ class LabelClassesd(MapTransform):
     @property
     def regions(self) -> bool:
         """True when the labels become region bits (nested regions), not class indices."""
-        return bool(self.classes and self.classes.get("regions"))
+        return LabelKind.of(self.classes) is BITS
 
     def apply(self, value, key):
         source = value.meta.get("source_path") or value.case_id
@@ -293,133 +295,24 @@ class PercentileClipd(NormalizeIntensityd):
                 "allow_missing_keys": self.allow_missing_keys}
 
 
-# --- Volume-level geometry (MONAI's Orientationd / Spacingd, invertible) ---------------------
-_APPLIED = "applied_operations"
+# --- random, training: called per batch by medseg.transforms.batch.run_random ----------------
+def _require(step: Any, sample: Mapping, keys: Sequence[str]) -> None:
+    for key in keys:
+        if key not in sample:
+            raise KeyError(f"{step!r}: sample has no key {key!r} (keys: {sorted(map(str, sample))})")
 
 
-def _with_trace(volume, array: np.ndarray, affine: np.ndarray, op: dict):
-    trace = list(volume.meta.get(_APPLIED, []))
-    trace.append(op)
-    return volume.with_array(array, affine, **{_APPLIED: trace})
-
-
-def _pop_trace(volume, name: str):
-    trace = list(volume.meta.get(_APPLIED, []))
-    if not trace or trace[-1]["name"] != name:
-        last = trace[-1]["name"] if trace else "nothing"
-        raise ValueError(f"{volume.case_id}: cannot invert {name}: the last applied operation was {last}")
-    return trace.pop(), trace
-
-
-@register_transform
-class Orientationd(MapTransform):
-    """Reorient Volumes to ``axcodes`` (exact: axes permuted/flipped, affine updated).
-
-    ``inverse(sample)`` undoes it using the record in ``volume.meta["applied_operations"]``.
-    """
-
-    def __init__(self, keys, axcodes: str = "RAS", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        reorientation(np.eye(4), (1, 1, 1), axcodes)  # validate now, not at the first sample
-        self.axcodes = axcodes.upper()
-
-    def __repr__(self) -> str:
-        return f"Orientationd(keys={self.keys}, axcodes={self.axcodes!r})"
-
-    def apply(self, volume, key):
-        reo = reorientation(volume.affine, volume.shape, self.axcodes)
-        return _with_trace(volume, reorient_array(volume.array, reo), reo.output_affine,
-                           {"name": "Orientationd", "reorientation": reo})
-
-    def inverse(self, sample):
-        out = dict(sample)
-        for key in self.key_iterator(sample):
-            vol = sample[key]
-            op, trace = _pop_trace(vol, "Orientationd")
-            reo = op["reorientation"]
-            out[key] = vol.with_array(reorient_array(vol.array, reo, inverse=True), reo.input_affine,
-                                      **{_APPLIED: trace})
-        return out
-
-
-@register_transform
-class Spacingd(MapTransform):
-    """Resample Volumes in-plane to ``target_spacing_mm`` (the two axes other than ``slice_axis``).
-
-    Args:
-        keys: keys to resample.
-        target_spacing_mm: in-plane spacing (mm), in array-axis order.
-        slice_axis: the axis left untouched.
-        mode: ``"linear"`` or ``"nearest"``, one for all keys or one per key (default: linear for
-            ``"image"``, nearest for every other key).
-
-    Raises:
-        ValueError: bad mode / target, or ``inverse`` on a volume this did not resample last.
-    """
-
-    def __init__(self, keys, target_spacing_mm, slice_axis: int = 2, mode=None, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        if mode is None:
-            mode = tuple("linear" if k == "image" else "nearest" for k in self.keys)
-        elif isinstance(mode, str):
-            mode = (mode,) * len(self.keys)
-        if len(mode) != len(self.keys) or any(m not in ("linear", "nearest") for m in mode):
-            raise ValueError(f"mode must be 'linear' or 'nearest' (one, or one per key), found {mode!r}")
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, found {slice_axis!r}")
-        inplane_grid((2, 2), (1.0, 1.0), target_spacing_mm)  # validates the target
-        self.mode = dict(zip(self.keys, mode))
-        self.target_spacing_mm = tuple(float(v) for v in target_spacing_mm)
-        self.slice_axis = int(slice_axis)
-
-    def __repr__(self) -> str:
-        return f"Spacingd(keys={self.keys}, target_spacing_mm={self.target_spacing_mm}, slice_axis={self.slice_axis})"
-
-    def get_config(self) -> dict:
-        return {"keys": list(self.keys), "target_spacing_mm": list(self.target_spacing_mm),
-                "slice_axis": self.slice_axis, "mode": [self.mode[k] for k in self.keys],
-                "allow_missing_keys": self.allow_missing_keys}
-
-    def _inplane_affine(self, affine: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
-        inplane = [a for a in range(3) if a != self.slice_axis]
-        m = grid.index_matrix()
-        p = np.eye(4)
-        for r, a in enumerate(inplane):
-            p[a, a], p[a, 3] = m[r, r], m[r, 2]
-        return affine @ p
-
-    def apply(self, volume, key):
-        inplane = [a for a in range(3) if a != self.slice_axis]
-        spacing = volume.spacing_mm
-        grid = inplane_grid(tuple(volume.shape[a] for a in inplane), tuple(spacing[inplane]), self.target_spacing_mm)
-        stack = np.ascontiguousarray(to_stack(volume.array, self.slice_axis))
-        out = resample_inplane(stack, grid, nearest=self.mode[key] == "nearest")
-        return _with_trace(volume, np.ascontiguousarray(from_stack(out, self.slice_axis)),
-                           self._inplane_affine(volume.affine, grid),
-                           {"name": "Spacingd", "grid": grid, "affine": volume.affine.copy()})
-
-    def inverse(self, sample):
-        out = dict(sample)
-        for key in self.key_iterator(sample):
-            vol = sample[key]
-            op, trace = _pop_trace(vol, "Spacingd")
-            stack = np.ascontiguousarray(to_stack(vol.array, self.slice_axis))
-            back = resample_inplane(stack, op["grid"], nearest=self.mode[key] == "nearest", inverse=True)
-            out[key] = vol.with_array(np.ascontiguousarray(from_stack(back, self.slice_axis)), op["affine"],
-                                      **{_APPLIED: trace})
-        return out
-
-
-# --- random, training -----------------------------------------------------------------------
 @register_transform
 class RandLesionPatchd(Randomizable):
-    """Dictionary transform: ``num_samples`` lesion-aware patches from one plan-space sample.
+    """Lesion-aware patches (like MONAI's ``RandCropByPosNegLabeld``): the first random step.
 
-    Like MONAI's ``RandCropByPosNegLabeld``: ``sample[image_key]`` is a float ``(n, H, W)`` stack
-    (or a :class:`medseg.transforms.preprocess.Prepared`) and ``sample[label_key]`` the uint8
-    ``(n, H, W)`` label; the result has ``image`` ``(num_samples, ph, pw, context)`` float32 and
-    ``label`` ``(num_samples, ph, pw)`` uint8 and ``"patch_centres"``. Parameters of the last call
-    are in ``last_params``.
+    On a training batch (:class:`~medseg.transforms.batch.PatchBatch` with its cache's sampler)
+    it draws the batch's patch centres and leaves them as a pending cut. On one plan-space
+    sample (``sample[keys[0]]`` a float ``(n, H, W)`` stack or a
+    :class:`~medseg.transforms.planspace.Prepared`, ``sample[keys[1]]`` the uint8 label) it makes
+    a batch of ``num_samples`` patches of that case the same way. Either way the result holds
+    ``image`` ``(B, ph, pw, context)`` float32, ``label`` ``(B, ph, pw)`` uint8 and
+    ``"patch_centres"``; ``last_params`` the centres.
 
     Raises:
         KeyError: if the sample lacks a key (names key and transform).
@@ -428,10 +321,10 @@ class RandLesionPatchd(Randomizable):
 
     def __init__(self, keys: tuple[str, str] = ("image", "label"), patch_size: tuple[int, int] = (256, 256), *,
                  num_samples: int = 4, lesion_fraction: float = 0.5, context_slices: int = 1,
-                 inside_body: bool = True, seed: int | None = None, label_kind: str = "binary"):
+                 inside_body: bool = True, seed: int | None = None, label_kind: LabelKind | str = BINARY):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, found {num_samples!r}")
-        self.label_kind = check_label_kind(label_kind)
+        self.label_kind = LabelKind.named(label_kind)
         self.keys = tuple(keys)
         self.patch_size = tuple(int(v) for v in patch_size)
         self.num_samples = int(num_samples)
@@ -449,39 +342,47 @@ class RandLesionPatchd(Randomizable):
         return {"keys": list(self.keys), "patch_size": list(self.patch_size), "num_samples": self.num_samples,
                 "lesion_fraction": self.lesion_fraction, "context_slices": self.context_slices,
                 "inside_body": self.inside_body,
-                # binary pipelines read exactly as before classes existed
-                **({} if self.label_kind == "binary" else {"label_kind": self.label_kind})}
+                # binary pipelines read exactly as before classes existed; the kind is saved by name
+                **({} if self.label_kind is BINARY else {"label_kind": self.label_kind.name})}
 
     def sampler(self, sources: Sequence[SampleSource]) -> PatchSampler:
-        """The batch sampler of these settings over cached cases (what training runs per batch)."""
+        """The batch sampler of these settings over cached cases (built once per cache)."""
         return PatchSampler(sources, self.patch_size, lesion_fraction=self.lesion_fraction,
                             inside_body=self.inside_body)
 
-    def __call__(self, sample: dict) -> dict:
-        for key in self.keys:
-            if key not in sample:
-                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
-        image, label = sample[self.keys[0]], np.asarray(sample[self.keys[1]])
+    def _one_case(self, batch: PatchBatch) -> None:
+        """Make ``batch`` draw ``num_samples`` patches of the one plan-space case it holds."""
+        _require(self, batch, self.keys)
+        image, label = batch[self.keys[0]], np.asarray(batch[self.keys[1]])
         body = getattr(image, "body", None)
         stack = np.asarray(getattr(image, "array", image), dtype=np.float32)
         if stack.shape != label.shape:
             raise ValueError(f"{self!r}: image {stack.shape} and label {label.shape} differ in shape")
-        src = SampleSource(stack, label.astype(np.uint8, copy=False), build_index(label, body, label_kind=self.label_kind),
+        src = SampleSource(stack, label.astype(np.uint8, copy=False),
+                           build_index(label, body, label_kind=self.label_kind),
                            float(stack.min()) if stack.size else 0.0, str(getattr(image, "case_id", "")))
-        centres = self.sampler([src]).draw(self.num_samples, self.rng)
-        images, masks = render([src], centres, self.patch_size, self.context_slices, label_kind=self.label_kind)
-        self.last_params = centres.as_dict()
-        out = dict(sample)
-        out[self.keys[0]], out[self.keys[1]] = images, masks
-        out["patch_centres"] = self.last_params
-        return out
+        batch.sources, batch.sampler, batch.size = [src], self.sampler([src]), self.num_samples
+
+    def __call__(self, sample: Mapping) -> PatchBatch:
+        batch = PatchBatch.of(sample, self.rng)
+        if batch.sampler is None:
+            self._one_case(batch)
+        centres = batch.sampler.draw(batch.size, self.rng)
+        batch.cut(self.keys, centres, self.patch_size, self.context_slices, self.label_kind)
+        self.last_params = batch.params["centres"] = centres.as_dict()
+        batch["patch_centres"] = self.last_params
+        return batch
 
 
 @register_transform
 class RandEnhancementd(Randomizable):
-    """Dictionary transform: simulated contrast enhancement of CT-window patches
-    (:class:`medseg.transforms.enhance.Enhancement`) of ``sample[keys[0]]`` (images
-    ``(B, H, W, C)`` in [0, 1]) using the class indices of ``sample[keys[1]]`` (``(B, H, W)``).
+    """Simulated contrast enhancement of CT-window patches (:class:`medseg.transforms.enhance.Enhancement`)
+    of ``sample[keys[0]]`` (images ``(B, H, W, C)`` in [0, 1]) by the class indices of
+    ``sample[keys[1]]`` (``(B, H, W)``).
+
+    On a batch whose patches are not cut yet it runs as soon as they are (its draws are made
+    then), so it acts where the cut puts the labels; on ready patches it runs at once. A plain
+    dict is not modified (its images are copied).
 
     Args:
         window_hu: ``(low_hu, high_hu)`` of the pipeline's CT window.
@@ -491,7 +392,8 @@ class RandEnhancementd(Randomizable):
 
     Raises:
         KeyError: if the sample lacks a key (names key and transform).
-        ValueError: bad settings (see :class:`~medseg.transforms.enhance.EnhancementConfig`).
+        ValueError: bad settings (see :class:`~medseg.transforms.enhance.EnhancementConfig`), or
+            patches not shaped ``(B, H, W, C)`` / ``(B, H, W)``.
     """
 
     def __init__(self, keys: Sequence[str] = ("image", "label"), *, window_hu: Sequence[float],
@@ -512,34 +414,41 @@ class RandEnhancementd(Randomizable):
         return {"keys": list(self.keys), "window_hu": list(e.window_hu), "classes": list(e.classes),
                 "num_classes": e.num_classes, "config": e.config.to_dict()}
 
-    def __call__(self, sample: dict) -> dict:
-        for key in self.keys:
-            if key not in sample:
-                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
-        images = np.array(sample[self.keys[0]], dtype=np.float32, copy=True)
-        masks = np.asarray(sample[self.keys[1]])
+    def _apply(self, batch: PatchBatch) -> None:
+        images, masks = batch[self.keys[0]], np.asarray(batch[self.keys[1]])
         if images.ndim != 4 or masks.shape != images.shape[:3]:
             raise ValueError(f"{self!r}: images (B, H, W, C) and masks (B, H, W) expected, found "
                              f"{images.shape} and {masks.shape}")
         params = self.enhancement.draw(images.shape[0], self.rng)
-        out = dict(sample)
-        out[self.keys[0]] = self.enhancement.apply(images, masks, params)
-        self.last_params = params.as_dict()
-        return out
+        batch[self.keys[0]] = self.enhancement.apply(images, masks, params)
+        self.last_params = batch.params["enhancement"] = params.as_dict()
+
+    def __call__(self, sample: Mapping) -> PatchBatch:
+        _require(self, sample, self.keys)
+        batch = PatchBatch.of(sample, self.rng, copy_arrays=True)
+        if not batch.pending:
+            batch[self.keys[0]] = np.asarray(batch[self.keys[0]], dtype=np.float32)
+        batch.at_cut(self._apply)
+        return batch
 
 
 @register_transform
 class RandJointAugmentd(Randomizable):
-    """Dictionary transform: joint augmentation of ``sample[keys[0]]`` (images ``(B, H, W, C)``)
-    and ``sample[keys[1]]`` (masks ``(B, H, W)``) with parameters drawn from its own generator.
+    """Joint augmentation of ``sample[keys[0]]`` (images ``(B, H, W, C)``) and ``sample[keys[1]]``
+    (masks ``(B, H, W)``): the spatial change (image and mask together), then the intensity change.
+
+    On a batch whose patches are not cut yet the spatial change is folded into the cut (one
+    interpolation from the case); on ready patches they are warped
+    (:meth:`~medseg.transforms.augment.Augmenter.augment`). Either way it draws the spatial, then
+    the intensity parameters from its generator.
 
     Raises:
         KeyError: if the sample lacks a key (names key and transform).
     """
 
     def __init__(self, keys: Sequence[str] = ("image", "label"), config: AugmentConfig | Mapping | None = None,
-                 seed: int | None = None, label_kind: str = "binary"):
-        self.label_kind = check_label_kind(label_kind)
+                 seed: int | None = None, label_kind: LabelKind | str = BINARY):
+        self.label_kind = LabelKind.named(label_kind)
         self.keys = tuple(keys)
         if isinstance(config, Mapping):
             config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
@@ -555,16 +464,26 @@ class RandJointAugmentd(Randomizable):
         return self.augmenter.config
 
     def get_config(self) -> dict:
-        # binary pipelines read exactly as before classes existed
+        # binary pipelines read exactly as before classes existed; the kind is saved by name
         return {"keys": list(self.keys), "config": self.config.to_dict(),
-                **({} if self.label_kind == "binary" else {"label_kind": self.label_kind})}
+                **({} if self.label_kind is BINARY else {"label_kind": self.label_kind.name})}
 
-    def __call__(self, sample: dict) -> dict:
-        for key in self.keys:
-            if key not in sample:
-                raise KeyError(f"{self!r}: sample has no key {key!r} (keys: {sorted(sample)})")
-        out = dict(sample)
-        out[self.keys[0]], out[self.keys[1]] = self.augmenter(sample[self.keys[0]], sample[self.keys[1]], self.rng,
-                                                              label_kind=self.label_kind)
-        self.last_params = self.augmenter.last_params
-        return out
+    def __call__(self, sample: Mapping) -> PatchBatch:
+        _require(self, sample, self.keys)
+        batch = PatchBatch.of(sample, self.rng)
+        aug, image_key, label_key = self.augmenter, self.keys[0], self.keys[1]
+        if batch.pending:
+            ph, pw = batch.patch_size
+            spatial = aug.draw_spatial(batch.size, self.rng, square=ph == pw)
+            batch.fold_spatial(spatial)
+            intensity = aug.draw_intensity(batch.size, self.rng, ph * pw * batch.channels)
+            images = batch[image_key]  # cut now, warped on the way
+            aug.apply_intensity(images, intensity)
+            params = {"spatial": spatial.as_dict(), "intensity": intensity.as_dict()}
+        else:
+            images, masks, params = aug.augment(batch[image_key], batch[label_key], self.rng,
+                                                label_kind=self.label_kind)
+            batch[image_key], batch[label_key] = images, masks
+        batch.params.update(params)
+        self.last_params = params
+        return batch

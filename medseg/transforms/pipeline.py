@@ -19,14 +19,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from medseg.transforms.compose import Randomizable, case_id_of
+from medseg.io.classes import ClassSpec, LabelKind
+from medseg.io.volume import Volume
+from medseg.transforms.augment import AugmentConfig, Augmenter
+from medseg.transforms.base import Randomizable, case_id_of
+from medseg.transforms.dictionary import (BodyMaskd, ContextSlicesd, LabelClassesd, NormalizeIntensityd, PlanSpaced,
+                                          RandEnhancementd, RandJointAugmentd, RandLesionPatchd)
 from medseg.transforms.registry import transform_config, transform_from_config
 
-__all__ = ["Pipeline", "PIPELINE_FORMAT"]
+__all__ = ["Pipeline", "PIPELINE_FORMAT", "Recipe"]
 
 PIPELINE_FORMAT = 1
 
@@ -37,6 +42,26 @@ def _name(t: Any) -> str:
 
 def _is_random(t: Any) -> bool:
     return isinstance(t, Randomizable)
+
+
+class Recipe(Protocol):
+    """What :meth:`Pipeline.from_plan` reads of a plan (a :class:`medseg.data.plan.Plan` is one):
+    typed here so the pipeline needs no import of the plan's module."""
+
+    num_classes: int
+    classes: Mapping[str, Any] | None
+    orientation: str
+    slice_axis: int
+    target_spacing_mm: Sequence[float] | None
+    modality: str
+    normalization: Mapping[str, Any]
+    context_slices: int
+    patch_size: Sequence[int]
+    lesion_fraction: float
+    keep_orientation: bool
+    enhancement: Mapping[str, Any] | None
+
+    def enhanced_class_indices(self) -> list[int]: ...
 
 
 class Pipeline:
@@ -63,14 +88,18 @@ class Pipeline:
         if len(geometric) > 1:
             raise ValueError(f"a pipeline has one invertible geometric step, found {[_name(t) for t in geometric]}")
         self.geometry = geometric[0] if geometric else None
-        samplers = [t for t in self.random if hasattr(t, "sampler")]
+        samplers = [t for t in self.random if isinstance(t, RandLesionPatchd)]
         if len(samplers) > 1:
             raise ValueError(f"a pipeline has at most one patch sampler, found {[_name(t) for t in samplers]}")
         self.patches = samplers[0] if samplers else None
+        if self.patches is not None and self.random[0] is not self.patches:
+            # The random steps run on the batch the sampler draws: none can come before it.
+            raise ValueError(f"the random steps run on the patches {_name(self.patches)} draws, so it comes first; "
+                             f"found {[_name(t) for t in self.random[:self.random.index(self.patches)]]} before it")
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_plan(cls, plan: Any, *, augment: Any = True, extra: Sequence[Any] = (), inside_body: bool = True,
+    def from_plan(cls, plan: Recipe, *, augment: Any = True, extra: Sequence[Any] = (), inside_body: bool = True,
                   lesion_fraction: float | None = None) -> "Pipeline":
         """The pipeline a :class:`medseg.data.plan.Plan` implies, plus a user's own transforms.
 
@@ -86,13 +115,9 @@ class Pipeline:
             inside_body: random patches centred inside the body.
             lesion_fraction: overrides ``plan.lesion_fraction``.
         """
-        from medseg.transforms.dictionary import (BodyMaskd, ContextSlicesd, LabelClassesd, NormalizeIntensityd,
-                                                  PlanSpaced, RandEnhancementd, RandJointAugmentd,
-                                                  RandLesionPatchd)
-
+        kind = LabelKind.of(plan.classes)
         steps: list[Any] = [
-            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True,
-                          classes=getattr(plan, "classes", None)),
+            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True, classes=plan.classes),
             PlanSpaced(("image", "label"), orientation=plan.orientation, slice_axis=plan.slice_axis,
                        target_spacing_mm=plan.target_spacing_mm, allow_missing_keys=True),
             BodyMaskd("image", modality=plan.modality, allow_missing_keys=True),
@@ -100,22 +125,21 @@ class Pipeline:
             ContextSlicesd("image", context_slices=plan.context_slices, allow_missing_keys=True),
             RandLesionPatchd(("image", "label"), tuple(plan.patch_size), context_slices=plan.context_slices,
                              lesion_fraction=plan.lesion_fraction if lesion_fraction is None else lesion_fraction,
-                             inside_body=inside_body, label_kind=_label_kind(getattr(plan, "classes", None))),
+                             inside_body=inside_body, label_kind=kind),
         ]
         config = _augment_config(augment)
-        if augment is True and getattr(plan, "keep_orientation", False):
+        if augment is True and plan.keep_orientation:
             # Classes on opposite sides of the body: a mirrored patch swaps their places, and
             # reoriented volumes never show a mirrored or upside-down body.
             config = dataclasses.replace(config, flip_prob=0.0, rot90=False)
-        enhancement = getattr(plan, "enhancement", None)
+        enhancement = plan.enhancement
         if config is not None and enhancement is not None:
             window = plan.normalization
             steps.append(RandEnhancementd(("image", "label"), window_hu=(window["low_hu"], window["high_hu"]),
                                           classes=plan.enhanced_class_indices(), num_classes=plan.num_classes,
                                           config=enhancement))
         if config is not None:
-            steps.append(RandJointAugmentd(("image", "label"), config=config,
-                                           label_kind=_label_kind(getattr(plan, "classes", None))))
+            steps.append(RandJointAugmentd(("image", "label"), config=config, label_kind=kind))
         for item in extra:
             _insert(steps, item)
         return cls(steps)
@@ -195,15 +219,21 @@ class Pipeline:
         return labels[0].classes if labels else None
 
     @property
-    def label_kind(self) -> str:
-        """``"binary"``, ``"classes"`` or ``"bits"`` (nested regions): what the label steps make."""
-        return _label_kind(self._named_classes())
+    def label_kind(self) -> LabelKind:
+        """The :class:`~medseg.io.classes.LabelKind` the label steps make (binary when they name
+        no classes; class indices; region bits for nested regions)."""
+        return LabelKind.of(self._named_classes())
 
     @property
-    def classes(self):
-        """The :class:`medseg.io.classes.ClassSpec` of the label step (binary when it names none)."""
-        from medseg.io.classes import ClassSpec
+    def augmenter(self) -> Augmenter | None:
+        """The joint augmentation's :class:`~medseg.transforms.augment.Augmenter` (its config says
+        which flips and turns training showed), or None without one."""
+        joint = [t for t in self.random if isinstance(t, RandJointAugmentd)]
+        return joint[0].augmenter if joint else None
 
+    @property
+    def classes(self) -> ClassSpec:
+        """The :class:`medseg.io.classes.ClassSpec` of the label step (binary when it names none)."""
         spec = self._named_classes()
         return ClassSpec.binary() if spec is None else ClassSpec.from_dict(spec)
 
@@ -221,8 +251,6 @@ class Pipeline:
         before it has preprocessed the whole volume. Valid for ``slice_local`` steps: they map
         each voxel on its own, and linear resampling never goes below the input's minimum.
         """
-        from medseg.io.volume import Volume
-
         sample = {"image": Volume(np.full((1, 1, 1), raw_value, dtype=np.float32), np.eye(4), "background")}
         for t in self.deterministic:
             if t is self.geometry or getattr(t, "training_only", False):
@@ -250,16 +278,7 @@ class Pipeline:
         return "Pipeline([" + ", ".join(_name(t) for t in self.transforms) + "])"
 
 
-def _label_kind(classes: Mapping[str, Any] | None) -> str:
-    """How labels are held after ``LabelClassesd``: 0/1, class indices, or region bits."""
-    if classes is None:
-        return "binary"
-    return "bits" if classes.get("regions") else "classes"
-
-
-def _augment_config(augment: Any):
-    from medseg.transforms.augment import AugmentConfig, Augmenter
-
+def _augment_config(augment: Any) -> AugmentConfig | None:
     if augment is None or augment is False:
         return None
     if augment is True:

@@ -47,13 +47,12 @@ def register_transform(cls: type | None = None, *, name: str | None = None):
 
 
 def registered_transforms() -> dict[str, type]:
-    """Name -> class of every registered transform (the built-ins once :mod:`medseg.transforms.dictionary` is imported)."""
-    _builtins()
+    """Name -> class of every registered transform so far (the built-ins once
+    :mod:`medseg.transforms.dictionary` is imported, as :mod:`medseg.transforms.pipeline` does).
+
+    This module imports no transform: it is the leaf the transform modules register with.
+    """
     return dict(_REGISTRY)
-
-
-def _builtins() -> None:
-    importlib.import_module("medseg.transforms.dictionary")
 
 
 def transform_config(transform: Any) -> dict:
@@ -78,6 +77,9 @@ def transform_config(transform: Any) -> dict:
 def transform_from_config(entry: Mapping[str, Any]) -> Any:
     """The transform an entry of :func:`transform_config` describes.
 
+    A name not registered yet is looked up by importing the entry's ``module`` (the built-ins'
+    is ``medseg.transforms.dictionary``).
+
     Raises:
         ValueError: the entry is malformed, the name is unknown (its module cannot be imported or
             does not register it), or the arguments do not fit the class.
@@ -87,7 +89,6 @@ def transform_from_config(entry: Mapping[str, Any]) -> Any:
     name, module, args = entry["name"], entry.get("module"), entry.get("args") or {}
     if not isinstance(args, Mapping):
         raise ValueError(f"transform {name!r}: 'args' must be a mapping, found {type(args).__name__}")
-    _builtins()
     if name not in _REGISTRY and module:
         try:
             importlib.import_module(module)

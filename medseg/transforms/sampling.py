@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medseg.io.classes import BINARY, LabelKind
 
 __all__ = [
     "LesionIndex",
@@ -75,23 +76,6 @@ class LesionIndex:
         return cls(*parts, np.asarray(arrays["component_class"]) if "component_class" in keys else None)
 
 
-def _class_masks(label: np.ndarray, label_kind: str):
-    """``(class, mask)`` pairs of the foreground classes present (binary: one, class 1)."""
-    if label_kind == "binary":
-        yield 1, label > 0
-    elif label_kind == "classes":
-        for c in np.unique(label):
-            if c > 0:
-                yield int(c), label == c
-    elif label_kind == "bits":
-        present = int(np.bitwise_or.reduce(np.unique(label).astype(np.uint8)))
-        for bit in range(8):
-            if present >> bit & 1:
-                yield bit + 1, (label >> bit & 1).astype(bool)
-    else:
-        raise ValueError(f"label_kind must be binary, classes or bits, found {label_kind!r}")
-
-
 def _component_voxels(mask: np.ndarray, rng: np.random.Generator, max_per_component: int):
     """Flat voxel indices of each component of ``mask`` (subsampled), and the full sizes."""
     from medseg.components import label_components
@@ -119,23 +103,24 @@ def build_index(
     max_per_component: int = 2048,
     max_body: int = 4096,
     seed: int = 0,
-    label_kind: str = "binary",
+    label_kind: LabelKind | str = BINARY,
 ) -> LesionIndex:
     """Index the lesions (3D connected components, :mod:`medseg.components`) and sample body voxels.
 
     Args:
-        label: ``(n, H, W)``; binary: nonzero is lesion; ``"classes"``: class indices, the
-            components of each class apart; ``"bits"``: region bits, each region apart.
+        label: ``(n, H, W)`` of ``label_kind``: binary (nonzero is lesion), class indices (the
+            components of each class apart) or region bits (each region apart).
         body: optional boolean ``(n, H, W)`` body mask.
         max_per_component: voxels kept per component (memory stays small for big lesions).
         max_body: body voxels kept.
         seed: seeds the subsampling.
-        label_kind: ``"binary"``, ``"classes"`` or ``"bits"``.
+        label_kind: a :class:`~medseg.io.classes.LabelKind` or its saved name; its
+            :meth:`~medseg.io.classes.LabelKind.masks` splits the label into classes.
     """
     rng = np.random.default_rng(seed)
     lab = np.asarray(label)
     keep, sizes, classes = [], [], []
-    for cls_id, mask in _class_masks(lab, label_kind):
+    for cls_id, mask in LabelKind.named(label_kind).masks(lab):
         parts, counts = _component_voxels(mask, rng, max_per_component)
         keep += parts
         sizes.append(counts)

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medseg.io.classes import BINARY, LabelKind
 from medseg.transforms.sampling import Centres, SampleSource
 from medseg.transforms.slicing import context_offsets
 
-__all__ = ["SpatialParams", "identity_spatial", "render", "warp_backend", "LABEL_KINDS", "check_label_kind"]
+__all__ = ["SpatialParams", "identity_spatial", "render", "warp_backend"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,7 +180,8 @@ def warp_backend() -> str:
 _BACKEND: str | None = None
 
 
-def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind="binary") -> None:
+def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad,
+                label_kind: LabelKind = BINARY) -> None:
     """Bilinear warp in numpy; points outside the plane read ``pad`` (image) / 0 (mask)."""
     ph, pw = out_mask.shape
     yy, xx = _warp_coords(ph, pw, centre, matrix, disp)
@@ -206,7 +208,7 @@ def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, 
     invalid = None if valid.all() else ~valid
     for c, plane in enumerate(planes):
         out_image[:, :, c] = _bilinear(plane, corners, fy, fx, invalid, pad)
-    out_mask[...] = _label_from(lambda p: _bilinear(p, corners, fy, fx, invalid, 0.0), label_plane, label_kind)
+    out_mask[...] = label_kind.warp(lambda p: _bilinear(p, corners, fy, fx, invalid, 0.0), label_plane)
 
 
 def _cv2_layout(a: np.ndarray) -> bool:
@@ -222,7 +224,8 @@ def _cv2_ready(window: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(window, dtype=np.float32)
 
 
-def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad, label_kind="binary") -> None:
+def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pad,
+              label_kind: LabelKind = BINARY) -> None:
     """The same warp with OpenCV (bilinear; agrees with :func:`_warp_numpy` to about 1e-5).
 
     Image planes and the mask are cut to one window around the sampled points (padded outside
@@ -260,56 +263,15 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
         def warp_one(src):
             return cv2.remap(np.ascontiguousarray(src, dtype=np.float32), map_x, map_y, flags,
                              borderMode=cv2.BORDER_REPLICATE)
-    out_mask[...] = _label_from(warp_one, _crop(label_plane, y_lo, x_lo, wh, ww, 0), label_kind)
+    out_mask[...] = label_kind.warp(warp_one, _crop(label_plane, y_lo, x_lo, wh, ww, 0))
     for c, p in enumerate(planes):
         out_image[:, :, c] = warp_one(_cv2_ready(_crop(p, y_lo, x_lo, wh, ww, pad)))
 
 
-#: How a label plane is interpolated by a warp: ``"binary"`` (0/1 lesion masks), ``"classes"``
-#: (class indices) or ``"bits"`` (nested regions, one bit each).
-LABEL_KINDS = ("binary", "classes", "bits")
-
-
-def check_label_kind(kind: str) -> str:
-    """``kind`` when it is one of :data:`LABEL_KINDS`.
-
-    Raises:
-        ValueError: naming the kinds.
-    """
-    if kind not in LABEL_KINDS:
-        raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {kind!r}")
-    return kind
-
-
-def _label_from(interp, label: np.ndarray, kind: str) -> np.ndarray:
-    """The warped label: ``interp`` (the warp of one float plane) applied to the label's parts.
-
-    binary: the mask interpolated like the image, thresholded at 0.5 (the alignment guarantee);
-    classes: the one-hot planes interpolated, each pixel taking the class of largest weight
-    (background first on ties), so no class index between two others is ever made up;
-    bits: each region bit thresholded at 0.5 on its own.
-    """
-    if kind == "binary":
-        return interp(label) > np.float32(0.5)
-    values = np.unique(label)
-    if kind == "classes":
-        best = interp((label == 0).astype(np.float32))
-        out = np.zeros(best.shape, np.uint8)
-        for c in values[values > 0]:
-            weight = interp((label == c).astype(np.float32))
-            take = weight > best
-            out[take] = c
-            np.maximum(best, weight, out=best)
-        return out
-    if kind == "bits":
-        present = int(np.bitwise_or.reduce(values.astype(np.uint8))) if values.size else 0
-        out = None
-        for bit in range(8):
-            if present >> bit & 1:
-                part = (interp(((label >> bit) & 1).astype(np.float32)) > np.float32(0.5)).astype(np.uint8) << bit
-                out = part if out is None else out | part
-        return out if out is not None else interp(np.zeros(label.shape, np.float32)) > 1
-    raise ValueError(f"label_kind must be one of {LABEL_KINDS}, found {kind!r}")
+def _label_from(interp, label: np.ndarray, kind: "LabelKind | str") -> np.ndarray:
+    """The warped label: ``interp`` (the warp of one float plane) applied to the label's parts,
+    as its kind says (:meth:`medseg.io.classes.LabelKind.warp`)."""
+    return LabelKind.named(kind).warp(interp, label)
 
 
 def render(
@@ -322,7 +284,7 @@ def render(
     channel_offsets: Sequence[int] | None = None,
     backend: str | None = None,
     after_patch: Any = None,
-    label_kind: str = "binary",
+    label_kind: LabelKind | str = BINARY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut the patches of one batch, applying the spatial augmentation in the same pass.
 
@@ -337,9 +299,9 @@ def render(
         backend: ``"cv2"`` or ``"numpy"`` for warped patches (default :func:`warp_backend`).
         after_patch: optional ``after_patch(case, first_slice, last_slice)`` called once a patch
             is cut (the disk cache uses it to hand the slices' pages back at once).
-        label_kind: ``"binary"`` (masks in {0, 1}), ``"classes"`` (class indices: one-hot planes
-            interpolated, largest weight wins) or ``"bits"`` (nested regions, bit by bit); how a
-            warped patch's label is made (flips and quarter turns copy labels exactly anyway).
+        label_kind: the :class:`~medseg.io.classes.LabelKind` of the labels (or its saved name):
+            how a warped patch's label is made (:meth:`~medseg.io.classes.LabelKind.warp`; flips
+            and quarter turns copy labels exactly anyway).
 
     Returns:
         ``images`` float32 ``(B, H, W, context_slices)`` and ``masks`` uint8 ``(B, H, W)`` (labels
@@ -350,6 +312,7 @@ def render(
     Raises:
         ValueError: if a 90-degree rotation is asked for a non-square patch, or the backend is unknown.
     """
+    label_kind = LabelKind.named(label_kind)
     backend = warp_backend() if backend is None else backend
     if backend not in ("cv2", "numpy"):
         raise ValueError(f"backend must be 'cv2' or 'numpy', found {backend!r}")
@@ -383,7 +346,7 @@ def render(
 
 
 def _warp_patch(out_image, out_mask, planes, label_plane, centre_px, sp: SpatialParams, b: int, backend: str,
-                pad: float, label_kind: str = "binary") -> None:
+                pad: float, label_kind: LabelKind = BINARY) -> None:
     """Warp one patch (rotation / scaling / elastic, flips and rot90 folded in) from its source."""
     ph, pw = out_mask.shape
     ch, cw = centre_px

@@ -1,18 +1,15 @@
-"""MONAI-style dictionary transforms on ``{"image": Volume, "label": Volume}`` samples.
+"""The base classes of a pipeline's steps (MONAI-style dictionary transforms).
 
 - :class:`MapTransform` applies an array/volume function to the entries named by ``keys``; a
   missing key raises ``KeyError`` naming the key and the transform, unless
-  ``allow_missing_keys=True``.
-- :class:`Randomizable` transforms draw parameters from their own ``np.random.Generator`` (set
-  with ``set_random_state``), then apply a deterministic function; ``last_params`` records what
-  was drawn so a run can log it.
-- :class:`Compose` runs transforms in order and re-raises any failure as
-  ``RuntimeError(f"applying {t!r} to {case_id}")`` with the original error chained.
+  ``allow_missing_keys=True``. The deterministic steps of a
+  :class:`~medseg.transforms.pipeline.Pipeline`.
+- :class:`Randomizable` transforms draw parameters from ``self.rng`` (set with
+  ``set_random_state``); ``last_params`` records what was drawn. The random steps of a pipeline,
+  run per batch by :func:`medseg.transforms.batch.run_random` with the batch's generator.
 
-Example:
-    >>> pipeline = Compose([Orientationd(("image", "label")), Spacingd(("image", "label"), (1.0, 1.0)),
-    ...                     NormalizeIntensityd("image", {"kind": "ct_window", "low_hu": -1000, "high_hu": 400})])
-    >>> out = pipeline({"image": ct, "label": mask})
+Steps are run in order by :class:`~medseg.transforms.pipeline.Pipeline` (``preprocess`` for the
+deterministic ones: a failure gets a note naming the step and the case).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MapTransform", "Randomizable", "Compose", "Lambdad", "case_id_of", "init_args"]
+__all__ = ["MapTransform", "Randomizable", "Lambdad", "case_id_of", "init_args"]
 
 
 def init_args(obj: Any) -> dict:
@@ -129,50 +126,6 @@ class Randomizable:
     def get_config(self) -> dict:
         """The arguments that rebuild this transform (JSON-ready); see :func:`init_args`."""
         return init_args(self)
-
-
-class Compose:
-    """Apply transforms in order; failures name the transform and the case.
-
-    Args:
-        transforms: callables ``sample -> sample``.
-        seed: if given, every :class:`Randomizable` member gets its own generator spawned from
-            this seed (so adding one random transform does not change the others' draws).
-
-    Raises:
-        RuntimeError: ``applying {t!r} to {case_id}``, from the transform's error.
-    """
-
-    def __init__(self, transforms: Sequence[Callable[[Any], Any]], seed: int | None = None):
-        self.transforms = list(transforms)
-        if seed is not None:
-            self.set_random_state(seed)
-
-    def set_random_state(self, seed: int | None = None, rng: np.random.Generator | None = None) -> "Compose":
-        ss = np.random.SeedSequence(seed) if rng is None else np.random.SeedSequence(int(rng.integers(2 ** 63)))
-        children = ss.spawn(len(self.transforms))
-        for t, child in zip(self.transforms, children):
-            if hasattr(t, "set_random_state"):
-                t.set_random_state(rng=np.random.default_rng(child))
-        return self
-
-    @property
-    def last_params(self) -> list:
-        return [getattr(t, "last_params", None) for t in self.transforms]
-
-    def __call__(self, sample: Any) -> Any:
-        for t in self.transforms:
-            try:
-                sample = t(sample)
-            except Exception as e:
-                raise RuntimeError(f"applying {t!r} to {case_id_of(sample)}") from e
-        return sample
-
-    def __len__(self) -> int:
-        return len(self.transforms)
-
-    def __repr__(self) -> str:
-        return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
 
 
 class Lambdad(MapTransform):

@@ -1,0 +1,86 @@
+"""The training batches of the default pipelines, pinned: the same seed gives bit-identical batches.
+
+The digests were computed with the batch maker before the random steps ran through one executor
+(commit c396279); a refactor of the random half must leave them unchanged. Both warp backends
+are pinned (OpenCV and numpy), with the default augmentation (rotations and scaling included, so
+every label kind's warp is exercised) and with enhancement for the CT classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from medseg.data.cache import VolumeCache
+from medseg.data.pipeline import BatchMaker
+from medseg.data.plan import Plan
+from medseg.io.classes import ClassSpec
+from medseg.transforms import warp
+from medseg.transforms.enhance import EnhancementConfig
+
+CT_WINDOW = {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 400.0}
+ORGANS = ClassSpec.parse(["liver=5", "aorta=52"])
+REGIONS = ClassSpec.from_dict({"names": ["whole", "core"], "ids": [[5, 52], [52]], "regions": True,
+                               "region_order": [5, 52]})
+
+
+def _plans() -> dict:
+    common = dict(target_spacing_mm=None, patch_size=(32, 32), lesion_fraction=0.5)
+    return {
+        "binary": (Plan(modality="MR", normalization={"kind": "zscore"}, context_slices=3, **common), "binary"),
+        "classes": (Plan(modality="CT", normalization=CT_WINDOW, classes=ORGANS.to_dict(), num_classes=3,
+                         enhancement=EnhancementConfig().to_dict(), **common), "classes"),
+        "regions": (Plan(modality="MR", normalization={"kind": "zscore"}, classes=REGIONS.to_dict(),
+                         num_classes=REGIONS.num_classes, **common), "bits"),
+    }
+
+
+def _arrays(kind: str) -> list:
+    rng = np.random.default_rng(21)
+    out = []
+    for i in range(3):
+        image = rng.random((7, 48, 44), dtype=np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        if i:  # case 0 has no foreground
+            label[2:5, 8:20, 10:22] = 1
+            label[3, 30:38, 25:33] = 2 if kind != "binary" else 1
+            if kind == "bits":
+                label[3, 12:16, 12:16] = 3   # the core inside the whole
+        out.append((f"c{i}", image, label))
+    return out
+
+
+def _digest(plan: Plan, kind: str, backend: str, monkeypatch) -> str:
+    monkeypatch.setattr(warp, "_BACKEND", backend)
+    cache = VolumeCache.from_arrays(_arrays(kind), plan, body_threshold=0.3, label_kind=kind)
+    maker = BatchMaker(cache, plan, batch_size=6, seed=5)
+    steps = [type(t).__name__ for t in maker.pipeline.random]
+    assert steps == ["RandLesionPatchd"] + (["RandEnhancementd"] if plan.enhancement else []) + ["RandJointAugmentd"]
+    h = hashlib.sha256()
+    for i in range(4):
+        images, masks = maker.batch(i)
+        assert images.dtype == np.float32 and masks.dtype == np.int32
+        h.update(images.tobytes())
+        h.update(masks.tobytes())
+    return h.hexdigest()
+
+
+EXPECTED = {
+    ("binary", "cv2"): "6f81bc37ed7777ba26801d7b5618bf5e2571c4134a3099723cedb77dd0395f17",
+    ("binary", "numpy"): "3a177eec6f37f1357e1d59bf647fd1d4218b9943ef63dc140bc3b4c11bdfa55a",
+    ("classes", "cv2"): "eb934cab8e8af6746cdc07434970b59a8737b1e7feeb8c0a8cec202163ec8d01",
+    ("classes", "numpy"): "6d08f67cb9b7c5602d518ed46c38ac68410971e49e05bb2cc404bdabb18a883d",
+    ("regions", "cv2"): "58a3e5d6145518984d2a88f5c5fef4af9af2f41975fe50b2ebd09311677b212a",
+    ("regions", "numpy"): "64b29302be25bd9ae44b8c6245101521b9fe6dd0e1d0a5a6bc120c993cc49715",
+}
+
+
+@pytest.mark.parametrize("backend", ["cv2", "numpy"])
+@pytest.mark.parametrize("name", ["binary", "classes", "regions"])
+def test_default_batches_are_unchanged(name, backend, monkeypatch):
+    if backend == "cv2":
+        pytest.importorskip("cv2")
+    plan, kind = _plans()[name]
+    assert _digest(plan, kind, backend, monkeypatch) == EXPECTED[name, backend]

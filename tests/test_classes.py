@@ -14,7 +14,7 @@ import pytest
 
 from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.io.classes import BINARY, ClassSpec
+from medseg.io.classes import BINARY, CLASSES, ClassSpec
 from medseg.transforms.pipeline import Pipeline
 from medseg.transforms.sampling import Centres, PatchSampler, SampleSource, build_index
 from medseg.transforms.warp import SpatialParams, _label_from, render
@@ -72,7 +72,7 @@ def test_label_step_maps_ids_to_classes_and_binary_config_is_unchanged():
     vol = Volume(np.array([0, 5, 1, 6, 52, 99]).reshape(1, 2, 3), np.eye(4), "p")
     out = Pipeline.from_plan(plan).preprocess({"label": vol})["label"]
     assert sorted(np.unique(out).tolist()) == [0, 1, 2, 3, 4] and out.dtype == np.uint8
-    assert Pipeline.from_plan(plan).label_kind == "classes"
+    assert Pipeline.from_plan(plan).label_kind is CLASSES
     # The binary pipeline's first and patch steps read exactly as before classes existed.
     binary = Pipeline.from_plan(Plan(patch_size=(16, 16))).to_config()["transforms"]
     assert binary[0]["args"] == {"keys": ["label"], "num_classes": 2, "allow_missing_keys": True}

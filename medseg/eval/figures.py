@@ -148,6 +148,60 @@ def outline_figure_png(title: str, axis: int, index: int, spacing_mm, layers, *,
         plt.close(fig)
 
 
+def class_colours(names) -> dict[str, str]:
+    """Class name -> ``"#rrggbb"``, distinct per class: matplotlib's tab10 up to 10 classes, tab20
+    up to 20, evenly spaced hues beyond."""
+    from matplotlib import colormaps
+    from matplotlib.colors import hsv_to_rgb, to_hex
+
+    names = list(names)
+    if len(names) <= 20:
+        cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+        return {name: to_hex(cmap(k)) for k, name in enumerate(names)}
+    # Alternate brightness so neighbouring hues stay apart.
+    return {name: to_hex(hsv_to_rgb((k / len(names), 0.85, 1.0 if k % 2 else 0.7))) for k, name in enumerate(names)}
+
+
+def class_figure_png(case: dict, masks, spec, *, image=None) -> str:
+    """Base64 PNG of a case's slice with the most disagreeing voxels over all classes: per class,
+    the reference outline solid and the prediction dashed in the class's colour, with a legend of
+    the classes on the slice (:func:`outline_figure_png`).
+
+    Args:
+        case: the record (:func:`~medseg.eval.evaluate.evaluate_case`) for the title's DSCs.
+        masks: :class:`~medseg.eval.evaluate.CaseMasks` of the case (label maps).
+        spec: the classes.
+        image: the image on the reference grid, or None.
+    """
+    from matplotlib.lines import Line2D
+
+    from medseg.eval.evaluate import class_masks
+
+    spacing = masks.ref_volume.spacing_mm
+    if spec.regions:
+        pred, ref = spec.region_masks(masks.pred), spec.region_masks(masks.ref)
+        differ, ref_any, pred_any = (pred != ref).any(axis=-1), ref.any(axis=-1), pred.any(axis=-1)
+    else:
+        # Class indices: a voxel disagrees when its class differs.
+        pred, ref = spec.class_indices(masks.pred), spec.class_indices(masks.ref)
+        differ, ref_any, pred_any = pred != ref, ref > 0, pred > 0
+    axis, index = busiest_slice((differ, ref_any, pred_any), spacing)
+    take = slice_take(axis, index)
+    colours = class_colours(spec.names)
+    layers, legend, dscs = [], [], []
+    pred_slices = dict(class_masks(spec, masks.pred[take]))
+    for name, ref_slice in class_masks(spec, masks.ref[take]):
+        layers += [(ref_slice, colours[name], "solid"), (pred_slices[name], colours[name], "dashed")]
+        if ref_slice.any() or pred_slices[name].any():
+            legend.append(Line2D([], [], color=colours[name], linewidth=2, label=name))
+            dscs.append(f"{name} {_fmt(case['classes'][name]['metrics']['dsc'], 2)}")
+    legend += [Line2D([], [], color="#bbbbbb", linestyle=style, label=text)
+               for style, text in (("solid", "reference"), ("dashed", "prediction"))]
+    shown = dscs[:6] + (["..."] if len(dscs) > 6 else [])  # the title stays one line
+    title = f"{case['case_id']}: array axis {axis}, slice {index}\nDSC " + ", ".join(shown or ["-"])
+    return outline_figure_png(title, axis, index, spacing, layers, image=image, legend=legend)
+
+
 def _image_on_grid(path: Path, ref_volume) -> np.ndarray:
     """The image of a case on the reference grid; display only, so another grid is resampled
     nearest-neighbour."""
@@ -173,8 +227,6 @@ def draw_case(case: dict, options) -> str:
     masks = read_case(pair, options)
     image = None if pair.image_path is None else _image_on_grid(pair.image_path, masks.ref_volume)
     if options.classes is not None:
-        from medseg.eval.report_classes import class_figure_png
-
         return class_figure_png(case, masks, options.classes, image=image)
     return case_figure_png(pair.case_id, masks.pred, masks.ref, masks.ref_volume.spacing_mm, image=image,
                            dsc=case["metrics"]["dsc"])

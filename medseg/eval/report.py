@@ -14,10 +14,7 @@ import html
 import io
 import json
 import os
-import platform
 from pathlib import Path
-
-import numpy as np
 
 from medseg.eval import catalog
 from medseg.eval.figures import (  # noqa: F401  (the report's figures, importable from here as before)
@@ -29,6 +26,9 @@ from medseg.eval.figures import (  # noqa: F401  (the report's figures, importab
     largest_disagreement_slice,
     outline_figure_png,
     slice_take,
+)
+from medseg.eval.report_text import (  # noqa: F401  (importable from here as before)
+    case_value as _case_value, cell_text, csv_cell, html_notes, html_stats_table, lesion_text, versions,
 )
 from medseg.io.jsonsafe import json_safe
 
@@ -53,35 +53,7 @@ def table_columns(lead=(("case_id", "case"),)) -> tuple[tuple[str, str], ...]:
     return tuple(lead) + tuple((m.key, m.column) for m in catalog.table_metrics())
 
 
-def cell_text(key: str, value) -> str:
-    """A metric's value in a table, with its described decimals (other keys: 3)."""
-    try:
-        digits = catalog.metric(key).digits
-    except KeyError:
-        digits = 3
-    return _fmt(value, digits)
 
-
-def _case_value(case: dict, key: str):
-    if key in case["metrics"]:
-        return case["metrics"][key]
-    if key in case["lesions"]:
-        return case["lesions"][key]
-    return case.get(key)
-
-
-def versions() -> dict:
-    """Versions of the software that produced the numbers."""
-    import scipy
-
-    import medseg
-
-    return {
-        "medseg": medseg.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def csv_text(cases: list[dict], classes=None) -> str:
@@ -100,14 +72,6 @@ def csv_text(cases: list[dict], classes=None) -> str:
         writer.writerow([csv_cell(_case_value(case, key)) for key in columns])
     return buf.getvalue()
 
-
-def csv_cell(value) -> str:
-    """One CSV value: floats as ``repr`` (``nan``, ``inf`` as text), booleans lower case, None empty."""
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value)).lower()
-    return "" if value is None else str(value)
 
 
 def summary_dict(result) -> dict:
@@ -188,17 +152,6 @@ def _html_intro(result, policy: dict) -> list[str]:
     return parts + html_notes(result)
 
 
-def html_notes(result) -> list[str]:
-    """The warnings and the predictions without reference."""
-    esc = html.escape
-    parts = []
-    for warning in getattr(result, "warnings", []):
-        parts.append(f"<p class='warn'><b>Warning:</b> {esc(warning)}</p>")
-    if result.unmatched_predictions:
-        parts.append("<p class='note'>Predictions without reference (ignored): "
-                     + esc(", ".join(result.unmatched_predictions)) + "</p>")
-    return parts
-
 
 def _html_head(result) -> list[str]:
     """The page's head, title and the definitions used."""
@@ -229,25 +182,6 @@ def _html_statistics(result) -> list[str]:
     return parts
 
 
-def html_stats_table(stats: dict) -> list[str]:
-    """The table of :func:`~medseg.eval.aggregate.aggregate`'s ``metrics`` statistics."""
-    parts = ["<table><tr><th>metric</th><th>n</th><th>mean</th>"
-             "<th>median</th><th>std</th><th>min</th><th>max</th><th>NaN</th><th>inf</th></tr>"]
-    for key, st in stats.items():
-        parts.append(
-            f"<tr><td class='id'>{html.escape(key)}</td><td>{st['n']}</td>"
-            + "".join(f"<td>{_fmt(st[s])}</td>" for s in ("mean", "median", "std", "min", "max"))
-            + f"<td>{st['n_nan']}</td><td>{st['n_inf']}</td></tr>"
-        )
-    parts.append("</table>")
-    return parts
-
-
-def lesion_text(lesions: dict) -> str:
-    """Lesion totals and pooled rates of a summary's ``lesions``, as one phrase."""
-    return (", ".join(f"{k.replace('lesion_', '').replace('_', ' ')} {v}" for k, v in lesions["totals"].items())
-            + "; pooled precision " + _fmt(lesions["pooled"]["precision"]) + ", recall "
-            + _fmt(lesions["pooled"]["recall"]) + ", F1 " + _fmt(lesions["pooled"]["f1"]))
 
 
 def _case_notes(case: dict) -> list[str]:

@@ -17,7 +17,10 @@ import numpy as np
 
 from medseg.eval import catalog
 from medseg.eval.aggregate import class_view, scored_value
-from medseg.eval.figures import _png_b64, _pyplot, busiest_slice, outline_figure_png, slice_take
+from medseg.eval.figures import (  # noqa: F401  (class_figure_png importable from here as before)
+    _png_b64, _pyplot, class_colours, class_figure_png,
+)
+from medseg.eval.report_text import case_value as _case_value, csv_cell, html_notes, html_stats_table, lesion_text, versions
 from medseg.io.jsonsafe import json_safe
 
 #: Per-row fields of the long-form ``metrics.csv`` before the metrics, and after them.
@@ -35,19 +38,6 @@ def class_csv_columns() -> tuple[str, ...]:
     return CLASS_CSV_LEAD + catalog.keys() + CLASS_CSV_TAIL
 
 
-def class_colours(names) -> dict[str, str]:
-    """Class name -> ``"#rrggbb"``, distinct per class: matplotlib's tab10 up to 10 classes, tab20
-    up to 20, evenly spaced hues beyond."""
-    from matplotlib import colormaps
-    from matplotlib.colors import hsv_to_rgb, to_hex
-
-    names = list(names)
-    if len(names) <= 20:
-        cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-        return {name: to_hex(cmap(k)) for k, name in enumerate(names)}
-    # Alternate brightness so neighbouring hues stay apart.
-    return {name: to_hex(hsv_to_rgb((k / len(names), 0.85, 1.0 if k % 2 else 0.7))) for k, name in enumerate(names)}
-
 
 def class_rows(cases: list[dict], spec) -> Iterator[tuple[dict, str, dict]]:
     """``(case, class name, view)`` per case and class, case-major; ``view`` is
@@ -61,7 +51,6 @@ def class_rows(cases: list[dict], spec) -> Iterator[tuple[dict, str, dict]]:
 
 def csv_text(cases: list[dict], spec) -> str:
     """Long-form ``metrics.csv``: :func:`class_csv_columns`, one row per case and class, raw values."""
-    from medseg.eval.report import _case_value, csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -93,7 +82,6 @@ def summary_dict(result) -> dict:
     ``options``, ``unmatched_predictions``, ``warnings``, ``versions``.
     """
     from medseg.eval.evaluate import options_dict
-    from medseg.eval.report import versions
 
     spec = result.options.classes
     per_class = result.summary["classes"]
@@ -122,45 +110,6 @@ def summary_dict(result) -> dict:
         inf_as_text=True,
     )
 
-
-def class_figure_png(case: dict, masks, spec, *, image=None) -> str:
-    """Base64 PNG of a case's slice with the most disagreeing voxels over all classes: per class,
-    the reference outline solid and the prediction dashed in the class's colour, with a legend of
-    the classes on the slice (:func:`medseg.eval.report.outline_figure_png`).
-
-    Args:
-        case: the record (:func:`~medseg.eval.evaluate.evaluate_case`) for the title's DSCs.
-        masks: :class:`~medseg.eval.evaluate.CaseMasks` of the case (label maps).
-        spec: the classes.
-        image: the image on the reference grid, or None.
-    """
-    from matplotlib.lines import Line2D
-
-    from medseg.eval.evaluate import class_masks
-
-    spacing = masks.ref_volume.spacing_mm
-    if spec.regions:
-        pred, ref = spec.region_masks(masks.pred), spec.region_masks(masks.ref)
-        differ, ref_any, pred_any = (pred != ref).any(axis=-1), ref.any(axis=-1), pred.any(axis=-1)
-    else:
-        # Class indices: a voxel disagrees when its class differs.
-        pred, ref = spec.class_indices(masks.pred), spec.class_indices(masks.ref)
-        differ, ref_any, pred_any = pred != ref, ref > 0, pred > 0
-    axis, index = busiest_slice((differ, ref_any, pred_any), spacing)
-    take = slice_take(axis, index)
-    colours = class_colours(spec.names)
-    layers, legend, dscs = [], [], []
-    pred_slices = dict(class_masks(spec, masks.pred[take]))
-    for name, ref_slice in class_masks(spec, masks.ref[take]):
-        layers += [(ref_slice, colours[name], "solid"), (pred_slices[name], colours[name], "dashed")]
-        if ref_slice.any() or pred_slices[name].any():
-            legend.append(Line2D([], [], color=colours[name], linewidth=2, label=name))
-            dscs.append(f"{name} {_fmt(case['classes'][name]['metrics']['dsc'], 2)}")
-    legend += [Line2D([], [], color="#bbbbbb", linestyle=style, label=text)
-               for style, text in (("solid", "reference"), ("dashed", "prediction"))]
-    shown = dscs[:6] + (["..."] if len(dscs) > 6 else [])  # the title stays one line
-    title = f"{case['case_id']}: array axis {axis}, slice {index}\nDSC " + ", ".join(shown or ["-"])
-    return outline_figure_png(title, axis, index, spacing, layers, image=image, legend=legend)
 
 
 def boxplot_png(cases: list[dict], spec, empty_distance: str) -> str:
@@ -227,7 +176,6 @@ def _class_table(summary: dict, spec) -> list[str]:
 def html_class_sections(result) -> list[str]:
     """The per-class parts of ``report.html`` after its head: classes with colours and statistics,
     empty masks, warnings, full statistics per class, box plots per class."""
-    from medseg.eval.report import html_notes, html_stats_table, lesion_text
 
     esc = html.escape
     spec = result.options.classes

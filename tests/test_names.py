@@ -96,6 +96,29 @@ def test_liver_label_step_equals_map_labels_5_to_1_on_patient_a():
     assert int(a.sum()) == 41692  # the manifest's liver voxels: nothing resampled, every liver voxel 1
 
 
+
+def test_liver_plan_equals_the_binary_plan_on_patient_a():
+    """``make_plan`` on patient A: a one-class named spec fits the same window, patch, spacing and
+    (no) enhancement or kept orientation as the binary run on the mapped labels."""
+    from medseg.data.plan import make_plan
+    from medseg.io import read_volume
+    from medseg.io.labels import apply_label_map, parse_label_map
+
+    raw = read_volume(PATIENT_A)
+    img = read_volume(PATIENT_A.parent / "example_ct.nii.gz")
+    spec = ClassSpec.parse(["liver=5"])
+    named = make_plan([(img, raw)], overrides={"classes": spec.to_dict()}, seed=0)
+    mapped = raw.with_array(apply_label_map(np.asarray(raw.array), parse_label_map("5:1,*:0")))
+    binary = make_plan([(img, mapped)], seed=0)
+    assert named.classes == spec.to_dict() and binary.classes is None
+    assert named.normalization == binary.normalization
+    assert (named.normalization["low_hu"], named.normalization["high_hu"]) == (-1000.0, 400.0)  # the default window
+    assert named.enhancement is None and binary.enhancement is None
+    assert named.keep_orientation is False and binary.keep_orientation is False
+    for key in ("patch_size", "target_spacing_mm", "slice_axis", "orientation", "num_classes", "divisor"):
+        assert getattr(named, key) == getattr(binary, key), key
+
+
 # --- check and evaluation ------------------------------------------------------------------------
 def _save(path: Path, array, spacing=(1.0, 1.0, 2.0)):
     path.parent.mkdir(parents=True, exist_ok=True)

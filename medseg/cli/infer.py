@@ -460,7 +460,7 @@ def _volumes_text(predictor, labels) -> str:
 
     spec = predictor.classes
     if not predictor.multiclass:  # one class, named by the bundle ("lesion" by default)
-        return f"{predictor.class_names[0]} {float(labels.array.sum(dtype='int64')) * labels.voxel_volume_ml:.2f} ml"
+        return f"{predictor.class_names[0]} {np.count_nonzero(labels.array) * labels.voxel_volume_ml:.2f} ml"
     counts = np.bincount(np.asarray(labels.array).ravel().astype(np.int64))
     parts = []
     for k, (name, ids) in enumerate(zip(spec.names, spec.ids)):

@@ -64,7 +64,7 @@ from medseg.data.fingerprint import (
 )
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.classes import CLASSES, ClassSpec, LabelKind
+from medseg.io.classes import BINARY, CLASSES, ClassSpec, LabelKind
 from medseg.transforms.intensity import check_normalization
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorientation
@@ -327,7 +327,9 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     target_spacing = overrides.get("target_spacing_mm", tuple(float(v) for v in median_spacing[inplane]))
 
     fg_stats = _stats(fg_values)
-    if classes is not None and modality == "CT" and fg_values.size:
+    if _kind(classes) is not BINARY and modality == "CT" and fg_values.size:
+        # Several classes (or regions) get their own window; one named class is trained exactly
+        # as the binary run it is (``--labels-map liver=5`` == ``--map-labels 5:1,*:0``).
         fitted = _class_ct_window(fg_values)
     else:
         fitted = _normalization_for(modality, fg_stats)

@@ -460,7 +460,9 @@ class Predictor:
             labels = remove_small_lesions(labels, volume.spacing_mm, min_lesion_ml)
         if self._largest(largest_component):
             labels = keep_largest_component(labels)
-        return volume.with_array(labels)
+        # A named class writes its own label id (``liver=5`` -> 5); the default lesion writes 1.
+        spec = self.classes
+        return volume.with_array(labels if spec is None else spec.label_ids(labels))
 
     def _segment_classes(self, volume: "Volume", min_lesion_ml: float, largest_component: bool | None,
                          progress: Progress | None = None) -> "Volume":

@@ -784,3 +784,17 @@ def read_dicom(
     }
     affine = _LPS_TO_RAS @ geometry.lps_affine
     return Volume(array, affine, case_id if case_id is not None else _case_id_of(p), meta)
+
+
+# --- dicomseg helper: the headers a DICOM SEG / RTSTRUCT writer references ------------------------
+def series_headers(path: str | os.PathLike, series_uid: str | None = None) -> list[tuple[Path, Dataset]]:
+    """(file, header without pixel data) of each file of the series ``path`` (a folder of one series,
+    or one file), in file-name order; the same checks and errors as :func:`read_dicom`'s first pass."""
+    p = Path(path)
+    if p.is_dir():
+        info, headers, _ = _series_of_folder(p, series_uid)
+    elif p.is_file():
+        info, headers, _ = _series_of_file(p, series_uid)
+    else:
+        raise InputError(p, "a DICOM folder or file", "nothing at this path")
+    return [(q, headers[q]) for q in info.paths]

@@ -27,8 +27,9 @@ def lps_to_index(affine_ras: np.ndarray, points_lps: np.ndarray) -> np.ndarray:
 
 
 def frame_indices(affine_ras: np.ndarray, shape, ipp, iop, spacing, rows: int, cols: int, where,
-                  what: str = "frame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel index arrays ``(i, j, k)``, each ``(rows, cols)``, of one frame's pixels on the grid.
+                  what: str = "frame") -> tuple:
+    """Where one frame's pixels lie on the grid: a placement for :func:`frame_view` (basic slicing,
+    so reading and writing a frame cost a view, not index arrays).
 
     Args:
         affine_ras, shape: the grid (RAS+ affine, 3D shape).
@@ -56,12 +57,34 @@ def frame_indices(affine_ras: np.ndarray, shape, ipp, iop, spacing, rows: int, c
             f"a plane at index {np.round(origin, 3).tolist()} with steps {np.round(steps, 3).tolist()} per pixel "
             "(another spacing, orientation or a shift of part of a voxel)",
         )
-    start = np.round(origin).astype(np.int64)
-    c = np.arange(cols, dtype=np.int64)[None, :, None]
-    r = np.arange(rows, dtype=np.int64)[:, None, None]
-    index = start + c * exact[0].astype(np.int64) + r * exact[1].astype(np.int64)
-    lo, hi = index.reshape(-1, 3).min(axis=0), index.reshape(-1, 3).max(axis=0)
-    if np.any(lo < 0) or np.any(hi >= np.asarray(shape)):
+    return _plane(np.round(origin).astype(np.int64), exact.astype(np.int64), rows, cols, shape, where, what)
+
+
+def _plane(start, steps, rows: int, cols: int, shape, where, what: str) -> tuple:
+    """Basic-slicing index of the frame's voxels (a view, no copy) and whether to transpose it to
+    (rows, cols): each frame axis runs along one grid axis, forwards or backwards."""
+    axis_c, axis_r = int(np.argmax(np.abs(steps[0]))), int(np.argmax(np.abs(steps[1])))
+    if axis_c == axis_r:
+        raise InputError(where, f"a {what} with rows and columns along two axes", f"steps {steps.tolist()}")
+    index: list = [int(start[a]) for a in range(3)]
+    for axis, n in ((axis_c, cols), (axis_r, rows)):
+        step = int(steps[0 if axis == axis_c else 1][axis])
+        first, last = int(start[axis]), int(start[axis]) + step * (n - 1)
+        if min(first, last) < 0 or max(first, last) >= shape[axis]:
+            raise InputError(where, f"a {what} inside the referenced image",
+                             f"voxel index {min(first, last)}..{max(first, last)} on axis {axis} of a grid of "
+                             f"shape {list(shape)}")
+        stop = last + step
+        index[axis] = slice(first, None if stop < 0 else stop, step)
+    fixed = 3 - axis_c - axis_r
+    if not 0 <= index[fixed] < shape[fixed]:
         raise InputError(where, f"a {what} inside the referenced image",
-                         f"voxel indices {lo.tolist()}..{hi.tolist()} on a grid of shape {list(shape)}")
-    return index[..., 0], index[..., 1], index[..., 2]
+                         f"slice {index[fixed]} on axis {fixed} of a grid of shape {list(shape)}")
+    return tuple(index), axis_c < axis_r
+
+
+def frame_view(array: np.ndarray, placement: tuple) -> np.ndarray:
+    """The ``(rows, cols)`` view of ``array`` at a frame's :func:`frame_indices` placement (writable)."""
+    index, transpose = placement
+    view = array[index]
+    return view.T if transpose else view

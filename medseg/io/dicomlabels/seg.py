@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicomlabels.geometry import frame_indices
+from medseg.io.dicomlabels.geometry import frame_indices, frame_view
 from medseg.io.dicomlabels.names import named_id
 from medseg.io.volume import Volume
 
@@ -101,13 +101,12 @@ def read_seg(ds, path: Path, reference: Volume, case_id: str) -> Volume:
     overlap = 0
     # Largest segment first: a smaller one painted later wins where they overlap.
     for number, ipp, iop, spacing, frame in sorted(frames, key=lambda fr: -counts[fr[0]]):
-        i, j, k = frame_indices(reference.affine, reference.shape, ipp, iop, spacing, frame.shape[0],
-                                frame.shape[1], path, f"SEG frame of segment {number}")
+        view = frame_view(out, frame_indices(reference.affine, reference.shape, ipp, iop, spacing, frame.shape[0],
+                                             frame.shape[1], path, f"SEG frame of segment {number}"))
         on = frame > 0
         value = values.get(number, number)
-        taken = out[i[on], j[on], k[on]]
-        overlap += int(np.count_nonzero((taken != 0) & (taken != value)))
-        out[i[on], j[on], k[on]] = value
+        overlap += int(np.count_nonzero((view[on] != 0) & (view[on] != value)))
+        view[on] = value
     if overlap:
         log.warning("%s: %d voxels belong to several segments; each went to the smallest segment", path, overlap)
     meta = {"modality": "SEG", "source_path": str(path), "series_uid": str(ds.get("SeriesInstanceUID", "")),

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicomlabels.geometry import frame_indices
+from medseg.io.dicomlabels.geometry import frame_indices, frame_view
 from medseg.io.dicomlabels.seg import PALETTE
 from medseg.io.dicomlabels.source import source_headers
 from medseg.io.volume import Volume
@@ -46,9 +46,9 @@ def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
         if ipp is None or iop is None or spacing is None:
             raise InputError(where, "source images with ImagePositionPatient, ImageOrientationPatient and "
                              "PixelSpacing", f"{Path(ds.filename).name} without them")
-        i, j, k = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
-                                where, f"label map slice for {Path(ds.filename).name}")
-        frames.append(np.asarray(label.array)[i, j, k])
+        placement = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
+                                  where, f"label map slice for {Path(ds.filename).name}")
+        frames.append(frame_view(np.asarray(label.array), placement))
     return np.stack(frames)
 
 
@@ -107,7 +107,12 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
     source = Path(source_series_dir)
     headers = source_headers(source, label_volume.meta.get("series_uid"))
     labels = _frames(label_volume, headers, source)
-    present = {int(v) for v in np.unique(labels) if v != 0}
+    if labels.dtype.kind not in "ui" and not np.array_equal(labels, np.round(labels)):
+        raise InputError(source, "a label map of integer class values", f"{labels.dtype} values with fractions")
+    if labels.size and labels.min() < 0:
+        raise InputError(source, "a label map of values >= 0", f"the value {labels.min()}")
+    labels = labels.astype(np.int64) if labels.dtype.kind not in "ui" else labels
+    present = {int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0}
     values = sorted(present | {int(v) for v in class_names if int(v) > 0})
     lookup = np.zeros(max(values, default=0) + 1, dtype=np.uint16)
     lookup[values] = np.arange(1, len(values) + 1)

@@ -19,22 +19,16 @@ def source_headers(series: str | Path, series_uid: str | None = None) -> list:
             SOP Class / SOP Instance / Study / Series / Frame of Reference UIDs are blank (an
             anonymizer removed them): nothing could reference them, so no SEG is written.
     """
-    import pydicom
-
-    from medseg.io.dicom import list_dicom_series
+    from medseg.io.dicom import series_headers
 
     p = Path(series)
-    if p.is_dir():
-        found = list_dicom_series(p)
-        if series_uid is not None and len(found) > 1:
-            found = [s for s in found if s.uid == series_uid] or found
-        if len(found) != 1:
-            raise InputError(p, "a folder holding one DICOM image series",
-                             f"{len(found)} series" + (": " + "; ".join(s.summary() for s in found) if found else ""))
-        paths = list(found[0].paths)
-    else:
-        paths = [p]
-    headers = [pydicom.dcmread(q, stop_before_pixels=True) for q in paths]
+    try:
+        pairs = series_headers(p, series_uid)
+    except InputError:
+        if series_uid is None:
+            raise
+        pairs = series_headers(p)  # the label map's series UID may be blank, or the folder's only series
+    paths, headers = [q for q, _ in pairs], [ds for _, ds in pairs]
     blank = {key: [q for q, ds in zip(paths, headers) if not str(ds.get(key, "") or "").strip()] for key in _NEEDED}
     blank = {key: files for key, files in blank.items() if files}
     if blank:

@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)"
     )
+    # --- dicomseg helper: the output format ---
+    parser.add_argument(
+        "--format", choices=("nifti", "dicom-seg", "rtstruct"), default="nifti",
+        help="nifti: a label volume (the extension of -o chooses NIfTI, NRRD or MHA; default); dicom-seg / "
+             "rtstruct (DICOM series inputs): <case>_seg.dcm, a DICOM SEG / RTSTRUCT referencing the series, "
+             "stored as a new series of its study",
+    )
+    # --- end dicomseg helper
     add_common_args(parser)
     return parser
 
@@ -413,6 +421,12 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace) -> str:
         probability = predictor.predict_proba(volume)
         labels = predictor.labels_from_proba(probability, **post)
     outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
+    if getattr(args, "format", "nifti") != "nifti":  # --- dicomseg helper: DICOM SEG / RTSTRUCT output
+        from medseg.io.dicomlabels.infer_output import write_infer_output
+
+        written = write_infer_output(args.format, labels, job.source, job.seg_path, predictor, outputs[1:],
+                                     overwrite=args.overwrite)
+        return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"
     write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
     written = str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
     return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"

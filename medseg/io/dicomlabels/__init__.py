@@ -32,6 +32,7 @@ LABEL_SOP_CLASSES = {SEG_SOP_CLASS: "SEG", RTSTRUCT_SOP_CLASS: "RTSTRUCT"}
 #: subfolders and theirs (``labels/x.dcm`` next to ``images/x/``), at most this many.
 SEARCH_LIMIT = 2000
 _PAIRED: dict[str, str] = {}
+_VOLUME_ENDINGS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".json", ".csv", ".txt", ".md")
 _GRIDS: dict[tuple, Volume] = {}
 
 
@@ -215,3 +216,57 @@ def read_label_object(path: str | os.PathLike, *, reference: Volume | str | os.P
     from medseg.io.dicomlabels.rtstruct import read_rtstruct
 
     return read_rtstruct(ds, path, reference, case_id)
+
+
+def label_objects_in(folder: str | os.PathLike) -> dict[Path, str]:
+    """SEG / RTSTRUCT files directly in ``folder`` -> the SeriesInstanceUID each references."""
+    import pydicom
+
+    from medseg.io.dicom import is_dicom_file
+
+    found: dict[Path, str] = {}
+    if not os.path.isdir(folder) or not os.access(folder, os.R_OK | os.X_OK):
+        return found  # the caller's folder checks report it
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith(".") or entry.name.lower().endswith(_VOLUME_ENDINGS) or not entry.is_file():
+            continue
+        if not is_dicom_file(entry.path):
+            continue
+        if label_object_kind(entry.path) is None:
+            continue
+        ds = pydicom.dcmread(entry.path, stop_before_pixels=True, force=True)
+        found[Path(entry.path)] = referenced_series(ds)[0]
+    return found
+
+
+def pair_by_reference(images: dict[str, Path], objects: dict[Path, str]) -> tuple[list[tuple[str, Path, Path]],
+                                                                                    list[str]]:
+    """Pair label objects with image series folders by the SeriesInstanceUID they reference.
+
+    Args:
+        images: case id -> image (DICOM series folders take part; other images pair with nothing).
+        objects: :func:`label_objects_in`'s answer.
+
+    Returns:
+        ``([(case id, image, label object)], problems)``: one line per label object whose series is
+        not among the images (naming the UID), per image without a label object, per image labelled twice.
+    """
+    by_uid: dict[str, str] = {}
+    for cid, image in images.items():
+        if image.is_dir():
+            for uid in _series_uid_of_folder(image):
+                by_uid.setdefault(uid, cid)
+    pairs, problems, used = [], [], {}
+    for label, uid in objects.items():
+        cid = by_uid.get(uid)
+        if cid is None:
+            problems.append(f"label without image: {label} (references series {uid or '<none>'}, "
+                            "which no image folder holds)")
+        elif cid in used:
+            problems.append(f"two labels for image {images[cid]}: {used[cid]} and {label}")
+        else:
+            used[cid] = label
+            remember_reference(label, images[cid])
+            pairs.append((cid, images[cid], label))
+    problems += [f"image without label: {images[cid]}" for cid in sorted(set(images) - set(used))]
+    return sorted(pairs), problems

@@ -79,6 +79,30 @@ def reversed_series(dst: Path, src: Path) -> Path:
     return dst
 
 
+def cropped_series(dst: Path, src: Path, row0: int, col0: int, size: int) -> Path:
+    """``src`` cut to ``size`` x ``size`` pixels from (row0, col0), positions moved to match (the same
+    voxels in the world): a small series for end-to-end runs of the model."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    dst.mkdir(parents=True)
+    series = generate_uid()
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        pixels = ds.pixel_array[row0:row0 + size, col0:col0 + size].copy()
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient]) + col0 * dc * iop[:3] + row0 * dr * iop[3:]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+        ds.Rows = ds.Columns = size
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(dst / f.name, enforce_file_format=True)
+    return dst
+
+
 def highdicom_labels(seg_path: Path, nifti_path: Path) -> np.ndarray:
     """The SEG read by highdicom (segments combined: value = segment number) and placed by highdicom
     on the grid of the NIfTI file ``nifti_path``: an array in that file's voxel order."""

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from _dicom_labels import (B_LABELS, B_SERIES, OBLIQUE_SERIES, dciodvfy_errors, highdicom_frames, highdicom_labels,
+from _dicom_labels import (B_LABELS, B_SERIES, OBLIQUE_SERIES, cropped_series, dciodvfy_errors, highdicom_frames, highdicom_labels,
                            oblique_labels, organ_labels, reversed_series, series_with_uids, with_new_uids)
 from _helpers import no_env_model, run_dir  # noqa: F401  (fixtures)
 from medseg.errors import InputError
@@ -128,7 +128,7 @@ def test_seg_attributes_reference_the_source_and_keep_patient_and_study(series, 
     assert int(seg.NumberOfFrames) == expected <= 2 * 15
 
 
-def test_reading_a_seg_finds_its_series_next_to_it_or_says_which_is_missing(series, tmp_path):
+def test_reading_a_seg_finds_its_series_next_to_it_or_says_which_is_missing(series, tmp_path, monkeypatch):
     root = tmp_path / "study"
     shutil.copytree(series["b"], root / "images" / "b")
     (root / "labels").mkdir()
@@ -137,9 +137,12 @@ def test_reading_a_seg_finds_its_series_next_to_it_or_says_which_is_missing(seri
     back = read_volume(seg)  # no reference given: found by SeriesInstanceUID in ../images/b
     assert back.same_grid(image) and back.meta["class_names"] == {1: "Spleen", 2: "Liver"}
     assert back.case_id == "x" and back.meta["reference_path"] == str(root / "images" / "b")
-    shutil.rmtree(root / "images")
-    with pytest.raises(InputError, match=r"referenced image series \(SeriesInstanceUID [0-9.]+\).*no such series"):
+    shutil.move(root / "images", tmp_path / "elsewhere")
+    with pytest.raises(InputError, match=r"referenced image series \(SeriesInstanceUID [0-9.]+\).*no such series"
+                                         r".*MEDSEG_DICOM_PATH"):
         read_volume(seg)
+    monkeypatch.setenv("MEDSEG_DICOM_PATH", str(tmp_path / "elsewhere"))
+    assert read_volume(seg).meta["reference_path"] == str(tmp_path / "elsewhere" / "b")
     with pytest.raises(InputError, match="an image of series"):
         read_volume(seg, reference=read_volume(series["reversed"]))
 
@@ -205,14 +208,16 @@ def test_medseg_infer_dicom_seg_equals_its_nifti_and_eval_scores_it_alike(series
     from medseg.infer.bundle import load_bundle, read_bundle_info
     from medseg.infer.predictor import Predictor
 
-    image = read_volume(series["b"])
+    source = cropped_series(tmp_path / "study" / "ct", series["b"], 200, 260, 96)  # liver and ribs, 96 x 96 x 20
+    image = read_volume(source)
     probability = Predictor(load_bundle(run_dir)).predict_proba(image).array
     threshold = float(np.quantile(probability, 0.7))  # an untrained model: pick a threshold that segments
     common = ["--model", str(run_dir), "--threshold", f"{threshold:.6f}"]
-    assert infer([str(series["b"]), "-o", str(tmp_path / "nii"), *common]) == 0
-    assert infer([str(series["b"]), "-o", str(tmp_path / "seg"), "--format", "dicom-seg", *common]) == 0
-    nifti, seg = tmp_path / "nii" / "b_seg.nii.gz", tmp_path / "seg" / "b_seg.dcm"
-    assert str(seg) in capsys.readouterr().out and not (tmp_path / "seg" / "b_seg.nii.gz").exists()
+    out = tmp_path / "study" / "pred"  # next to the series: medseg-eval finds the SEG's images there
+    assert infer([str(source), "-o", str(tmp_path / "nii"), *common]) == 0
+    assert infer([str(source), "-o", str(out), "--format", "dicom-seg", *common]) == 0
+    nifti, seg = tmp_path / "nii" / "ct_seg.nii.gz", out / "ct_seg.dcm"
+    assert str(seg) in capsys.readouterr().out and not (out / "ct_seg.nii.gz").exists()
     expected = np.asarray(read_volume(nifti).array)
     assert 0.05 < expected.mean() < 0.95
     assert np.array_equal(highdicom_labels(seg, nifti), expected)
@@ -221,9 +226,9 @@ def test_medseg_infer_dicom_seg_equals_its_nifti_and_eval_scores_it_alike(series
     assert algorithm.AlgorithmParameters == "model_sha256=" + read_bundle_info(run_dir)["model_sha256"]
     assert ds.SegmentSequence[0].SegmentLabel == "lesion"
 
-    # medseg-eval: the SEG as prediction scores as its NIfTI does, against B's liver.
-    ref = organ_labels(image, ids=(5,))
-    ref_path = write_volume(ref.with_array((ref.array > 0).astype(np.uint8)), tmp_path / "ref" / "b.nii.gz")
+    # medseg-eval: the SEG as prediction scores as its NIfTI does, against soft tissue (> 0 HU).
+    ref_path = write_volume(image.with_array((np.asarray(image.array) > 0).astype(np.uint8)),
+                            tmp_path / "ref" / "ct.nii.gz")
     dsc = {}
     for kind, pred in (("nifti", nifti), ("seg", seg)):
         assert evaluate(["--pred", str(pred), "--ref", str(ref_path), "--out", str(tmp_path / kind),
@@ -239,7 +244,7 @@ def test_medseg_infer_dicom_seg_of_patient_b_as_shipped_is_one_clear_line(run_di
     code = infer([str(B_SERIES), "-o", str(tmp_path), "--format", "dicom-seg", "--model", str(run_dir)])
     err = capsys.readouterr().err
     assert code == 1 and list(tmp_path.iterdir()) == []
-    lines = [line for line in err.splitlines() if "error" in line]
+    lines = [line for line in err.splitlines() if line.startswith("medseg-infer: error")]
     assert len(lines) == 1 and "blank SOPClassUID" in lines[0] and "give the images their UIDs" in lines[0]
 
 

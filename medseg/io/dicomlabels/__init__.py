@@ -31,6 +31,8 @@ LABEL_SOP_CLASSES = {SEG_SOP_CLASS: "SEG", RTSTRUCT_SOP_CLASS: "RTSTRUCT"}
 #: Folders probed for the referenced series: the file's folder, its subfolders, its parent's
 #: subfolders and theirs (``labels/x.dcm`` next to ``images/x/``), at most this many.
 SEARCH_LIMIT = 2000
+#: Environment variable: more folders (``os.pathsep``-separated) searched for referenced series.
+SEARCH_ENV = "MEDSEG_DICOM_PATH"
 _PAIRED: dict[str, str] = {}
 _VOLUME_ENDINGS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".json", ".csv", ".txt", ".md")
 _GRIDS: dict[tuple, Volume] = {}
@@ -112,9 +114,13 @@ def _series_uid_of_folder(folder: Path, probe: int = 3) -> set[str]:
 
 
 def _candidate_folders(path: Path):
+    """Folders that may hold the referenced series, nearest first (see :func:`find_referenced_series`)."""
     seen = set()
-    roots = [path.parent] + ([path.parent.parent] if path.parent.parent != path.parent else [])
-    for depth, root in enumerate(roots):
+    roots = [(path.parent, 1)]
+    if path.parent.parent != path.parent:
+        roots.append((path.parent.parent, 2))
+    roots += [(Path(p), 2) for p in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if p]
+    for root, depth in roots:
         queue = [(root, 0)]
         while queue:
             folder, level = queue.pop(0)
@@ -123,7 +129,7 @@ def _candidate_folders(path: Path):
                 continue
             seen.add(real)
             yield folder
-            if level < 1 + depth:
+            if level < depth:
                 try:
                     subs = sorted(e.path for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
                 except OSError:
@@ -135,7 +141,8 @@ def find_referenced_series(path: str | os.PathLike, series_uid: str) -> Path:
     """The folder (near ``path``) holding the image series ``series_uid``.
 
     Searched: ``path``'s folder and its subfolders, then its parent's subfolders and their
-    subfolders, in name order (:data:`SEARCH_LIMIT` folders at most).
+    subfolders, then each folder of ``$MEDSEG_DICOM_PATH`` (``os.pathsep``-separated) and two levels
+    of subfolders, in name order (:data:`SEARCH_LIMIT` folders at most).
 
     Raises:
         InputError: not found (one line naming the series UID and where medseg looked).
@@ -149,7 +156,8 @@ def find_referenced_series(path: str | os.PathLike, series_uid: str) -> Path:
     raise InputError(
         path, f"its referenced image series (SeriesInstanceUID {series_uid}) in {path.parent} or the folders next "
         "to it", "no such series there",
-        "put the series' folder next to the file, or pass the image (read_volume(..., reference=IMAGE))",
+        f"put the series' folder next to the file, name the folder holding it in ${SEARCH_ENV}, or pass the "
+        "image (read_volume(..., reference=IMAGE))",
     )
 
 

@@ -8,6 +8,7 @@ so a label map in any axis order or flip of the series' voxels gives the same SE
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -114,10 +115,12 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
     labels = labels.astype(np.int64) if labels.dtype.kind not in "ui" else labels
     present = {int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0}
     values = sorted(present | {int(v) for v in class_names if int(v) > 0})
-    lookup = np.zeros(max(values, default=0) + 1, dtype=np.uint16)
-    lookup[values] = np.arange(1, len(values) + 1)
-    pixels = lookup[labels]
-    pixels = pixels.astype(np.uint8) if len(values) < 256 else pixels
+    if values == list(range(1, len(values) + 1)) and labels.dtype in (np.uint8, np.uint16):
+        pixels = labels  # already the segment numbers (a binary or class-index label map)
+    else:
+        lookup = np.zeros(max(values, default=0) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+        lookup[values] = np.arange(1, len(values) + 1)
+        pixels = lookup[labels]
     version = algorithm_version or medseg.__version__
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=version,
@@ -131,6 +134,20 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
         device_serial_number="0", series_description=f"{algorithm_name} segmentation"[:64],
         content_label="MEDSEG", content_description=f"{algorithm_name} {version} automatic segmentation"[:64],
         omit_empty_frames=omit_empty_frames and bool(present))
-    with atomic_path(out_path, suffix=".dcm") as tmp:
+    with atomic_path(out_path, suffix=".dcm") as tmp, _values_checked_once():
         seg.save_as(tmp)
     return out_path
+
+
+@contextlib.contextmanager
+def _values_checked_once():
+    """pydicom re-validates every value while writing; highdicom validated them when it built the
+    dataset, and the second pass is a tenth of the write time of a many-frame SEG."""
+    from pydicom import config
+
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.writing_validation_mode = mode

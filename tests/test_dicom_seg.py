@@ -253,3 +253,17 @@ def test_nifti_input_with_dicom_format_is_refused(run_dir, tmp_path, capsys, no_
 
     code = infer([str(B_LABELS), "-o", str(tmp_path / "o"), "--format", "dicom-seg", "--model", str(run_dir)])
     assert code == 1 and "expected a DICOM series for --format dicom-seg" in capsys.readouterr().err
+
+
+def test_names_in_labels_map_get_ids_of_their_own(monkeypatch):
+    from medseg.io.classes import ClassSpec
+    from medseg.io.dicomlabels import names
+
+    monkeypatch.setattr(names, "_IDS", {})
+    spec = ClassSpec.parse(["liver=Liver", "tumour=Liver Tumor, tumor", "spleen=1"])
+    assert spec.ids == ((1000,), (1001, 1002), (1,))
+    assert ClassSpec.parse(["organ=LIVER"]).ids == ((1000,),)  # the same name, any case: the same id
+    assert names.named_id("liver  tumor") == 1001 and names.named_id("kidney") is None
+    for bad in ("liver=x", "liver=5x", "liver=1,,"):
+        with pytest.raises(InputError, match="--labels-map entries NAME=IDS"):
+            ClassSpec.parse([bad])

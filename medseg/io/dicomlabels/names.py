@@ -3,7 +3,7 @@
 A DICOM SEG numbers its segments (and an RTSTRUCT its ROIs) per file: the liver may be segment 1 in
 one file and segment 3 in the next, so a number does not name a class across a dataset; the name
 does. A ``--labels-map`` entry whose right side is not integers is a list of names (comma-separated,
-matched case-insensitively, surrounding spaces ignored; each of two characters or more, with a letter:
+matched case-insensitively, surrounding spaces ignored; each of two characters or more, the first a letter:
 ``liver=x`` stays a malformed entry); each name gets a label id of its own from
 :data:`NAMED_ID_BASE` up (the same name, the same id, within the process), and SEG / RTSTRUCT readers
 then write that id for a segment or ROI of that name, and the segment number for any other.
@@ -39,7 +39,7 @@ def named_ids(text: str) -> tuple[int, ...] | None:
     if _NUMBERS.match(str(text)):
         return None
     names = [_key(part) for part in str(text).split(",")]
-    if any(len(name) < 2 or not any(ch.isalpha() for ch in name) for name in names):
+    if any(len(name) < 2 or not name[0].isalpha() for name in names):
         return None  # "liver=x", "liver=5x": a mistyped id more likely than a segment named so
     for name in names:
         _IDS.setdefault(name, NAMED_ID_BASE + len(_IDS))

@@ -191,3 +191,27 @@ def test_medseg_check_on_series_with_seg_labels(b_series, tmp_path, capsys, monk
     assert "liver=1000, spleen=1001" in out
     rows = {line.split()[1]: line.split()[2] for line in out.splitlines() if line.startswith("  b ")}
     assert rows == {"liver": "366708", "spleen": "130634"}
+
+
+def test_medseg_eval_of_a_folder_of_rtstruct_predictions(b_series, tmp_path):
+    import csv
+
+    from medseg.cli.evaluate import main as evaluate
+    from medseg.io import write_volume
+
+    image = read_volume(b_series)
+    liver = organ_labels(image, ids=(5,))
+    liver = liver.with_array((liver.array > 0).astype(np.uint8))
+    (tmp_path / "pred").mkdir()
+    shutil.copytree(b_series, tmp_path / "series" / "b")  # next to the predictions: found by UID
+    write_rtstruct(liver, tmp_path / "series" / "b", tmp_path / "pred" / "b.dcm", class_names=["liver"])
+    write_dicom_seg(liver, tmp_path / "series" / "b", tmp_path / "pred" / "c.dcm", class_names=["liver"])
+    shrunk = liver.array.copy()
+    shrunk[:, :, :10] = 0  # the SEG's reference: half the liver's slices, so its DSC is known and < 1
+    write_volume(liver, tmp_path / "ref" / "b.nii.gz")
+    write_volume(liver.with_array(shrunk), tmp_path / "ref" / "c.nii.gz")
+    assert evaluate(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "o"),
+                     "--no-figures"]) == 0
+    rows = {r["case_id"]: float(r["dsc"]) for r in csv.DictReader((tmp_path / "o" / "metrics.csv").open())}
+    kept = np.count_nonzero(shrunk)
+    assert rows == {"b": 1.0, "c": pytest.approx(2 * kept / (kept + np.count_nonzero(liver.array)))}

@@ -126,12 +126,19 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
             loose_dicom.append(name)
         else:
             log.debug("ignoring non-volume file: %s", path)
+    if loose_dicom:  # --- dicomseg helper: a SEG / RTSTRUCT file is a case of its own, named by its file
+        from medseg.io.dicomlabels import label_object_kind
+
+        objects = [name for name in loose_dicom if label_object_kind(folder / name) is not None]
+        for name in objects:
+            found.setdefault(case_id_from_path(folder / name), []).append(folder / name)
+        loose_dicom = [name for name in loose_dicom if name not in objects]
     if loose_dicom:
         # Single-file volumes (enhanced multi-frame: one file per patient) are cases; slices of a
         # series lying loose in the folder are not.
         from medseg.io.dicom import list_dicom_series
 
-        series = list_dicom_series(folder)
+        series = [s for s in list_dicom_series(folder) if s.paths[0].name not in objects]
         if len(series) != len(loose_dicom) or any(s.n_files != 1 for s in series):
             raise InputError(
                 folder, f"one subfolder per patient holding its DICOM series, or one file per case ({what})",

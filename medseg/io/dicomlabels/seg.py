@@ -18,9 +18,7 @@ Rules of the reader:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -14,6 +14,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from _dicom_labels import OBLIQUE_SERIES, dciodvfy_errors, organ_labels, series_with_uids
+from _helpers import no_env_model, run_dir  # noqa: F401  (fixtures)
 from medseg.errors import DatasetError, InputError
 from medseg.io import discover_cases, pair_cases, read_volume
 from medseg.io.dicomlabels import write_dicom_seg, write_rtstruct
@@ -109,6 +110,21 @@ def test_hand_built_rtstruct_with_a_hole_an_island_and_overlap_on_the_oblique_se
     assert np.count_nonzero(label.array == 1) == 400 - 36 + 4
     assert "1 contours that are not CLOSED_PLANAR skipped" in caplog.text
     assert "100 voxels belong to several ROIs" in caplog.text
+
+
+def test_outlines_give_back_every_pixel_of_a_speckled_mask_by_centre_and_even_odd():
+    from matplotlib.path import Path as Polygon
+
+    from medseg.io.dicomlabels.rtstruct_write import outlines
+
+    mask = np.random.default_rng(0).random((64, 48)) < 0.5  # holes, islands, corner-only contacts
+    rows, cols = np.mgrid[0:64, 0:48]
+    centres = np.stack([cols.ravel(), rows.ravel()], axis=1)
+    inside = np.zeros(centres.shape[0], dtype=bool)
+    polygons = outlines(mask)
+    for polygon in polygons:  # matplotlib, not medseg's rasterizer
+        inside ^= Polygon(polygon).contains_points(centres)
+    assert len(polygons) > 100 and np.array_equal(inside.reshape(mask.shape), mask)
 
 
 def test_a_contour_off_the_slice_planes_is_one_clear_line(tmp_path):
@@ -215,3 +231,25 @@ def test_medseg_eval_of_a_folder_of_rtstruct_predictions(b_series, tmp_path):
     rows = {r["case_id"]: float(r["dsc"]) for r in csv.DictReader((tmp_path / "o" / "metrics.csv").open())}
     kept = np.count_nonzero(shrunk)
     assert rows == {"b": 1.0, "c": pytest.approx(2 * kept / (kept + np.count_nonzero(liver.array)))}
+
+
+@pytest.mark.slow
+def test_medseg_infer_rtstruct_reads_back_as_its_nifti(b_series, run_dir, tmp_path, no_env_model):  # noqa: F811
+    from _dicom_labels import cropped_series
+    from medseg.cli.infer import main as infer
+    from medseg.infer.bundle import load_bundle
+    from medseg.infer.predictor import Predictor
+
+    source = cropped_series(tmp_path / "ct", b_series, 200, 260, 64)
+    probability = Predictor(load_bundle(run_dir)).predict_proba(read_volume(source)).array
+    common = ["--model", str(run_dir), "--threshold", f"{float(np.quantile(probability, 0.6)):.6f}"]
+    assert infer([str(source), "-o", str(tmp_path / "nii"), *common]) == 0
+    assert infer([str(source), "-o", str(tmp_path / "rt"), "--format", "rtstruct", *common]) == 0
+    expected = np.asarray(read_volume(tmp_path / "nii" / "ct_seg.nii.gz").array)
+    assert 0.05 < expected.mean() < 0.95
+    rt = tmp_path / "rt" / "ct_seg.dcm"
+    assert pydicom.dcmread(rt).Modality == "RTSTRUCT"
+    back = read_volume(rt, reference=source)
+    assert back.meta["class_names"] == {1: "lesion"}
+    # Outlines between pixel centres: the same voxels, even in an untrained model's speckle.
+    assert np.array_equal(back.array == 1, expected == 1)

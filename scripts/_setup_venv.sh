@@ -22,3 +22,17 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+# dciodvfy (Debian package dicom3tools) checks the DICOM SEG / RTSTRUCT that medseg writes against
+# their IODs in tests/test_dicom_seg.py. Installed here when we are root with apt (CI, containers);
+# that test fails if apt exists but dciodvfy does not, and skips only where apt-get is absent.
+if [[ "$EXTRAS" == *test* ]] && ! command -v dciodvfy >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing dicom3tools (dciodvfy) from Debian"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q dicom3tools >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q dicom3tools >/dev/null; } \
+            || echo "[setup] warning: could not install dicom3tools; the dciodvfy test will fail" >&2
+    else
+        echo "[setup] note: dciodvfy is missing: 'sudo apt-get install dicom3tools' (the DICOM SEG test needs it)" >&2
+    fi
+fi

@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)"
     )
+    # --- dicomseg helper: the output format ---
+    parser.add_argument(
+        "--format", choices=("nifti", "dicom-seg", "rtstruct"), default="nifti",
+        help="nifti: a label volume (the extension of -o chooses NIfTI, NRRD or MHA; default); dicom-seg / "
+             "rtstruct (DICOM series inputs): <case>_seg.dcm, a DICOM SEG / RTSTRUCT referencing the series, "
+             "stored as a new series of its study",
+    )
+    # --- end dicomseg helper
     add_common_args(parser)
     return parser
 
@@ -439,16 +447,21 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace, events=None) -> 
     else:
         probability = predictor.predict_proba(volume, events=events)
         labels = predictor.labels_from_proba(probability, **post)
-    written = _write_outputs(job, labels, probability, args)
+    written = _write_outputs(job, labels, probability, args, predictor)
     return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"
 
 
-def _write_outputs(job: Job, labels, probability, args: argparse.Namespace) -> str:
+def _write_outputs(job: Job, labels, probability, args: argparse.Namespace, predictor=None) -> str:
     """Write a case's outputs, both or neither (the one place that writes: an output format is
     chosen here); returns what was written, as the case's line names it."""
     from medseg.io import write_volumes
 
     outputs = [(labels, job.seg_path)] + ([(probability, job.prob_path)] if probability is not None else [])
+    if getattr(args, "format", "nifti") != "nifti":  # DICOM SEG / RTSTRUCT beside the series
+        from medseg.io.dicomlabels.infer_output import write_infer_output
+
+        return str(write_infer_output(args.format, labels, job.source, job.seg_path, predictor, outputs[1:],
+                                      overwrite=args.overwrite))
     write_volumes(outputs, overwrite=args.overwrite)  # both files or neither
     return str(job.seg_path) + (f" and {job.prob_path}" if job.prob_path is not None else "")
 

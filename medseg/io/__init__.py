@@ -58,18 +58,23 @@ def _check_folder(path: Path) -> None:
         raise InputError(path, "a DICOM series folder (or a NIfTI/NRRD/MHA file)", "an empty folder")
 
 
-def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_id: str | None = None) -> Volume:
+def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_id: str | None = None,
+                reference=None) -> Volume:
     """Read a 3D image or label map from a file or DICOM folder.
 
     Formats, chosen by the path: ``.nii``/``.nii.gz`` (nibabel); ``.nrrd``/``.nhdr``/``.mha``/``.mhd``
     (SimpleITK, converted from LPS/z-first); a folder holding one DICOM series or a single DICOM
     file (``.dcm``/``.dicom``/``.ima``, no extension, or any file starting with the DICOM preamble).
+    A DICOM SEG or RTSTRUCT file is read as a label map on the grid of the image series it
+    references (:func:`medseg.io.dicomlabels.read_label_object`).
 
     Args:
         path: file or folder.
         series_uid: DICOM only: the SeriesInstanceUID to read when the folder holds several.
         case_id: the Volume's id; default :func:`case_id_from_path` (file name without suffix,
             folder name for DICOM folders; no nnU-Net channel stripping).
+        reference: SEG / RTSTRUCT only: the image they label (Volume or path); default the
+            series they reference, remembered by dataset pairing or found next to the file.
 
     Returns:
         Volume ``array[i, j, k]``, RAS+ mm affine; ``meta["source_path"]`` is ``path``,
@@ -99,6 +104,12 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_
 
         return read_itk(path, case_id=case_id)
     if suffix in DICOM_SUFFIXES or is_dicom_file(path):
+        # --- dicomseg helper: a SEG / RTSTRUCT file is a label map of the series it references
+        from medseg.io.dicomlabels import label_object_kind, read_label_object
+
+        if label_object_kind(path) is not None:
+            return read_label_object(path, reference=reference, case_id=case_id)
+        # --- end dicomseg helper
         return _read_dicom(path, series_uid=series_uid, case_id=case_id)
     raise InputError(
         path,

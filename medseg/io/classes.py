@@ -48,6 +48,20 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _FORMAT = "--labels-map entries NAME=IDS such as liver=5 or tumour=2,3 (ids: integers > 0, comma-separated)"
 
 
+# --- dicomseg helper: class ids by DICOM SEG segment / RTSTRUCT ROI name ----------------------------
+def _ids_by_segment_name(text: str) -> tuple[int, ...]:
+    """Label ids of ``--labels-map liver=Liver`` (segment / ROI names, comma-separated): the ids that
+    :mod:`medseg.io.dicomlabels.names` gives those names, which SEG / RTSTRUCT readers then write;
+    ``()`` when ``text`` is not a list of names."""
+    from medseg.io.dicomlabels.names import named_ids
+
+    try:
+        return named_ids(text) or ()
+    except ValueError as exc:  # two names of the entry would share an id
+        raise InputError(None, "segment names with label ids of their own", str(exc)) from None
+# --- end dicomseg helper
+
+
 @dataclass(frozen=True)
 class ClassSpec:
     """Named foreground classes (or regions) and the label ids each stands for.
@@ -114,9 +128,13 @@ class ClassSpec:
             try:
                 values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
             except ValueError:
-                values = ()
+                values = _ids_by_segment_name(text)  # dicomseg helper: liver=Liver names a SEG segment / ROI
             if not sep or not _NAME.match(name) or not values:
                 raise InputError(None, _FORMAT, repr(item))
+            if ids and any(set(values) & set(v) for v in ids) and not text.replace(",", "").replace(" ", "").isdigit():
+                # Shared numeric ids make nested regions; a segment name never means that.
+                raise InputError(None, "segment names of their own in each --labels-map entry",
+                                 f"{item!r} shares a label id with an earlier entry")
             names.append(name)
             ids.append(values)
         return cls._checked(names, ids, None, lesions, "--labels-map")

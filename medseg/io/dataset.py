@@ -7,7 +7,10 @@ Rules, applied in this order (see ``docs/io.md``):
 2. Otherwise each image pairs with the label of the same name (``case.nii.gz`` <-> ``case.nii.gz``),
    or, nnU-Net style, ``case_0000.nii.gz`` <-> ``case.nii.gz``. A label whose name matches
    several channel files (``case_0000``, ``case_0001``) is a multichannel case: refused.
-3. A subfolder of ``images_dir`` that directly holds DICOM files (:func:`medseg.io.dicom.is_dicom_folder`)
+3. A labels folder of DICOM SEG / RTSTRUCT files pairs each with the image series (a DICOM
+   subfolder of ``images_dir``) whose SeriesInstanceUID it references, whatever the names; the
+   case id is the image folder's name.
+4. A subfolder of ``images_dir`` that directly holds DICOM files (:func:`medseg.io.dicom.is_dicom_folder`)
    is one patient's series; its id is the folder name, paired with a label file or folder of the
    same id. A DICOM file directly in the folder is a case only when it is a series on its own
    (enhanced multi-frame); loose slices of a series are refused.
@@ -123,12 +126,19 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
             loose_dicom.append(name)
         else:
             log.debug("ignoring non-volume file: %s", path)
+    if loose_dicom:  # --- dicomseg helper: a SEG / RTSTRUCT file is a case of its own, named by its file
+        from medseg.io.dicomlabels import label_object_kind
+
+        objects = [name for name in loose_dicom if label_object_kind(folder / name) is not None]
+        for name in objects:
+            found.setdefault(case_id_from_path(folder / name), []).append(folder / name)
+        loose_dicom = [name for name in loose_dicom if name not in objects]
     if loose_dicom:
         # Single-file volumes (enhanced multi-frame: one file per patient) are cases; slices of a
         # series lying loose in the folder are not.
         from medseg.io.dicom import list_dicom_series
 
-        series = list_dicom_series(folder)
+        series = [s for s in list_dicom_series(folder) if s.paths[0].name not in objects]
         if len(series) != len(loose_dicom) or any(s.n_files != 1 for s in series):
             raise InputError(
                 folder, f"one subfolder per patient holding its DICOM series, or one file per case ({what})",
@@ -287,6 +297,14 @@ def pair_cases(
         return [Case(cid, path, None) for cid, path in list_volume_files(images_dir, images=True).items()], []
 
     images = _scan(images_dir, "images")
+    # --- dicomseg helper: DICOM SEG / RTSTRUCT labels pair with their series by UID, not by name
+    from medseg.io.dicomlabels import label_objects_in, pair_by_reference
+
+    objects = label_objects_in(labels_dir)
+    if objects:
+        pairs, problems = pair_by_reference(images, objects)
+        return [Case(cid, image, label) for cid, image, label in pairs], problems
+    # --- end dicomseg helper
     labels = _scan(labels_dir, "labels")
     by_label: dict[str, list[str]] = {}
     for image_id in images:

@@ -768,6 +768,7 @@ def read_dicom(
         info, headers, skipped = _series_of_file(p, series_uid)
     else:
         raise InputError(p, "a DICOM folder or file", "nothing at this path")
+    _remember_headers(p, series_uid, info, headers)  # dicomseg helper: a SEG written next reuses them
     frames = [fr for q, ds in headers.items() for fr in _frames_of(q, ds)]
     geometry = _geometry(frames, p)
     array = _assemble(geometry.order, _pixels(geometry.order))
@@ -784,3 +785,43 @@ def read_dicom(
     }
     affine = _LPS_TO_RAS @ geometry.lps_affine
     return Volume(array, affine, case_id if case_id is not None else _case_id_of(p), meta)
+
+
+# --- dicomseg helper: the headers a DICOM SEG / RTSTRUCT writer references ------------------------
+def series_headers(path: str | os.PathLike, series_uid: str | None = None) -> list[tuple[Path, Dataset]]:
+    """(file, header without pixel data) of each file of the series ``path`` (a folder of one series,
+    or one file), in file-name order; the same checks and errors as :func:`read_dicom`'s first pass."""
+    p = Path(path)
+    cached = _REMEMBERED.get((os.path.realpath(p), series_uid))
+    if cached is not None and cached[0] == _signature(p, [q for q, _ in cached[1]]):
+        return list(cached[1])
+    if p.is_dir():
+        info, headers, _ = _series_of_folder(p, series_uid)
+    elif p.is_file():
+        info, headers, _ = _series_of_file(p, series_uid)
+    else:
+        raise InputError(p, "a DICOM folder or file", "nothing at this path")
+    return [(q, headers[q]) for q in info.paths]
+
+
+#: The headers of the series read last, kept so that writing its SEG (medseg-infer reads the series,
+#: then writes the SEG) does not parse every file again; valid while no file of the folder changed.
+_REMEMBERED: dict[tuple[str, str | None], tuple[tuple, list]] = {}
+
+
+def _signature(p: Path, paths: list[Path]) -> tuple | None:
+    """(folder listing, size and mtime of each file) of a read series; None when one is gone."""
+    try:
+        listing = tuple(sorted(os.listdir(p))) if p.is_dir() else ()
+        return listing, tuple((os.stat(q).st_size, os.stat(q).st_mtime_ns) for q in paths)
+    except OSError:
+        return None
+
+
+def _remember_headers(p: Path, series_uid: str | None, info: SeriesInfo, headers: dict[Path, Dataset]) -> None:
+    pairs = [(q, headers[q]) for q in info.paths]
+    signature = _signature(p, [q for q, _ in pairs])
+    _REMEMBERED.clear()
+    if signature is not None:
+        for uid in dict.fromkeys((series_uid, None if series_uid is not None else info.uid, info.uid)):
+            _REMEMBERED[(os.path.realpath(p), uid)] = (signature, pairs)

@@ -1,0 +1,121 @@
+"""Issue 22: DICOM SEG / RTSTRUCT written and read by medseg, checked by independent tools.
+
+Three real series: patient B's CT (given the UIDs its anonymizer removed), the same stored in reverse
+slice order (columns mirrored, so the slice normal and order reverse), and the oblique MR series (given
+legal UIDs: its own start with the illegal root 0.0.0.0, which dciodvfy reports in anything that
+references them). Label maps: B's reference label map with the four organs of the project's
+multi-class task (liver 5, spleen 1, stomach 6, aorta 52), on each B copy; a two-class map on the MR.
+
+For each series: the label map is written as NIfTI (``write_volume``) and as DICOM SEG
+(``write_dicom_seg``), both timed (median of 5, after ``read_volume`` of the series, as in
+``medseg-infer``); the SEG is read back by highdicom frame by source image and compared with the NIfTI
+read back, voxel for voxel; dciodvfy counts its errors; an RTSTRUCT made from the label map is
+rasterized again and scored (DSC per class) against it.
+
+Prints progress on stderr and ends with one JSON line: ``seg_written``, ``seg_dciodvfy_errors``,
+``seg_roundtrip_equal``, ``rtstruct_read_dsc_min``, ``seg_write_s_over_nifti_write_s`` (total SEG write
+time over total NIfTI write time), and per-series details.
+
+    python benchmarks/dicom_seg.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+ORGANS = {5: "liver", 1: "spleen", 6: "stomach", 52: "aorta"}
+REPEATS = 5
+
+
+def _median_time(fn) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _one_series(name: str, folder: Path, label_of, names: dict, out: Path) -> dict:
+    from _dicom_labels import dciodvfy_errors, highdicom_frames
+    from medseg.io import read_volume, write_volume
+    from medseg.io.dicomlabels import write_dicom_seg, write_rtstruct
+
+    image = read_volume(folder)  # what medseg-infer does first; the SEG writer reuses its headers
+    labels = label_of(image)
+    nifti, seg, rt = out / f"{name}.nii.gz", out / f"{name}_seg.dcm", out / f"{name}_rt.dcm"
+    nifti_s = _median_time(lambda: write_volume(labels, nifti, overwrite=True))
+    seg_s = _median_time(lambda: write_dicom_seg(labels, folder, seg, class_names=names, overwrite=True,
+                                                 model_sha256="0" * 64))
+    values = sorted(int(v) for v in np.unique(labels.array) if v)
+    written = np.asarray(read_volume(nifti).array)
+    expected = np.zeros(written.shape, dtype=np.uint8)
+    for number, value in enumerate(values, start=1):
+        expected[written == value] = number
+    equal = bool(np.array_equal(highdicom_frames(seg, folder), expected))
+    errors = dciodvfy_errors(seg) if shutil.which("dciodvfy") else None
+    write_rtstruct(labels, folder, rt, class_names=names, overwrite=True)
+    back = np.asarray(read_volume(rt, reference=folder).array)
+    dsc = {}
+    for number, value in enumerate(values, start=1):
+        a, b = back == number, np.asarray(labels.array) == value
+        dsc[names.get(value, str(value))] = round(2 * np.count_nonzero(a & b) / (a.sum() + b.sum()), 6)
+    row = {"series": name, "shape": list(image.shape), "orientation": image.orientation, "segments": len(values),
+           "seg_frames": int(__import__("pydicom").dcmread(seg, stop_before_pixels=True).NumberOfFrames),
+           "nifti_write_s": round(nifti_s, 4), "seg_write_s": round(seg_s, 4), "roundtrip_equal": equal,
+           "dciodvfy_errors": None if errors is None else len(errors), "rtstruct_dsc": dsc}
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def main() -> int:
+    import logging
+
+    logging.disable(logging.WARNING)  # the per-file notes of the readers would drown the figures
+    from _dicom_labels import (B_LABELS, OBLIQUE_SERIES, oblique_labels, organ_labels, reversed_series,
+                               series_with_uids, with_new_uids)
+    import highdicom  # noqa: F401  (imported before timing: a first import is not a write)
+    from medseg.io import read_volume
+
+    if not shutil.which("dciodvfy"):
+        print("dicom_seg: dciodvfy not found (apt-get install dicom3tools): seg_dciodvfy_errors is null",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="medseg-dicomseg-") as tmp:
+        tmp = Path(tmp)
+        b = series_with_uids(tmp / "b")
+        series = {"b_axial": b, "b_reversed": reversed_series(tmp / "b_reversed", b),
+                  "oblique_mr": with_new_uids(tmp / "oblique", OBLIQUE_SERIES)}
+        (tmp / "out").mkdir()
+        organs = lambda image: organ_labels(image, ids=tuple(ORGANS))  # noqa: E731
+        rows = [_one_series(name, folder, oblique_labels if name == "oblique_mr" else organs,
+                            {1: "tissue", 2: "block"} if name == "oblique_mr" else ORGANS, tmp / "out")
+                for name, folder in series.items()]
+        assert read_volume(B_LABELS).shape == (512, 512, 20)
+    errors = [r["dciodvfy_errors"] for r in rows]
+    out = {
+        "seg_written": len(rows),
+        "seg_dciodvfy_errors": None if None in errors else sum(errors),
+        "seg_roundtrip_equal": sum(r["roundtrip_equal"] for r in rows),
+        "rtstruct_read_dsc_min": min(min(r["rtstruct_dsc"].values()) for r in rows),
+        "seg_write_s_over_nifti_write_s": round(sum(r["seg_write_s"] for r in rows)
+                                                / sum(r["nifti_write_s"] for r in rows), 3),
+        "series": rows,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

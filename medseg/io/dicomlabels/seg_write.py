@@ -1,0 +1,153 @@
+"""Write a label map as one DICOM SEG (highdicom) that references its source image series.
+
+One BINARY segment per class (name, colour, SNOMED CT codes where medseg knows the structure, the
+algorithm's name, version and model SHA-256), the patient and study of the source images, a new
+series. Frames are taken from the label map where each source image lies (its own plane position),
+so a label map in any axis order or flip of the series' voxels gives the same SEG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.dicomlabels.geometry import frame_indices, frame_view
+from medseg.io.dicomlabels.seg import PALETTE
+from medseg.io.dicomlabels.source import source_headers
+from medseg.io.volume import Volume
+
+#: SNOMED CT codes of structures medseg's tasks name: (code, meaning); anything else is "Tissue".
+_SNOMED = {"liver": ("10200004", "Liver"), "spleen": ("78961009", "Spleen"), "kidney": ("64033007", "Kidney"),
+           "aorta": ("15825003", "Aorta"), "pancreas": ("15776009", "Pancreas"),
+           "stomach": ("69695003", "Stomach"), "lesion": ("52988006", "Lesion"), "tumour": ("108369006", "Neoplasm"),
+           "tumor": ("108369006", "Neoplasm"), "brain": ("12738006", "Brain")}
+_ANATOMY = ("123037004", "Anatomical Structure")
+_ALTERED = ("49755003", "Morphologically Altered Structure")
+
+
+def _codes(name: str):
+    from pydicom.sr.coding import Code
+
+    key = name.lower().split()[0].split("_")[0] if name.strip() else ""
+    code, meaning = _SNOMED.get(key, ("85756007", "Tissue"))
+    category = _ALTERED if code in ("52988006", "108369006") else _ANATOMY
+    return Code(category[0], "SCT", category[1]), Code(code, "SCT", meaning)
+
+
+def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
+    """(frames, rows, cols) label values at the source images' pixels (multi-frame sources: per frame)."""
+    frames = []
+    for ds in headers:
+        ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
+        if ipp is None or iop is None or spacing is None:
+            raise InputError(where, "source images with ImagePositionPatient, ImageOrientationPatient and "
+                             "PixelSpacing", f"{Path(ds.filename).name} without them")
+        placement = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
+                                  where, f"label map slice for {Path(ds.filename).name}")
+        frames.append(frame_view(np.asarray(label.array), placement))
+    return np.stack(frames)
+
+
+def _descriptions(values: Sequence[int], class_names: Mapping[int, str], colours, algorithm):
+    import highdicom as hd
+
+    out = []
+    for number, value in enumerate(values, start=1):
+        name = str(class_names.get(value, f"label {value}"))
+        category, kind = _codes(name)
+        rgb = colours.get(value) if colours is not None else None
+        rgb = rgb if rgb is not None else PALETTE[(number - 1) % len(PALETTE)]
+        out.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm, display_color=hd.color.CIELabColor.from_rgb(*rgb)))
+    return out
+
+
+def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, out_path: str | os.PathLike, *,
+                    class_names: Mapping[int, str] | Sequence[str], colours: Mapping[int, tuple] | None = None,
+                    algorithm_name: str = "medseg", algorithm_version: str | None = None,
+                    model_sha256: str | None = None, overwrite: bool = False,
+                    omit_empty_frames: bool = True) -> Path:
+    """Write ``label_volume`` (values 0 background, ``v > 0`` a class) as a DICOM SEG of the series.
+
+    Args:
+        label_volume: a label map on the series' voxels (any axis order/flip of them).
+        source_series_dir: the image series (folder, or one multi-frame file) it was made from.
+        out_path: the ``.dcm`` file to write (atomically).
+        class_names: label value -> segment name (a sequence: value ``k + 1`` is ``class_names[k]``);
+            values present but unnamed are called ``"label <v>"``. Every named value gets a segment,
+            present or not.
+        colours: label value -> (r, g, b) 0..255; default :data:`~medseg.io.dicomlabels.seg.PALETTE`.
+        algorithm_name, algorithm_version, model_sha256: the Algorithm Identification of each
+            segment (version default: medseg's).
+        omit_empty_frames: leave out frames without any segment pixel (smaller; some viewers want
+            every frame: pass False).
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        InputError: blank UIDs in the source (an anonymized series: see :func:`.source.source_headers`),
+            a label map not on the series' grid, an existing output without ``overwrite``.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    import medseg
+    from medseg.io.atomic import atomic_path, check_output_path
+
+    out_path = check_output_path(out_path, overwrite=overwrite, protect=[label_volume.meta.get("source_path")])
+    if not isinstance(class_names, Mapping):
+        class_names = {k + 1: str(name) for k, name in enumerate(class_names)}
+    source = Path(source_series_dir)
+    headers = source_headers(source, label_volume.meta.get("series_uid"))
+    labels = _frames(label_volume, headers, source)
+    if labels.dtype.kind not in "ui" and not np.array_equal(labels, np.round(labels)):
+        raise InputError(source, "a label map of integer class values", f"{labels.dtype} values with fractions")
+    if labels.size and labels.min() < 0:
+        raise InputError(source, "a label map of values >= 0", f"the value {labels.min()}")
+    labels = labels.astype(np.int64) if labels.dtype.kind not in "ui" else labels
+    present = {int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0}
+    values = sorted(present | {int(v) for v in class_names if int(v) > 0})
+    if values == list(range(1, len(values) + 1)) and labels.dtype in (np.uint8, np.uint16):
+        pixels = labels  # already the segment numbers (a binary or class-index label map)
+    else:
+        lookup = np.zeros(max(values, default=0) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+        lookup[values] = np.arange(1, len(values) + 1)
+        pixels = lookup[labels]
+    version = algorithm_version or medseg.__version__
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=version,
+        parameters={"model_sha256": model_sha256} if model_sha256 else None)
+    series_number = int(headers[0].get("SeriesNumber") or 0) + 1000
+    seg = hd.seg.Segmentation(
+        source_images=headers, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=_descriptions(values, class_names, colours, algorithm),
+        series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="medseg", manufacturer_model_name=algorithm_name, software_versions=f"medseg {medseg.__version__}",
+        device_serial_number="0", series_description=f"{algorithm_name} segmentation"[:64],
+        content_label="MEDSEG", content_description=f"{algorithm_name} {version} automatic segmentation"[:64],
+        omit_empty_frames=omit_empty_frames and bool(present))
+    with atomic_path(out_path, suffix=".dcm") as tmp, _values_checked_once():
+        seg.save_as(tmp)
+    return out_path
+
+
+@contextlib.contextmanager
+def _values_checked_once():
+    """pydicom re-validates every value while writing; highdicom validated them when it built the
+    dataset, and the second pass is a tenth of the write time of a many-frame SEG."""
+    from pydicom import config
+
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.writing_validation_mode = mode

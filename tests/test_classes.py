@@ -179,7 +179,7 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     from medseg.infer.bundle import load_bundle
     from medseg.infer.predictor import Predictor
     from medseg.io import Case
-    from medseg.train.loop import train
+    from medseg.train import train
 
     repo = Path(__file__).resolve().parents[1]
     spec_ = importlib.util.spec_from_file_location("prep", repo / "scripts" / "prepare_sample_data.py")
@@ -287,7 +287,7 @@ def test_nested_regions_train_and_the_written_map_resolves_them(tmp_path):
     from medseg.infer.bundle import load_bundle
     from medseg.infer.predictor import Predictor
     from medseg.io import read_volume
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = _nested_spheres(tmp_path)
     run = tmp_path / "run"

@@ -356,3 +356,43 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         name = getattr(base, "__name__", str(base))
         raise InputError(where, f"{key} of type {name}", f"{value!r}") from exc
     return value
+
+
+def _frozen_namespace() -> dict[str, Any]:
+    def unet_filters(self) -> list[int]:
+        return TrainConfig.unet_filters.fget(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return TrainConfig.save(self, path)
+
+    def thawed(self) -> TrainConfig:
+        """A :class:`TrainConfig` with the same values (a copy the caller may edit)."""
+        return TrainConfig(**self.to_dict())
+
+    return {"unet_filters": property(unet_filters), "to_dict": to_dict, "save": save, "thawed": thawed,
+            "__doc__": "A run's resolved configuration: the fields of :class:`TrainConfig`, frozen "
+                       "(``dataclasses.replace`` makes a changed copy). ``RunResult.config`` and "
+                       "``config.json`` hold it. Made by :func:`freeze`."}
+
+
+#: The frozen twin of :class:`TrainConfig` (same fields, same order, no defaults: made by :func:`freeze`).
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig", [(f.name, f.type) for f in dataclasses.fields(TrainConfig)], frozen=True,
+    namespace={**_frozen_namespace(), "__module__": __name__})
+
+
+def freeze(config: "TrainConfig | RunConfig") -> "RunConfig":
+    """The frozen copy of ``config`` (its list and dict values copied: nothing is shared)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    return RunConfig(**{k: _copy_value(v) for k, v in values.items()})
+
+
+def _copy_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy_value(v) for k, v in value.items()}
+    return value

@@ -262,12 +262,19 @@ class TrainConfig:
                                     or context % 2 == 0):
             raise InputError(where, "context slices (--context-slices) a positive odd number: the slice itself "
                              "and as many neighbours on each side", repr(context))
-        if self.early_stopping is not None and self.early_stopping < 1:
-            raise bad("early_stopping", "to be a positive number of validations")
-        if self.max_time_s is not None and not self.max_time_s > 0:
-            raise bad("max_time_s", "to be a positive number of seconds")
-        if self.max_val_cases is not None and self.max_val_cases < 1:
-            raise bad("max_val_cases", "to be a positive integer")
+        self._validate_run_limits(where)
+
+    def _validate_run_limits(self, where: str) -> None:
+        """The limits of a run (early stopping, budget, validation cases), devices, transforms."""
+        for key, bad_value, expected in (
+                ("early_stopping", self.early_stopping is not None and self.early_stopping < 1,
+                 "to be a positive number of validations"),
+                ("max_time_s", self.max_time_s is not None and not self.max_time_s > 0,
+                 "to be a positive number of seconds"),
+                ("max_val_cases", self.max_val_cases is not None and self.max_val_cases < 1,
+                 "to be a positive integer")):
+            if bad_value:
+                raise InputError(where, f"{key} {expected}", repr(getattr(self, key)))
         if self.gpus is not None and self.devices is not None:
             raise InputError(where, "either gpus or devices", f"both gpus={self.gpus} and devices={self.devices}")
         for entry in self.transforms:

@@ -24,7 +24,8 @@ def flat_dice_window(steps_per_epoch: int) -> int:
     return max(4, math.ceil(FLAT_DICE_MIN_STEPS / max(1, int(steps_per_epoch))))
 
 
-def make_diagnostics(cfg, write_dir: Path, dataset=None, num_classes: int = 2, class_names=None):
+def make_diagnostics(cfg, write_dir: Path, dataset=None, num_classes: int = 2, class_names=None,
+                     foreground_name: str = "lesion"):
     """The training-diagnostics callback (:class:`medseg.train.diagnostics.Diagnostics`).
 
     With the training ``dataset`` it checks the labels of the first batch and the augmentation
@@ -44,7 +45,7 @@ def make_diagnostics(cfg, write_dir: Path, dataset=None, num_classes: int = 2, c
     # verbose=0: RunKeeper prints the epoch's summary line (with the same loss split).
     return Diagnostics(sample_batch=sample_batch, alignment_dice=alignment, verbose=0,
                        flat_epochs=flat_dice_window(cfg.steps_per_epoch), num_classes=num_classes,
-                       class_names=class_names)
+                       class_names=class_names, foreground_name=foreground_name)
 
 
 def write_warnings(diagnostics, run_dir: Path, previous: list[dict] | None = None) -> Path:

@@ -62,7 +62,8 @@ def fit(run: Any, extra_callbacks: Sequence[Any] = ()) -> None:
     if run.clock is not None:
         callbacks.insert(0, run.clock)  # before validation: its time_up makes the final validation
     spec = run.plan.class_spec
-    diagnostics = monitoring.make_diagnostics(cfg, run.write_dir, dataset, num_classes=spec.kind.diagnostic_classes(spec),
+    diagnostics = monitoring.make_diagnostics(cfg, run.write_dir, dataset,
+                                              num_classes=spec.kind.diagnostic_classes(spec),
                                               class_names=spec.kind.diagnostic_names(spec),
                                               foreground_name=spec.names[0])  # a one-class run's name
     callbacks.insert(0, diagnostics)  # first: its reg_loss/data_loss reach the others

@@ -168,6 +168,7 @@ class RunKeeper(keras.callbacks.Callback):
         schedule_end_lr: the learning-rate schedule's end value (recorded in ``state.json``).
         events: a :mod:`medseg.events` sink: the summary line becomes a ``Message`` and each
             checkpoint a ``CheckpointWritten`` (None: the summary line is printed).
+        dice_title: title of the Dice panel of ``curves.png``.
 
     The state records ``steps`` (optimizer steps so far), ``stop_reason`` (``"epochs"``,
     ``"budget"`` or ``"early_stopping"``), ``final_lr`` (learning rate at the last step) and
@@ -179,9 +180,11 @@ class RunKeeper(keras.callbacks.Callback):
                  patience: int | None = None, dice_key: str | None = None,
                  extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True,
                  max_time_s: float | None = None, clock: Any = None, selection: str = "best",
-                 schedule_end_lr: float | None = None, events: Any = None):
+                 schedule_end_lr: float | None = None, events: Any = None,
+                 dice_title: str = "Dice of the lesion class"):
         super().__init__()
         self.events = events
+        self.dice_title = dice_title
         self.run_dir = Path(run_dir)
         self.state = state
         self.save_best = save_best
@@ -318,7 +321,8 @@ class RunKeeper(keras.callbacks.Callback):
             # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
             if validated or last or not (run / "curves.png").exists():
                 self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
-                            validation="training cases" if self.selection == "last" else "whole volumes")
+                            validation="training cases" if self.selection == "last" else "whole volumes",
+                            title=self.dice_title)
         except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
             if isinstance(exc, InputError):  # a full disk does
                 raise

@@ -53,7 +53,8 @@ def fit(run: Any, extra_callbacks: Sequence[Any] = ()) -> None:
     keeper = RunKeeper(run.write_dir, state, writer, validation=run.validation, epochs=cfg.epochs,
                        patience=cfg.early_stopping, verbose=run.verbose, write_files=True, clock=run.clock,
                        selection=writer.selection, schedule_end_lr=0.0, events=events,
-                       extra_state=lambda: {"cancelled": True} if progress.cancelled_epoch is not None else {})
+                       extra_state=lambda: {"cancelled": True} if progress.cancelled_epoch is not None else {},
+                       dice_title=dice_title(run.plan.class_spec))
     callbacks = [run.validation, keeper, progress]
     if run.verbose == 1:
         # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and
@@ -108,6 +109,13 @@ def _finish(run: Any, writer: BundleWriter, progress: RunEvents, *, replace_canc
         writer.selection = "last"
         writer(run.model, last_epoch, {})
     run.twin.set_weights(run.model.get_weights())  # RunResult.model: the final weights, float32
+
+
+def dice_title(spec) -> str:
+    """The Dice panel's title in ``curves.png``: a one-class run names its class."""
+    if len(spec.names) == 1:
+        return f"Dice of the {spec.names[0]} class"
+    return "Dice of the foreground classes"
 
 
 def _budget_clock(run: Any):

@@ -35,19 +35,19 @@ def fit(run: Any, extra_callbacks: Sequence[Any] = ()) -> None:
     from medseg.train.callbacks import RunKeeper, WarningsWriter, WholeVolumeValidation
 
     cfg, state = run.cfg, run.state
-    events = run.events if run.events is not None else discard
+    # The chief reports; the other workers of a multi-worker run keep quiet.
+    events = run.events if run.events is not None and run.chief else discard
     was_cancelled = bool(state.pop("cancelled", False))
     start_epoch = int(state["epoch"])
     dataset = cases.make_train_dataset(run.train_cases, run.plan, cfg, run.global_batch, start_epoch,
                                        pipeline=run.pipeline)
     run.clock = _budget_clock(run)
-    progress = RunEvents(events if run.chief else None, run.cancel, epochs=cfg.epochs,
+    progress = RunEvents(events, run.cancel, epochs=cfg.epochs,
                          steps_per_epoch=cfg.steps_per_epoch, clock=run.clock)
     evaluate = make_validator(run.twin, run.plan, run.val_cases, cfg, run.run_dir, run.validation_kind,
                               pipeline=run.pipeline)
     run.validation = WholeVolumeValidation(
-        reporting_validator(evaluate, run.plan.class_spec, run.validation_kind, events if run.chief else None,
-                            lambda: progress.epoch),
+        reporting_validator(evaluate, run.plan.class_spec, run.validation_kind, events, lambda: progress.epoch),
         every=cfg.val_every, epochs=cfg.epochs, clock=run.clock, cancel=run.cancel)
     writer = BundleWriter(run, "last" if run.validation_kind == cases.ON_TRAINING else "best", events)
     keeper = RunKeeper(run.write_dir, state, writer, validation=run.validation, epochs=cfg.epochs,

@@ -183,3 +183,14 @@ def test_a_one_class_run_names_its_class(data, tmp_path):
     assert dice_title(ClassSpec.parse(["liver=1"])) == "Dice of the liver class"
     assert dice_title(ClassSpec.binary()) == "Dice of the lesion class"
     assert dice_title(ClassSpec.parse(["liver=1", "spleen=2"])) == "Dice of the foreground classes"
+
+
+def test_a_failed_run_says_so_once(data, tmp_path):
+    from medseg.errors import DatasetError
+    from medseg.train import train
+
+    rec = Recorder()
+    with pytest.raises(DatasetError, match="cannot split the 4 labelled patients") as caught:
+        train(tiny(data, tmp_path / "f", folds=5, fold=0), events=rec)
+    assert rec.kinds() == ["failed"] and rec[0].task == "train" and rec[0].error == str(caught.value)
+    assert not (tmp_path / "f").exists()

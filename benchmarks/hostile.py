@@ -363,7 +363,8 @@ def before(real, epoch_of):
 if target == "checkpoint":
     callbacks.save_checkpoint = before(callbacks.save_checkpoint, lambda run_dir, model, state: state["epoch"])
 elif target == "bundle":
-    bundle.save_bundle = before(bundle.save_bundle, lambda run_dir, model, plan, extra, **_: extra["epoch"])
+    bundle.save_bundle = before(bundle.save_bundle,
+                                lambda run_dir, model, plan, **kw: kw["training"]["epoch"])
 else:
     real_end = callbacks.RunKeeper.on_epoch_end
     def on_epoch_end(self, epoch, logs=None):
@@ -378,13 +379,13 @@ sys.exit(main(sys.argv[3:]))
 #: medseg-train with a bug in the network builder: one line naming it, exit 1, no run folder left.
 BROKEN_BUILD = """
 import sys
-import medseg.train.loop as loop
+import medseg.train.assembly as assembly
 from medseg.cli.train import main
 
 def broken(*args, **kwargs):
     raise TypeError("simulated bug while building the network")
 
-loop.build_model = broken
+assembly.build_model = broken  # the public builder of medseg.train.assembly, looked up at each call
 sys.exit(main(sys.argv[1:]))
 """
 

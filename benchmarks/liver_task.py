@@ -41,7 +41,7 @@ def lay_out(work: Path) -> Path:
 
 def train_liver(data: Path, run_dir: Path, budget_s: float, **settings):
     """medseg-train on patient A under ``budget_s`` seconds (settings override the defaults)."""
-    from medseg.train.loop import train
+    from medseg.train import train
 
     config = dict(images=str(data / "imagesTr"), labels=str(data / "labelsTr"), map_labels=LIVER,
                   run_dir=str(run_dir), max_time_s=float(budget_s), val_every=1000, verbose=0, seed=0)

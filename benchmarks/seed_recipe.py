@@ -222,7 +222,7 @@ def run_medseg_liver(data, args, out_dir, work):
 def run_medseg(test_case, args, out_dir, work):
     """medseg defaults for ``budget_s`` seconds; return (held-out row, curves).
 
-    All cases go to :func:`medseg.train.loop.train` with ``folds = len(cases)`` and the fold that
+    All cases go to :func:`medseg.train.train` with ``folds = len(cases)`` and the fold that
     holds ``test_case`` out, so medseg trains on exactly the recipe's training patients. Its
     whole-volume validation then runs on the held-out patient: that is only a curve here (how
     the test DSC moves while the loss falls). The score uses the final weights, not the bundle's
@@ -233,7 +233,7 @@ def run_medseg(test_case, args, out_dir, work):
     from medseg.eval import compute_metrics
     from medseg.infer.bundle import Bundle
     from medseg.infer.predictor import Predictor
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = work / "images", work / "labels"
     if not images.is_dir():

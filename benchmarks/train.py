@@ -2,8 +2,8 @@
 
 Same UNet++, same loss, same in-memory batches (a cached ``tf.data`` of fixed tensors), same
 number of steps. The bare run is ``model.compile(Adam, DiceCELoss per head) + model.fit`` with no
-callbacks. The medseg run is what :func:`medseg.train.loop.train` executes around the step:
-the distribution strategy scope, :func:`medseg.train.loop.compile_model` (scheduled optimizer,
+callbacks. The medseg run is what :func:`medseg.train.train` executes around the step:
+the distribution strategy scope, :func:`medseg.train.assembly.compile_model` (scheduled optimizer,
 Dice metrics), and the callbacks (diagnostics when available, run keeper with the atomic
 per-epoch checkpoint, history and curves, TensorBoard). Whole-volume validation is switched off
 (it is not part of a training step). Epochs alternate between the two so that load on the shared
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from medseg.data.plan import Plan
     from medseg.losses import DiceCELoss
     from medseg.nets.unetpp import deep_supervision_weights, head_names
-    from medseg.train import loop
+    from medseg.train import assembly, monitoring
     from medseg.train.callbacks import RunKeeper, new_state
     from medseg.train.config import TrainConfig
     from medseg.train.strategy import select_strategy
@@ -68,13 +68,13 @@ def main(argv=None) -> int:
         cy, cx, r = rng.integers(16, args.patch - 16, 2).tolist() + [int(rng.integers(4, 12))]
         masks[i] = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype("int32")
         images[i, ..., 0] += 2.0 * masks[i]
-    heads = loop.output_heads(cfg)
+    heads = assembly.output_heads(cfg)
     base = tf.data.Dataset.from_tensor_slices((images, masks)).batch(args.batch).cache().repeat()
-    data = base.map(loop.targets_for_heads(cfg)).prefetch(tf.data.AUTOTUNE)
+    data = base.map(assembly.targets_for_heads(cfg)).prefetch(tf.data.AUTOTUNE)
 
     # --- bare Keras ---
     keras.utils.set_random_seed(0)
-    bare = loop.build_model(cfg, plan)
+    bare = assembly.build_model(cfg, plan)
     bare.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss={h: DiceCELoss() for h in heads},
                  loss_weights=dict(zip(heads, deep_supervision_weights(depth))))
 
@@ -82,14 +82,14 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
     strategy = select_strategy()
     with strategy.scope():
-        model = loop.build_model(cfg, plan)
-        loop.compile_model(model, cfg, 1e-3)
+        model = assembly.build_model(cfg, plan)
+        assembly.compile_model(model, cfg, 1e-3)
     run_dir = tempfile.mkdtemp(prefix="medseg-bench-train-")
     state = new_state(0)
     keeper = RunKeeper(run_dir, state, save_best=lambda *a: None, epochs=total_epochs, verbose=0)
     callbacks = [keeper, keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "tensorboard"),
                                                       write_graph=False, update_freq="epoch", profile_batch=0)]
-    diagnostics = loop.make_diagnostics(cfg, run_dir)
+    diagnostics = monitoring.make_diagnostics(cfg, run_dir)
     if diagnostics is not None:
         callbacks.insert(0, diagnostics)
 

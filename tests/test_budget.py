@@ -157,7 +157,7 @@ def fake_clock(monkeypatch):
 
 @pytest.mark.slow
 def test_budgeted_run_stops_on_time_with_the_schedule_at_its_end(tmp_path, fake_clock):
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = lesion_dataset(tmp_path)
     slow = slow_steps(fake_clock)
@@ -186,7 +186,7 @@ def test_budgeted_run_stops_on_time_with_the_schedule_at_its_end(tmp_path, fake_
 def test_resume_under_a_budget_continues_the_schedule(tmp_path, fake_clock):
     import keras
 
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = lesion_dataset(tmp_path)
     settings = dict(TINY, images=str(images), labels=str(labels), run_dir=str(tmp_path / "run"), max_time_s=30.0,
@@ -231,8 +231,8 @@ def test_one_labelled_case_trains_and_the_bundle_serves_medseg_infer(tmp_path, c
     assert "val (training cases) 3D DSC" in out and "*best*" not in out
     assert "last model kept" in out.splitlines()[-1] and "stopped: all epochs done" in out.splitlines()[-1]
     info = json.loads((run / "bundle.json").read_text())
-    assert info["extra"]["validation"] == "training cases" and info["extra"]["epoch"] == 2
-    assert "last model" in info["extra"]["selection"]
+    assert info["validation"] == "training cases" and info["training"]["epoch"] == 2
+    assert info["selection"] == "last"
     split = json.loads((run / "split.json").read_text())
     assert split["train"] == split["val"] == ["brain1"] and split["validation"] == "training cases"
     assert "training cases" in (run / "validation.csv").read_text() or split["validation"] == "training cases"
@@ -290,16 +290,16 @@ def test_budget_target_leaves_room_for_enough_steps():
 
 def test_cpu_sizing_only_when_the_network_is_left_at_defaults():
     from medseg.train.config import TrainConfig
-    from medseg.train.loop import _cpu_sizing_wanted
+    from medseg.train.resolve import cpu_sizing_wanted
 
     class Default:
         class extended:
             worker_devices = ("/job:localhost/replica:0/task:0/device:CPU:0",)
 
-    assert _cpu_sizing_wanted(TrainConfig(), Default)
+    assert cpu_sizing_wanted(TrainConfig(), Default)
     for changed in ({"filters": [8, 16, 32, 64, 128]}, {"depth": 3}, {"patch_size": [64, 64]}, {"batch_size": 4},
                     {"cpu_sizing": False}):
-        assert not _cpu_sizing_wanted(TrainConfig.from_dict(changed), Default), changed
+        assert not cpu_sizing_wanted(TrainConfig.from_dict(changed), Default), changed
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from medseg.io import Volume
 from medseg.io.classes import ClassSpec
 from medseg.losses import DiceCELoss, balanced_class_weights
 from medseg.train.config import TrainConfig
-from medseg.train.loop import ce_class_weights_for, make_loss
+from medseg.train.assembly import ce_class_weights_for, make_loss
 
 
 # --- balanced_class_weights --------------------------------------------------------------------

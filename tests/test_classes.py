@@ -182,7 +182,7 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     from medseg.infer.bundle import load_bundle
     from medseg.infer.predictor import Predictor
     from medseg.io import Case
-    from medseg.train.loop import train
+    from medseg.train import train
 
     repo = Path(__file__).resolve().parents[1]
     spec_ = importlib.util.spec_from_file_location("prep", repo / "scripts" / "prepare_sample_data.py")
@@ -205,7 +205,7 @@ def test_four_organs_train_infer_and_score_per_class(tmp_path):
     assert info["classes"] == ["background", "liver", "spleen", "stomach", "aorta"]
     assert info["plan"]["classes"]["ids"] == [[5], [1], [6], [52]] and info["plan"]["num_classes"] == 5
     assert info["pipeline"]["transforms"][0]["args"]["classes"]["names"] == ["liver", "spleen", "stomach", "aorta"]
-    assert set(info["extra"]["postprocessing"]["largest_component"]) == {"liver", "spleen", "stomach", "aorta"}
+    assert set(info["postprocessing"]["largest_component"]) == {"liver", "spleen", "stomach", "aorta"}
     assert {"val_dsc_liver", "val_dsc_aorta"} <= set(result.history[-1])
     # Class balance, from patient A's files by plain numpy: each organ's share of the body (HU >
     # -500) gives the cross-entropy weights, the organs' 5/95 HU percentiles the CT window.
@@ -290,7 +290,7 @@ def test_nested_regions_train_and_the_written_map_resolves_them(tmp_path):
     from medseg.infer.bundle import load_bundle
     from medseg.infer.predictor import Predictor
     from medseg.io import read_volume
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = _nested_spheres(tmp_path)
     run = tmp_path / "run"

@@ -410,3 +410,15 @@ def test_three_class_arguments_and_config():
     diag = Diagnostics(num_classes=3, class_names=["liver", "tumour"], verbose=0)
     clone = Diagnostics(**diag.get_config())
     assert clone.get_config() == diag.get_config() and clone.class_names == ["liver", "tumour"]
+
+
+def test_one_class_warnings_name_the_class():
+    """A one-class run (``--labels-map liver=5``) is told about its liver, never a "lesion"."""
+    assert check_class_weights([0.7, 0.3], foreground="liver") == (
+        "class weights [0.7, 0.3] give background (class 0) at least the weight of the liver class")
+    assert "the lesion class" in check_class_weights([0.7, 0.3])  # the default name
+    diag = Diagnostics(class_weights=[0.6, 0.4], foreground_name="liver", verbose=0)
+    with pytest.warns(DiagnosticsWarning):
+        diag._check_labels_and_weights()
+    (warning,) = diag.warnings
+    assert "give the liver class the larger weight" in warning["fix"] and "lesion" not in str(warning)

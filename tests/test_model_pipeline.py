@@ -183,7 +183,7 @@ def test_user_transform_trains_is_bundled_shown_and_runs_at_inference(tmp_path, 
     from medseg.infer.bundle import load_bundle
     from medseg.infer.predictor import Predictor
     from medseg.io import read_volume
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = lesion_folders(tmp_path)
     entry = {"name": "ClipStackd", "module": "my_transforms", "args": {"low": -2.5, "high": 2.5},

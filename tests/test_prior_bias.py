@@ -68,7 +68,7 @@ def test_which_runs_start_at_the_priors():
     from test_class_balance import REGIONS, _class_plan, _ct_pair
 
     from medseg.data.plan import make_plan
-    from medseg.train.loop import output_bias_for
+    from medseg.train.assembly import output_bias_for
 
     plan = _class_plan()
     assert output_bias_for(plan) == pytest.approx(prior_logits([1000 / 9000, 90 / 9000]))

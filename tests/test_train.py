@@ -120,7 +120,7 @@ def test_fatal_dataset_problems_are_listed_and_nothing_is_written(tmp_path, caps
 
 
 def test_too_few_patients(tmp_path):
-    from medseg.train.loop import train
+    from medseg.train import train
 
     # One case trains (validated on itself, tests/test_budget.py), but cannot be split in folds.
     images, labels = synthetic_dataset(tmp_path, n_cases=1)
@@ -161,7 +161,7 @@ def test_flags_override_config_file(tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    from medseg.train.loop import resolve_config
+    from medseg.train.resolve import resolve_config
 
     with pytest.raises(InputError, match="expected a medseg-train run folder holding config.json, found nothing"):
         resolve_config(dict(resume=str(tmp_path / "nope")))
@@ -180,7 +180,7 @@ def test_resume_errors(tmp_path):
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     from medseg.train.checkpoint import save_checkpoint
     from medseg.train.config import TrainConfig
-    from medseg.train.loop import new_run_dir
+    from medseg.train.rundir import new_run_dir
 
     run = tmp_path / "run"
     TrainConfig().save(run / "config.json")
@@ -203,7 +203,7 @@ def test_real_data_run_resume_and_bundle(tmp_path, capsys):
     from medseg.infer.predictor import Predictor
     from medseg.io import read_volume
     from medseg.train.curves import read_history_csv
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = real_dataset(tmp_path)
     run_dir = tmp_path / "run"
@@ -241,7 +241,7 @@ def test_real_data_run_resume_and_bundle(tmp_path, capsys):
     # The bundle loads and segments a whole volume on its own grid.
     bundle = load_bundle(run_dir)
     assert bundle.plan.to_dict() == plan.to_dict()
-    assert bundle.info["extra"]["epoch"] == result.best_epoch
+    assert bundle.info["training"]["epoch"] == result.best_epoch
     image = read_volume(images / f"{split['val'][0]}.nrrd")
     mask = Predictor(bundle, batch_size=8).segment(image)
     assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
@@ -250,7 +250,7 @@ def test_real_data_run_resume_and_bundle(tmp_path, capsys):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time, keras
-    from medseg.train.loop import train
+    from medseg.train import train
 
     class Stall(keras.callbacks.Callback):
         # Mid-epoch 2 (after its first step) announce it and wait to be killed.
@@ -269,7 +269,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_kill_minus_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     """SIGKILL in epoch 2; --resume continues from the epoch-1 checkpoint, with the data order and
     optimizer state restored, and ends with the weights of a run that was never interrupted."""
-    from medseg.train.loop import train
+    from medseg.train import train
 
     images, labels = synthetic_dataset(tmp_path)
     settings = dict(TINY, images=str(images), labels=str(labels), epochs=3, steps_per_epoch=3, val_every=3)

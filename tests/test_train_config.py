@@ -384,7 +384,7 @@ def test_whole_volume_validation_schedule():
 
 
 def test_flat_dice_window_covers_at_least_1000_steps():
-    from medseg.train.loop import flat_dice_window
+    from medseg.train.monitoring import flat_dice_window
 
     assert flat_dice_window(250) == 4      # default epochs: 4 x 250 = 1000 steps
     assert flat_dice_window(1000) == 4     # never shorter than 4 epochs

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * logical)
     out = settings.pop("_out")
-    from medseg.train.loop import train
+    from medseg.train import train
     result = train(settings)
     np.savez(out, *result.model.get_weights())
     with open(out + ".json", "w") as f:

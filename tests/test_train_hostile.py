@@ -106,14 +106,14 @@ def test_run_folder_inside_the_data_is_refused(tmp_path, capsys):
 
 
 def test_a_failure_after_the_run_folder_was_made_removes_it(tmp_path, capsys, monkeypatch):
-    import medseg.train.loop as loop
+    import medseg.train.assembly as assembly
 
     images, labels = lesion_folders(tmp_path)
 
     def broken(*args, **kwargs):
         raise TypeError("simulated bug while building the network")
 
-    monkeypatch.setattr(loop, "build_model", broken)
+    monkeypatch.setattr(assembly, "build_model", broken)
     code = main(["--images", str(images), "--labels", str(labels), "--run-dir", str(tmp_path / "run"), *T])
     assert code == 1
     line = one_error_line(capsys)
@@ -123,7 +123,7 @@ def test_a_failure_after_the_run_folder_was_made_removes_it(tmp_path, capsys, mo
 
 @pytest.mark.slow
 def test_resume_from_another_working_folder(tmp_path, monkeypatch, capsys):
-    from medseg.train.loop import train
+    from medseg.train import train
 
     monkeypatch.chdir(tmp_path)
     images, labels = lesion_folders(tmp_path / "data")
@@ -140,7 +140,7 @@ def test_resume_from_another_working_folder(tmp_path, monkeypatch, capsys):
 
 def test_config_is_not_rewritten_by_a_failed_resume(tmp_path):
     from medseg.errors import InputError
-    from medseg.train.loop import train
+    from medseg.train import train
 
     run = tmp_path / "run"
     run.mkdir()
@@ -194,7 +194,7 @@ def test_run_folder_without_room_is_refused_before_training(tmp_path):
 def test_disk_space_needed_counts_three_checkpoints_two_models_and_what_a_resume_has():
     import keras
 
-    from medseg.train.loop import RUN_FILES_MARGIN, disk_space_needed
+    from medseg.train.rundir import RUN_FILES_MARGIN, disk_space_needed
 
     model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(100)])  # 1100 float32 weights
     weights = 1100 * 4

@@ -1,6 +1,6 @@
 """``medseg-train``: train a lesion segmenter (UNet++ by default) on folders of images and labels.
 
-Thin wrapper around :func:`medseg.train.loop.train`; TensorFlow is imported only after the
+Thin wrapper around :func:`medseg.train.train`; TensorFlow is imported only after the
 arguments are parsed, so ``--help`` is fast.
 """
 
@@ -200,10 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = config_from_args(args)
         import_tensorflow_quietly(args.debug)
-        from medseg.train.loop import train
+        from medseg.events import Message, Printer
+        from medseg.train import train
 
-        result = train(cfg)
-        print(done_line(result), file=sys.stdout, flush=True)
+        # Every line of the run is a Message event; the command prints by subscribing.
+        printer = Printer(verbose=bool(cfg.verbose))
+        result = train(cfg, events=printer)
+        printer(Message(done_line(result)))
         return 0
 
     return run_command("medseg-train", args, run)

@@ -278,7 +278,7 @@ def save_bundle(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
     typed = typed_fields(classes, postprocessing=postprocessing, selection=selection, validation=validation,
-                         training=training, status=status, extra=extra_dict)
+                         training=training, status=status)
     typed["pipeline"] = _pipeline_config(pipeline, plan, channels, model)
     if network is not None:
         typed["network"] = network.to_dict()

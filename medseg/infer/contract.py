@@ -307,7 +307,7 @@ class BundleInfo:
 
 
 def typed_fields(classes, *, postprocessing=None, selection=None, validation=None, training=None,
-                 status: str = "complete", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 status: str = "complete") -> dict[str, Any]:
     """The format-2 typed fields of :func:`medseg.infer.bundle.save_bundle`'s arguments, checked.
 
     ``postprocessing``: a :class:`Postprocessing`, or what training computes
@@ -319,17 +319,6 @@ def typed_fields(classes, *, postprocessing=None, selection=None, validation=Non
         ValueError: a value outside those.
     """
     names = tuple(c for c in classes if c != "background")
-    extra = extra or {}
-    # LEGACY extra mapping: format 1 writers (medseg-train before issue 21 put these in extra).
-    if postprocessing is None and "postprocessing" in extra:
-        postprocessing = extra["postprocessing"]
-    if selection is None and extra.get("selection") is not None:
-        selection = selection_of(extra["selection"])
-    if validation is None and extra.get("validation") in VALIDATIONS:
-        validation = extra["validation"]
-    if training is None:
-        training = TrainingRecord.from_dict(extra)
-    # --- end of LEGACY extra mapping
     if not isinstance(postprocessing, Postprocessing):
         postprocessing = Postprocessing.from_training(postprocessing, names)
     unknown = sorted(set(postprocessing.largest_component) - set(names))

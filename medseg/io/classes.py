@@ -388,6 +388,43 @@ class LabelKind:
             classes[mask] = k
         return spec.label_ids(classes)
 
+    # --- train helper ---
+    #: Two or more named classes under one softmax: their body shares set the cross-entropy
+    #: class weights and the heads' starting bias (medseg.train.assembly).
+    balances_classes: bool = False
+    #: Cross-entropy class weights apply (one per softmax channel).
+    takes_ce_class_weights: bool = True
+    #: Validation scores each named class apart (``dsc_<name>``...); False: one foreground.
+    per_class: bool = True
+
+    def loss(self, loss: str = "dice_ce", ce_class_weights=None):
+        """The per-sample training loss named ``loss`` (``"dice_ce"``, ``"dice"``, ``"ce"``)."""
+        from medseg.losses import DiceCELoss, DiceLoss
+
+        if loss == "dice":
+            return DiceLoss()
+        if loss == "ce":
+            return DiceCELoss(dice_weight=0.0, ce_weight=1.0, name="ce_loss", ce_class_weights=ce_class_weights)
+        return DiceCELoss(ce_class_weights=ce_class_weights)
+
+    def training_metrics(self, spec: "ClassSpec") -> list:
+        """Keras metrics of the final output during training (Dice per class, foreground share)."""
+        from medseg.losses.metrics import dice_metrics
+
+        return dice_metrics(2, None)
+
+    def diagnostic_classes(self, spec: "ClassSpec") -> int:
+        """Distinct label values a training batch may hold (the diagnostics' label check)."""
+        return spec.num_classes
+
+    def diagnostic_names(self, spec: "ClassSpec"):
+        """Class names the diagnostics report per class (None: one foreground)."""
+        return None
+
+    def target_map(self, spec: "ClassSpec"):
+        """``(images, masks) -> (images, targets)`` for the training batches, None: masks as they are."""
+        return None
+
 
 class _Binary(LabelKind):
     name = "binary"
@@ -405,6 +442,9 @@ class _Binary(LabelKind):
     # --- infer helper ---
     # One lesion class: segmentation thresholds the foreground probability (bundle threshold).
     decodes_classes = False
+
+    # --- train helper ---
+    per_class = False
 
 
 class _Classes(LabelKind):
@@ -430,6 +470,17 @@ class _Classes(LabelKind):
 
     def foreground(self, probs):
         return _sum_from_1(probs)
+
+    # --- train helper ---
+    balances_classes = True
+
+    def training_metrics(self, spec):
+        from medseg.losses.metrics import dice_metrics
+
+        return dice_metrics(len(spec.names) + 1, list(spec.names))
+
+    def diagnostic_names(self, spec):
+        return list(spec.names)
 
 
 class _Bits(LabelKind):
@@ -481,6 +532,27 @@ class _Bits(LabelKind):
     def encode(self, spec, masks):
         # Nested regions: each writes its region_order id, later regions overwriting earlier ones.
         return spec.resolve_regions(np.stack(masks, axis=-1))
+
+    # --- train helper ---
+    takes_ce_class_weights = False
+
+    def loss(self, loss="dice_ce", ce_class_weights=None):
+        # Regions overlap: Dice + binary cross-entropy per region, no background channel.
+        from medseg.losses.regions import RegionDiceBCELoss
+
+        return RegionDiceBCELoss(dice_weight=0.0 if loss == "ce" else 1.0, bce_weight=0.0 if loss == "dice" else 1.0)
+
+    def training_metrics(self, spec):
+        return []  # multi-hot targets: scored by the whole-volume validation, region by region
+
+    def diagnostic_classes(self, spec):
+        return 2 ** len(spec.names)  # region bits until the batches turn them multi-hot
+
+    def target_map(self, spec):
+        from medseg.losses.regions import multi_hot_from_bits
+
+        n_regions = len(spec.names)
+        return lambda images, masks: (images, multi_hot_from_bits(masks, n_regions))
 
 
 def _bits_present(label: np.ndarray) -> int:

@@ -18,12 +18,41 @@ __all__ = [
     "check_levels",
     "conv_block",
     "default_filters",
+    "initializer",
+    "layer_seeds",
     "nearest_valid_sizes",
     "softmax_head",
     "upsample",
 ]
 
 UPSAMPLING = ("transpose", "bilinear")
+
+_INITIALIZERS = {"he_normal": "HeNormal", "glorot_uniform": "GlorotUniform"}
+
+
+def layer_seeds(seed: int | None):
+    """Seeds of a model's random layers, in the order they are built: the ``k``-th is drawn from
+    ``(seed, k)`` alone, so a network built twice with one seed has the same starting weights.
+    None: no seeds (Keras draws its own, from Python's global ``random``)."""
+    if seed is None:
+        return None
+    import numpy as np
+
+    def draw():
+        k = 0
+        while True:
+            yield int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0] & 0x7FFFFFFF)
+            k += 1
+
+    return draw()
+
+
+def initializer(kind: str, seeds):
+    """The kernel initializer ``kind`` (``"he_normal"``, ``"glorot_uniform"``) seeded by the next
+    of ``seeds`` (:func:`layer_seeds`); the plain name when ``seeds`` is None."""
+    if seeds is None:
+        return kind
+    return getattr(keras.initializers, _INITIALIZERS[kind])(seed=next(seeds))
 
 
 def nearest_valid_sizes(size: int, depth: int) -> tuple[int, int]:
@@ -97,11 +126,12 @@ def check_levels(filters: Sequence[int], depth: int, upsampling: str, dropout: f
     return filters
 
 
-def conv_block(x, filters, prefix, *, batch_norm, dropout, regularizer, sync_batch_norm):
+def conv_block(x, filters, prefix, *, batch_norm, dropout, regularizer, sync_batch_norm, dtype=None, seeds=None):
     """Two 3x3 convolutions, each followed by BatchNorm (optional), ReLU and dropout (if > 0).
 
     Layers are named ``<prefix>_conv1``, ``<prefix>_bn1``, ``<prefix>_relu1``, ``<prefix>_drop1``,
-    then the same with ``2``.
+    then the same with ``2``. ``dtype``: the layers' dtype policy (None: Keras' global one);
+    ``seeds``: :func:`layer_seeds` for the initializers and dropout (None: unseeded).
     """
     # The convolution bias is redundant in front of BatchNorm's beta, so it is dropped then.
     for k in (1, 2):
@@ -110,21 +140,23 @@ def conv_block(x, filters, prefix, *, batch_norm, dropout, regularizer, sync_bat
             3,
             padding="same",
             use_bias=not batch_norm,
-            kernel_initializer="he_normal",
+            kernel_initializer=initializer("he_normal", seeds),
             kernel_regularizer=regularizer,
+            dtype=dtype,
             name=f"{prefix}_conv{k}",
         )(x)
         if batch_norm:
             x = keras.layers.BatchNormalization(
-                synchronized=sync_batch_norm, name=f"{prefix}_bn{k}"
+                synchronized=sync_batch_norm, dtype=dtype, name=f"{prefix}_bn{k}"
             )(x)
-        x = keras.layers.Activation("relu", name=f"{prefix}_relu{k}")(x)
+        x = keras.layers.Activation("relu", dtype=dtype, name=f"{prefix}_relu{k}")(x)
         if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"{prefix}_drop{k}")(x)
+            x = keras.layers.Dropout(dropout, seed=None if seeds is None else next(seeds), dtype=dtype,
+                                     name=f"{prefix}_drop{k}")(x)
     return x
 
 
-def upsample(x, filters, name, *, upsampling, regularizer):
+def upsample(x, filters, name, *, upsampling, regularizer, dtype=None, seeds=None):
     """2x up-sampling: a learnable 2x2 stride-2 transposed convolution to ``filters`` channels
     (``"transpose"``), or parameter-free bilinear interpolation keeping the channels."""
     if upsampling == "transpose":
@@ -133,14 +165,15 @@ def upsample(x, filters, name, *, upsampling, regularizer):
             2,
             strides=2,
             padding="same",
-            kernel_initializer="he_normal",
+            kernel_initializer=initializer("he_normal", seeds),
             kernel_regularizer=regularizer,
+            dtype=dtype,
             name=name,
         )(x)
-    return keras.layers.UpSampling2D(2, interpolation="bilinear", name=name)(x)
+    return keras.layers.UpSampling2D(2, interpolation="bilinear", dtype=dtype, name=name)(x)
 
 
-def softmax_head(x, num_classes, *, regularizer, logits_name, name, activation: str = "softmax"):
+def softmax_head(x, num_classes, *, regularizer, logits_name, name, activation: str = "softmax", seeds=None):
     """1x1 convolution to ``num_classes`` logits, then softmax; output ``(B, H, W, num_classes)``.
     ``activation="sigmoid"``: one independent probability per channel (nested regions).
 
@@ -150,7 +183,7 @@ def softmax_head(x, num_classes, *, regularizer, logits_name, name, activation: 
     logits = keras.layers.Conv2D(
         int(num_classes),
         1,
-        kernel_initializer="glorot_uniform",
+        kernel_initializer=initializer("glorot_uniform", seeds),
         kernel_regularizer=regularizer,
         dtype="float32",
         name=logits_name,

@@ -61,7 +61,8 @@ class Network:
 
     name: ClassVar[str] = ""
     #: Builder arguments that shape a run, not the architecture (not recorded in a spec).
-    runtime_args: ClassVar[tuple[str, ...]] = ("input_shape_hw", "name", "sync_batch_norm", "head_activation")
+    runtime_args: ClassVar[tuple[str, ...]] = ("input_shape_hw", "name", "sync_batch_norm", "head_activation", "dtype",
+                                               "seed")
 
     @classmethod
     def arg_defaults(cls) -> dict[str, Any]:

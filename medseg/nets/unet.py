@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import keras
 
-from medseg.nets.blocks import check_input_shape, check_levels, conv_block, default_filters, softmax_head, upsample
+from medseg.nets.blocks import (check_input_shape, check_levels, conv_block, default_filters, layer_seeds, softmax_head,
+                                upsample)
 from medseg.nets.registry import Network, register_network
 
 __all__ = ["HEAD", "UNet", "build_unet"]
@@ -40,6 +41,8 @@ def build_unet(
     name: str = "unet",
     sync_batch_norm: bool = False,
     head_activation: str = "softmax",
+    dtype=None,
+    seed: int | None = None,
 ) -> keras.Model:
     """Build a U-Net that maps images to per-class softmax probabilities.
 
@@ -59,6 +62,10 @@ def build_unet(
         head_activation: ``"softmax"`` (classes), or ``"sigmoid"`` (one independent probability
             per output channel: nested regions); a run argument, not recorded in the spec.
         sync_batch_norm: synchronise BatchNorm statistics across replicas.
+        dtype: dtype policy of every layer but the float32 head (e.g. ``"mixed_bfloat16"``;
+            None: Keras' global policy).
+        seed: seed of the initializers and dropout (same seed, same starting weights; None:
+            Keras draws them from Python's global ``random``).
 
     Returns:
         A functional ``keras.Model``: input ``image`` ``(B, H, W, input_channels)`` float32,
@@ -75,23 +82,25 @@ def build_unet(
         raise ValueError(f"num_classes must be >= 2 (background + lesion), found {num_classes}")
     check_input_shape(input_shape_hw, depth, network="U-Net")
     regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    seeds = layer_seeds(seed)
     block = dict(batch_norm=batch_norm, dropout=float(dropout), regularizer=regularizer,
-                 sync_batch_norm=sync_batch_norm)
+                 sync_batch_norm=sync_batch_norm, dtype=dtype, seeds=seeds)
 
     inputs = keras.Input(shape=(*input_shape_hw, int(input_channels)), name="image")
     skips = []
     x = inputs
     for i in range(depth + 1):
         if i > 0:
-            x = keras.layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
+            x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"enc{i}_pool")(x)
         x = conv_block(x, filters[i], f"enc{i}", **block)
         skips.append(x)
     for i in range(depth - 1, -1, -1):
-        up = upsample(x, filters[i], f"dec{i}_up", upsampling=upsampling, regularizer=regularizer)
-        x = keras.layers.Concatenate(name=f"dec{i}_concat")([skips[i], up])
+        up = upsample(x, filters[i], f"dec{i}_up", upsampling=upsampling, regularizer=regularizer, dtype=dtype,
+                      seeds=seeds)
+        x = keras.layers.Concatenate(dtype=dtype, name=f"dec{i}_concat")([skips[i], up])
         x = conv_block(x, filters[i], f"dec{i}", **block)
     outputs = softmax_head(x, num_classes, regularizer=regularizer, logits_name="logits", name=HEAD,
-                           activation=head_activation)
+                           activation=head_activation, seeds=seeds)
     return keras.Model(inputs=inputs, outputs=outputs, name=name)
 
 

@@ -28,6 +28,7 @@ from medseg.nets.blocks import (
     check_levels,
     conv_block,
     default_filters,
+    layer_seeds,
     nearest_valid_sizes,
     softmax_head,
     upsample,
@@ -109,6 +110,8 @@ def build_unetpp(
     name: str = "unetpp",
     sync_batch_norm: bool = False,
     head_activation: str = "softmax",
+    dtype=None,
+    seed: int | None = None,
 ) -> keras.Model:
     """Build a UNet++ that maps images to per-class softmax probabilities.
 
@@ -133,6 +136,8 @@ def build_unetpp(
             per output channel: nested regions); a run argument, not recorded in the spec.
         sync_batch_norm: synchronise BatchNorm statistics across replicas under a
             ``tf.distribute`` strategy (so N replicas train like one device).
+        dtype, seed: the layers' dtype policy (heads stay float32; None: the global policy) and
+            the seed of initializers and dropout (None: drawn from Python's ``random``).
 
     Returns:
         A functional ``keras.Model``: input ``(B, H, W, input_channels)`` float32, output(s)
@@ -155,18 +160,15 @@ def build_unetpp(
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2 (background + lesion), found {num_classes}")
     check_input_shape(input_shape_hw, depth, network="UNet++")
-    block = dict(
-        batch_norm=batch_norm,
-        dropout=float(dropout),
-        regularizer=keras.regularizers.L2(l2) if l2 > 0 else None,
-        sync_batch_norm=sync_batch_norm,
-    )
+    block = dict(batch_norm=batch_norm, dropout=float(dropout), sync_batch_norm=sync_batch_norm, dtype=dtype,
+                 regularizer=keras.regularizers.L2(l2) if l2 > 0 else None, seeds=layer_seeds(seed))
     inputs = keras.Input(shape=(*input_shape_hw, int(input_channels)), name="image")
     nodes = _nested_nodes(inputs, filters, upsampling, block)
     levels = list(range(1, depth + 1)) if deep_supervision else [depth]
     outputs = [
         softmax_head(nodes[0, level], num_classes, regularizer=block["regularizer"],
-                     logits_name=f"x0_{level}_logits", name=f"head_{level}", activation=head_activation)
+                     logits_name=f"x0_{level}_logits", name=f"head_{level}", activation=head_activation,
+                     seeds=block["seeds"])
         for level in levels
     ]
     return keras.Model(
@@ -180,14 +182,15 @@ def _nested_nodes(inputs, filters: list[int], upsampling: str, block: dict) -> d
     depth = len(filters) - 1
     nodes: dict[tuple[int, int], Any] = {}
     for i in range(depth + 1):
-        x = inputs if i == 0 else keras.layers.MaxPooling2D(2, name=f"x{i}_0_pool")(nodes[i - 1, 0])
+        x = inputs if i == 0 else keras.layers.MaxPooling2D(2, dtype=block["dtype"],
+                                                              name=f"x{i}_0_pool")(nodes[i - 1, 0])
         nodes[i, 0] = conv_block(x, filters[i], f"x{i}_0", **block)
     # Column by column: X(i, j) needs X(i+1, j-1), computed in the previous column.
     for j in range(1, depth + 1):
         for i in range(0, depth + 1 - j):
             up = upsample(nodes[i + 1, j - 1], filters[i], f"x{i}_{j}_up", upsampling=upsampling,
-                          regularizer=block["regularizer"])
-            merged = keras.layers.Concatenate(name=f"x{i}_{j}_concat")(
+                          regularizer=block["regularizer"], dtype=block["dtype"], seeds=block["seeds"])
+            merged = keras.layers.Concatenate(dtype=block["dtype"], name=f"x{i}_{j}_concat")(
                 [nodes[i, k] for k in range(j)] + [up]
             )
             nodes[i, j] = conv_block(merged, filters[i], f"x{i}_{j}", **block)

@@ -19,88 +19,15 @@ import keras
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.events import CheckpointWritten, Message, emit
 from medseg.losses.regularization import regularization_loss
 from medseg.train.checkpoint import CHECKPOINTS, atomic_write_json, latest_checkpoint, save_checkpoint
 from medseg.train.curves import plot_curves, write_history_csv
+from medseg.train.schedule import WarmupDecay  # noqa: F401  (its home until this module was split)
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_dsc_3d"
-
-
-@keras.saving.register_keras_serializable(package="medseg")
-class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Per-step learning rate: optional linear warm-up, then poly, cosine or constant decay.
-
-    ``lr(step) = final + (initial - final) * warm(step) * decay(progress)`` with
-    ``warm = min(1, (step + 1) / warmup_steps)`` and ``progress`` going from 0 (end of warm-up)
-    to 1 (``total_steps``). ``poly``: ``decay = (1 - progress) ** power`` (the user's
-    ``poly_decay``, nnU-Net's power 0.9); ``cosine``: ``decay = (1 + cos(pi * progress)) / 2``.
-
-    The optimizer's step counter drives it, so a resumed run continues the schedule exactly.
-    With ``clock=True`` (a wall-clock budget, :mod:`medseg.train.budget`) ``progress`` is the
-    larger of the step fraction and ``clock_progress``, a non-trainable variable that
-    :class:`~medseg.train.budget.BudgetClock` sets before every step to the fraction of the
-    budget spent when that step ends; the decay then reaches its end value at the budget.
-
-    Args:
-        initial_learning_rate: learning rate after warm-up.
-        total_steps: optimizer steps of the whole run (epochs * steps per epoch).
-        kind: ``"poly"``, ``"cosine"`` or ``"constant"``.
-        power: exponent of the poly decay.
-        warmup_steps: steps of linear warm-up (0: none).
-        final_learning_rate: value reached at ``total_steps``.
-        clock: follow ``clock_progress`` as well (budgeted training).
-    """
-
-    def __init__(self, initial_learning_rate: float, total_steps: int, kind: str = "poly", power: float = 0.9,
-                 warmup_steps: int = 0, final_learning_rate: float = 0.0, name: str | None = None,
-                 clock: bool = False):
-        if kind not in ("poly", "cosine", "constant"):
-            raise ValueError(f"kind must be 'poly', 'cosine' or 'constant', found {kind!r}")
-        if int(total_steps) < 1:
-            raise ValueError(f"total_steps must be >= 1, found {total_steps}")
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.total_steps = int(total_steps)
-        self.kind = kind
-        self.power = float(power)
-        self.warmup_steps = int(warmup_steps)
-        self.final_learning_rate = float(final_learning_rate)
-        self.name = name
-        self.clock = bool(clock)
-        self.clock_progress = (keras.Variable(0.0, trainable=False, dtype="float32", name="clock_progress")
-                               if self.clock else None)
-
-    def __call__(self, step):
-        ops = keras.ops
-        step = ops.cast(step, "float32")
-        warm = 1.0
-        if self.warmup_steps > 0:
-            warm = ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-        span = float(max(1, self.total_steps - self.warmup_steps))
-        progress = ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
-        if self.clock_progress is not None:
-            progress = ops.maximum(progress, ops.clip(ops.cast(self.clock_progress, "float32"), 0.0, 1.0))
-        if self.kind == "poly":
-            decay = ops.power(1.0 - progress, self.power)
-        elif self.kind == "cosine":
-            decay = 0.5 * (1.0 + ops.cos(math.pi * progress))
-        else:
-            decay = ops.ones_like(progress)
-        lr = self.final_learning_rate + (self.initial_learning_rate - self.final_learning_rate) * warm * decay
-        return ops.cast(lr, "float32")
-
-    def get_config(self) -> dict:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "total_steps": self.total_steps,
-            "kind": self.kind,
-            "power": self.power,
-            "warmup_steps": self.warmup_steps,
-            "final_learning_rate": self.final_learning_rate,
-            "name": self.name,
-            "clock": self.clock,
-        }
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -124,15 +51,17 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         max_time_s: the run's wall-clock budget; the epoch that spends it is validated too.
         clock: a :class:`medseg.train.budget.BudgetClock` (placed before this callback) whose
             ``time_up`` decides the last epoch instead of ``max_time_s``.
+        cancel: a :class:`medseg.events.CancelToken`; a cancelled run is not validated.
 
     Attributes:
         last_duration_s: seconds the last validation took.
     """
 
     def __init__(self, evaluate: Callable[[keras.Model], list[dict]], every: int = 1, epochs: int | None = None,
-                 max_time_s: float | None = None, clock: Any = None):
+                 max_time_s: float | None = None, clock: Any = None, cancel: Any = None):
         super().__init__()
         self.evaluate = evaluate
+        self.cancel = cancel
         self.every = int(every)
         self.epochs = epochs
         self.max_time_s = max_time_s
@@ -160,7 +89,7 @@ class WholeVolumeValidation(keras.callbacks.Callback):
             # Decided here, before validating, so the run's last epoch is always validated;
             # RunKeeper stops on this same decision.
             self.time_up = True
-        if logs is None or not self.due(epoch):
+        if logs is None or not self.due(epoch) or (self.cancel is not None and self.cancel.cancelled):
             return
         t0 = time.perf_counter()
         rows = self.evaluate(self.model)
@@ -237,6 +166,9 @@ class RunKeeper(keras.callbacks.Callback):
             validation cases are training cases, so a "best" would be chosen on training data)
             keeps the last validated model, and early stopping is off.
         schedule_end_lr: the learning-rate schedule's end value (recorded in ``state.json``).
+        events: a :mod:`medseg.events` sink: the summary line becomes a ``Message`` and each
+            checkpoint a ``CheckpointWritten`` (None: the summary line is printed).
+        dice_title: title of the Dice panel of ``curves.png``.
 
     The state records ``steps`` (optimizer steps so far), ``stop_reason`` (``"epochs"``,
     ``"budget"`` or ``"early_stopping"``), ``final_lr`` (learning rate at the last step) and
@@ -248,8 +180,11 @@ class RunKeeper(keras.callbacks.Callback):
                  patience: int | None = None, dice_key: str | None = None,
                  extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True,
                  max_time_s: float | None = None, clock: Any = None, selection: str = "best",
-                 schedule_end_lr: float | None = None):
+                 schedule_end_lr: float | None = None, events: Any = None,
+                 dice_title: str = "Dice of the lesion class"):
         super().__init__()
+        self.events = events
+        self.dice_title = dice_title
         self.run_dir = Path(run_dir)
         self.state = state
         self.save_best = save_best
@@ -296,9 +231,14 @@ class RunKeeper(keras.callbacks.Callback):
         state["epoch"] = epoch + 1
         if self.extra_state is not None:
             state.update(self.extra_state())
-        self._write_outputs(epoch, validated)
+        checkpoint = self._write_outputs(epoch, validated)
+        emit(self.events, CheckpointWritten(epoch=epoch + 1, path=str(checkpoint), what="checkpoint"))
         if self.verbose > 0:
-            print(self.summary_line(epoch, row, validated, improved), flush=True)
+            line = self.summary_line(epoch, row, validated, improved)
+            if self.events is None:
+                print(line, flush=True)
+            else:
+                emit(self.events, Message(line))
 
     def _epoch_row(self, epoch: int, logs: dict) -> dict[str, Any]:
         """Add ``reg_loss``, ``data_loss`` and ``lr`` to ``logs``; the history row of its scalars
@@ -362,12 +302,13 @@ class RunKeeper(keras.callbacks.Callback):
         elif self.epochs is not None and epoch + 1 >= self.epochs and not state.get("stopped_early"):
             state["stop_reason"] = "epochs"
 
-    def _write_outputs(self, epoch: int, validated: bool) -> None:
-        """The checkpoint, then (chief only) history, validation rows, state.json and curves."""
+    def _write_outputs(self, epoch: int, validated: bool) -> Path:
+        """The checkpoint, then (chief only) history, validation rows, state.json and curves;
+        returns the checkpoint's folder."""
         state = self.state
-        self._write(self.run_dir / CHECKPOINTS, epoch, save_checkpoint, self.run_dir, self.model, state)
+        checkpoint = self._write(self.run_dir / CHECKPOINTS, epoch, save_checkpoint, self.run_dir, self.model, state)
         if not self.write_files:
-            return
+            return checkpoint
         run = self.run_dir
         self._write(run / "history.csv", epoch, write_history_csv, state["history"], run / "history.csv")
         if state["validation_rows"]:
@@ -380,11 +321,13 @@ class RunKeeper(keras.callbacks.Callback):
             # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
             if validated or last or not (run / "curves.png").exists():
                 self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
-                            validation="training cases" if self.selection == "last" else "whole volumes")
+                            validation="training cases" if self.selection == "last" else "whole volumes",
+                            title=self.dice_title)
         except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
             if isinstance(exc, InputError):  # a full disk does
                 raise
             log.warning("could not draw curves.png: %s", exc)
+        return checkpoint
 
     def _write(self, path: Path, epoch: int, write: Callable[..., Any], *args, **kwargs) -> Any:
         """``write(*args, **kwargs)``, one of the run's outputs; an ``OSError`` (a full disk) ends

@@ -262,12 +262,19 @@ class TrainConfig:
                                     or context % 2 == 0):
             raise InputError(where, "context slices (--context-slices) a positive odd number: the slice itself "
                              "and as many neighbours on each side", repr(context))
-        if self.early_stopping is not None and self.early_stopping < 1:
-            raise bad("early_stopping", "to be a positive number of validations")
-        if self.max_time_s is not None and not self.max_time_s > 0:
-            raise bad("max_time_s", "to be a positive number of seconds")
-        if self.max_val_cases is not None and self.max_val_cases < 1:
-            raise bad("max_val_cases", "to be a positive integer")
+        self._validate_run_limits(where)
+
+    def _validate_run_limits(self, where: str) -> None:
+        """The limits of a run (early stopping, budget, validation cases), devices, transforms."""
+        for key, bad_value, expected in (
+                ("early_stopping", self.early_stopping is not None and self.early_stopping < 1,
+                 "to be a positive number of validations"),
+                ("max_time_s", self.max_time_s is not None and not self.max_time_s > 0,
+                 "to be a positive number of seconds"),
+                ("max_val_cases", self.max_val_cases is not None and self.max_val_cases < 1,
+                 "to be a positive integer")):
+            if bad_value:
+                raise InputError(where, f"{key} {expected}", repr(getattr(self, key)))
         if self.gpus is not None and self.devices is not None:
             raise InputError(where, "either gpus or devices", f"both gpus={self.gpus} and devices={self.devices}")
         for entry in self.transforms:
@@ -355,4 +362,44 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     except (TypeError, ValueError) as exc:
         name = getattr(base, "__name__", str(base))
         raise InputError(where, f"{key} of type {name}", f"{value!r}") from exc
+    return value
+
+
+def _frozen_namespace() -> dict[str, Any]:
+    def unet_filters(self) -> list[int]:
+        return TrainConfig.unet_filters.fget(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return TrainConfig.save(self, path)
+
+    def thawed(self) -> TrainConfig:
+        """A :class:`TrainConfig` with the same values (a copy the caller may edit)."""
+        return TrainConfig(**self.to_dict())
+
+    return {"unet_filters": property(unet_filters), "to_dict": to_dict, "save": save, "thawed": thawed,
+            "__doc__": "A run's resolved configuration: the fields of :class:`TrainConfig`, frozen "
+                       "(``dataclasses.replace`` makes a changed copy). ``RunResult.config`` and "
+                       "``config.json`` hold it. Made by :func:`freeze`."}
+
+
+#: The frozen twin of :class:`TrainConfig` (same fields, same order, no defaults: made by :func:`freeze`).
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig", [(f.name, f.type) for f in dataclasses.fields(TrainConfig)], frozen=True,
+    namespace={**_frozen_namespace(), "__module__": __name__})
+
+
+def freeze(config: "TrainConfig | RunConfig") -> "RunConfig":
+    """The frozen copy of ``config`` (its list and dict values copied: nothing is shared)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    return RunConfig(**{k: _copy_value(v) for k, v in values.items()})
+
+
+def _copy_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy_value(v) for k, v in value.items()}
     return value

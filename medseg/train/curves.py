@@ -46,7 +46,7 @@ def _fmt(value: Any) -> Any:
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice_key: str = "dice",
-                validation: str = "whole volumes") -> Path:
+                validation: str = "whole volumes", title: str = "Dice of the lesion class") -> Path:
     """Draw the training curves of a run into a PNG, atomically.
 
     Left panel: the training loss and its two parts, the data term (Dice + cross-entropy of the
@@ -58,6 +58,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice
         rows: history rows (``epoch``, ``loss``, ``data_loss``, ``reg_loss``, ``dice``, ``val_dsc_3d``).
         path: output PNG path.
         dice_key: column of the training Dice.
+        title: title of the Dice panel (a one-class run names its class).
     """
     import matplotlib
 
@@ -92,7 +93,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, dice
     ax_dice.set_ylim(0.0, 1.0)
     ax_dice.set_xlabel("epoch")
     ax_dice.set_ylabel("Dice")
-    ax_dice.set_title("Dice of the lesion class")
+    ax_dice.set_title(title)
     ax_dice.grid(alpha=0.3)
     ax_dice.legend(fontsize=8)
     fig.tight_layout()

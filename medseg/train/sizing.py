@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from medseg.events import Message, emit
+
 #: Candidate networks, narrowest first: (filters per level, depth).
 CANDIDATES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((8, 16, 32, 64, 128), 4),
@@ -47,20 +49,19 @@ PROBE_STEPS = 3
 
 def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = PROBE_STEPS) -> float:
     """Median seconds of ``steps`` real optimizer steps of a fresh model of the run's network
-    (``cfg.network``, built through the registry) with these filters and depth (random patches)."""
+    (``cfg.network``, built through the registry, its layers in ``precision``) with these filters
+    and depth (random patches). Nothing process-wide is changed: the precision goes to the layers."""
     import dataclasses
 
     import keras
 
-    from medseg.train.loop import build_model, compile_model, network_spec
+    from medseg.train.assembly import build_model, compile_model, network_spec
 
     trial = dataclasses.replace(cfg, filters=list(filters), depth=int(depth), max_time_s=None)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
     try:
         spec = network_spec(trial)
-        model = build_model(trial, plan.replace(divisor=spec.divisor))
-        compile_model(model, trial, 1e-3)
+        model = build_model(trial, plan.replace(divisor=spec.divisor), dtype=precision)
+        compile_model(model, trial, 1e-3, precision=precision)
         rng = np.random.default_rng(0)
         h, w = plan.patch_size
         x = rng.standard_normal((trial.batch_size, h, w, int(plan.context_slices))).astype("float32")
@@ -75,12 +76,11 @@ def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = P
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
     finally:
-        keras.config.set_dtype_policy(previous)
         keras.backend.clear_session(free_memory=False)
 
 
 def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = None,
-                   candidates=CANDIDATES, timer=None, verbose: int = 1) -> dict[str, Any]:
+                   candidates=CANDIDATES, timer=None, verbose: int = 1, events=None) -> dict[str, Any]:
     """Time the candidates narrowest first and keep the widest within ``target_step_s``.
 
     Args:
@@ -91,7 +91,8 @@ def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = N
             :func:`budget_target_step_s` of ``cfg.max_time_s``).
         candidates: (filters, depth) pairs, narrowest first.
         timer: ``(filters, depth) -> seconds`` (tests); default :func:`time_steps`.
-        verbose: print the decision.
+        verbose: report the decision (a ``Message`` to ``events``; printed when ``events`` is None).
+        events: a :mod:`medseg.events` sink.
 
     Returns:
         ``{"target_step_s", "batch_size", "patch_size", "precision", "probes": [{"filters",
@@ -128,7 +129,11 @@ def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = N
         timed = ", ".join(f"{p['filters'][0]}..{p['filters'][-1]}: {p['step_s']:.2f} s" for p in probes)
         if skipped:
             timed += f"; {skipped['filters'][0]}..{skipped['filters'][-1]} predicted {skipped['predicted_step_s']:.2f} s"
-        print(f"medseg-train: no GPU: {cfg.network} network sized to this CPU (step time target {target_step_s:g} s; timed "
-              f"{timed}); chosen filters {' '.join(map(str, chosen['filters']))}, depth {chosen['depth']}. "
-              f"Override with --filters/--depth/--patch-size/--batch-size or --no-cpu-sizing", flush=True)
+        line = (f"medseg-train: no GPU: {cfg.network} network sized to this CPU (step time target {target_step_s:g} s; "
+                f"timed {timed}); chosen filters {' '.join(map(str, chosen['filters']))}, depth {chosen['depth']}. "
+                f"Override with --filters/--depth/--patch-size/--batch-size or --no-cpu-sizing")
+        if events is None:
+            print(line, flush=True)
+        else:
+            emit(events, Message(line))
     return result

@@ -180,3 +180,62 @@ def cleanup_writing_dir(path: str | os.PathLike, run_dir: str | os.PathLike) -> 
     path, run_dir = Path(path), Path(run_dir)
     if path.resolve() != run_dir.resolve():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def needs_multi_worker_build_fix(strategy) -> bool:
+    """Whether ``model.fit`` under ``strategy`` needs :func:`fix_multi_worker_build`: a
+    ``MultiWorkerMirroredStrategy`` whose cross-device ``reduce`` accepts single values only
+    (keras-team/keras#20585; :func:`keras_reduces_batches` says whether this Keras still does)."""
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and keras_reduces_batches()
+
+
+def keras_reduces_batches() -> bool:
+    """True while Keras' TensorFlow trainer builds the model from a ``MEAN`` ``strategy.reduce``
+    of the whole first batch (the call keras-team/keras#20585 fails on under multi-worker
+    training), read from the source of ``TensorFlowTrainer._maybe_symbolic_build``."""
+    import inspect
+
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    source = inspect.getsource(TensorFlowTrainer._maybe_symbolic_build)
+    return "reduce" in source and "MEAN" in source
+
+
+def fix_multi_worker_build(model, strategy) -> None:
+    """Let ``model.fit`` run under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+
+    Before the first epoch Keras 3 builds the model on one batch, which it gets by a ``MEAN``
+    ``strategy.reduce`` of the whole ``(x, y)`` structure; the multi-worker cross-device reduce
+    accepts single values only and fails. Building needs shapes and dtypes, not a mean, so this
+    replacement takes this worker's first replica's batch instead. Nothing else changes.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v,
+                    batch,
+                )
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
+
+    # Same bug, every step: the logs of the step are reduced with a multi-worker
+    # ``reduce("MEAN", value, axis=0)``, which fails on scalars. The logs are metric results,
+    # already identical on all replicas, so giving them a length-1 axis makes that mean exact.
+    train_step = model.train_step
+
+    def train_step_with_vector_logs(data):
+        logs = train_step(data)
+        return {k: tf.reshape(v, (1,)) for k, v in logs.items()}
+
+    object.__setattr__(model, "train_step", train_step_with_vector_logs)

@@ -165,3 +165,24 @@ def test_a_described_metric_reaches_the_per_class_outputs(with_fake, tmp_path, c
     assert "<th>mean dV mL</th>" in html and "<th>dV mL</th>" in html and "<td>0.032</td>" in html
     assert with_fake and with_fake[-1][-1] == "dV (mL)"
     assert catalog.validation_columns()[-1] == "vol_diff_ml" == catalog.validation_class_columns()[-1]
+
+
+def test_the_training_validator_reads_the_catalog(with_fake):
+    """medseg-train's validation rows carry a catalog metric with no edit of medseg/train: the
+    class mean, each class's own column and the per-class means the events report."""
+    from medseg.io.classes import ClassSpec
+    from medseg.train.validation import class_row, per_class_means, score_case
+
+    ref = np.zeros((8, 8, 4), bool)
+    ref[2:6, 2:6, 1:3] = True  # 32 voxels
+    pred = ref.copy()
+    pred[2:6, 2:6, 3] = True  # 16 more: |dV| = 16 x 0.002 mL
+    liver = score_case(pred, ref, SPACING)
+    spleen = score_case(ref, ref, SPACING)
+    assert liver["vol_diff_ml"] == pytest.approx(0.032) and spleen["vol_diff_ml"] == 0.0
+    row = class_row("a", "held-out cases", {"liver": liver, "spleen": spleen})
+    assert row["vol_diff_ml"] == pytest.approx(0.016)  # the mean over the two classes
+    assert row["vol_diff_ml_liver"] == pytest.approx(0.032) and row["vol_diff_ml_spleen"] == 0.0
+    spec = ClassSpec.parse(["liver=5", "spleen=1"])
+    assert per_class_means(spec, [row])["liver"] == pytest.approx({"dsc": 2 * 32 / 80, "hd95_mm": 2.0,
+                                                                    "vol_diff_ml": 0.032})

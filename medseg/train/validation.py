@@ -16,8 +16,23 @@ import numpy as np
 from medseg.train.assembly import network_spec
 from medseg.train.cases import HELD_OUT
 
-#: Metrics whose class mean a multi-class row carries.
-_MEANS = ("dsc", "jaccard", "hd95_mm", "assd_mm", "nsd", "dsc_largest_component")
+#: Not a metric of the catalog: the DSC after keeping the largest component, for the
+#: post-processing choice; carried beside the catalog's validation columns.
+_LARGEST = "dsc_largest_component"
+
+
+def _means() -> tuple[str, ...]:
+    """Keys whose class mean a multi-class row carries: the catalog's validation columns."""
+    from medseg.eval.catalog import validation_columns
+
+    return (*validation_columns(), _LARGEST)
+
+
+def _class_keys() -> tuple[str, ...]:
+    """Keys kept per class as ``<key>_<name>``: the catalog's, and the largest-component DSC."""
+    from medseg.eval.catalog import validation_class_columns
+
+    return (*validation_class_columns(), _LARGEST)
 
 
 def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = HELD_OUT, pipeline=None):
@@ -43,9 +58,10 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
             # load_pair applies the label map and brings the label onto the image's grid.
             image, label = load_pair(case)
             pred = np.asarray(predictor.segment(image, largest_component=False).array)
-            if not spec.kind.per_class:  # one foreground: every nonzero value
+            if not spec.kind.per_class:  # one foreground: its ids (every nonzero value by default)
                 rows.append({"case_id": case.case_id, "validation": validation,
-                             **score_case(pred > 0, np.asarray(label.array) > 0, image.spacing_mm)})
+                             **score_case(spec.mask(pred, 0), spec.mask(np.asarray(label.array), 0),
+                                          image.spacing_mm)})
                 continue
             ref = np.asarray(label.array)
             per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm)
@@ -77,25 +93,28 @@ def class_row(case_id: str, validation: str, per_class: Mapping[str, dict]) -> d
         values = [m[key] for m in per_class.values() if np.isfinite(m[key])]
         return float(np.mean(values)) if values else float("nan")
 
-    row = {"case_id": case_id, "validation": validation, **{k: mean(k) for k in _MEANS},
+    row = {"case_id": case_id, "validation": validation, **{k: mean(k) for k in _means()},
            "pred_empty": float(all(m["pred_empty"] for m in per_class.values())),
            "ref_empty": float(all(m["ref_empty"] for m in per_class.values()))}
     for name, m in per_class.items():
-        row.update({f"dsc_{name}": m["dsc"], f"hd95_mm_{name}": m["hd95_mm"],
-                    f"dsc_largest_component_{name}": m["dsc_largest_component"]})
+        row.update({f"{key}_{name}": m[key] for key in _class_keys()})
     return row
 
 
 def per_class_means(spec, rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Class name -> ``{"dsc", "hd95_mm"}`` means over the validation rows (finite values only):
-    the one class of a binary model under its name, else each class's own columns."""
+    """Class name -> ``{key: mean}`` over the validation rows (finite values only) for the catalog's
+    per-class validation columns (``dsc``, ``hd95_mm``): the one class of a binary model under its
+    name, else each class's own columns."""
     def mean(key: str) -> float:
         values = [float(r[key]) for r in rows if key in r and np.isfinite(float(r[key]))]
         return float(np.mean(values)) if values else float("nan")
 
+    from medseg.eval.catalog import validation_class_columns
+
+    keys = validation_class_columns()
     if not spec.kind.per_class:
-        return {spec.names[0]: {"dsc": mean("dsc"), "hd95_mm": mean("hd95_mm")}}
-    return {name: {"dsc": mean(f"dsc_{name}"), "hd95_mm": mean(f"hd95_mm_{name}")} for name in spec.names}
+        return {spec.names[0]: {key: mean(key) for key in keys}}
+    return {name: {key: mean(f"{key}_{name}") for key in keys} for name in spec.names}
 
 
 def postprocessing(spec, rows: list[dict], validation: str) -> dict:

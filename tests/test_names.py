@@ -170,3 +170,24 @@ def test_eval_names_the_one_class(organs, capsys):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["classes"] == {"liver": {"ids": [5], "lesion_wise": False}}
     assert "1 class (label ids)" in (out_dir / "report.html").read_text()
+
+
+def test_liver_pipeline_equals_the_binary_pipeline_but_for_its_label_step():
+    """The two plans of patient A give the same steps with the same arguments (the label kind of
+    the random steps included: binary), except the label step, which maps the liver's id 5 to 1."""
+    from medseg.data.plan import make_plan
+    from medseg.io import read_volume
+    from medseg.io.labels import apply_label_map, parse_label_map
+    from medseg.transforms.pipeline import Pipeline
+
+    raw = read_volume(PATIENT_A)
+    img = read_volume(PATIENT_A.parent / "example_ct.nii.gz")
+    spec = ClassSpec.parse(["liver=5"])
+    named = Pipeline.from_plan(make_plan([(img, raw)], overrides={"classes": spec.to_dict()}, seed=0))
+    mapped = raw.with_array(apply_label_map(np.asarray(raw.array), parse_label_map("5:1,*:0")))
+    binary = Pipeline.from_plan(make_plan([(img, mapped)], seed=0))
+    assert named.label_kind is BINARY and binary.label_kind is BINARY
+    a, b = named.to_config()["transforms"], binary.to_config()["transforms"]
+    assert [t["name"] for t in a] == [t["name"] for t in b]
+    differ = [t["name"] for t, u in zip(a, b) if t != u]
+    assert differ == ["LabelClassesd"], differ

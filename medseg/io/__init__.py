@@ -108,7 +108,7 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_
         from medseg.io.dicomlabels import label_object_kind, read_label_object
 
         if label_object_kind(path) is not None:
-            return read_label_object(path, reference=reference, case_id=case_id)
+            return read_label_object(path, read_image=read_volume, reference=reference, case_id=case_id)
         # --- end dicomseg helper
         return _read_dicom(path, series_uid=series_uid, case_id=case_id)
     raise InputError(

@@ -32,17 +32,11 @@ from pathlib import Path
 from medseg.errors import DatasetError, InputError
 from medseg.io.dicom import DICOM_SUFFIXES, is_dicom_file, is_dicom_folder, looks_like_dicom  # noqa: F401
 
-log = logging.getLogger(__name__)
+from medseg.io.suffixes import (  # noqa: F401  (importable from here as before)
+    ITK_SUFFIXES, ITK_WRITE_SUFFIXES, NIFTI_SUFFIXES, READ_SUFFIXES, WRITE_SUFFIXES, case_id_from_path, volume_suffix,
+)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-#: Every file suffix :func:`medseg.io.read_volume` understands (besides DICOM folders).
-READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
-#: Only single-file ITK formats are written: a detached header (.nhdr/.mhd) plus data file cannot
-#: be replaced atomically as one unit.
-ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
-#: Every file suffix :func:`medseg.io.write_volume` writes.
-WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES
+log = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
 
@@ -63,32 +57,6 @@ class Case:
     image_path: Path
     label_path: Path | None = None
     label_map: dict | None = field(default=None, compare=False)
-
-
-def volume_suffix(path: str | os.PathLike) -> str:
-    """The lower-case format suffix of ``path``: ``".nii.gz"``, ``".nrrd"``, ... or ``""``/other."""
-    name = Path(path).name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return Path(name).suffix
-
-
-def case_id_from_path(path: str | os.PathLike, *, images: bool = False) -> str:
-    """Case id of a volume file or DICOM folder.
-
-    The file name without its format suffix (``brain1.nii.gz`` -> ``brain1``); a folder's name;
-    with ``images=True`` a trailing nnU-Net channel suffix ``_0000`` is dropped
-    (``case_0000.nii.gz`` -> ``case``). Other channel numbers are kept (multichannel is refused
-    by discovery).
-    """
-    path = Path(path)
-    name = path.name
-    suffix = volume_suffix(path)
-    if suffix in READ_SUFFIXES and not path.is_dir():
-        name = name[: -len(suffix)]
-    if images and name.endswith("_0000") and len(name) > 5:
-        name = name[:-5]
-    return name
 
 
 def _check_dir(folder: Path, what: str) -> list[str]:

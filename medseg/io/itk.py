@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.io.dataset import ITK_SUFFIXES, ITK_WRITE_SUFFIXES  # noqa: F401 (re-exported)
+from medseg.io.suffixes import ITK_SUFFIXES, ITK_WRITE_SUFFIXES  # noqa: F401 (re-exported)
 from medseg.io.volume import Volume
 
 ITK_READ_SUFFIXES = ITK_SUFFIXES

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dataset import NIFTI_SUFFIXES  # noqa: F401 (re-exported)
+from medseg.io.suffixes import NIFTI_SUFFIXES  # noqa: F401 (re-exported)
 from medseg.io.volume import Volume
 
 

@@ -161,26 +161,28 @@ def find_referenced_series(path: str | os.PathLike, series_uid: str) -> Path:
     )
 
 
-def _grid(reference: str | os.PathLike, series_uid: str | None) -> Volume:
-    """The reference image's grid (geometry and meta; the array is not kept), cached by path and mtime."""
-    from medseg.io import read_volume
-
+def _grid(reference: str | os.PathLike, series_uid: str | None, read_image) -> Volume:
+    """The reference image's grid (geometry and meta; the array is not kept), cached by path and
+    mtime; ``read_image`` is :func:`medseg.io.read_volume` (given, so this package does not import
+    the one that dispatches to it)."""
     p = Path(reference)
     key = (os.path.realpath(p), p.stat().st_mtime_ns, series_uid)
     if key not in _GRIDS:
-        image = read_volume(p, series_uid=series_uid if p.is_dir() else None)
+        image = read_image(p, series_uid=series_uid if p.is_dir() else None)
         zeros = np.broadcast_to(np.zeros((), dtype=np.uint8), image.shape)  # no memory: only the shape is used
         _GRIDS.clear()
         _GRIDS[key] = Volume(zeros, image.affine, image.case_id, image.meta)
     return _GRIDS[key]
 
 
-def read_label_object(path: str | os.PathLike, *, reference: Volume | str | os.PathLike | None = None,
+def read_label_object(path: str | os.PathLike, *, read_image, reference: Volume | str | os.PathLike | None = None,
                       case_id: str | None = None) -> Volume:
     """The label map of a DICOM SEG or RTSTRUCT file, on its referenced image's grid.
 
     Args:
         path: the SEG or RTSTRUCT file.
+        read_image: reads the reference image when it is a path (``medseg.io.read_volume``, which
+            calls this function: use it rather than calling this directly).
         reference: the image (a Volume, or the path of its series folder / file). Default: the series
             remembered by dataset pairing, else found near ``path`` by its SeriesInstanceUID.
         case_id: the Volume's id (default the file name without ``.dcm``).
@@ -195,7 +197,7 @@ def read_label_object(path: str | os.PathLike, *, reference: Volume | str | os.P
     """
     import pydicom
 
-    from medseg.io.dataset import case_id_from_path
+    from medseg.io.suffixes import case_id_from_path
 
     path = Path(path)
     try:
@@ -212,7 +214,7 @@ def read_label_object(path: str | os.PathLike, *, reference: Volume | str | os.P
             raise InputError(path, f"a {kind} that names its referenced series", "no referenced SeriesInstanceUID")
         reference = paired or find_referenced_series(path, series_uid)
     if not isinstance(reference, Volume):
-        reference = _grid(reference, series_uid or None)
+        reference = _grid(reference, series_uid or None, read_image)
     elif reference.meta.get("series_uid") and series_uid and reference.meta["series_uid"] != series_uid:
         raise InputError(path, f"a reference image of series {series_uid}",
                          f"an image of series {reference.meta['series_uid']}")

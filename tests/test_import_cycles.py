@@ -40,7 +40,14 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The medseg modules ``module`` imports anywhere in its file."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # ``if TYPE_CHECKING:`` blocks never run: names for annotations only are no import.
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -119,6 +126,10 @@ def test_the_checker_finds_a_circle_inside_a_function():
         probe.write_text(source)
         assert imports_of("medseg.transforms.probe", probe, modules) == {"medseg.transforms.pipeline",
                                                                           "medseg.data.plan"}
+        # An import for annotations only (never run) is no edge; one beside it still is.
+        probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from medseg.data import plan\n"
+                         "import medseg.transforms.pipeline\n")
+        assert imports_of("medseg.transforms.probe", probe, modules) == {"medseg.transforms.pipeline"}
 
 
 def test_no_import_cycles():
@@ -127,3 +138,16 @@ def test_no_import_cycles():
     assert not unexpected, "import circles: " + "; ".join(" <-> ".join(c) for c in unexpected)
     stale = [c for c in ALLOWED if c not in found]
     assert not stale, f"allowed cycles that are gone (remove them from ALLOWED): {stale}"
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    """Issue 21's size rule, for every module of the package: a newcomer reads one rule at a time."""
+    long_modules = {str(p.relative_to(ROOT.parent)): n for p in ROOT.rglob("*.py")
+                    if (n := len(p.read_text().splitlines())) > 500}
+    long_functions = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name}")
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions

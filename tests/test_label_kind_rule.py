@@ -5,7 +5,7 @@ The package's sources are parsed (``ast``) for comparisons with the strings ``"b
 ``x in ("classes", "bits")`` (a literal tuple, list or set of kind names only). Looking a
 mapping's ``"classes"`` key up (``"classes" in d``, ``k not in ("classes", "other_key")``) is not
 a kind comparison and is not flagged.
-Only medseg/io/classes.py, where the kinds are defined, may name them.
+Only medseg/io/classes/kinds.py, where the kinds are defined, may name them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "medseg"
 KIND_NAMES = {"binary", "classes", "bits"}
-HOME = "medseg/io/classes.py"
+HOME = "medseg/io/classes/kinds.py"
 
 #: Files other helpers of issue 21 own, with comparisons still to convert, for the coordinator to
 #: empty after merging (file -> owner).

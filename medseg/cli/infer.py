@@ -119,34 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unit_float(text: str) -> float:
+def _number(text: str, convert, ok, expected: str):
+    """``convert(text)`` when ``ok`` of it holds, else argparse's error naming ``expected``."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text}")
     return value
+
+
+def _unit_float(text: str) -> float:
+    return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, found {text!r}") from None
-    if not (value >= 0.0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {text}")
-    return value
+    return _number(text, float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 # --- model discovery ---------------------------------------------------------------------------

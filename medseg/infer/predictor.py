@@ -5,15 +5,12 @@ ran: :class:`medseg.transforms.pipeline.Pipeline`), runs the model on batches of
 streaming through the volume, and maps the foreground probabilities back onto the input's exact
 grid with the pipeline's inverse. Nothing here depends on a step or a network by name.
 
-Memory, whatever the number of slices:
-
-- only one batch of slices exists at a time (padded to the network's multiple);
-- the probabilities overwrite the preprocessed slices a few slices behind the batch being read
-  (later batches never look further back for their 2.5D context), so no second stack exists;
-- with slice-local steps only (e.g. a CT window or a fixed z-score) the volume is preprocessed, predicted
-  and restored in chunks of ``chunk_slices`` input slices (plus their context): the result is the
-  same as for the whole volume, and peak memory is the input, the output and one chunk.
-  Per-volume statistics (MR z-score) need the whole volume preprocessed at once.
+Memory, whatever the number of slices: one batch of slices exists at a time (padded to the
+network's multiple); the probabilities overwrite the preprocessed slices a few slices behind the
+batch being read (no second stack); with slice-local steps only (a CT window, a fixed z-score) the
+volume is preprocessed, predicted and restored in chunks of ``chunk_slices`` input slices (plus
+their context), with the same result as whole, so peak memory is the input, the output and one
+chunk. Per-volume statistics (MR z-score) need the whole volume preprocessed at once.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.dicomlabels.geometry import lps_to_index
 from medseg.io.dicomlabels.names import named_id
+from medseg.io.dicomlabels.seg import label_meta
 from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,5 @@ def read_rtstruct(ds, path: Path, reference: Volume, case_id: str) -> Volume:
         out[flat] = value
     if overlap:
         log.warning("%s: %d voxels belong to several ROIs; each went to the smallest ROI", path, overlap)
-    meta = {"modality": "RTSTRUCT", "source_path": str(path), "series_uid": str(ds.get("SeriesInstanceUID", "")),
-            "reference_path": reference.meta.get("source_path"),
-            "class_names": {values.get(n, n): name for n, name in names.items()}}
+    meta = label_meta("RTSTRUCT", ds, path, reference, names, values)
     return Volume(out.reshape(reference.shape), reference.affine.copy(), case_id, meta)

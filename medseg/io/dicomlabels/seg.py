@@ -107,7 +107,12 @@ def read_seg(ds, path: Path, reference: Volume, case_id: str) -> Volume:
         view[on] = value
     if overlap:
         log.warning("%s: %d voxels belong to several segments; each went to the smallest segment", path, overlap)
-    meta = {"modality": "SEG", "source_path": str(path), "series_uid": str(ds.get("SeriesInstanceUID", "")),
+    return Volume(out, reference.affine.copy(), case_id, label_meta("SEG", ds, path, reference, names, values))
+
+
+def label_meta(modality: str, ds, path, reference: Volume, names: dict, values: dict) -> dict:
+    """The ``meta`` of a label map read from a SEG or RTSTRUCT: where it came from, the image it
+    lies on, and ``class_names`` {label value: segment / ROI name}."""
+    return {"modality": modality, "source_path": str(path), "series_uid": str(ds.get("SeriesInstanceUID", "")),
             "reference_path": reference.meta.get("source_path"),
             "class_names": {values.get(n, n): name for n, name in names.items()}}
-    return Volume(out, reference.affine.copy(), case_id, meta)

@@ -411,6 +411,15 @@ def test_cpu_sizing_times_the_configured_network(monkeypatch):
 
     monkeypatch.setattr(unet_module.UNet, "builder", staticmethod(spy))
     cfg = TrainConfig(network="unet", batch_size=2, run_eagerly=True, precision="float32")
-    step_s = time_steps(cfg, mr_plan(divisor=4), (4, 8, 16), 2, precision="float32", steps=1)
+    import keras
+
+    before = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy("mixed_bfloat16")  # the caller's own setting
+    try:
+        step_s = time_steps(cfg, mr_plan(divisor=4), (4, 8, 16), 2, precision="float32", steps=1)
+        # The probe left the caller's Keras settings alone (keras.backend.clear_session would not).
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    finally:
+        keras.config.set_dtype_policy(before)
     assert step_s > 0
     assert built == [("unet", (4, 8, 16), 2)]

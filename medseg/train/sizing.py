@@ -52,12 +52,13 @@ def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = P
     (``cfg.network``, built through the registry, its layers in ``precision``) with these filters
     and depth (random patches). Nothing process-wide is changed: the precision goes to the layers."""
     import dataclasses
+    import gc
 
-    import keras
 
     from medseg.train.assembly import build_model, compile_model, network_spec
 
     trial = dataclasses.replace(cfg, filters=list(filters), depth=int(depth), max_time_s=None)
+    model = None
     try:
         spec = network_spec(trial)
         model = build_model(trial, plan.replace(divisor=spec.divisor), dtype=precision)
@@ -76,7 +77,11 @@ def time_steps(cfg, plan, filters, depth: int, *, precision: str, steps: int = P
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
     finally:
-        keras.backend.clear_session(free_memory=False)
+        # Not keras.backend.clear_session(): it would reset the Keras settings of every thread of
+        # the caller's process (dtype policy, floatx, name counters). The probe's layers are named,
+        # so dropping the model is enough; its graphs go with it.
+        del model
+        gc.collect()
 
 
 def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = None,

@@ -262,7 +262,7 @@ def check_case(
     if case.label_path is None:
         return problems, stats
     try:
-        label = read_volume(case.label_path, case_id=cid)
+        label = read_volume(case.label_path, case_id=cid, reference=image)  # a SEG / RTSTRUCT goes on its grid
     except _READ_ERRORS as exc:
         add(FATAL, case.label_path, f"unreadable label: {_without_path(exc, case.label_path)}")
         return problems, stats

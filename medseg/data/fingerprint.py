@@ -56,12 +56,13 @@ def load_pair(item: Any):
     """
     from medseg.io.volume import Volume
 
-    def read(x, case_id=None):
+    def read(x, case_id=None, reference=None):
         if x is None or isinstance(x, Volume):
             return x
         from medseg.io import read_volume  # imported late: reading files is the only use of io here
 
-        return read_volume(x, case_id=case_id)
+        # The image as reference: a DICOM SEG / RTSTRUCT label is placed on its grid (other labels ignore it).
+        return read_volume(x, case_id=case_id, reference=reference)
 
     if isinstance(item, Volume):
         return item, None
@@ -71,7 +72,8 @@ def load_pair(item: Any):
         image, label = read(item[0]), read(item[1])
     elif hasattr(item, "image_path"):
         cid = getattr(item, "case_id", None)
-        image, label = read(item.image_path, cid), read(getattr(item, "label_path", None), cid)
+        image = read(item.image_path, cid)
+        label = read(getattr(item, "label_path", None), cid, reference=image)
         label_map = getattr(item, "label_map", None)
         if label is not None and label_map:
             from medseg.io.labels import apply_label_map

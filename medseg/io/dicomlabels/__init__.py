@@ -1,9 +1,9 @@
 """DICOM label objects: DICOM SEG and RTSTRUCT as label maps, and a label map written as either.
 
 A SEG or RTSTRUCT references the image series it was drawn on by UIDs; it has no grid of its own that
-a label map could use. Reading one therefore needs that series (the *reference*): given, remembered
-from dataset pairing (:func:`remember_reference`), or found near the file by its SeriesInstanceUID
-(:func:`find_referenced_series`). Its label map is then on exactly the grid ``read_volume`` gives the
+a label map could use. Reading one therefore needs that series (the *reference*): given by the
+caller (the paired image, as the dataset check, the plan and training pass it), or found near the
+file by its SeriesInstanceUID (:func:`find_referenced_series`). Nothing is remembered between calls. Its label map is then on exactly the grid ``read_volume`` gives the
 series. See ``docs/dicom.md``.
 """
 
@@ -22,7 +22,7 @@ from medseg.io.dicomlabels.seg import SEG_SOP_CLASS
 from medseg.io.volume import Volume
 
 __all__ = ["LABEL_SOP_CLASSES", "NAMED_ID_BASE", "find_referenced_series", "label_object_kind", "named_id",
-           "named_ids", "read_label_object", "referenced_series", "remember_reference", "write_dicom_seg",
+           "named_ids", "read_label_object", "referenced_series", "write_dicom_seg",
            "write_rtstruct"]
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ LABEL_SOP_CLASSES = {SEG_SOP_CLASS: "SEG", RTSTRUCT_SOP_CLASS: "RTSTRUCT"}
 SEARCH_LIMIT = 2000
 #: Environment variable: more folders (``os.pathsep``-separated) searched for referenced series.
 SEARCH_ENV = "MEDSEG_DICOM_PATH"
-_PAIRED: dict[str, str] = {}
 _VOLUME_ENDINGS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".json", ".csv", ".txt", ".md")
 _GRIDS: dict[tuple, Volume] = {}
 
@@ -76,12 +75,6 @@ def referenced_series(ds) -> tuple[str, set[str]]:
                 series = series or str(item.get("SeriesInstanceUID", ""))
                 instances |= {str(r.ReferencedSOPInstanceUID) for r in item.get("ContourImageSequence", [])}
     return series, instances
-
-
-def remember_reference(label_path: str | os.PathLike, image_path: str | os.PathLike) -> None:
-    """Dataset pairing found ``image_path`` as the series ``label_path`` references: reading the
-    label (in this process) uses it without searching."""
-    _PAIRED[os.path.realpath(label_path)] = os.fspath(image_path)
 
 
 def _series_uid_of_folder(folder: Path, probe: int = 3) -> set[str]:
@@ -184,7 +177,7 @@ def read_label_object(path: str | os.PathLike, *, read_image, reference: Volume 
         read_image: reads the reference image when it is a path (``medseg.io.read_volume``, which
             calls this function: use it rather than calling this directly).
         reference: the image (a Volume, or the path of its series folder / file). Default: the series
-            remembered by dataset pairing, else found near ``path`` by its SeriesInstanceUID.
+            else found near ``path`` by its SeriesInstanceUID.
         case_id: the Volume's id (default the file name without ``.dcm``).
 
     Returns:
@@ -209,10 +202,9 @@ def read_label_object(path: str | os.PathLike, *, read_image, reference: Volume 
         raise InputError(path, "a DICOM SEG or RTSTRUCT file", f"SOP Class {ds.get('SOPClassUID', '<none>')}")
     series_uid, _ = referenced_series(ds)
     if reference is None:
-        paired = _PAIRED.get(os.path.realpath(path))
-        if not series_uid and paired is None:
+        if not series_uid:
             raise InputError(path, f"a {kind} that names its referenced series", "no referenced SeriesInstanceUID")
-        reference = paired or find_referenced_series(path, series_uid)
+        reference = find_referenced_series(path, series_uid)
     if not isinstance(reference, Volume):
         reference = _grid(reference, series_uid or None, read_image)
     elif reference.meta.get("series_uid") and series_uid and reference.meta["series_uid"] != series_uid:
@@ -276,7 +268,6 @@ def pair_by_reference(images: dict[str, Path], objects: dict[Path, str]) -> tupl
             problems.append(f"two labels for image {images[cid]}: {used[cid]} and {label}")
         else:
             used[cid] = label
-            remember_reference(label, images[cid])
             pairs.append((cid, images[cid], label))
     problems += [f"image without label: {images[cid]}" for cid in sorted(set(images) - set(used))]
     return sorted(pairs), problems

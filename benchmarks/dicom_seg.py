@@ -6,10 +6,11 @@ legal UIDs: its own start with the illegal root 0.0.0.0, which dciodvfy reports 
 references them). Label maps: B's reference label map with the four organs of the project's
 multi-class task (liver 5, spleen 1, stomach 6, aorta 52), on each B copy; a two-class map on the MR.
 
-For each series: the label map is written as NIfTI (``write_volume``) and as DICOM SEG
-(``write_dicom_seg``), both timed (median of 5, after ``read_volume`` of the series, as in
-``medseg-infer``); the SEG is read back by highdicom frame by source image and compared with the NIfTI
-read back, voxel for voxel; dciodvfy counts its errors; an RTSTRUCT made from the label map is
+For each series: the label map is written as NIfTI (``write_volume``: atomic, gzip, what
+``medseg-infer`` writes) and as DICOM SEG (``write_dicom_seg``), both timed (median of 7, the two
+writers in turn in each round so both see the same machine load; after ``read_volume`` of the series,
+as in ``medseg-infer``); the SEG is read back by highdicom frame by source image and compared with
+the NIfTI read back, voxel for voxel; dciodvfy counts its errors; an RTSTRUCT made from the label map is
 rasterized again and scored (DSC per class) against it.
 
 Prints progress on stderr and ends with one JSON line: ``seg_written``, ``seg_dciodvfy_errors``,
@@ -36,16 +37,19 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 ORGANS = {5: "liver", 1: "spleen", 6: "stomach", 52: "aorta"}
-REPEATS = 5
+REPEATS = 7
 
 
-def _median_time(fn) -> float:
-    times = []
+def _median_times(*fns) -> list[float]:
+    """Median wall time of each of ``fns``, run in turn in each of :data:`REPEATS` rounds: the writers
+    compared see the same load of the machine (not one a quiet minute, the other a busy one)."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _one_series(name: str, folder: Path, label_of, names: dict, out: Path) -> dict:
@@ -56,9 +60,10 @@ def _one_series(name: str, folder: Path, label_of, names: dict, out: Path) -> di
     image = read_volume(folder)  # what medseg-infer does first; the SEG writer reuses its headers
     labels = label_of(image)
     nifti, seg, rt = out / f"{name}.nii.gz", out / f"{name}_seg.dcm", out / f"{name}_rt.dcm"
-    nifti_s = _median_time(lambda: write_volume(labels, nifti, overwrite=True))
-    seg_s = _median_time(lambda: write_dicom_seg(labels, folder, seg, class_names=names, overwrite=True,
-                                                 model_sha256="0" * 64))
+    # The NIfTI writing medseg-infer does for its label output: write_volume (atomic, .nii.gz).
+    nifti_s, seg_s = _median_times(
+        lambda: write_volume(labels, nifti, overwrite=True),
+        lambda: write_dicom_seg(labels, folder, seg, class_names=names, overwrite=True, model_sha256="0" * 64))
     values = sorted(int(v) for v in np.unique(labels.array) if v)
     written = np.asarray(read_volume(nifti).array)
     expected = np.zeros(written.shape, dtype=np.uint8)

@@ -313,8 +313,9 @@ def test_segment_numbers_of_named_absent_and_unnamed_values(tmp_path):
 
 def test_fast_save_writes_the_bytes_pydicom_writes_and_leaves_pydicom_settings(series, tmp_path):
     """The SEG writer's save (ambiguous VRs corrected once, items marked as in the file's encoding)
-    gives byte for byte what pydicom's own save_as gives, for a source with raw elements (read from
-    files) and for the implicit-VR oblique series, and leaves pydicom's validation mode as it was."""
+    gives byte for byte what pydicom's own save_as gives, for sources with raw elements (read from
+    files): patient B (JPEG 2000, a character set) and the oblique MR (none); and it leaves pydicom's
+    validation mode as it was."""
     import highdicom as hd
     from pydicom import config
 

@@ -166,12 +166,12 @@ def _lookup(values: Sequence[int], top: int) -> np.ndarray:
 
 
 def _save(seg, path: Path) -> None:
-    """``seg.save_as(path)``, the same bytes in a third less time.
+    """``seg.save_as(path)``: the same bytes, about a fifth less time for an 80-frame SEG.
 
     pydicom's writer re-runs its ambiguous-VR correction on every nested item of a dataset built in
-    memory (no original encoding): once per nesting level, most of the write of a many-frame SEG.
-    Here it runs once over the whole tree, and each item is marked as already in the file's encoding
-    (explicit VR little endian, its own character set), so the writer encodes it as it stands; raw
+    memory (no original encoding): the whole subtree once per nesting level (4 in a SEG's per-frame
+    items). Here it runs once over the whole tree, and each item is marked as already in the file's
+    encoding (explicit VR little endian, its own character set), so the writer encodes it as it stands; raw
     elements copied from the source headers are decoded first so none is written as read. pydicom's
     second validation of every value is skipped too (highdicom validated them when it built the
     dataset)."""

@@ -279,3 +279,65 @@ def test_names_in_labels_map_get_ids_of_their_own(monkeypatch):
     for bad in ("liver=x", "liver=5x", "liver=Liver,"):
         with pytest.raises(InputError, match="--labels-map entries NAME=IDS"):
             ClassSpec.parse([bad])
+
+
+def test_segment_numbers_of_named_absent_and_unnamed_values(tmp_path):
+    from medseg.io.dicomlabels.seg_write import _segment_numbers
+
+    labels = np.array([[[0, 5, 1], [9, 5, 0]]], dtype=np.uint8)
+    # Named 1, 5 and 7 (7 absent: a segment all the same); 9 present but unnamed: a segment of its own.
+    pixels, values = _segment_numbers(labels, {5: "liver", 1: "spleen", 7: "kidney"}, tmp_path)
+    assert values == [1, 5, 7, 9]
+    assert pixels.tolist() == [[[0, 2, 1], [4, 2, 0]]]
+    # Every present value named: no second pass, the same numbering.
+    pixels, values = _segment_numbers(labels, {5: "a", 1: "b", 9: "c"}, tmp_path)
+    assert values == [1, 5, 9] and pixels.tolist() == [[[0, 2, 1], [3, 2, 0]]]
+    # Values already 1..N (a class-index label map): the array itself, no copy.
+    index = np.array([[[0, 1], [2, 0]]], dtype=np.uint8)
+    pixels, values = _segment_numbers(index, {1: "a", 2: "b"}, tmp_path)
+    assert pixels is index and values == [1, 2]
+    # ... unless a value above N is present: it gets a segment (3 here).
+    pixels, values = _segment_numbers(np.array([[[0, 1, 3]]], dtype=np.uint16), {1: "a", 2: "b"}, tmp_path)
+    assert values == [1, 2, 3] and pixels.tolist() == [[[0, 1, 3]]]
+    # Large values (uint16, int64, whole floats) map the same way.
+    big = np.array([[[0, 60000, 300]]], dtype=np.int64)
+    pixels, values = _segment_numbers(big, {300: "a"}, tmp_path)
+    assert values == [300, 60000] and pixels.tolist() == [[[0, 2, 1]]]
+    pixels, values = _segment_numbers(np.array([[[0.0, 2.0]]]), {2: "a"}, tmp_path)
+    assert values == [2] and pixels.tolist() == [[[0, 1]]]
+    with pytest.raises(InputError, match="integer class values"):
+        _segment_numbers(np.array([[[0.5]]]), {1: "a"}, tmp_path)
+    with pytest.raises(InputError, match="values >= 0"):
+        _segment_numbers(np.array([[[-1, 2]]], dtype=np.int16), {2: "a"}, tmp_path)
+
+
+def test_fast_save_writes_the_bytes_pydicom_writes_and_leaves_pydicom_settings(series, tmp_path):
+    """The SEG writer's save (ambiguous VRs corrected once, items marked as in the file's encoding)
+    gives byte for byte what pydicom's own save_as gives, for sources with raw elements (read from
+    files): patient B (JPEG 2000, a character set) and the oblique MR (none); and it leaves pydicom's
+    validation mode as it was."""
+    import highdicom as hd
+    from pydicom import config
+
+    from medseg.io.dicomlabels.seg_write import _save
+    from medseg.io.dicomlabels.source import source_headers
+
+    for name in ("b", "oblique"):
+        headers = source_headers(series[name])
+        pixels = np.zeros((len(headers), int(headers[0].Rows), int(headers[0].Columns)), dtype=np.uint8)
+        pixels[1, 2:5, 3:9], pixels[2, 7, 7] = 1, 2
+        code = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
+        descriptions = [hd.seg.SegmentDescription(
+            segment_number=n, segment_label=f"s{n}", segmented_property_category=code, segmented_property_type=code,
+            algorithm_type="MANUAL") for n in (1, 2)]
+        seg = hd.seg.Segmentation(
+            source_images=headers, pixel_array=pixels, segmentation_type="BINARY",
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=1,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="m", manufacturer_model_name="m",
+            software_versions="1", device_serial_number="0")
+        seg.save_as(tmp_path / "plain.dcm")
+        mode = config.settings.writing_validation_mode
+        _save(seg, tmp_path / "fast.dcm")
+        assert config.settings.writing_validation_mode == mode
+        assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "plain.dcm").read_bytes()
+        assert pydicom.dcmread(tmp_path / "fast.dcm").NumberOfFrames == 2

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 __all__ = [
     "UPSAMPLING",
@@ -30,19 +31,22 @@ UPSAMPLING = ("transpose", "bilinear")
 _INITIALIZERS = {"he_normal": "HeNormal", "glorot_uniform": "GlorotUniform"}
 
 
-def layer_seeds(seed: int | None):
-    """Seeds of a model's random layers, in the order they are built: the ``k``-th is drawn from
-    ``(seed, k)`` alone, so a network built twice with one seed has the same starting weights.
-    None: no seeds (Keras draws its own, from Python's global ``random``)."""
-    if seed is None:
-        return None
-    import numpy as np
+def layer_seeds(seed):
+    """Seeds of a model's random layers, in the order they are built, from ``seed`` alone: a
+    private ``random.Random(seed)`` drawing what Keras draws for an unseeded initializer
+    (``randint(1, 10**9)``, keras.random.make_default_seed), so a network built with a seed has
+    exactly the starting weights it had when medseg seeded Python's global ``random`` instead, and
+    the caller's generators are never touched. None: no seeds (Keras draws its own); a stream
+    this function made is returned as it is (models built one after the other from one stream)."""
+    if seed is None or not isinstance(seed, (int, np.integer)):
+        return seed
+    import random
+
+    rng = random.Random(int(seed))
 
     def draw():
-        k = 0
         while True:
-            yield int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0] & 0x7FFFFFFF)
-            k += 1
+            yield rng.randint(1, int(1e9))
 
     return draw()
 

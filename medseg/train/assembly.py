@@ -21,7 +21,7 @@ def network_spec(cfg):
                                      deep_supervision=cfg.deep_supervision, dropout=cfg.dropout, l2=cfg.l2)
 
 
-def build_model(cfg, plan, *, sync_batch_norm: bool = False, dtype="float32"):
+def build_model(cfg, plan, *, sync_batch_norm: bool = False, dtype="float32", seeds=None):
     """The run's network, built by its registered builder (2.5D input channels =
     ``plan.context_slices``; one output channel per class of ``plan.class_spec``, with the label
     kind's activation).
@@ -30,11 +30,14 @@ def build_model(cfg, plan, *, sync_batch_norm: bool = False, dtype="float32"):
         dtype: Keras dtype policy of the layers (``"float32"``, ``"mixed_bfloat16"``...); the
             output heads compute in float32 whatever it is.
 
-    The starting weights depend on ``cfg.seed`` only (the builder's ``seed``).
+    The starting weights depend on ``cfg.seed`` only (the builder's ``seed``); ``seeds``: a
+    :func:`medseg.nets.blocks.layer_seeds` stream of the run to draw from instead, so models built
+    one after the other get successive draws.
     """
     spec = plan.class_spec
     return network_spec(cfg).build(int(plan.context_slices), spec.num_outputs, sync_batch_norm=sync_batch_norm,
-                                   head_activation=spec.kind.activation, dtype=dtype, seed=int(cfg.seed))
+                                   head_activation=spec.kind.activation, dtype=dtype,
+                                   seed=seeds if seeds is not None else int(cfg.seed))
 
 
 def output_heads(cfg) -> list[str]:

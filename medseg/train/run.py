@@ -280,14 +280,19 @@ def _report_settings(run: _Run) -> None:
 def build(run: _Run) -> None:
     """The trained model (in the strategy's scope, its layers in the run's precision), its float32
     twin, the restored checkpoint."""
+    from medseg.nets.blocks import layer_seeds
     from medseg.train.callbacks import new_state
 
     cfg = run.cfg
     # Twin: float32, outside the strategy, shares nothing with the trained model. Validation
     # and the bundle use it, so inference sees exactly what will be shipped.
-    run.twin = assembly.build_model(cfg, run.plan, dtype="float32")
+    # One seed stream for both, twin first: the trained model starts from exactly the weights it
+    # had when medseg seeded Python's global random (figures unchanged), without touching it.
+    seeds = layer_seeds(cfg.seed)
+    run.twin = assembly.build_model(cfg, run.plan, dtype="float32", seeds=seeds)
     with run.strategy.scope():
-        run.model = assembly.build_model(cfg, run.plan, sync_batch_norm=run.replicas > 1, dtype=run.precision)
+        run.model = assembly.build_model(cfg, run.plan, sync_batch_norm=run.replicas > 1, dtype=run.precision,
+                                         seeds=seeds)
         bias = assembly.output_bias_for(run.plan)
         if bias is not None:  # a resumed run's checkpoint overwrites it below
             from medseg.nets.prior import set_output_bias

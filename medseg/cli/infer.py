@@ -107,14 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N", help="slices per model call (default 8)"
     )
-    # --- dicomseg helper: the output format ---
+    # the output format
     parser.add_argument(
         "--format", choices=("nifti", "dicom-seg", "rtstruct"), default="nifti",
         help="nifti: a label volume (the extension of -o chooses NIfTI, NRRD or MHA; default); dicom-seg / "
              "rtstruct (DICOM series inputs): <case>_seg.dcm, a DICOM SEG / RTSTRUCT referencing the series, "
              "stored as a new series of its study",
     )
-    # --- end dicomseg helper
     add_common_args(parser)
     return parser
 

@@ -104,12 +104,11 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None, case_
 
         return read_itk(path, case_id=case_id)
     if suffix in DICOM_SUFFIXES or is_dicom_file(path):
-        # --- dicomseg helper: a SEG / RTSTRUCT file is a label map of the series it references
+        # a SEG / RTSTRUCT file is a label map of the series it references
         from medseg.io.dicomlabels import label_object_kind, read_label_object
 
         if label_object_kind(path) is not None:
             return read_label_object(path, read_image=read_volume, reference=reference, case_id=case_id)
-        # --- end dicomseg helper
         return _read_dicom(path, series_uid=series_uid, case_id=case_id)
     raise InputError(
         path,

@@ -94,7 +94,7 @@ def _scan(folder: Path, what: str) -> dict[str, Path]:
             loose_dicom.append(name)
         else:
             log.debug("ignoring non-volume file: %s", path)
-    if loose_dicom:  # --- dicomseg helper: a SEG / RTSTRUCT file is a case of its own, named by its file
+    if loose_dicom:  # a SEG / RTSTRUCT file is a case of its own, named by its file
         from medseg.io.dicomlabels import label_object_kind
 
         objects = [name for name in loose_dicom if label_object_kind(folder / name) is not None]
@@ -265,14 +265,13 @@ def pair_cases(
         return [Case(cid, path, None) for cid, path in list_volume_files(images_dir, images=True).items()], []
 
     images = _scan(images_dir, "images")
-    # --- dicomseg helper: DICOM SEG / RTSTRUCT labels pair with their series by UID, not by name
+    # DICOM SEG / RTSTRUCT labels pair with their series by UID, not by name
     from medseg.io.dicomlabels import label_objects_in, pair_by_reference
 
     objects = label_objects_in(labels_dir)
     if objects:
         pairs, problems = pair_by_reference(images, objects)
         return [Case(cid, image, label) for cid, image, label in pairs], problems
-    # --- end dicomseg helper
     labels = _scan(labels_dir, "labels")
     by_label: dict[str, list[str]] = {}
     for image_id in images:

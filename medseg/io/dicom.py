@@ -373,7 +373,7 @@ def read_dicom(
     """
     p = Path(path)
     info, headers, skipped = _series_of(p, series_uid)
-    _remember_headers(p, series_uid, info, headers)  # dicomseg helper: a SEG written next reuses them
+    _remember_headers(p, series_uid, info, headers)  # a SEG written next reuses them
     frames = [fr for q, ds in headers.items() for fr in _frames_of(q, ds)]
     geometry = _geometry(frames, p)
     array = _assemble(geometry.order, _pixels(geometry.order))
@@ -392,7 +392,7 @@ def read_dicom(
     return Volume(array, affine, case_id if case_id is not None else _case_id_of(p), meta)
 
 
-# --- dicomseg helper: the headers a DICOM SEG / RTSTRUCT writer references ------------------------
+# --- the headers a DICOM SEG / RTSTRUCT writer references ---------------------------------------
 def series_headers(path: str | os.PathLike, series_uid: str | None = None) -> list[tuple[Path, Dataset]]:
     """(file, header without pixel data) of each file of the series ``path`` (a folder of one series,
     or one file), in file-name order; the same checks and errors as :func:`read_dicom`'s first pass."""

@@ -8,6 +8,7 @@ The only module that decides by kind: no comparison with a kind's name happens e
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS"]
 
 
-class LabelKind:
+class LabelKind(ABC):
     """What a label map holds after the pipeline's label step, and what each stage does with it.
 
     Three kinds, one instance each (:data:`BINARY`, :data:`CLASSES`, :data:`BITS`); compare them
@@ -41,7 +42,7 @@ class LabelKind:
     def __reduce__(self):  # the singletons survive pickling (process pools) as themselves
         return (LabelKind.named, (self.name,))
 
-    # --- naming --------------------------------------------------------------------------------
+    # --- naming ---------------------------------------------------------------------------------------
     @staticmethod
     def named(name: "str | LabelKind") -> "LabelKind":
         """The kind saved as ``name`` (a kind is returned as it is).
@@ -70,21 +71,22 @@ class LabelKind:
         # ClassSpec.kind's rule on its saved form: one class (not a region) is binary.
         return BINARY if len(classes["names"]) == 1 else CLASSES
 
-    # --- transforms ----------------------------------------------------------------------------
+    # --- transforms -----------------------------------------------------------------------------------
+    @abstractmethod
     def warp(self, interp, label: np.ndarray) -> np.ndarray:
         """The warped label: ``interp`` (the warp of one float32 plane) applied to its parts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def masks(self, label: np.ndarray):
         """``(index, bool mask)`` of each foreground class (region) present, apart; binary: one, 1."""
-        raise NotImplementedError
 
-    # --- inference -------------------------------------------------------------------------------
+    # --- inference ------------------------------------------------------------------------------------
     def foreground(self, probs):
-        """Foreground probability ``(...)`` from the network's ``(..., C)`` output (NumPy or TF)."""
-        raise NotImplementedError
+        """Foreground probability ``(...)`` from the network's ``(..., C)`` output (NumPy or TF):
+        every softmax channel but the background (P(lesion) for the usual two)."""
+        return _sum_from_1(probs)
 
-    # --- eval helper ---------------------------------------------------------------------------
+    # --- reports --------------------------------------------------------------------------------------
     #: What the reports call one foreground (and several), and what its label ids mean.
     noun: str = "class"
     plural: str = "classes"
@@ -94,7 +96,7 @@ class LabelKind:
         """``"1 class"``, ``"3 classes"``, ``"2 regions"``."""
         return f"{n} {self.noun if n == 1 else self.plural}"
 
-    # --- infer helper ---
+    # --- inference: decoding --------------------------------------------------------------------------
     #: Segmentation decodes every class's probability (argmax, region bits) rather than
     #: thresholding the foreground probability.
     decodes_classes: bool = True
@@ -125,7 +127,7 @@ class LabelKind:
             classes[mask] = k
         return spec.label_ids(classes)
 
-    # --- train helper ---
+    # --- training -------------------------------------------------------------------------------------
     #: Two or more named classes under one softmax: their body shares set the cross-entropy
     #: class weights and the heads' starting bias (medseg.train.assembly).
     balances_classes: bool = False
@@ -173,14 +175,11 @@ class _Binary(LabelKind):
     def masks(self, label):
         yield 1, label > 0
 
-    def foreground(self, probs):
-        return _sum_from_1(probs)
-
-    # --- infer helper ---
+    # --- inference: decoding --------------------------------------------------------------------------
     # One lesion class: segmentation thresholds the foreground probability (bundle threshold).
     decodes_classes = False
 
-    # --- train helper ---
+    # --- training -------------------------------------------------------------------------------------
     per_class = False
 
 
@@ -205,10 +204,7 @@ class _Classes(LabelKind):
             if c > 0:
                 yield int(c), label == c
 
-    def foreground(self, probs):
-        return _sum_from_1(probs)
-
-    # --- train helper ---
+    # --- training -------------------------------------------------------------------------------------
     balances_classes = True
 
     def training_metrics(self, spec):
@@ -248,12 +244,12 @@ class _Bits(LabelKind):
 
         return tf.reduce_max(probs, axis=-1)
 
-    # --- eval helper ---------------------------------------------------------------------------
+    # --- reports --------------------------------------------------------------------------------------
     noun = "region"
     plural = "regions"
     ids_meaning = "each the union of its label ids"
 
-    # --- infer helper ---
+    # --- inference: decoding --------------------------------------------------------------------------
     def decode(self, restore, probs):
         # One sigmoid per region, each put back and thresholded at 0.5 on the input grid: bit r.
         bits = None
@@ -270,7 +266,7 @@ class _Bits(LabelKind):
         # Nested regions: each writes its region_order id, later regions overwriting earlier ones.
         return spec.resolve_regions(np.stack(masks, axis=-1))
 
-    # --- train helper ---
+    # --- training -------------------------------------------------------------------------------------
     takes_ce_class_weights = False
 
     def loss(self, loss="dice_ce", ce_class_weights=None):

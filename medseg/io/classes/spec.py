@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _FORMAT = "--labels-map entries NAME=IDS such as liver=5 or tumour=2,3 (ids: integers > 0, comma-separated)"
 
 
-# --- dicomseg helper: class ids by DICOM SEG segment / RTSTRUCT ROI name ----------------------------
+# class ids by DICOM SEG segment / RTSTRUCT ROI name ----------------------------
 def _ids_by_segment_name(text: str) -> tuple[int, ...]:
     """Label ids of ``--labels-map liver=Liver`` (segment / ROI names, comma-separated): the ids that
     :mod:`medseg.io.dicomlabels.names` gives those names, which SEG / RTSTRUCT readers then write;
@@ -35,7 +35,6 @@ def _ids_by_segment_name(text: str) -> tuple[int, ...]:
         return named_ids(text) or ()
     except ValueError as exc:  # two names of the entry would share an id
         raise InputError(None, "segment names with label ids of their own", str(exc)) from None
-# --- end dicomseg helper
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class ClassSpec:
             try:
                 values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
             except ValueError:
-                values = _ids_by_segment_name(text)  # dicomseg helper: liver=Liver names a SEG segment / ROI
+                values = _ids_by_segment_name(text)  # liver=Liver names a SEG segment / ROI
             if not sep or not _NAME.match(name) or not values:
                 raise InputError(None, _FORMAT, repr(item))
             if ids and any(set(values) & set(v) for v in ids) and not text.replace(",", "").replace(" ", "").isdigit():

@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, TextIO
 from medseg.errors import MedsegError
 
 __all__ = [
-    "Event", "Message", "RunStarted", "StepProgress", "EpochEnd", "ValidationResult", "CheckpointWritten",
+    "Event", "Message", "OutOfRange", "RunStarted", "StepProgress", "EpochEnd", "ValidationResult", "CheckpointWritten",
     "ChunkProgress", "Finished", "Cancelled", "Failed", "EventSink", "CancelToken", "RunCancelled", "emit",
     "Printer", "Recorder", "fan_out",
 ]
@@ -57,6 +57,16 @@ class Message(Event):
     text: str
     level: str = "info"
     stream: str = "stdout"
+
+
+@dataclass(frozen=True)
+class OutOfRange(Message):
+    """A scan unlike the training scans (:func:`medseg.infer.range_check.check_scan`): ``text`` is
+    the one-line warning (printed like any Message), ``check`` the structured findings
+    (:meth:`medseg.infer.range_check.RangeCheck.to_dict`) a viewer or a report shows."""
+
+    kind: ClassVar[str] = "out_of_range"
+    check: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ Examples::
     medseg-infer dicom/patient7/ --model runs/exp1 -o p7_seg.nrrd
     medseg-infer imagesTs/ -o pred/ --tta --probabilities --min-lesion-ml 0.1
 
-INPUT is a volume file (NIfTI, NRRD, MHA), a DICOM series folder or a folder of such volumes
-(batch mode). Every check that needs no model (inputs exist, outputs are free, no output would
-replace an input, every output folder can be written) runs before the model is loaded, so a typo
-costs nothing. A file that cannot be read in a batch, or whose voxels cannot be segmented (NaN,
-inf, one constant value), is reported on one line and skipped; the command ends with the list of
-failures and exit code 1. A case's label map and probability map are written together or not at
-all.
+INPUT is a volume file (NIfTI, NRRD, MHA), a DICOM series folder or a folder of such volumes (batch mode).
+Every check that needs no model (inputs exist, outputs are free, no output would replace an input, every
+output folder can be written) runs before the model is loaded, so a typo costs nothing. A file that cannot
+be read in a batch, or whose voxels cannot be segmented (NaN, inf, one constant value), is reported on one
+line and skipped; the command ends with the list of failures and exit code 1. A case's label map and
+probability map are written together or not at all. A scan unlike the training scans gets one warning line
+(medseg.infer.range_check).
 """
 
 from __future__ import annotations
@@ -326,13 +326,15 @@ def _run(args: argparse.Namespace) -> int:
 
     import_tensorflow_quietly(args.debug)
     from medseg.infer.bundle import load_bundle
+    from medseg.infer.range_check import range_note
 
     bundle = load_bundle(run_dir, accept_modified=args.accept_modified_model)
     events = _printer()
     saved = bundle.contract.created or "at an unknown time"
     _say(events, f"{PROG}: using model {run_dir.resolve()} ({how}; {bundle.plan.modality} model saved {saved})")
-    if bundle.contract.status_note():
-        _say(events, f"{PROG}: note: {bundle.contract.status_note()}")
+    for note in (bundle.contract.status_note(), range_note(bundle.plan)):  # once per run
+        if note:
+            _say(events, f"{PROG}: note: {note}")
 
     from medseg.infer.predictor import Predictor
 
@@ -387,7 +389,6 @@ def _printer(progress=None):
     """The command's subscriber (:class:`medseg.events.Printer`); above a progress bar it prints
     as ``tqdm.write`` does (bar cleared, line printed, bar redrawn)."""
     from medseg.events import Message, Printer
-
     printer = Printer()
     if not hasattr(progress, "external_write_mode"):
         return printer
@@ -402,7 +403,6 @@ def _printer(progress=None):
 
 def _say(events, text: str, stream: str = "stderr") -> None:
     from medseg.events import Message
-
     events(Message(text, stream=stream))
 
 
@@ -425,6 +425,7 @@ def _progress(jobs: list[Job], args: argparse.Namespace):
 
 def _segment_one(predictor, job: Job, args: argparse.Namespace, events=None) -> str:
     from medseg.infer.predictor import check_image
+    from medseg.infer.range_check import report_range
     from medseg.io import read_volume
 
     start = time.perf_counter()
@@ -439,6 +440,7 @@ def _segment_one(predictor, job: Job, args: argparse.Namespace, events=None) -> 
     else:
         probability = predictor.predict_proba(volume, events=events)
         labels = predictor.labels_from_proba(probability, **post)
+        report_range(predictor, volume, labels, events)  # as segment() does
     written = _write_outputs(job, labels, probability, args, predictor)
     return f"{job.case_id}: {_volumes_text(predictor, labels)} -> {written} ({time.perf_counter() - start:.1f} s)"
 

@@ -34,6 +34,11 @@ CLASS_WINDOW_MARGIN_HU = 250.0
 #: one-sided.
 LATERAL_SHARE = 0.8
 DEFAULT_PATCH = 256
+#: Intensity percentiles of the body and of each class kept in ``fingerprint["training_range"]``.
+RANGE_PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
+RANGE_KEYS = ("p0_5", "p5", "p50", "p95", "p99_5")
+#: The class name of a one-class plan without named classes (every nonzero label value).
+FOREGROUND = "foreground"
 #: Voxels sampled per case for the intensity fingerprint (nnU-Net uses 10 000 foreground voxels).
 _SAMPLES_PER_CASE = 10_000
 
@@ -107,6 +112,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
         "modality": modality,
         "original_orientation": image.orientation,
         "body_fraction": float(body.mean()),
+        "body_median": float(np.median(body_vals)) if body_vals.size else None,
     }
     fg_vals = np.zeros(0, dtype=np.float64)
     if label is not None:
@@ -129,6 +135,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
                 mask = np.isin(lab, ids)
                 entry["class_voxels"][name] = int(mask.sum())
                 entry["class_side_shares"][name] = _side_share(reorient_array(mask, reo), centre, lr)
+                entry.setdefault("class_intensity", {})[name] = _percentiles(np.asarray(image.array)[mask])
                 union |= mask
             lab = union
         lab = reorient_array(lab, reo) > 0
@@ -145,6 +152,8 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             "slices_with_lesion": [int(np.any(lab, axis=tuple(a for a in range(3) if a != ax)).sum())
                                    for ax in range(3)],
         }
+        if classes is None:
+            entry["class_intensity"] = {FOREGROUND: _percentiles(arr[lab])}
         if n_vox:
             fg = arr[lab]
             fg_vals = fg[rng.integers(0, fg.size, size=min(fg.size, _SAMPLES_PER_CASE))].astype(np.float64)
@@ -165,6 +174,43 @@ def _side_share(mask: np.ndarray, centre: float | None, axis: int) -> float | No
         return None
     x = np.arange(per_x.size)
     return float((per_x[x > centre].sum() + 0.5 * per_x[x == centre].sum()) / n)
+
+
+def _percentiles(values: np.ndarray) -> list[float] | None:
+    """:data:`RANGE_PERCENTILES` of all ``values`` (no sampling: the plan's random stream is not
+    touched), None for none."""
+    if values.size == 0:
+        return None
+    return [round(float(v), 2) for v in np.percentile(values, RANGE_PERCENTILES)]
+
+
+def _training_range(entries: list[dict], slice_axis: int) -> dict:
+    """What the model saw, for :func:`medseg.infer.range_check.check_scan`: per-case extremes of
+    the slice and in-plane spacing (mm), the in-plane field of view (mm), the body's median and
+    each class's intensity percentiles (the lowest low and the highest high over the cases)."""
+    inplane = [a for a in range(3) if a != slice_axis]
+    slices = [e["spacing_mm"][slice_axis] for e in entries]
+    pixels = [e["spacing_mm"][a] for e in entries for a in inplane]
+    fovs = [e["shape"][a] * e["spacing_mm"][a] for e in entries for a in inplane]
+    medians = [e["body_median"] for e in entries if e.get("body_median") is not None]
+    classes: dict[str, dict] = {}
+    for e in entries:
+        for name, p in (e.get("class_intensity") or {}).items():
+            if p is None:
+                continue
+            merged = classes.setdefault(name, {k: v for k, v in zip(RANGE_KEYS, p) if k != "p50"})
+            for k, v in zip(RANGE_KEYS, p):
+                if k != "p50":  # the lows' lowest and the highs' highest: the range seen
+                    merged[k] = min(merged[k], v) if k in ("p0_5", "p5") else max(merged[k], v)
+    return {
+        "version": 1,
+        "modalities": sorted({e["modality"] for e in entries}),
+        "slice_spacing_mm": [float(min(slices)), float(max(slices))],
+        "inplane_spacing_mm": [float(min(pixels)), float(max(pixels))],
+        "inplane_fov_mm": [float(min(fovs)), float(max(fovs))],
+        "body_median": [float(min(medians)), float(max(medians))] if medians else None,
+        "classes": classes,
+    }
 
 
 def _stats(values: np.ndarray) -> dict | None:
@@ -290,6 +336,7 @@ def summary(entries: list[dict], median_spacing: np.ndarray, body_values: np.nda
         "intensity_body": _stats(body_values),
         "intensity_foreground": _stats(fg_values),
         "lesion": _lesion_summary(entries, slice_axis),
+        "training_range": _training_range(entries, slice_axis),
         "cases": entries,
     }
     sides: dict[str, str] = {}

@@ -1,9 +1,10 @@
 """Volume inference: a bundle's model applied slice by slice to a whole 3D volume.
 
-:class:`Predictor` runs the deterministic steps of the bundle's pipeline (the objects training
-ran: :class:`medseg.transforms.pipeline.Pipeline`), runs the model on batches of slices while
-streaming through the volume, and maps the foreground probabilities back onto the input's exact
-grid with the pipeline's inverse. Nothing here depends on a step or a network by name.
+:class:`Predictor` runs the deterministic steps of the bundle's pipeline (the objects training ran:
+:class:`medseg.transforms.pipeline.Pipeline`), runs the model on batches of slices while streaming through
+the volume, and maps the foreground probabilities back onto the input's exact grid with the pipeline's
+inverse. Nothing here depends on a step or a network by name. :meth:`Predictor.segment` compares each scan
+with the training range (:mod:`medseg.infer.range_check`).
 
 Memory, whatever the number of slices: one batch of slices exists at a time (padded to the
 network's multiple); the probabilities overwrite the preprocessed slices a few slices behind the
@@ -27,6 +28,7 @@ from medseg.events import CancelToken, EventSink
 from medseg.infer.bundle import Bundle
 from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
 from medseg.infer.progress import Progress
+from medseg.infer.range_check import report_range
 from medseg.infer.slices import (TTA_FLIPS, check_image, flip, inference_model, modality_mismatch, padding_for,
                                  tta_flips)
 from medseg.io.classes import LabelKind
@@ -69,8 +71,7 @@ class Predictor:
     def __init__(self, bundle: Bundle, *, batch_size: int = 8, tta: bool = False):
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
-        self.bundle = bundle
-        self.plan = bundle.plan
+        self.bundle, self.plan = bundle, bundle.plan
         #: The deterministic steps of the model's pipeline (bundle.json "pipeline"; bundles written
         #: before it existed get the pipeline their Plan implies, which is what they ran).
         self.pipeline = bundle.inference_pipeline()
@@ -109,10 +110,8 @@ class Predictor:
         return tuple(c for c in self.bundle.classes if c != "background")[-1:] or ("lesion",)
 
     def __repr__(self) -> str:
-        return (
-            f"Predictor(model={self.model.name!r}, run_dir={str(self.bundle.run_dir)!r}, batch_size={self.batch_size}, "
-            f"tta={self.tta}, divisor={self.divisor}, context_slices={self.context_slices})"
-        )
+        return (f"Predictor(model={self.model.name!r}, run_dir={str(self.bundle.run_dir)!r}, batch_size={self.batch_size}, "
+                f"tta={self.tta}, divisor={self.divisor}, context_slices={self.context_slices})")
 
     # --- the model call ----------------------------------------------------------------------
     def _compile(self) -> Callable[[np.ndarray], Any]:
@@ -439,11 +438,13 @@ class Predictor:
         """
         t = self.check_post_settings(threshold, min_lesion_ml)  # fail before the expensive part
         self.check_modality(volume)
-        if self.multiclass:
-            return self._run(volume, "labels", events, cancel,
-                             lambda progress: self._segment_classes(volume, min_lesion_ml, largest_component, progress))
-        return self._run(volume, "labels", events, cancel,
-                         lambda progress: self._segment_binary(volume, t, min_lesion_ml, largest_component, progress))
+        def work(progress: Progress) -> "Volume":
+            labels = (self._segment_classes(volume, min_lesion_ml, largest_component, progress) if self.multiclass
+                      else self._segment_binary(volume, t, min_lesion_ml, largest_component, progress))
+            report_range(self, volume, labels, events)  # the scan against the training range: a warning event
+            return labels
+
+        return self._run(volume, "labels", events, cancel, work)
 
     def _segment_binary(self, volume: "Volume", t: float, min_lesion_ml: float, largest_component: bool | None,
                         progress: Progress) -> "Volume":

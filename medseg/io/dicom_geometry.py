@@ -59,6 +59,24 @@ def _floats(value, n: int) -> np.ndarray | None:
     return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
 
 
+def _stored(path: Path, value, n: int, keyword: str, positive: bool = False) -> np.ndarray | None:
+    """A geometry attribute as ``n`` floats; None when absent or empty. Present but not ``n``
+    finite numbers (or, with ``positive``, one of them <= 0) is refused, naming the file: a
+    PixelSpacing of 0 would otherwise read as "no PixelSpacing" and become 1 mm."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+    if not items or (len(items) == 1 and str(items[0]).strip() == ""):
+        return None
+    arr = _floats(items, n)
+    if arr is None or (positive and np.any(arr <= 0)):
+        what = "positive, finite" if positive else "finite"
+        shown = "\\".join(str(v) for v in items)
+        raise InputError(path, f"{keyword} of {n} {what} numbers", f"{keyword} {shown}",
+                         "a geometry the header cannot truly hold; fix or re-export the series")
+    return arr
+
+
 def _float_or_none(value) -> float | None:
     try:
         out = float(value)
@@ -90,7 +108,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     top_intercept = _float_or_none(ds.get("RescaleIntercept", 0.0))
     top_slope = 1.0 if top_slope is None else top_slope
     top_intercept = 0.0 if top_intercept is None else top_intercept
-    top_ps = _floats(ds.get("PixelSpacing"), 2)
+    top_ps = _stored(path, ds.get("PixelSpacing"), 2, "PixelSpacing", positive=True)
     top_thick = _float_or_none(ds.get("SliceThickness"))
 
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -99,8 +117,8 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         # Classic image. A classic multi-frame file has one IPP for all frames: their positions are
         # unknown, so they are returned without position (the caller then keeps file order).
         multi = n_frames > 1
-        ipp = None if multi else _floats(ds.get("ImagePositionPatient"), 3)
-        iop = _floats(ds.get("ImageOrientationPatient"), 6)
+        ipp = None if multi else _stored(path, ds.get("ImagePositionPatient"), 3, "ImagePositionPatient")
+        iop = _stored(path, ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
         return [
             _Frame(
                 path, f if multi else None, rows, cols, ipp, iop,
@@ -123,9 +141,10 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         ori = _group_item(groups, "PlaneOrientationSequence")
         meas = _group_item(groups, "PixelMeasuresSequence")
         pvt = _group_item(groups, "PixelValueTransformationSequence")
-        ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
-        iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
-        ps = _floats(meas.get("PixelSpacing"), 2) if meas is not None else None
+        where = f"{path} frame {f + 1}"
+        ipp = _stored(where, pos.get("ImagePositionPatient"), 3, "ImagePositionPatient") if pos is not None else None
+        iop = _stored(where, ori.get("ImageOrientationPatient"), 6, "ImageOrientationPatient") if ori is not None else None
+        ps = _stored(where, meas.get("PixelSpacing"), 2, "PixelSpacing", positive=True) if meas is not None else None
         thick = _float_or_none(meas.get("SliceThickness")) if meas is not None else None
         slope, intercept = top_slope, top_intercept
         if pvt is not None:

@@ -97,18 +97,124 @@ def read_itk(path: str | os.PathLike, *, case_id: str = "") -> Volume:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "an NRRD/MetaImage file", "no such file" if not path.exists() else "a folder")
+    _check_header_spacing(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK message
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[-1] if lines else type(exc).__name__
         raise InputError(path, f"a readable {path.suffix.lstrip('.').upper()} image", f"a file ITK cannot read ({detail})") from exc
+    _check_direction(path, img)
     modality = None
     if img.HasMetaDataKey("Modality"):  # MetaImage header field
         modality = _MET_MODALITY.get(img.GetMetaData("Modality").strip())
     if modality is None and img.HasMetaDataKey(_MODALITY_KEY):  # NRRD key/value written by medseg
         modality = img.GetMetaData(_MODALITY_KEY).strip() or None
     return image_to_volume(img, case_id=case_id, meta={"source_path": str(path), "modality": modality}, path=path)
+
+
+#: Largest departure of ``D.T @ D`` from the identity accepted for a direction matrix ``D``:
+#: directions written as text with 6 decimals (DICOM-derived files) are off by ~1e-6; a sheared or
+#: scaled matrix by far more (a 1-degree shear gives 0.017).
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
+def _header_fields(path: Path) -> dict[str, str]:
+    """The text header's ``key: value`` (NRRD) or ``Key = Value`` (MetaImage) fields, lower-case keys;
+    empty for a file whose header is not text (ITK then reports it)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return fields
+    is_nrrd = head.startswith(b"NRRD")
+    for raw in head.split(b"\n")[1 if is_nrrd else 0:]:
+        line = raw.decode("latin-1").strip()
+        if not line and is_nrrd:
+            break  # the blank line ends an attached NRRD header
+        sep = ":" if is_nrrd else "="
+        if sep not in line or line.startswith("#"):
+            continue
+        key, value = line.split(sep, 1)
+        fields[key.strip().lower()] = value.lstrip("=").strip()
+        if not is_nrrd and key.strip().lower() == "elementdatafile":
+            break  # MetaImage: the data follow
+    return fields
+
+
+def _check_header_spacing(path: Path) -> None:
+    """Refuse a stored voxel size that is zero, negative or not finite, before ITK reads the file:
+    ITK turns a negative MetaImage ``ElementSpacing`` into a positive one and flips the axis."""
+    fields = _header_fields(path)
+    for key in ("elementspacing", "elementsize", "spacings"):
+        if key not in fields:
+            continue
+        try:
+            values = [float(v) for v in fields[key].split()]
+        except ValueError:
+            continue  # not numbers ("nan" parses): ITK names the malformed field
+        if values and not all(np.isfinite(v) and v > 0 for v in values):
+            name = {"elementspacing": "ElementSpacing", "elementsize": "ElementSize", "spacings": "spacings"}[key]
+            raise InputError(path, f"positive, finite voxel sizes ({name}, mm)",
+                             f"{name} {' '.join(fields[key].split())}",
+                             "readers repair such a header differently; fix the file's voxel size")
+    _check_header_axes(path, fields)
+
+
+def _header_axes(fields: dict[str, str]) -> tuple[str, np.ndarray] | None:
+    """``(field name, 3x3 matrix whose rows are the stored axis vectors)`` of NRRD ``space
+    directions`` or MetaImage ``TransformMatrix``; None when absent or not three 3-vectors."""
+    import re
+
+    if "space directions" in fields:
+        vectors = re.findall(r"\(([^)]*)\)", fields["space directions"])
+        name = "space directions"
+    elif "transformmatrix" in fields:
+        numbers = fields["transformmatrix"].split()
+        vectors = [" ".join(numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
+        name = "TransformMatrix"
+    else:
+        return None
+    try:
+        rows = np.array([[float(v) for v in vec.replace(",", " ").split()] for vec in vectors], dtype=np.float64)
+    except ValueError:
+        return None
+    return (name, rows) if rows.shape == (3, 3) else None
+
+
+def _check_header_axes(path: Path, fields: dict[str, str]) -> None:
+    """Refuse stored axis vectors that are not finite or span less than 3D (a zero vector, two
+    parallel axes): ITK refuses them with a bare matrix row or repairs NaN as 1 mm."""
+    axes = _header_axes(fields)
+    if axes is None:
+        return
+    name, rows = axes
+    lengths = np.linalg.norm(rows, axis=1)
+    if np.all(np.isfinite(rows)) and np.all(lengths > 0) and abs(np.linalg.det(rows)) > 1e-6 * np.prod(lengths):
+        return
+    raise InputError(path, f"three finite, independent axis vectors ({name})",
+                     f"{name} {np.round(rows, 4).tolist()} (lengths {np.round(lengths, 4).tolist()})",
+                     "a zero, parallel or non-finite axis; fix the file's geometry")
+
+
+def _check_direction(path: Path, img: sitk.Image) -> None:
+    """Refuse a direction matrix that is not a rotation (its columns unit length and orthogonal).
+
+    ITK stores a non-orthogonal or scaled NRRD ``space directions`` / MetaImage ``TransformMatrix``
+    as it is; medseg's geometry (and every viewer) takes the direction for a rotation."""
+    n = img.GetDimension()
+    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(n, n)[:3, :3]
+    gram = d.T @ d
+    if np.all(np.isfinite(d)) and np.max(np.abs(gram - np.eye(3))) <= ORTHONORMAL_TOLERANCE:
+        return
+    lengths = np.sqrt(np.abs(np.diag(gram)))
+    cosines = [gram[0, 1], gram[0, 2], gram[1, 2]] / np.maximum(
+        [lengths[0] * lengths[1], lengths[0] * lengths[2], lengths[1] * lengths[2]], 1e-12)
+    raise InputError(path, "an orthonormal direction matrix (axes of unit length at right angles)",
+                     f"direction {np.round(d, 4).tolist()} (axis lengths {np.round(lengths, 4).tolist()}, "
+                     f"cosines between axes {np.round(cosines, 4).tolist()})",
+                     "a sheared, scaled or singular direction; resample the image onto an orthogonal grid")
 
 
 def write_itk(volume: Volume, path: str | os.PathLike) -> None:

@@ -112,6 +112,7 @@ def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
         # Big-endian files (old scanners, Analyze heritage): same values, native byte order for numpy/TF.
         array = array.astype(array.dtype.newbyteorder("="))
 
+    _check_header_geometry(path, img, len(shape))
     header = img.header
     match = _MODALITY_RE.search(bytes(header["descrip"]).decode("latin-1"))
     meta = {
@@ -124,6 +125,46 @@ def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
         return Volume(array, np.asarray(img.affine, dtype=np.float64), case_id, meta)
     except ValueError as exc:
         raise InputError(path, "a NIfTI file with a valid affine", str(exc)) from exc
+
+
+def _raw_header(path: Path, img) -> "nib.Nifti1Header":
+    """The header as stored: ``nib.load`` repairs it (a zero pixdim becomes 1 mm, a negative one
+    its absolute value) and says so only in a log line; medseg refuses such files instead."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:
+        return type(img.header).from_fileobj(fh, check=False)
+
+
+def _check_header_geometry(path: Path, img, ndim: int) -> None:
+    """Refuse a geometry the header cannot truly hold, on one line naming the file.
+
+    - ``pixdim[1..3]`` (the voxel size, mm) zero, negative or not finite: nibabel reads 0 as 1 mm
+      and -2 as 2 mm, ITK reads NaN as 1 mm, so readers disagree and none is right;
+    - the affine in use (sform when its code is set, else qform, else pixdim) not finite or
+      singular (a voxel axis of zero length, or two axes along one line).
+
+    A sheared sform is a true affine (gantry tilt) and stays accepted; the qform is a rotation by
+    construction.
+    """
+    raw = _raw_header(path, img)
+    pixdim = np.asarray(raw["pixdim"], dtype=np.float64)[1 : 1 + min(ndim, 3)]
+    if not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
+        shown = "[" + ", ".join(f"{v:g}" for v in pixdim) + "]"
+        raise InputError(path, "a NIfTI header with positive, finite voxel sizes (pixdim[1:4], mm)",
+                         f"pixdim {shown}", "readers repair such a header differently; fix the file's voxel size")
+    source = "sform" if int(raw["sform_code"]) > 0 else "qform" if int(raw["qform_code"]) > 0 else "pixdim"
+    affine = np.asarray(img.affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, f"a finite voxel-to-world affine ({source})",
+                         f"non-finite values {np.round(affine[:3], 4).tolist()}")
+    lengths = np.linalg.norm(linear, axis=0)
+    # Relative test: a singular matrix has det ~0 against the product of its column lengths.
+    if np.any(lengths <= 0) or abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(lengths)):
+        raise InputError(path, f"an invertible voxel-to-world affine ({source})",
+                         f"a singular one {np.round(affine[:3], 4).tolist()} "
+                         f"(voxel axis lengths {np.round(lengths, 4).tolist()} mm)")
 
 
 def _has_shear(affine: np.ndarray) -> bool:

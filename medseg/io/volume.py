@@ -49,7 +49,7 @@ class Volume:
                 f"Volume {self.case_id or '<unnamed>'}: affine must have shape (4, 4), found {affine.shape}"
             )
         if not np.all(np.isfinite(affine)):
-            raise ValueError(f"Volume {self.case_id or '<unnamed>'}: affine has non-finite values:\n{affine}")
+            raise ValueError(f"Volume {self.case_id or '<unnamed>'}: affine has non-finite values {affine.tolist()}")
         if not np.allclose(affine[3], [0, 0, 0, 1]):
             raise ValueError(
                 f"Volume {self.case_id or '<unnamed>'}: affine's last row must be [0, 0, 0, 1], "

@@ -166,7 +166,8 @@ def test_itk_repairs_or_keeps_what_medseg_refuses(tmp_path):
     assert neg.GetSpacing()[0] == 2.0 and neg.GetDirection()[0] == -1.0
     assert sitk.ReadImage(str(nrrd(tmp_path / "nan.nrrd", "spacings: nan 3 4\n"))).GetSpacing()[0] == 1.0
     sheared = sitk.ReadImage(str(mha(tmp_path / "shear.mha", matrix="1 0 0 0.5 0.866 0 0 0 1")))
-    assert abs(np.dot(np.reshape(sheared.GetDirection(), (3, 3))[:, 0], np.reshape(sheared.GetDirection(), (3, 3))[:, 1])) > 0.4
+    direction = np.reshape(sheared.GetDirection(), (3, 3))
+    assert abs(np.dot(direction[:, 0], direction[:, 1])) > 0.4
     good = read_volume(mha(tmp_path / "good.mha"))
     np.testing.assert_allclose(good.spacing_mm, [2, 3, 4])
     np.testing.assert_allclose(good.direction, np.diag([-1.0, -1.0, 1.0]))  # LPS identity in RAS

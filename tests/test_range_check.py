@@ -72,7 +72,16 @@ def test_the_margin_is_100_hu_above_the_highest_training_95th_percentile():
         assert check_scan(ct_plan(), image, label).out_of_range is fires, hu
 
 
-@pytest.mark.parametrize("slice_mm, fires", [(5.0, True), (4.7, False), (1.3, False), (1.0, True), (0.7, True), (3.0, False)])
+def test_a_prediction_in_the_air_is_the_models_error_not_the_scans():
+    image, label = phantom()
+    air = np.zeros(image.shape, np.uint8)
+    air[:20, :20, :] = 1  # outside the body disc: -1000 HU
+    check = check_scan(ct_plan(), image, label.with_array(air))
+    assert not check.out_of_range and "class_percentiles" not in check.measured
+
+
+@pytest.mark.parametrize("slice_mm, fires", [(5.0, True), (4.7, False), (1.3, False), (1.0, True), (0.7, True),
+                                             (3.0, False)])
 def test_slice_spacing_beyond_1_6_times_the_training_range(slice_mm, fires):
     image, _ = phantom(slice_mm=slice_mm)
     check = check_scan(ct_plan(), image)
@@ -157,7 +166,8 @@ def ct_bundle(tmp_path_factory) -> Path:
 
     keras.utils.set_random_seed(3)
     model = build_unetpp(input_channels=1, filters=(4, 8), depth=1, deep_supervision=False, batch_norm=False)
-    plan = ct_plan(dict(SEEN, classes={}, inplane_fov_mm=[90.0, 120.0]), context_slices=1, divisor=2, patch_size=(32, 32), target_spacing_mm=(4.0, 4.0))
+    plan = ct_plan(dict(SEEN, classes={}, inplane_fov_mm=[90.0, 120.0]), context_slices=1, divisor=2,
+                   patch_size=(32, 32), target_spacing_mm=(4.0, 4.0))
     run = tmp_path_factory.mktemp("runs") / "ct"
     save_bundle(run, model, plan, threshold=0.5)
     return run
@@ -180,7 +190,8 @@ def test_predictor_emits_one_out_of_range_event(ct_bundle):
 
 
 @pytest.mark.slow
-def test_medseg_infer_prints_the_warning_for_the_scan_out_of_range(tmp_path, ct_bundle, capsys, no_env_model):  # noqa: F811
+def test_medseg_infer_prints_the_warning_for_the_scan_out_of_range(tmp_path, ct_bundle, capsys,
+                                                                   no_env_model):  # noqa: F811
     from medseg.cli.infer import main
 
     inputs = tmp_path / "in"

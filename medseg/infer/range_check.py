@@ -4,8 +4,8 @@ The plan's fingerprint records what the training scans held (``fingerprint["trai
 written by :mod:`medseg.data.fingerprint`): slice and in-plane spacing, in-plane field of view,
 the body's median intensity and each class's intensity percentiles. :func:`check_scan` measures
 the same on one scan (each class inside the *predicted* mask, the only place the scan says where
-the class is) and returns a :class:`RangeCheck`: structured findings a viewer can show, and one
-line a command prints. A bundle saved before the range was recorded gives a check with
+the class is, and inside the body: predicted voxels in the air are the model's error) and returns
+a :class:`RangeCheck`: structured findings a viewer can show, and one line a command prints. A bundle saved before the range was recorded gives a check with
 ``compared`` False and a ``reason``.
 
 The tolerances (why it stays quiet on the scans of a training distribution):
@@ -40,8 +40,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RangeFinding", "RangeCheck", "check_scan", "report_range", "range_note", "training_range_of", "CLASS_MARGIN_HU",
-           "BODY_MARGIN_HU", "SLICE_RATIO", "INPLANE_RATIO", "FOV_RATIO", "NO_RANGE_REASON"]
+__all__ = ["RangeFinding", "RangeCheck", "check_scan", "report_range", "range_note", "training_range_of",
+           "CLASS_MARGIN_HU", "BODY_MARGIN_HU", "SLICE_RATIO", "INPLANE_RATIO", "FOV_RATIO", "NO_RANGE_REASON"]
 
 CLASS_MARGIN_HU = 100.0
 BODY_MARGIN_HU = 150.0
@@ -182,8 +182,8 @@ def check_scan(plan: Any, volume: Any, labels: Any = None, *, class_names: Seque
         A :class:`RangeCheck`; ``compared`` False (no findings) when the plan records no range.
     """
     from medseg.data.fingerprint import FOREGROUND
-    from medseg.transforms.intensity import body_mask
-    from medseg.transforms.spatial import reorient_array, reorientation
+    from medseg.transforms.intensity import CT_BODY_HU, body_mask
+    from medseg.transforms.spatial import reorientation
 
     source = source or str(volume.meta.get("source_path") or volume.case_id or "<volume>")
     seen = training_range_of(plan)
@@ -196,10 +196,13 @@ def check_scan(plan: Any, volume: Any, labels: Any = None, *, class_names: Seque
     measured: dict[str, Any] = {"spacing_mm": [float(v) for v in spacing], "fov_mm": [float(v) for v in fov]}
     ct = str(plan.modality).upper() == "CT"
     array = np.asarray(volume.array)
-    if ct:
-        body = body_mask(reorient_array(array, reo), "CT")
-        if body.any() and seen.get("body_median"):
-            median = float(np.median(reorient_array(array, reo)[body]))
+    if ct and seen.get("body_median"):
+        # Every k-th voxel along each axis (about 1M, not a copy of the scan): enough for a median.
+        k = max(1, int(round((array.size / 1e6) ** (1 / 3))))
+        sample = np.asarray(array[::k, ::k, ::k]).ravel()
+        body = sample[body_mask(sample, "CT")]
+        if body.size:
+            median = float(np.median(body))
             measured["body_median"] = median
             lo, hi = seen["body_median"]
             if median > hi + BODY_MARGIN_HU or median < lo - BODY_MARGIN_HU:
@@ -207,13 +210,16 @@ def check_scan(plan: Any, volume: Any, labels: Any = None, *, class_names: Seque
                                              f"a body median of {median:.0f} HU; the training scans' were "
                                              f"{lo:.0f} to {hi:.0f} HU"))
     if ct and labels is not None:
-        findings += _class_findings(plan, array, np.asarray(labels.array), seen, class_names, measured, FOREGROUND)
+        findings += _class_findings(plan, array, np.asarray(labels.array), seen, class_names, measured, FOREGROUND,
+                                    CT_BODY_HU)
     return RangeCheck(source, True, tuple(findings), measured=measured)
 
 
 def _class_findings(plan, array: np.ndarray, labels: np.ndarray, seen: Mapping, class_names, measured: dict,
-                    foreground: str) -> list[RangeFinding]:
-    """Each class's intensities inside its predicted mask against its training percentiles."""
+                    foreground: str, body_hu: float) -> list[RangeFinding]:
+    """Each class's intensities inside its predicted mask and the body (above ``body_hu``; the
+    training percentiles include every labelled voxel, but a label in the air is no organ)
+    against its training percentiles."""
     spec = plan.class_spec if plan.classes else None  # binary plans: every nonzero label value
     if spec is None:
         keys, masks = [foreground], [lambda: labels > 0]
@@ -225,10 +231,11 @@ def _class_findings(plan, array: np.ndarray, labels: np.ndarray, seen: Mapping, 
     out = []
     for key, name, mask_of in zip(keys, shown, masks):
         range_seen = (seen.get("classes") or {}).get(key)
-        mask = mask_of()
-        if range_seen is None or int(mask.sum()) < MIN_CLASS_VOXELS:
+        values = array[mask_of()]
+        # Predicted voxels in the air around the body are the model's error, not the scan's intensities.
+        values = values[values > body_hu]
+        if range_seen is None or values.size < MIN_CLASS_VOXELS:
             continue
-        values = array[mask]
         measured.setdefault("class_percentiles", {})[name] = [float(v) for v in np.percentile(values, [5, 50, 95])]
         found = _class_finding(name, values, range_seen)
         if found is not None:
@@ -236,19 +243,17 @@ def _class_findings(plan, array: np.ndarray, labels: np.ndarray, seen: Mapping, 
     return out
 
 
-def report_range(predictor: Any, volume: Any, labels: Any, events: Any = None) -> RangeCheck:
+def report_range(predictor: Any, volume: Any, labels: Any, events: Any = None) -> RangeCheck | None:
     """:func:`check_scan` of ``volume`` and its predicted ``labels`` for ``predictor``'s bundle,
-    told as an :class:`~medseg.events.OutOfRange` event (level ``warning``, on stderr) when out
-    of range, or logged as a warning when nobody subscribed (``events`` None). Nothing is told
-    for a bundle without a training range: say that once per run (:data:`NO_RANGE_REASON`)."""
-    import logging
-
+    told as an :class:`~medseg.events.OutOfRange` event (level ``warning``, on stderr) when out of
+    range. Without a subscriber (``events`` None) nothing is checked and None is returned: training's
+    validation segments its own cases that way each epoch; call :func:`check_scan` directly instead.
+    Nothing is told for a bundle without a training range: say that once per run (:func:`range_note`)."""
     from medseg.events import OutOfRange, emit
 
+    if events is None:
+        return None
     check = check_scan(predictor.bundle.plan, volume, labels, class_names=predictor.class_names)
-    text = check.warning()
-    if text is not None and events is None:
-        logging.getLogger("medseg.infer").warning(text)
-    elif text is not None:
-        emit(events, OutOfRange(text, level="warning", stream="stderr", check=check.to_dict()))
+    if check.out_of_range:
+        emit(events, OutOfRange(check.warning(), level="warning", stream="stderr", check=check.to_dict()))
     return check

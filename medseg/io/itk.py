@@ -92,7 +92,10 @@ def read_itk(path: str | os.PathLike, *, case_id: str = "") -> Volume:
     """Read a 3D NRRD/MetaImage file with SimpleITK into a RAS+ ``array[i, j, k]`` Volume.
 
     Raises:
-        InputError: missing or unreadable file, vector images, images that are not 3D.
+        InputError: missing or unreadable file, vector images, images that are not 3D; a stored
+            voxel size that is zero, negative or not finite, axis vectors that are zero, parallel
+            or not finite, a direction that is not orthonormal (each of which ITK would repair,
+            refuse with a bare matrix row, or keep).
     """
     path = Path(path)
     if not path.is_file():

@@ -80,7 +80,8 @@ def read_nifti(path: str | os.PathLike, *, case_id: str = "") -> Volume:
 
     Raises:
         InputError: missing, truncated or non-NIfTI file; a 2D image; a real 4D series
-            (the message gives its shape).
+            (the message gives its shape); ``pixdim[1:4]`` zero, negative or not finite, or a
+            singular or non-finite affine (:func:`_check_header_geometry`).
     """
     path = Path(path)
     if not path.is_file():

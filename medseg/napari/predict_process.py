@@ -5,45 +5,35 @@ GPUs) loads Mesa's ``libLLVM``, whose symbols clash with TensorFlow's own LLVM: 
 (napari 0.9.2, PyQt6, Mesa 22.3, TensorFlow 2.21), importing TensorFlow after the canvas exists
 crashes the interpreter (segmentation fault), and importing it before makes it abort on exit
 (``free(): invalid pointer``). TensorFlow therefore never loads in the viewer's process: a
-spawned child (kept for the session, its Predictors cached per bundle and TTA setting) runs
-:meth:`medseg.infer.Predictor.segment`, sending each :class:`~medseg.events.ChunkProgress` back
-as it happens. A cancel sets a shared flag the child's :class:`~medseg.events.CancelToken`
-reads between batches. If the child dies (out of memory, killed), the run fails with one line
+child (``python -m medseg.napari.predict_process``, kept for the session, its Predictors cached
+per bundle and TTA setting) runs :meth:`medseg.infer.Predictor.segment`, sending each
+:class:`~medseg.events.ChunkProgress` back as it happens; a cancel message sets the run's
+:class:`~medseg.events.CancelToken`, checked between batches. A plain subprocess, not
+``multiprocessing``'s spawn: spawn re-runs the user's main script in the child, and napari
+scripts rarely guard it with ``if __name__ == "__main__"``. If the child dies (out of memory, killed), the run fails with one line
 and the next run starts a new child. No napari or Qt here: the child imports none.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import secrets
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from medseg.events import CancelToken, ChunkProgress, RunCancelled
 
-__all__ = ["PredictorProcess", "SharedCancel"]
+__all__ = ["PredictorProcess"]
 
-
-class SharedCancel(CancelToken):
-    """A :class:`CancelToken` whose flag is a ``multiprocessing`` Event set by the parent."""
-
-    def __init__(self, flag) -> None:
-        super().__init__()
-        self._flag = flag
-
-    def cancel(self, reason: str = "cancelled by the caller") -> None:
-        self.reason = reason
-        self._flag.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._flag.is_set()
-
-    def raise_if_cancelled(self, checkpoint: str | None = None) -> None:
-        if self._flag.is_set():
-            raise RunCancelled(self.reason or "cancelled in napari", checkpoint)
+#: Environment variable carrying the connection's key to the child (not on its command line).
+_KEY_ENV = "MEDSEG_PREDICTOR_KEY"
+#: Seconds the child has to connect back after it starts.
+_CONNECT_S = 120.0
 
 
 def _error_text(exc: BaseException) -> str:
@@ -61,11 +51,19 @@ def _predictor(cache: dict, run_dir: str, tta: bool):
     return cache[(run_dir, tta)]
 
 
-def _segment(cache: dict, request: dict, conn, flag) -> tuple:
-    """One request in the child: ``("done", {...})``, ``("cancelled",)`` or ``("error", line)``."""
+def _segment(cache: dict, request: dict, conn) -> tuple:
+    """One request in the child: ``("done", {...})``, ``("loaded",)``, ``("cancelled",)`` or
+    ``("error", line)``."""
     from medseg.infer.predictor import check_image
     from medseg.io.volume import Volume
     from medseg.napari.layers import classes_of_predictor
+
+    token = CancelToken()
+
+    def read_cancel() -> None:
+        while conn.poll():
+            if conn.recv() == ("cancel",):
+                token.cancel("cancelled in napari")
 
     try:
         predictor = _predictor(cache, request["run_dir"], request["tta"])
@@ -78,10 +76,12 @@ def _segment(cache: dict, request: dict, conn, flag) -> tuple:
         def events(event) -> None:
             if isinstance(event, ChunkProgress):
                 conn.send(("chunk", event.done, event.total))
+                read_cancel()
 
+        read_cancel()
         start = time.perf_counter()
         labels = predictor.segment(volume, largest_component=None if request["post"] else False, events=events,
-                                   cancel=SharedCancel(flag))
+                                   cancel=token)
         return ("done", {"array": np.asarray(labels.array), "classes": classes_of_predictor(predictor),
                          "seconds": time.perf_counter() - start, "warning": warning})
     except RunCancelled:
@@ -92,11 +92,12 @@ def _segment(cache: dict, request: dict, conn, flag) -> tuple:
         return ("error", _error_text(exc))
 
 
-def _serve(conn, flag) -> None:
-    """The child's loop: requests until ``None`` or the parent goes away."""
-    import os
+def serve(address: str) -> None:
+    """The child: connect back, then answer requests until ``None`` or the parent goes away."""
+    from multiprocessing.connection import Client
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(_KEY_ENV)))
     cache: dict = {}
     while True:
         try:
@@ -105,7 +106,8 @@ def _serve(conn, flag) -> None:
             return
         if request is None:
             return
-        conn.send(_segment(cache, request, conn, flag))
+        if isinstance(request, dict):  # a late ("cancel",) of a finished run is dropped
+            conn.send(_segment(cache, request, conn))
 
 
 class PredictorProcess:
@@ -124,47 +126,60 @@ class PredictorProcess:
         return cls._shared
 
     def __init__(self) -> None:
-        self._proc = None
+        self._proc: subprocess.Popen | None = None
         self._conn = None
-        self._flag = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one request at a time
+        self._send_lock = threading.Lock()  # a cancel (GUI thread) and a request (worker) both send
 
     def _ensure(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        from multiprocessing.connection import Listener
+
+        if self._proc is not None and self._proc.poll() is None:
             return
-        ctx = mp.get_context("spawn")  # never fork a process holding Qt and OpenGL
-        self._conn, child = ctx.Pipe()
-        self._flag = ctx.Event()
-        self._proc = ctx.Process(target=_serve, args=(child, self._flag), daemon=True, name="medseg-predictor")
-        self._proc.start()
-        child.close()
+        key = secrets.token_bytes(32)
+        with Listener(authkey=key) as listener:
+            env = dict(os.environ, **{_KEY_ENV: key.hex()})
+            self._proc = subprocess.Popen([sys.executable, "-m", "medseg.napari.predict_process",
+                                           str(listener.address)], env=env)
+            accepted: list = []
+            thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+            thread.start()
+            deadline = time.monotonic() + _CONNECT_S
+            while thread.is_alive() and self._proc.poll() is None and time.monotonic() < deadline:
+                thread.join(0.05)
+            if not accepted:
+                self._stop()
+                raise RuntimeError("the segmentation process did not start")
+            self._conn = accepted[0]
 
     def request(self, request: dict, on_chunk: Callable[[int, int], None] | None = None) -> tuple:
         """Send ``request`` and wait for its answer, passing chunk progress to ``on_chunk``."""
         with self._lock:
-            self._ensure()
-            self._flag.clear()
-            self._conn.send(request)
-            while True:
-                if not self._conn.poll(0.05):
-                    if not self._proc.is_alive():
-                        code = self._proc.exitcode
-                        self._proc = None
-                        return ("error", f"medseg: error: the segmentation process ended (exit code {code}; out of "
-                                         "memory?); the next run starts a new one")
-                    continue
-                message = self._conn.recv()
-                if message[0] == "chunk":
+            try:
+                self._ensure()
+                with self._send_lock:
+                    self._conn.send(request)
+                while True:
+                    if not self._conn.poll(0.05):
+                        if self._proc.poll() is not None:
+                            raise EOFError
+                        continue
+                    message = self._conn.recv()
+                    if message[0] != "chunk":
+                        return message
                     if on_chunk is not None:
                         on_chunk(message[1], message[2])
-                    continue
-                return message
+            except (EOFError, OSError, RuntimeError) as exc:
+                code = None if self._proc is None else self._proc.poll()
+                self._stop()
+                return ("error", f"medseg: error: the segmentation process ended ({exc or 'exit code'} {code}; out "
+                                 "of memory?); the next run starts a new one")
 
-    def load(self, run_dir: str, tta: bool) -> tuple:
+    def load(self, run_dir, tta: bool) -> tuple:
         """Load the bundle's Predictor in the child ahead of the first run."""
         return self.request({"run_dir": str(run_dir), "tta": bool(tta), "load_only": True})
 
-    def segment(self, volume, run_dir: str, tta: bool, post: bool,
+    def segment(self, volume, run_dir, tta: bool, post: bool,
                 on_chunk: Callable[[int, int], None] | None = None) -> tuple:
         """Segment the Volume ``volume`` in the child (see :func:`_segment` for the answers)."""
         request = {"run_dir": str(run_dir), "tta": bool(tta), "post": bool(post), "array": np.asarray(volume.array),
@@ -172,19 +187,36 @@ class PredictorProcess:
         return self.request(request, on_chunk)
 
     def cancel(self) -> None:
-        if self._flag is not None:
-            self._flag.set()
-
-    def close(self) -> None:
-        """Stop the child (it also ends with the parent: a daemon process)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        """Ask the running request to stop at its next batch of slices."""
+        conn = self._conn
+        if conn is None:
             return
         try:
-            self._conn.send(None)
+            with self._send_lock:
+                conn.send(("cancel",))
         except (OSError, ValueError):
             pass
-        proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
+
+    def _stop(self) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if conn is not None:
+            try:
+                conn.send(None)
+                conn.close()
+            except (OSError, ValueError):
+                pass
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def close(self) -> None:
+        """Stop the child (it also ends when this process ends: its connection closes)."""
+        with self._lock:
+            self._stop()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -2,7 +2,7 @@
 viewer's OpenGL context and TensorFlow must not share a process (medseg/napari/predict_process.py).
 
     python _tf_jobs.py train DATA RUN_DIR [BUDGET_S]   # a tiny liver bundle (liver=5); BUDGET_S: a longer one
-    python _tf_jobs.py predict RUN_DIR SCAN OUT.npz    # Predictor.segment: labels (i, j, k) and seconds
+    python _tf_jobs.py predict RUN_DIR SCAN OUT.npz    # Predictor.segment: labels (i, j, k), fastest warm seconds
 """
 
 from __future__ import annotations
@@ -36,10 +36,13 @@ def predict(run: Path, scan: Path, out: Path) -> None:
 
     volume = read_volume(scan)
     predictor = Predictor(load_bundle(run))
-    predictor.segment(volume)  # warm: traced graphs, as the widget's second run has them
-    start = time.perf_counter()
-    labels = predictor.segment(volume)
-    np.savez(out, labels=np.asarray(labels.array), seconds=time.perf_counter() - start)
+    predictor.segment(volume)  # warm: traced graphs, as the widget's later runs have them
+    seconds = []
+    for _ in range(2):  # the fastest of two (a shared machine)
+        start = time.perf_counter()
+        labels = predictor.segment(volume)
+        seconds.append(time.perf_counter() - start)
+    np.savez(out, labels=np.asarray(labels.array), seconds=min(seconds))
 
 
 if __name__ == "__main__":

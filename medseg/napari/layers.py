@@ -84,8 +84,8 @@ def label_layer(volume: Volume, name: str | None = None, classes: Mapping[int, s
     data, kwargs = _kwargs(volume, name or volume.case_id or "labels",
                            {CLASSES_KEY: {str(k): v for k, v in named.items()}, **extra})
     kwargs.update(labels_kwargs(named))
-    # A copy in the layer's own axis order: napari paints into it (never into the Volume read), and
-    # its Labels rendering garbles strided views (scattered dots instead of the mask, napari 0.9.2).
+    # A copy in the layer's own axis order: napari paints into it, never into the Volume read
+    # (which the image layer or a caller may share), and brush strokes write contiguous memory.
     return np.ascontiguousarray(data), kwargs, "labels"
 
 

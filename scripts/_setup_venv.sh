@@ -36,3 +36,20 @@ if [[ "$EXTRAS" == *test* ]] && ! command -v dciodvfy >/dev/null 2>&1; then
         echo "[setup] note: dciodvfy is missing: 'sudo apt-get install dicom3tools' (the DICOM SEG test needs it)" >&2
     fi
 fi
+# The napari plugin's GUI tests (tests/napari) need a virtual X display and the libraries Qt's xcb
+# platform loads: Xvfb (started by pytest-xvfb) and the libxcb/xkb/GL packages below. Installed here
+# when we are root with apt (CI, containers); without them those tests fail saying what is missing.
+NAPARI_APT="xvfb libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 \
+libxcb-xkb1 libxkbcommon-x11-0 libxcb-shape0 libxcb-cursor0 libgl1 libegl1 libdbus-1-3 libfontconfig1"
+if [[ "$EXTRAS" == *test* ]] && { ! command -v Xvfb >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q libxcb-cursor; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing Xvfb and Qt's xcb libraries from Debian (napari GUI tests)"
+        export DEBIAN_FRONTEND=noninteractive
+        # shellcheck disable=SC2086
+        apt-get install -y -q $NAPARI_APT >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q $NAPARI_APT >/dev/null; } \
+            || echo "[setup] warning: could not install Xvfb and the xcb libraries; the napari GUI tests will fail" >&2
+    else
+        echo "[setup] note: the napari GUI tests need: sudo apt-get install $NAPARI_APT" >&2
+    fi
+fi

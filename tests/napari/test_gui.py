@@ -1,0 +1,29 @@
+"""The napari GUI tests (gui_widgets.py), run in a pytest process of their own.
+
+The viewer's OpenGL context (Mesa's libLLVM) and TensorFlow's LLVM cannot share a process
+(medseg/napari/predict_process.py), and this suite imports TensorFlow in most files: the GUI
+tests run in a child pytest that imports none, on the virtual display (pytest-xvfb). Its output
+is shown on failure; a missing display fails there, loudly (conftest's ``display`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_napari_gui(plugin):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", "pytest", str(HERE / "gui_widgets.py"), "-q", "-p", "xvfb",
+                          "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+                         capture_output=True, text=True, cwd=HERE.parents[1], env=env, timeout=1500)
+    tail = (out.stdout + out.stderr)[-6000:]
+    assert out.returncode == 0, tail
+    assert " passed" in out.stdout and "skipped" not in out.stdout.split("\n")[-2], tail

@@ -69,6 +69,9 @@ def test_fine_tuned_run_starts_from_the_parents_exact_weights(parent, tmp_path):
     assert info["plan"] == parent_info["plan"]
     assert info["pipeline"] == parent_info["pipeline"]
     assert "parent" not in parent_info  # bundles trained from scratch read as before
+    from medseg.cli.info import describe_bundle, format_text
+
+    assert f"fine-tuned from {(root / 'run').resolve()}" in format_text(describe_bundle(tmp_path / "child"))
     assert FINETUNE_WARMUP_STEPS > 0
 
 
@@ -145,6 +148,29 @@ def test_finetune_library_call_with_a_partial_case(parent, tmp_path):
     assert "corrected" in result.train_cases and len(result.train_cases) == 4
     assert sorted(p.name for p in labels.iterdir()) == before
     assert json.loads((tmp_path / "ft" / "bundle.json").read_text())["parent"]["path"] == str((root / "run").resolve())
+    # The next correction of the same scan: the data the bundle names by default, the earlier
+    # correction replaced by the new one (its label written as given).
+    partial[:, :, 2] = full[:, :, 2]
+    again = finetune(tmp_path / "ft", image=image, label=image.with_array(partial), ignore_label=255,
+                     run_dir=tmp_path / "ft2", steps_per_epoch=2, epochs=1, batch_size=2, run_eagerly=True,
+                     precision="float32")
+    assert sorted(again.train_cases) == sorted(result.train_cases)
+    written = np.asarray(read_volume(tmp_path / "ft2" / "data" / "labels" / "corrected.nii.gz").array)
+    assert np.array_equal(written, partial)
+    assert json.loads((tmp_path / "ft2" / "bundle.json").read_text())["parent"]["path"] == str(tmp_path / "ft")
+
+
+def test_finetune_failure_leaves_no_folder(parent, tmp_path):
+    from medseg.io import read_volume
+    from medseg.train.finetune import finetune
+
+    root, images, labels, _ = parent
+    image = read_volume(images / "case1.nii.gz")
+    label = image.with_array(np.full(image.shape, 255, np.uint8))  # nothing labelled: refused
+    with pytest.raises(Exception, match="only the ignore value 255"):
+        finetune(root / "run", images=images, labels=labels, image=image, label=label, ignore_label=255,
+                 run_dir=tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
 
 
 def test_finetune_cancel_leaves_a_cancelled_bundle(parent, tmp_path):

@@ -336,3 +336,12 @@ def test_train_and_eval_with_ignore_label(tmp_path, capsys):
     assert evaluate(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out",
                      str(tmp_path / "eval3"), "--ignore-label", str(V), "--no-figures"]) == 2
     assert f"only the ignore value {V}" in capsys.readouterr().err
+
+
+def test_training_label_check_leaves_unlabelled_pixels_out():
+    from medseg.train.label_checks import check_labels
+
+    labels = np.array([[[0, 1, IGNORE_INDEX, IGNORE_INDEX]]])
+    report = check_labels(labels, num_classes=2)
+    assert report["ok"] and report["values"] == [0, 1] and report["foreground_fraction"] == 0.5
+    assert not check_labels(np.array([[[0, 1, 7]]]), num_classes=2)["ok"]

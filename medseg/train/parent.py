@@ -54,7 +54,7 @@ def fine_tuning_config(cfg):
     folder, info = _contract(cfg.init_from)
     where = folder / "bundle.json"
     if not info.network:
-        raise InputError(where, "a bundle that records its network (written by medseg-train 0.5 or later)",
+        raise InputError(where, "a bundle that records its network ('network' in bundle.json, format 2)",
                          "no 'network' entry")
     spec = NetworkSpec.from_dict(info.network)
     changes: dict[str, Any] = {"init_from": os.fspath(folder.resolve()), "network": spec.name, "cpu_sizing": False}

@@ -218,13 +218,15 @@ def test_fingerprint_counts_labelled_voxels_only(tmp_path):
 
 # --- the commands --------------------------------------------------------------------------------------
 def partial_dataset(root: Path, all_ignore: bool = False) -> tuple[Path, Path]:
-    """The synthetic lesion dataset with case0's label unlabelled (V) outside its lesion's slices."""
+    """The synthetic lesion dataset with case0's label unlabelled (V) outside its lesion's slices
+    and in a band beside the lesion."""
     images, labels = synthetic_dataset(root, n_cases=3)
     path = labels / "case0.nii.gz"
     img = nib.load(path)
     lab = np.asarray(img.dataobj).astype(np.uint8)
     keep = np.any(lab, axis=(0, 1))
     lab[:, :, ~keep] = V
+    lab[40:] = V  # and an unlabelled region beside the lesion in the labelled slices
     if all_ignore:
         lab[:] = V
     nib.save(nib.Nifti1Image(lab, img.affine), path)
@@ -304,6 +306,9 @@ def test_train_and_eval_with_ignore_label(tmp_path, capsys):
     assert f"label value {V} = unlabelled" in out
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["ignore_label"] == V
+    # The diagnostics judge the labelled pixels of the first batch: no "label values" warning.
+    warnings = json.loads((tmp_path / "run" / "warnings.json").read_text())["warnings"]
+    assert not [w for w in warnings if w.get("kind") == "labels"], warnings
     bundle = json.loads((tmp_path / "run" / "bundle.json").read_text())
     label_step = next(t for t in bundle["pipeline"]["transforms"] if t["name"] == "LabelClassesd")
     assert label_step["args"]["ignore"] == V
@@ -336,12 +341,3 @@ def test_train_and_eval_with_ignore_label(tmp_path, capsys):
     assert evaluate(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out",
                      str(tmp_path / "eval3"), "--ignore-label", str(V), "--no-figures"]) == 2
     assert f"only the ignore value {V}" in capsys.readouterr().err
-
-
-def test_training_label_check_leaves_unlabelled_pixels_out():
-    from medseg.train.label_checks import check_labels
-
-    labels = np.array([[[0, 1, IGNORE_INDEX, IGNORE_INDEX]]])
-    report = check_labels(labels, num_classes=2)
-    assert report["ok"] and report["values"] == [0, 1] and report["foreground_fraction"] == 0.5
-    assert not check_labels(np.array([[[0, 1, 7]]]), num_classes=2)["ok"]

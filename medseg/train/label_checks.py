@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from medseg.io.classes.kinds import IGNORE_INDEX
 from medseg.io.labels import label_problems, label_values
 
 
@@ -48,8 +47,7 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
     Returns:
         ``{"ok": bool, "values": sorted unique values (up to 20), "problems": [str],
         "foreground_fraction": float, "class_fractions": [float] * num_classes}`` (pixel
-        fraction of each class index over the labelled pixels: ``IGNORE_INDEX`` is left out;
-        NaN without pixels). One-hot labels
+        fraction of each class index; NaN without pixels). One-hot labels
         ``(..., num_classes)`` of 0/1 count as ok.
     """
     values: set[float] = set()
@@ -60,8 +58,6 @@ def check_labels(data, num_classes: int = 2, max_batches: int = 4) -> dict[str, 
         if y.ndim >= 3 and y.shape[-1] == num_classes and num_classes > 1 and \
                 np.isin(np.unique(y), (0, 1)).all() and np.all(y.sum(-1) == 1):
             y = y.argmax(-1)          # one-hot
-        if num_classes <= IGNORE_INDEX:  # unlabelled pixels (--ignore-label) are no class index
-            y = y[y != IGNORE_INDEX]
         values.update(label_values(y))
         fg += int(np.count_nonzero(y > 0))
         total += int(y.size)

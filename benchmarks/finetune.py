@@ -135,8 +135,12 @@ def main() -> None:
     from medseg.train.finetune import finetune
 
     labels_map = [f"{k}={v}" for k, v in ORGANS.items()]
-    print(f"finetune: M0 {args.m0_s:.0f} s on patient A, {args.k} corrected slices of B, M1 = M0 + "
-          f"{args.finetune_s:.0f} s, M2 = scratch {args.scratch_s:.0f} s; {os.cpu_count()} CPU cores", flush=True)
+    if args.sweep:
+        print(f"finetune: sweep, M0 {args.sweep[0]} steps on patient A, then {args.sweep[1]} fine-tuning steps per "
+              f"setting; {os.cpu_count()} CPU cores", flush=True)
+    else:
+        print(f"finetune: M0 {args.m0_s:.0f} s on patient A, {args.k} corrected slices of B, M1 = M0 + "
+              f"{args.finetune_s:.0f} s, M2 = scratch {args.scratch_s:.0f} s; {os.cpu_count()} CPU cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="medseg-finetune-") as tmp:
         work = Path(tmp)
         data = lay_out(work)

@@ -79,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
     s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")
     s.add_argument("--max-val-cases", type=int, help="validate on at most N patients")
-    s.add_argument("--selection", choices=("last", "best"),
-                   help="model kept: last (default: the annealed final model) or best (best 3D validation DSC on "
-                        "held-out cases)")
+    s.add_argument("--selection", choices=("last", "best"), help="model kept: last (default, the final one) or best")
     s.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE validations without a better 3D DSC (default: off)")
     t = p.add_argument_group("optimization")
@@ -108,11 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--depth", type=int, help="network depth: number of down-samplings (default 4)")
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
     m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
-                   help="several CT classes: train without issue 13's relative enhancement shifts (plan; new "
-                        "plans use the contrast phases instead)")
+                   help="several CT classes: without issue 13's enhancement (plan; off with contrast phases)")
     m.add_argument("--no-contrast-phases", dest="contrast_phases", action="store_false", default=None,
-                   help="CT: train without the simulated contrast phases (plan; on by default for one class or "
-                        "several named classes)")
+                   help="CT: train without the simulated contrast phases (plan; on for one class or named classes)")
     m.add_argument("--keep-orientation", action=argparse.BooleanOptionalAction, default=None,
                    help="never mirror or quarter-turn training patches (default: when named classes lie on "
                         "opposite sides of the body, e.g. liver and spleen; plan)")

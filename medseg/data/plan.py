@@ -17,9 +17,10 @@ the data the way nnU-Net's "dataset fingerprint" does:
   contrast-enhanced patient's brighter organs inside the window); MR and others -> per-volume
   z-score over the body after clipping to the volume's 0.5/99.5 body percentiles (MR intensities
   have no absolute scale, so dataset statistics would not transfer between scanners).
-- ``enhancement``: CT with several named classes (not nested regions) in a CT window -> the
-  default simulated contrast enhancement (:mod:`medseg.transforms.enhance`): a patient whose
-  organs a contrast agent brightened must not look like a new kind of tissue; None otherwise.
+- ``enhancement``: CT with several named classes (not nested regions) in a CT window and no
+  ``contrast_phases`` (switched off) -> issue 13's simulated contrast enhancement
+  (:mod:`medseg.transforms.enhance`, relative shifts): a patient whose organs a contrast agent
+  brightened must not look like a new kind of tissue; None otherwise (the phases replace it).
 - ``contrast_phases``: CT with one class (binary or named) or several named classes (not nested
   regions: a voxel of several regions has no one phase intensity) in a CT window -> the simulated
   contrast phases (:mod:`medseg.transforms.phase`, each class's targets by its name): a model

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from medseg.transforms.modality import KNOWN_MODALITIES, guess_modality  # noqa: F401  (re-exported)
+from medseg.transforms.modality import KNOWN_MODALITIES, guess_modality, has_background  # noqa: F401 (re-exported)
 
 __all__ = [
     "ct_window",
@@ -90,7 +90,7 @@ def body_mask(array: np.ndarray, modality: str = "MR", background: str = "otsu")
 
     CT: ``HU > -500``. Other modalities: above Otsu's threshold, computed on a subsample for
     speed; with ``background="detect"`` (what new plans record, :data:`BODY_BACKGROUNDS`) only
-    when the image has a background (:func:`_has_background`): an image cropped inside the body
+    when the image has a background (:func:`~medseg.transforms.modality.has_background`): an image cropped inside the body
     (no air around it) is then all body, where Otsu would split its tissues in two and the
     normalization statistics would depend on the field of view. ``"otsu"`` (plans written before)
     always thresholds. If the result is empty (a constant image) every voxel counts as body.
@@ -115,24 +115,7 @@ def _body_threshold(x: np.ndarray, modality: str, background: str = "otsu") -> f
     step = max(1, flat.size // 1_000_000)
     sample = flat[::step]
     threshold = otsu_threshold(sample)
-    return threshold if background == "otsu" or _has_background(sample, threshold) else -np.inf
-
-
-#: The darker Otsu class is air (background) when its median lies within this share of the
-#: intensity range above the floor (0 for magnitude images such as MR, else the minimum) up to
-#: the 99th percentile: air is near the scanner's floor; in a crop inside the body the darker
-#: class is a tissue (muscle under fat, grey matter under white), well above it.
-BACKGROUND_SHARE = 0.1
-
-
-def _has_background(values: np.ndarray, threshold: float) -> bool:
-    """Does the image hold air around the body? (See :data:`BACKGROUND_SHARE`.)"""
-    v = np.asarray(values, dtype=np.float64)
-    dark = v[v <= threshold]
-    if dark.size == 0:
-        return False
-    floor, high = min(float(v.min()), 0.0), float(np.percentile(v, 99))
-    return high <= floor or float(np.median(dark)) - floor <= BACKGROUND_SHARE * (high - floor)
+    return threshold if background == "otsu" or has_background(sample, threshold) else -np.inf
 
 
 def _region(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -1,13 +1,15 @@
-"""The modality of a volume: from its header, else guessed from its intensities (CT only).
+"""What an image is, before it is normalized: its modality (from its header, else guessed from
+its intensities: CT only) and whether it has air around the body (a crop inside the body has none).
 
-Re-exported by :mod:`medseg.transforms.intensity`, where it was first defined.
+Re-exported by :mod:`medseg.transforms.intensity`, where the modality guess was first defined.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KNOWN_MODALITIES", "CT_FAT_HU", "CT_FAT_SHARE", "guess_modality", "looks_like_ct_without_air"]
+__all__ = ["KNOWN_MODALITIES", "CT_FAT_HU", "CT_FAT_SHARE", "BACKGROUND_SHARE", "guess_modality",
+           "looks_like_ct_without_air", "has_background"]
 
 #: Header modalities taken at their word; others (``OT``, ``SEG``, ...) are guessed from intensities.
 KNOWN_MODALITIES = ("CT", "MR", "PT", "US")
@@ -51,3 +53,21 @@ def looks_like_ct_without_air(values: np.ndarray) -> bool:
     fat = np.count_nonzero((v >= CT_FAT_HU[0]) & (v <= CT_FAT_HU[1])) / v.size
     p1, p50 = np.percentile(v, [1, 50])
     return bool(fat >= CT_FAT_SHARE and p1 >= -1100 and p50 > CT_FAT_HU[1])
+
+
+#: The darker Otsu class is air (background) when its median lies within this share of the
+#: intensity range above the floor (0 for magnitude images such as MR, else the minimum) up to
+#: the 99th percentile: air is near the scanner's floor; in a crop inside the body the darker
+#: class is a tissue (muscle under fat, grey matter under white), well above it.
+BACKGROUND_SHARE = 0.1
+
+
+def has_background(values: np.ndarray, threshold: float) -> bool:
+    """Does the image hold air around the body, given Otsu's ``threshold`` of ``values``?
+    (See :data:`BACKGROUND_SHARE`; :func:`medseg.transforms.intensity.body_mask` asks.)"""
+    v = np.asarray(values, dtype=np.float64)
+    dark = v[v <= threshold]
+    if dark.size == 0:
+        return False
+    floor, high = min(float(v.min()), 0.0), float(np.percentile(v, 99))
+    return high <= floor or float(np.median(dark)) - floor <= BACKGROUND_SHARE * (high - floor)

@@ -105,6 +105,11 @@ def _dice(a, b) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured with this 120-step model: crop vs crop-of-whole DSC 0.919, |DSC to the reference| 0.815 vs 0.749; "
+    "a crop shifted by 1-3 voxels with the whole body kept already agrees at 0.966-0.971 only (the 3 mm plan "
+    "grid starts at the crop's origin), the rest is the network's context (mean |p_crop - p_whole| 0.08): "
+    "not a preprocessing difference (see the tests above); docs/train.md 'Cropped scans'"))
 def test_prediction_on_a_crop_of_b_equals_the_crop_of_the_whole_prediction(tmp_path):
     """A small liver model trained on patient A; patient B segmented whole and cropped around the
     liver (inside the body: no outline, no air around it)."""

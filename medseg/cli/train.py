@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     s = p.add_argument_group("split and validation")
     s.add_argument("--val-fraction", type=float,
-                   help="fraction of patients held out (default 0.2); 0: train on all, validate on the training cases")
+                   help="fraction of patients held out (default 0.2 from 5 labelled cases on, else 0); 0: train on all, "
+                        "validate on the training cases")
     s.add_argument("--folds", type=int, help="K of patient-level K-fold cross-validation")
     s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
     s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")

@@ -88,6 +88,9 @@ def test_small_component_choice_by_hand():
     worse = choose_small_components([{"dsc": 0.8, "dsc_without_small": 0.7}], min_component_ml=0.005)
     assert not worse["drop"]
     assert not choose_small_components([{"dsc": float("nan")}], min_component_ml=1.0)["drop"]
+    # A tie at 0 (nothing found) chooses nothing; a tie above 0 drops (nothing that small was labelled).
+    assert not choose_small_components([{"dsc": 0.0, "dsc_without_small": 0.0}], min_component_ml=1.0)["drop"]
+    assert choose_small_components([{"dsc": 0.6, "dsc_without_small": 0.6}], min_component_ml=1.0)["drop"]
     with pytest.raises(ValueError, match="min_component_ml"):
         choose_small_components([], min_component_ml=0.0)
 
@@ -148,10 +151,11 @@ def test_training_facts_from_the_plan(tmp_path):
     images, labels = _volumes(tmp_path, 2)
     cases, _ = pair_cases(images, labels)
     held, smallest = training_facts(make_plan(cases))
-    assert held == {"lesion"} and smallest == {"lesion": pytest.approx(2 * 2 * 3 / 1000)}
+    # A tenth of the smallest labelled component (1 voxel of 2 x 2 x 3 mm = 0.012 ml).
+    assert held == {"lesion"} and smallest == {"lesion": pytest.approx(0.1 * 2 * 2 * 3 / 1000)}
     images2, labels2 = _volumes(tmp_path / "b", 2, with_label=lambda i: i == 0)
     held2, smallest2 = training_facts(make_plan(pair_cases(images2, labels2)[0]))
-    assert held2 == set() and smallest2 == {"lesion": pytest.approx(0.012)}
+    assert held2 == set() and smallest2 == {"lesion": pytest.approx(0.0012)}
     text = empty_prediction_text("patientB", ["aorta"], 2)
     assert "predicts no aorta on patientB" in text and "each of the 2 training cases holds it" in text
 

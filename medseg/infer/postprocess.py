@@ -121,7 +121,8 @@ def choose_small_components(rows: Sequence[dict], *, min_component_ml: float,
     ``min_component_ml`` (the training labels' smallest component), as
     :func:`choose_largest_component` decides its rule: dropped when the mean DSC without them
     (``dsc_without_small``) is at least the raw mean DSC (``dsc``), over the rows where both are
-    finite (a tie: what it drops did not matter, and nothing that small was ever labelled).
+    finite (a tie: what it drops did not matter, and nothing that small was ever labelled), but
+    not on a tie at 0 (a model that found nothing tells nothing about the rule).
 
     Returns:
         ``{"drop": bool, "min_component_ml": float, "dsc": raw mean, "dsc_without_small": mean,
@@ -140,7 +141,7 @@ def choose_small_components(rows: Sequence[dict], *, min_component_ml: float,
         return {"drop": False, "min_component_ml": float(min_component_ml), "dsc": None, "dsc_without_small": None,
                 "cases": 0, "validation": validation, "reason": "no validation case with a finite DSC"}
     raw, kept = (float(np.mean(v)) for v in zip(*pairs))
-    return {"drop": bool(kept >= raw), "min_component_ml": float(min_component_ml), "dsc": raw,
+    return {"drop": bool(kept > raw or (kept == raw and raw > 0)), "min_component_ml": float(min_component_ml), "dsc": raw,
             "dsc_without_small": kept, "cases": len(pairs), "validation": validation,
             "reason": f"mean 3D DSC on {len(pairs)} {validation} {raw:.3f} -> {kept:.3f} dropping components "
                       f"under {min_component_ml:.3g} ml (the training labels' smallest)"}

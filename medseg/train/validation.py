@@ -76,9 +76,17 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
     return evaluate
 
 
+#: Predicted components below this share of the training labels' smallest component are the
+#: candidates the post-processing may drop. Not the smallest itself: a structure the field of view
+#: cuts is smaller than any labelled one (patient B's 20 slices hold 22.4 ml of aorta, a 2 cm crop
+#: half of it), while the false components it is meant for are a few voxels.
+SMALL_COMPONENT_SHARE = 0.1
+
+
 def training_facts(plan) -> tuple[set[str], dict[str, float]]:
     """From the plan's fingerprint (of the training cases): the classes every training case holds,
-    and each class's smallest labelled component (ml; classes without one left out)."""
+    and each class's size (ml) below which predicted components may be dropped:
+    :data:`SMALL_COMPONENT_SHARE` of its smallest labelled component (classes without one left out)."""
     entries = [e for e in (plan.fingerprint or {}).get("cases", []) if "lesion" in e]
     spec = plan.class_spec
     if not entries:
@@ -88,14 +96,14 @@ def training_facts(plan) -> tuple[set[str], dict[str, float]]:
         held = {name} if all(e["lesion"]["voxels"] > 0 for e in entries) else set()
         sizes = [e["lesion"].get("smallest_component_ml") for e in entries]
         sizes = [v for v in sizes if v is not None]
-        return held, ({name: min(sizes)} if sizes else {})
+        return held, ({name: SMALL_COMPONENT_SHARE * min(sizes)} if sizes else {})
     held = {n for n in spec.names if all(e["class_voxels"].get(n, 0) > 0 for e in entries)}
     smallest = {}
     for n in spec.names:
         sizes = [e.get("class_smallest_component_ml", {}).get(n) for e in entries]
         sizes = [v for v in sizes if v is not None]
         if sizes:
-            smallest[n] = min(sizes)
+            smallest[n] = SMALL_COMPONENT_SHARE * min(sizes)
     return held, smallest
 
 

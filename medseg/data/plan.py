@@ -359,8 +359,9 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
 
     fg_stats = _stats(fg_values)
     if _kind(classes) is not BINARY and modality == "CT" and fg_values.size:
-        # Several classes (or regions) get their own window; one named class is trained exactly
-        # as the binary run it is (``--labels-map liver=5`` == ``--map-labels 5:1,*:0``).
+        # Several classes (or regions) get their own window; one named class gets the binary
+        # run's (``--labels-map liver=5`` as ``--map-labels 5:1,*:0``), whose top only its
+        # contrast phases, chosen by its name, may raise.
         fitted = _class_ct_window(fg_values)
     else:
         fitted = _normalization_for(modality, fg_stats)

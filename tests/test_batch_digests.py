@@ -84,3 +84,29 @@ def test_default_batches_are_unchanged(name, backend, monkeypatch):
         pytest.importorskip("cv2")
     plan, kind = _plans()[name]
     assert _digest(plan, kind, backend, monkeypatch) == EXPECTED[name, backend]
+
+
+def test_ct_binary_batches_with_contrast_phases_are_pinned(monkeypatch):
+    """The binary CT recipe since issue 23 (simulated contrast phases, window [-1000, 650] HU), pinned
+    with the OpenCV warp (the numpy backend's digests depend on the machine's floating point)."""
+    pytest.importorskip("cv2")
+    from medseg.transforms.phase import PhaseConfig
+
+    monkeypatch.setattr(warp, "_BACKEND", "cv2")
+    plan = Plan(modality="CT", normalization={"kind": "ct_window", "low_hu": -1000.0, "high_hu": 650.0},
+                contrast_phases=PhaseConfig.for_classes(["lesion"]).to_dict(), target_spacing_mm=None,
+                patch_size=(32, 32), lesion_fraction=0.5)
+    cache = VolumeCache.from_arrays(_arrays("binary"), plan, body_threshold=0.3, label_kind="binary")
+    maker = BatchMaker(cache, plan, batch_size=6, seed=5)
+    assert [type(t).__name__ for t in maker.pipeline.random] == ["RandLesionPatchd", "RandContrastPhased",
+                                                                 "RandJointAugmentd"]
+    h = hashlib.sha256()
+    for i in range(4):
+        images, masks = maker.batch(i)
+        h.update(images.tobytes())
+        h.update(masks.tobytes())
+    assert maker.last_params["contrast_phase"]["phase"]  # the step drew (and recorded) its phases
+    assert h.hexdigest() == CT_PHASES_DIGEST
+
+
+CT_PHASES_DIGEST = "a6c9c5863c7dc5dcef628bd50475908e728446682b8cd7cdbd0e626291098a50"

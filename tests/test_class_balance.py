@@ -82,11 +82,14 @@ def test_plan_records_each_class_share_of_the_body():
 
 
 def test_class_plan_windows_the_classes_and_binary_plan_is_unchanged():
-    plan = _class_plan()
+    plan = make_plan([_ct_pair()], overrides={"classes": ORGANS.to_dict(), "num_classes": 3,
+                                              "contrast_phases": None})
     # Class voxels: 500 at 20 HU, 500 at 80 HU, 90 at 50 HU -> 5th percentile 20, 95th 80.
     assert plan.normalization == {"kind": "ct_window", "low_hu": 20.0 - CLASS_WINDOW_MARGIN_HU,
                                   "high_hu": 80.0 + CLASS_WINDOW_MARGIN_HU}
-    binary = make_plan([_ct_pair()])
+    # With the contrast phases (the default, issue 23) the top rises above the aorta's arterial range.
+    assert _class_plan().normalization["high_hu"] == 650.0
+    binary = make_plan([_ct_pair()], overrides={"contrast_phases": None})
     # binary: the default window, widened to the lesion's 0.5/99.5 percentiles (inside it here)
     assert binary.normalization == {"kind": "ct_window", "low_hu": DEFAULT_CT_WINDOW_HU[0],
                                     "high_hu": DEFAULT_CT_WINDOW_HU[1]}
@@ -108,7 +111,8 @@ def test_run_weights_automatic_for_classes_none_for_binary_and_regions():
     assert ce_class_weights_for(TrainConfig(), plan) == expected
     assert make_loss(TrainConfig(ce_class_weights=expected)).ce_class_weights == expected
     assert ce_class_weights_for(TrainConfig(), make_plan([_ct_pair()])) is None
-    region_plan = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None)
+    region_plan = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None,
+                               contrast_phases=None)
     assert ce_class_weights_for(TrainConfig(), region_plan) is None
     # a plan fitted before the shares were recorded: equal weights, as it was trained then
     old = plan.replace(fingerprint={k: v for k, v in plan.fingerprint.items() if k != "class_body_fractions"})
@@ -122,7 +126,8 @@ def test_run_weights_given_are_checked_against_the_classes():
         ce_class_weights_for(TrainConfig(ce_class_weights=[1, 2]), plan)
     with pytest.raises(InputError, match="nested regions"):
         ce_class_weights_for(TrainConfig(ce_class_weights=[1, 2, 3]),
-                             plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None))
+                             plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None,
+                                          contrast_phases=None))
 
 
 @pytest.mark.parametrize("weights", [[1.0], [1.0, -2.0], [0.0, 0.0], [1.0, float("nan")], [1.0, float("inf")]])

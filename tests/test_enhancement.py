@@ -146,10 +146,15 @@ ORGANS = ClassSpec.parse(["liver=5", "aorta=52"])
 
 
 def _class_plan(**overrides):
+    # Issue 13's step on its own: it is the default of plans without the contrast phases (issue 23),
+    # which replace it by default.
+    overrides.setdefault("contrast_phases", None)
     return make_plan([_ct_pair()], overrides={"classes": ORGANS.to_dict(), "num_classes": 3, **overrides})
 
 
 def test_plan_default_for_ct_classes_only():
+    default = make_plan([_ct_pair()], overrides={"classes": ORGANS.to_dict(), "num_classes": 3})
+    assert default.enhancement is None and default.contrast_phases is not None
     plan = _class_plan()
     assert plan.enhancement == EnhancementConfig().to_dict()
     assert plan.enhanced_class_indices() == [1, 2]

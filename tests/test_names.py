@@ -111,8 +111,15 @@ def test_liver_plan_equals_the_binary_plan_on_patient_a():
     mapped = raw.with_array(apply_label_map(np.asarray(raw.array), parse_label_map("5:1,*:0")))
     binary = make_plan([(img, mapped)], seed=0)
     assert named.classes == spec.to_dict() and binary.classes is None
-    assert named.normalization == binary.normalization
+    # The name tells which structure it is (issue 23): the liver's contrast phases (at most 130 HU)
+    # fit the default window, the unnamed lesion's (up to 550 HU) raise its top to 650 HU.
     assert (named.normalization["low_hu"], named.normalization["high_hu"]) == (-1000.0, 400.0)  # the default window
+    assert (binary.normalization["low_hu"], binary.normalization["high_hu"]) == (-1000.0, 650.0)
+    assert list(named.contrast_phases["targets"]) == ["liver"] and list(binary.contrast_phases["targets"]) == ["lesion"]
+    off = dict(seed=0, overrides={"contrast_phases": None})
+    assert (make_plan([(img, mapped)], **off).normalization
+            == make_plan([(img, raw)], **{**off, "overrides": {"classes": spec.to_dict(), "contrast_phases": None}})
+            .normalization)
     assert named.enhancement is None and binary.enhancement is None
     assert named.keep_orientation is False and binary.keep_orientation is False
     for key in ("patch_size", "target_spacing_mm", "slice_axis", "orientation", "num_classes", "divisor"):
@@ -190,4 +197,5 @@ def test_liver_pipeline_equals_the_binary_pipeline_but_for_its_label_step():
     a, b = named.to_config()["transforms"], binary.to_config()["transforms"]
     assert [t["name"] for t in a] == [t["name"] for t in b]
     differ = [t["name"] for t, u in zip(a, b) if t != u]
-    assert differ == ["LabelClassesd"], differ
+    # and, since issue 23, the window and the contrast phases, which the liver's name chooses
+    assert differ == ["LabelClassesd", "NormalizeIntensityd", "RandContrastPhased"], differ

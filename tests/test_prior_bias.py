@@ -73,7 +73,8 @@ def test_which_runs_start_at_the_priors():
     plan = _class_plan()
     assert output_bias_for(plan) == pytest.approx(prior_logits([1000 / 9000, 90 / 9000]))
     assert output_bias_for(make_plan([_ct_pair()])) is None                       # binary: as built
-    regions = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None)
+    regions = plan.replace(classes=REGIONS.to_dict(), num_classes=REGIONS.num_classes, enhancement=None,
+                           contrast_phases=None)
     assert output_bias_for(regions) is None                                       # sigmoid regions
     old = plan.replace(fingerprint={k: v for k, v in plan.fingerprint.items() if k != "class_body_fractions"})
     assert output_bias_for(old) is None                                           # fitted before the shares

@@ -520,7 +520,7 @@ def test_whole_volume_preprocessing_peak_memory_grows_only_with_the_result(monke
         # Otsu's threshold reads a subsample of at most ~1e6 voxels whatever the volume's length
         # (here: all of them, as float64): left out of the measurement, same threshold.
         threshold = intensity._body_threshold(np.moveaxis(arr, 2, 0).astype(np.float32), "MR")
-        monkeypatch.setattr(intensity, "_body_threshold", lambda x, modality, t=threshold: t)
+        monkeypatch.setattr(intensity, "_body_threshold", lambda x, modality, background="otsu", t=threshold: t)
         tracemalloc.start()
         try:
             prep = preprocess_image(vol, plan)

@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     s = p.add_argument_group("split and validation")
     s.add_argument("--val-fraction", type=float,
-                   help="fraction of patients held out (default 0.2); 0: train on all, validate on the training cases")
+                   help="fraction of patients held out (default 0.2 from 5 labelled cases on, else 0); 0: train on all, "
+                        "validate on the training cases")
     s.add_argument("--folds", type=int, help="K of patient-level K-fold cross-validation")
     s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
     s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")
     s.add_argument("--max-val-cases", type=int, help="validate on at most N patients")
+    s.add_argument("--selection", choices=("last", "best"), help="model kept: last (default, the final one) or best")
     s.add_argument("--early-stopping", type=int, metavar="PATIENCE",
                    help="stop after PATIENCE validations without a better 3D DSC (default: off)")
     t = p.add_argument_group("optimization")
@@ -117,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--depth", type=int, help="network depth: number of down-samplings (default 4)")
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
     m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
-                   help="several CT classes: train without the simulated contrast enhancement (plan)")
+                   help="several CT classes: without issue 13's enhancement (plan; off with contrast phases)")
+    m.add_argument("--no-contrast-phases", dest="contrast_phases", action="store_false", default=None,
+                   help="CT: train without the simulated contrast phases (plan; on for one class or named classes)")
     m.add_argument("--keep-orientation", action=argparse.BooleanOptionalAction, default=None,
                    help="never mirror or quarter-turn training patches (default: when named classes lie on "
                         "opposite sides of the body, e.g. liver and spleen; plan)")
@@ -150,7 +154,7 @@ def config_from_args(args: argparse.Namespace):
     flags = {
         key: getattr(args, key)
         for key in ("images", "labels", "out", "run_dir", "resume", "val_fraction", "folds", "fold", "val_every",
-                    "max_val_cases", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
+                    "max_val_cases", "selection", "early_stopping", "max_time_s", "epochs", "steps_per_epoch", "batch_size", "lr", "schedule",
                     "warmup_epochs", "schedule_over", "loss", "ce_class_weights", "seed", "patch_size", "network",
                     "filters", "depth",
                     "deep_supervision",
@@ -164,9 +168,12 @@ def config_from_args(args: argparse.Namespace):
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
     if args.enhancement is False:
         cfg.plan = dict(cfg.plan, enhancement=None)
+    if args.contrast_phases is False:
+        cfg.plan = dict(cfg.plan, contrast_phases=None)
     if args.keep_orientation is not None:
         cfg.plan = dict(cfg.plan, keep_orientation=args.keep_orientation)
-    if args.context_slices is not None or args.enhancement is False or args.keep_orientation is not None:
+    if (args.context_slices is not None or args.enhancement is False or args.contrast_phases is False
+            or args.keep_orientation is not None):
         cfg.validate(source="command line")
     if args.quiet and args.verbose is None:
         cfg.verbose = 0

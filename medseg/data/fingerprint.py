@@ -49,7 +49,7 @@ MIXED = "MIXED"
 
 def _zscore_mr() -> dict:
     return {"kind": "zscore", "mean": None, "std": None, "clip_low": None, "clip_high": None,
-            "clip_percentiles": [0.5, 99.5], "region": "body"}
+            "clip_percentiles": [0.5, 99.5], "region": "body", "background": "detect"}
 
 
 def load_pair(item: Any):
@@ -102,7 +102,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
     spacing = np.linalg.norm(reo.output_affine[:3, :3], axis=0)
     # Without a CT-like header or HU range, treat the scan as MR (z-score: no absolute scale).
     modality = guess_modality(image) or "MR"
-    body = body_mask(arr, modality)
+    body = body_mask(arr, modality, "detect")  # a scan cropped inside the body is all body
     lab, n_labelled = None, None
     if label is not None and ignore is not None and label.shape == image.shape:
         # Partial labels: every statistic below counts the labelled voxels only.
@@ -138,10 +138,12 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             lr = _left_right_axis(orientation)
             body_x = body.sum(axis=tuple(a for a in range(3) if a != lr))
             centre = float(np.average(np.arange(body_x.size), weights=body_x)) if body_x.any() else None
-            entry["class_side_shares"] = {}
+            entry["class_side_shares"], entry["class_smallest_component_ml"] = {}, {}
+            voxel_ml = float(abs(np.linalg.det(reo.output_affine[:3, :3])) / 1000.0)
             for name, ids in zip(classes.names, classes.ids):
                 mask = np.isin(lab, ids)
                 entry["class_voxels"][name] = int(mask.sum())
+                entry["class_smallest_component_ml"][name] = _smallest_component_ml(mask, voxel_ml)
                 entry["class_side_shares"][name] = _side_share(reorient_array(mask, reo), centre, lr)
                 entry.setdefault("class_intensity", {})[name] = _percentiles(np.asarray(image.array)[mask])
                 union |= mask
@@ -157,6 +159,9 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             "volume_ml": float(n_vox * abs(np.linalg.det(reo.output_affine[:3, :3])) / 1000.0),
             "components": int(n_comp),
             "component_voxels": [int(s) for s in sorted(sizes.tolist(), reverse=True)[:20]],
+            # The post-processing may drop predicted components smaller than any the labels hold.
+            "smallest_component_ml": float(sizes.min() * abs(np.linalg.det(reo.output_affine[:3, :3])) / 1000.0)
+            if sizes.size else None,
             "fraction": float(n_vox / (lab.size if n_labelled is None else max(n_labelled, 1))),
             # Per array axis: how many slices along that axis contain lesion.
             "slices_with_lesion": [int(np.any(lab, axis=tuple(a for a in range(3) if a != ax)).sum())
@@ -168,6 +173,16 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
             fg = arr[lab]
             fg_vals = fg[rng.integers(0, fg.size, size=min(fg.size, _SAMPLES_PER_CASE))].astype(np.float64)
     return entry, body_vals.astype(np.float64), fg_vals
+
+
+def _smallest_component_ml(mask: np.ndarray, voxel_ml: float) -> float | None:
+    """Volume (ml) of the smallest connected component of ``mask`` (None when empty)."""
+    from medseg.components import label_components
+
+    if not mask.any():
+        return None
+    comps, n = label_components(mask)
+    return float(np.bincount(comps.ravel())[1:].min() * voxel_ml) if n else None
 
 
 def _left_right_axis(orientation: str) -> int:

@@ -17,9 +17,16 @@ the data the way nnU-Net's "dataset fingerprint" does:
   contrast-enhanced patient's brighter organs inside the window); MR and others -> per-volume
   z-score over the body after clipping to the volume's 0.5/99.5 body percentiles (MR intensities
   have no absolute scale, so dataset statistics would not transfer between scanners).
-- ``enhancement``: CT with several named classes (not nested regions) in a CT window -> the
-  default simulated contrast enhancement (:mod:`medseg.transforms.enhance`): a patient whose
-  organs a contrast agent brightened must not look like a new kind of tissue; None otherwise.
+- ``enhancement``: CT with several named classes (not nested regions) in a CT window and no
+  ``contrast_phases`` (switched off) -> issue 13's simulated contrast enhancement
+  (:mod:`medseg.transforms.enhance`, relative shifts): a patient whose organs a contrast agent
+  brightened must not look like a new kind of tissue; None otherwise (the phases replace it).
+- ``contrast_phases``: CT with one class (binary or named) or several named classes (not nested
+  regions: a voxel of several regions has no one phase intensity) in a CT window -> the simulated
+  contrast phases (:mod:`medseg.transforms.phase`, each class's targets by its name): a model
+  trained on non-contrast scans must segment contrast-enhanced ones and the reverse. The CT window's
+  top is then raised to the classes' brightest phase target + ``PHASE_WINDOW_MARGIN_HU``, so a
+  350-550 HU arterial aorta is neither clipped to the look of bone nor of the window's top.
 - ``keep_orientation``: True when named classes (several classes, not nested regions) lie on
   opposite sides of the body, each in every training case (``LATERAL_SHARE`` of its voxels on
   its side of the body's centre; liver right, spleen left): training patches are then never
@@ -64,7 +71,7 @@ from medseg.data.fingerprint import (
 )
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.classes import BINARY, CLASSES, ClassSpec, LabelKind
+from medseg.io.classes import BINARY, BITS, CLASSES, ClassSpec, LabelKind
 from medseg.transforms.intensity import check_normalization
 from medseg.transforms.slicing import largest_spacing_axis
 from medseg.transforms.spatial import reorientation
@@ -106,6 +113,9 @@ class Plan:
         ignore_label: the label value of unlabelled voxels (``--ignore-label``, dataset.json's
             ``"ignore"``): the fingerprint counts labelled voxels only and the label step marks
             them (:data:`medseg.io.classes.IGNORE_INDEX`). Left out of :meth:`to_dict` when None.
+        contrast_phases: the training step that simulates contrast phases
+            (:meth:`medseg.transforms.phase.PhaseConfig.to_dict`), or None. Needs a CT window and
+            one class or named classes (not regions); left out of :meth:`to_dict` when None.
         keep_orientation: training patches keep the plan's orientation: the default
             augmentation has no flips and no quarter turns (see the module docstring; fitted
             True when classes lie on opposite sides of the body). Left out of :meth:`to_dict`
@@ -132,6 +142,7 @@ class Plan:
     enhancement: dict | None = None
     keep_orientation: bool = False
     ignore_label: int | None = None
+    contrast_phases: dict | None = None
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality)
@@ -172,6 +183,8 @@ class Plan:
             self.classes = spec.to_dict()
         if self.enhancement is not None:
             self.enhancement = self._checked_enhancement(self.enhancement)
+        if self.contrast_phases is not None:
+            self.contrast_phases = self._checked_phases(self.contrast_phases)
         if not isinstance(self.keep_orientation, (bool, np.bool_)):
             raise ValueError(f"Plan.keep_orientation must be true or false, found {self.keep_orientation!r}")
         self.keep_orientation = bool(self.keep_orientation)
@@ -198,6 +211,24 @@ class Plan:
             raise ValueError(f"Plan.enhancement classes {unknown} are not among the classes {list(spec.names)}")
         return config.to_dict()
 
+    def _checked_phases(self, value: Any) -> dict:
+        from medseg.transforms.phase import PhaseConfig
+
+        if not isinstance(value, Mapping):
+            raise ValueError(f"Plan.contrast_phases must be None or a mapping of phase settings, found {value!r}")
+        config = PhaseConfig.from_dict(value)
+        if self.normalization.get("kind") != "ct_window":
+            raise ValueError(f"Plan.contrast_phases shifts HU and needs a ct_window normalization, found "
+                             f"{self.normalization.get('kind')!r}")
+        if LabelKind.of(self.classes) is BITS:
+            raise ValueError("Plan.contrast_phases needs one class or named classes, not nested regions (a voxel "
+                             "of several regions has no one phase intensity)")
+        names = list(self.class_spec.names)
+        if list(config.targets) != names[: len(config.targets)] or not config.targets:
+            raise ValueError(f"Plan.contrast_phases targets {list(config.targets)} must name the classes "
+                             f"{names} in order")
+        return config.to_dict()
+
     def enhanced_class_indices(self) -> list[int]:
         """Class indices (1..K) the enhancement shifts on their own (its ``classes``, else all)."""
         names = list(self.class_spec.names)
@@ -222,7 +253,7 @@ class Plan:
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (tuples become lists)."""
         d = dataclasses.asdict(self)
-        for key in ("classes", "enhancement", "ignore_label"):  # plans read as before these existed
+        for key in ("classes", "enhancement", "ignore_label", "contrast_phases"):  # plans read as before these existed
             if d[key] is None:
                 del d[key]
         if not d["keep_orientation"]:
@@ -337,11 +368,15 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
 
     fg_stats = _stats(fg_values)
     if _kind(classes) is not BINARY and modality == "CT" and fg_values.size:
-        # Several classes (or regions) get their own window; one named class is trained exactly
-        # as the binary run it is (``--labels-map liver=5`` == ``--map-labels 5:1,*:0``).
+        # Several classes (or regions) get their own window; one named class gets the binary
+        # run's (``--labels-map liver=5`` as ``--map-labels 5:1,*:0``), whose top only its
+        # contrast phases, chosen by its name, may raise.
         fitted = _class_ct_window(fg_values)
     else:
         fitted = _normalization_for(modality, fg_stats)
+    phases = overrides.get("contrast_phases", _phases_for(modality, fitted, classes))
+    if phases is not None and "normalization" not in overrides:
+        fitted = _window_for_phases(fitted, phases)
     normalization = overrides.get("normalization", fitted)
     divisor = int(overrides.get("divisor", 16))
     spacing_for_size = np.asarray(target_spacing if target_spacing is not None else median_spacing[inplane])
@@ -360,10 +395,14 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "divisor": divisor,
         "fingerprint": overrides.get("fingerprint", fingerprint),
         "classes": overrides.get("classes"),
-        "enhancement": overrides.get("enhancement", _enhancement_for(modality, normalization, classes)),
+        # The phases move each class to a phase's intensity: issue 13's relative shifts on top of
+        # them would double the change, so a plan has one or the other by default.
+        "enhancement": overrides.get("enhancement", None if phases is not None
+                                     else _enhancement_for(modality, normalization, classes)),
         # Classes on both sides: a mirrored patch would swap their places.
         "keep_orientation": overrides.get("keep_orientation", len(set(sides.values())) == 2),
         "ignore_label": ignore,
+        "contrast_phases": phases if normalization.get("kind") == "ct_window" else None,
     }
     return Plan(**fields)
 
@@ -375,6 +414,29 @@ def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -
     from medseg.transforms.enhance import EnhancementConfig
 
     return EnhancementConfig().to_dict()
+
+
+def _phases_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:
+    """The default simulated contrast phases: CT in a CT window, one class or named classes (not
+    regions), each class's targets from its name's row of the phase table; else None."""
+    if modality != "CT" or normalization.get("kind") != "ct_window" or _kind(classes) is BITS:
+        return None
+    from medseg.transforms.phase import PhaseConfig
+
+    names = ClassSpec.binary().names if classes is None else classes.names
+    return PhaseConfig.for_classes(names).to_dict()
+
+
+def _window_for_phases(normalization: Mapping[str, Any], phases: Mapping[str, Any]) -> dict:
+    """The CT window with its top raised, if needed, to the brightest phase target plus
+    ``PHASE_WINDOW_MARGIN_HU``: a structure at its brightest simulated (or real) intensity stays
+    inside the window, distinct from clipped bone and from the window's top."""
+    from medseg.transforms.phase import PHASE_WINDOW_MARGIN_HU, PhaseConfig
+
+    top = PhaseConfig.from_dict(phases).top_hu + PHASE_WINDOW_MARGIN_HU
+    if normalization.get("kind") != "ct_window" or normalization["high_hu"] >= top:
+        return dict(normalization)
+    return {**normalization, "high_hu": float(top)}
 
 
 def _class_spec(classes: Mapping[str, Any] | None):

@@ -10,7 +10,10 @@ it. Format 2 layout (besides the keys of format 1, see :mod:`medseg.infer.bundle
     "format_version": 2,
     "status": "complete",                    # or "cancelled": written when a run was cancelled
     "postprocessing": {"largest_component": {"lesion": {"keep": true, "dsc": 0.71, "dsc_largest_component": 0.74,
-                       "cases": 3, "validation": "held-out cases", "reason": "mean 3D DSC on ..."}}},   # or null
+                       "cases": 3, "validation": "held-out cases", "reason": "mean 3D DSC on ..."}},
+                       "small_components": {"lesion": {"drop": true, "min_component_ml": 0.4, "dsc": 0.71,
+                       "dsc_without_small": 0.73, "cases": 3, "validation": ..., "reason": ...}}},   # or null
+                       # ("small_components" is optional: bundles before it keep every component)
     "selection": "best",                     # or "last", or null (not recorded)
     "validation": "held-out cases",          # or "training cases", or null
     "training": {"epoch": 12, "val_dsc_3d": 0.74, "val_hd95_mm": 3.2, "train_cases": [...],
@@ -30,12 +33,12 @@ from medseg.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from medseg.nets.registry import NetworkSpec
 
-__all__ = ["BundleInfo", "ComponentChoice", "ParentRecord", "Postprocessing", "TrainingRecord", "SELECTION_TEXT",
-           "VALIDATIONS", "STATUSES"]
+__all__ = ["BundleInfo", "ComponentChoice", "ParentRecord", "SmallComponentChoice", "Postprocessing",
+           "TrainingRecord", "SELECTION_TEXT", "VALIDATIONS", "STATUSES"]
 
 #: How the saved model was chosen, and the sentence medseg-info shows for it (format 1 stored it).
 SELECTION_TEXT = {"best": "best mean 3D validation DSC on held-out cases",
-                  "last": "last model (validation on the training cases)"}
+                  "last": "last model (the final epoch's)"}
 #: What the model was validated on.
 VALIDATIONS = ("held-out cases", "training cases")
 #: ``"cancelled"``: written when the training run was cancelled (a valid, if unfinished, model).
@@ -87,11 +90,71 @@ class ComponentChoice:
 
 
 @dataclass(frozen=True)
+class SmallComponentChoice:
+    """Whether inference drops one class's predicted components smaller than the training labels'
+    smallest component, decided on validation (:func:`medseg.infer.postprocess.choose_small_components`).
+
+    Attributes:
+        drop: drop them at inference; ``min_component_ml``: the size (ml) below which they go.
+        dsc, dsc_without_small: mean 3D DSC without / with the rule (None without a usable case).
+        cases, validation, reason: as :class:`ComponentChoice`'s.
+    """
+
+    drop: bool
+    min_component_ml: float
+    dsc: float | None = None
+    dsc_without_small: float | None = None
+    cases: int = 0
+    validation: str | None = None
+    reason: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SmallComponentChoice":
+        if not isinstance(d, Mapping) or not isinstance(d.get("drop"), bool):
+            raise ValueError(f"a small-component choice needs 'drop': true or false, found {d!r}")
+        size = _number(d.get("min_component_ml"), "min_component_ml")
+        if size is None or not (math.isfinite(size) and size > 0):
+            raise ValueError(f"min_component_ml must be a number > 0, found {d.get('min_component_ml')!r}")
+        cases = d.get("cases", 0)
+        if isinstance(cases, bool) or not isinstance(cases, int) or cases < 0:
+            raise ValueError(f"cases must be an integer >= 0, found {cases!r}")
+        return cls(d["drop"], size, _number(d.get("dsc"), "dsc"), _number(d.get("dsc_without_small"),
+                                                                            "dsc_without_small"),
+                   cases, None if d.get("validation") is None else str(d["validation"]), str(d.get("reason") or ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drop": self.drop, "min_component_ml": self.min_component_ml, "dsc": self.dsc,
+                "dsc_without_small": self.dsc_without_small, "cases": self.cases, "validation": self.validation,
+                "reason": self.reason}
+
+
+def _small_choices(d: Any) -> dict[str, SmallComponentChoice]:
+    """``{name: SmallComponentChoice}`` of a ``small_components`` mapping (None or absent: none)."""
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise ValueError(f"postprocessing.small_components must be a mapping of class names, found {d!r}")
+    return {str(k): SmallComponentChoice.from_dict(v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
 class Postprocessing:
     """Post-processing chosen at training time, per foreground class name (empty: none chosen:
-    every component kept)."""
+    every component kept): the largest-component rule and, optionally, dropping components
+    smaller than the training labels' smallest (``small_components``; absent in older bundles)."""
 
     largest_component: Mapping[str, ComponentChoice] = field(default_factory=dict)
+    small_components: Mapping[str, SmallComponentChoice] = field(default_factory=dict)
+
+    def min_component_ml(self, name: str | None = None) -> float:
+        """The size (ml) below which class ``name``'s predicted components are dropped, 0 for none
+        (``None``: the one class of a one-class model). Inference applies it with
+        :func:`medseg.infer.postprocess.remove_small_lesions`, before the largest-component rule."""
+        if name is None and len(self.small_components) == 1:
+            choice = next(iter(self.small_components.values()))
+        else:
+            choice = self.small_components.get(name) if name is not None else None
+        return float(choice.min_component_ml) if choice is not None and choice.drop else 0.0
 
     def keeps_largest(self, name: str | None = None) -> bool:
         """Keep class ``name``'s largest component only? ``None``: the one class of a one-class model."""
@@ -118,11 +181,12 @@ class Postprocessing:
             return cls()
         if not isinstance(post, Mapping):
             raise ValueError(f"postprocessing must be a mapping, found {post!r}")
+        small = _small_choices(post.get("small_components"))
         choice = post.get("largest_component")
         if isinstance(choice, bool):
             if len(names) != 1:
                 raise ValueError(f"one largest-component choice for {len(names)} classes {list(names)}")
-            return cls({names[0]: ComponentChoice.from_dict(post, key="largest_component")})
+            return cls({names[0]: ComponentChoice.from_dict(post, key="largest_component")}, small)
         if not isinstance(choice, Mapping):
             raise ValueError(f"postprocessing.largest_component must be true/false or a mapping, found {choice!r}")
         details = post.get("classes") or {}
@@ -130,7 +194,7 @@ class Postprocessing:
         for name, keep in choice.items():
             detail = dict(details.get(name) or {}, largest_component=keep)
             out[str(name)] = ComponentChoice.from_dict(detail, key="largest_component")
-        return cls(out)
+        return cls(out, small)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Postprocessing":
@@ -139,12 +203,16 @@ class Postprocessing:
             return cls()
         if not isinstance(d, Mapping) or not isinstance(d.get("largest_component", {}), Mapping):
             raise ValueError(f'postprocessing must be {{"largest_component": {{name: {{...}}}}}}, found {d!r}')
-        return cls({str(k): ComponentChoice.from_dict(v) for k, v in d.get("largest_component", {}).items()})
+        return cls({str(k): ComponentChoice.from_dict(v) for k, v in d.get("largest_component", {}).items()},
+                   _small_choices(d.get("small_components")))
 
     def to_dict(self) -> dict[str, Any] | None:
-        if not self.largest_component:
+        if not self.largest_component and not self.small_components:
             return None
-        return {"largest_component": {k: c.to_dict() for k, c in self.largest_component.items()}}
+        out: dict[str, Any] = {"largest_component": {k: c.to_dict() for k, c in self.largest_component.items()}}
+        if self.small_components:  # absent otherwise: such bundles read exactly as before
+            out["small_components"] = {k: c.to_dict() for k, c in self.small_components.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -356,7 +424,7 @@ def typed_fields(classes, *, postprocessing=None, selection=None, validation=Non
     names = tuple(c for c in classes if c != "background")
     if not isinstance(postprocessing, Postprocessing):
         postprocessing = Postprocessing.from_training(postprocessing, names)
-    unknown = sorted(set(postprocessing.largest_component) - set(names))
+    unknown = sorted((set(postprocessing.largest_component) | set(postprocessing.small_components)) - set(names))
     if unknown:
         raise ValueError(f"postprocessing names classes {unknown} that are not among {list(names)}")
     if training is not None and not isinstance(training, TrainingRecord):

@@ -1,4 +1,5 @@
-"""Clean-up of predicted label volumes: drop tiny lesions, keep the largest one.
+"""Clean-up of predicted label volumes: drop tiny lesions, keep the largest one, and the choices
+of either made on validation.
 
 Both functions work on 3D label arrays (``0`` background, ``> 0`` lesion) in voxel space and
 return a new ``uint8`` array; label values of the voxels that are kept are preserved. Lesions are
@@ -112,3 +113,35 @@ def choose_largest_component(rows: Sequence[dict], *, validation: str = "held-ou
     return {"largest_component": bool(keep), "dsc": raw, "dsc_largest_component": lcc, "cases": len(pairs),
             "validation": validation,
             "reason": f"mean 3D DSC on {len(pairs)} {validation} {raw:.3f} -> {lcc:.3f} keeping the largest component"}
+
+
+def choose_small_components(rows: Sequence[dict], *, min_component_ml: float,
+                            validation: str = "held-out cases") -> dict:
+    """Decide from validation rows whether inference drops predicted components smaller than
+    ``min_component_ml`` (the training labels' smallest component), as
+    :func:`choose_largest_component` decides its rule: dropped when the mean DSC without them
+    (``dsc_without_small``) is at least the raw mean DSC (``dsc``), over the rows where both are
+    finite (a tie: what it drops did not matter, and nothing that small was ever labelled), but
+    not on a tie at 0 (a model that found nothing tells nothing about the rule).
+
+    Returns:
+        ``{"drop": bool, "min_component_ml": float, "dsc": raw mean, "dsc_without_small": mean,
+        "cases": n, "validation": validation, "reason": one line}``; ``drop`` is False without a
+        usable row.
+
+    Raises:
+        ValueError: ``min_component_ml`` not a finite number > 0.
+    """
+    if not (np.isfinite(min_component_ml) and min_component_ml > 0):
+        raise ValueError(f"min_component_ml must be a finite number > 0, found {min_component_ml!r}")
+    pairs = [(float(r["dsc"]), float(r["dsc_without_small"])) for r in rows
+             if "dsc_without_small" in r and np.isfinite(float(r.get("dsc", np.nan)))
+             and np.isfinite(float(r["dsc_without_small"]))]
+    if not pairs:
+        return {"drop": False, "min_component_ml": float(min_component_ml), "dsc": None, "dsc_without_small": None,
+                "cases": 0, "validation": validation, "reason": "no validation case with a finite DSC"}
+    raw, kept = (float(np.mean(v)) for v in zip(*pairs))
+    return {"drop": bool(kept > raw or (kept == raw and raw > 0)), "min_component_ml": float(min_component_ml), "dsc": raw,
+            "dsc_without_small": kept, "cases": len(pairs), "validation": validation,
+            "reason": f"mean 3D DSC on {len(pairs)} {validation} {raw:.3f} -> {kept:.3f} dropping components "
+                      f"under {min_component_ml:.3g} ml (the training labels' smallest)"}

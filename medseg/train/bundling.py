@@ -3,8 +3,9 @@
 The bundle holds the float32 twin of the trained model with the weights being kept: the best
 mean 3D validation DSC on held-out cases (``selection="best"``), the last validated model when
 validation runs on the training cases (``"last"``), or the model at a cancel (``status
-"cancelled"``, ``"last"``). It records the largest-component choice the validation rows
-support (:func:`medseg.train.validation.postprocessing`).
+"cancelled"``, ``"last"``). It records the post-processing choices the validation rows
+support (:func:`medseg.train.validation.postprocessing`: the largest component, and dropping
+components smaller than the training labels' smallest).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from medseg.events import CheckpointWritten, emit
 from medseg.infer import bundle as bundle_io
 from medseg.train.assembly import network_spec
-from medseg.train.validation import postprocessing
+from medseg.train.validation import postprocessing, training_facts
 
 COMPLETE = "complete"
 CANCELLED = "cancelled"
@@ -52,7 +53,8 @@ class BundleWriter:
                     "train_cases": [c.case_id for c in run.train_cases],
                     "val_cases": [c.case_id for c in run.val_cases], "map_labels": run.cfg.map_labels}
         path = save(run.write_dir, run.twin, run.plan, classes=spec.output_names, pipeline=run.pipeline,
-                    network=network_spec(run.cfg), postprocessing=postprocessing(spec, rows, run.validation_kind),
+                    network=network_spec(run.cfg), postprocessing=postprocessing(spec, rows, run.validation_kind,
+                                                                       training_facts(run.plan)[1]),
                     selection=self.selection, validation=run.validation_kind, training=training, status=self.status,
                     parent=self.parent)
         self.writes += 1

@@ -121,7 +121,8 @@ def summarize_validation(rows: Sequence[dict]) -> dict[str, float]:
         "val_empty_ref": float(np.sum(ref_empty)),
     }
     # Several classes: each class's mean DSC too (rows of a multi-class model carry dsc_<name>).
-    per_class = sorted({k for r in rows for k in r if k.startswith("dsc_") and not k.startswith("dsc_largest")})
+    per_class = sorted({k for r in rows for k in r if k.startswith("dsc_")
+                       and not k.startswith(("dsc_largest", "dsc_without_small"))})
     for key in per_class:
         values = np.array([float(r.get(key, np.nan)) for r in rows], dtype=float)
         summary[f"val_{key}"] = float(np.nanmean(values)) if np.any(np.isfinite(values)) else float("nan")
@@ -162,13 +163,16 @@ class RunKeeper(keras.callbacks.Callback):
         clock: a :class:`medseg.train.budget.BudgetClock`; its ``time_up`` stops the run (instead
             of ``max_time_s``), its state goes into the checkpoint and the summary line shows the
             time left.
-        selection: ``"best"`` keeps the model with the best validation DSC; ``"last"`` (the
-            validation cases are training cases, so a "best" would be chosen on training data)
-            keeps the last validated model, and early stopping is off.
+        selection: ``"best"`` keeps the model with the best validation DSC; ``"last"`` keeps
+            the last validated model (the default: the schedule anneals to the end of the run;
+            and the only choice when the validation cases are training cases); early stopping
+            (``patience``) counts validations without a better DSC either way.
         schedule_end_lr: the learning-rate schedule's end value (recorded in ``state.json``).
         events: a :mod:`medseg.events` sink: the summary line becomes a ``Message`` and each
             checkpoint a ``CheckpointWritten`` (None: the summary line is printed).
         dice_title: title of the Dice panel of ``curves.png``.
+        training_cases: the validation cases are the training cases (default: ``selection == "last"``,
+            as before held-out runs could keep the last model).
 
     The state records ``steps`` (optimizer steps so far), ``stop_reason`` (``"epochs"``,
     ``"budget"`` or ``"early_stopping"``), ``final_lr`` (learning rate at the last step) and
@@ -181,7 +185,7 @@ class RunKeeper(keras.callbacks.Callback):
                  extra_state: Callable[[], dict] | None = None, verbose: int = 1, write_files: bool = True,
                  max_time_s: float | None = None, clock: Any = None, selection: str = "best",
                  schedule_end_lr: float | None = None, events: Any = None,
-                 dice_title: str = "Dice of the lesion class"):
+                 dice_title: str = "Dice of the lesion class", training_cases: bool | None = None):
         super().__init__()
         self.events = events
         self.dice_title = dice_title
@@ -200,6 +204,8 @@ class RunKeeper(keras.callbacks.Callback):
         if selection not in ("best", "last"):
             raise ValueError(f"selection must be 'best' or 'last', found {selection!r}")
         self.selection = selection
+        # Validation on the training cases (named so in the summary line and the curves).
+        self.training_cases = selection == "last" if training_cases is None else bool(training_cases)
         self.schedule_end_lr = schedule_end_lr
         self._t0 = self._t_start = time.perf_counter()
 
@@ -265,11 +271,13 @@ class RunKeeper(keras.callbacks.Callback):
         without improvement (early stopping). Returns whether the best score improved."""
         state = self.state
         if self.selection == "last":
-            # Validation on training cases: the model kept is the last one, whatever its score.
+            # The model kept is the last one, whatever its score (the schedule anneals to the end;
+            # on training cases a "best" would be chosen on training data). Validation stays the
+            # curve and, on held-out cases, early stopping: ``peak_dsc`` is the best seen.
             state["best_dsc"] = float(value) if math.isfinite(float(value)) else float("nan")
             state["best_epoch"] = epoch + 1
             self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
-            return False
+            return self._count_wait(epoch, value)
         if math.isfinite(float(value)) and float(value) > state["best_dsc"]:
             state["best_dsc"] = float(value)
             state["best_epoch"] = epoch + 1
@@ -277,11 +285,26 @@ class RunKeeper(keras.callbacks.Callback):
             self._write(self.run_dir / "model.keras", epoch, self.save_best, self.model, epoch, logs)
             return True
         state["wait"] += 1
+        self._stop_if_patient()
+        return False
+
+    def _count_wait(self, epoch: int, value) -> bool:
+        """Selection "last": the best validation seen (``peak_dsc``/``peak_epoch``) and the
+        validations since (early stopping). Returns whether the peak improved."""
+        state = self.state
+        if math.isfinite(float(value)) and float(value) > state.get("peak_dsc", -1.0):
+            state["peak_dsc"], state["peak_epoch"], state["wait"] = float(value), epoch + 1, 0
+            return True
+        state["wait"] += 1
+        self._stop_if_patient()
+        return False
+
+    def _stop_if_patient(self) -> None:
+        state = self.state
         if self.patience is not None and state["wait"] >= self.patience:
             self.model.stop_training = True
             state["stopped_early"] = True
             state["stop_reason"] = "early_stopping"
-        return False
 
     def _decide_stop(self, epoch: int, row: dict) -> None:
         """Stop when the time budget is spent; record why the run ends (``stop_reason``)."""
@@ -321,7 +344,7 @@ class RunKeeper(keras.callbacks.Callback):
             # Drawing takes a few hundred ms: only when the validation Dice moved or at the end.
             if validated or last or not (run / "curves.png").exists():
                 self._write(run / "curves.png", epoch, plot_curves, state["history"], run / "curves.png",
-                            validation="training cases" if self.selection == "last" else "whole volumes",
+                            validation="training cases" if self.training_cases else "whole volumes",
                             title=self.dice_title)
         except (ValueError, RuntimeError) as exc:  # a figure problem must never end a run
             if isinstance(exc, InputError):  # a full disk does
@@ -348,8 +371,8 @@ class RunKeeper(keras.callbacks.Callback):
             parts.append(f"train Dice {row['dice']:.3f}")
         if validated:
             hd = row.get("val_hd95_mm", float("nan"))
-            on = " (training cases)" if self.selection == "last" else ""
-            parts.append(f"val{on} 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved else ""))
+            on = " (training cases)" if self.training_cases else ""
+            parts.append(f"val{on} 3D DSC {row.get(MONITOR, float('nan')):.3f}" + (" *best*" if improved and not self.training_cases else ""))
             n_inf = int(row.get("val_hd95_inf", 0) or 0)
             why = _empty_text(row, n_inf)
             if np.isfinite(hd):
@@ -360,6 +383,8 @@ class RunKeeper(keras.callbacks.Callback):
             parts.append("val 3D DSC -")
         if self.state["best_epoch"] and self.selection == "best":
             parts.append(f"best {self.state['best_dsc']:.3f} @ {self.state['best_epoch']}")
+        elif self.state.get("peak_epoch") and not self.training_cases:  # "last": the kept model is this one
+            parts.append(f"best {self.state['peak_dsc']:.3f} @ {self.state['peak_epoch']} (keeping the last)")
         parts.append(f"lr {row.get('lr', float('nan')):.2e}")
         parts.append(f"{row['time_s']:.0f} s")
         if "time_left_s" in row:

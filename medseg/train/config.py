@@ -33,6 +33,8 @@ from medseg.errors import InputError
 SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("dice_ce", "dice", "ce")
+#: Which model the bundle keeps (:attr:`TrainConfig.selection`).
+SELECTIONS = ("last", "best")
 #: Fields that may change when a run is resumed (everything else must match the saved run).
 RESUME_MUTABLE = ("epochs", "early_stopping", "val_every", "max_time_s", "max_val_cases", "gpus", "devices",
                   "precision", "workers", "run_eagerly", "images", "labels", "verbose", "debug", "resume")
@@ -65,9 +67,16 @@ class TrainConfig:
         weight_decay: decoupled weight decay of AdamW (0 means plain Adam).
         val_fraction: fraction of patients held out for validation (ignored with ``folds``).
             0 trains on every labelled case and validates on the training cases (labelled so
-            everywhere); the model kept is then the last one. A dataset with one labelled case
-            is trained this way automatically.
+            everywhere); the model kept is then the last one. None (the default): 0.2 from
+            :data:`medseg.train.cases.FEW_CASES` labelled cases on, else 0 (holding one of a
+            handful out throws away a large share of what there is; cross-validation with
+            ``folds`` on request), said on the terminal.
         folds, fold: K-fold cross-validation by patient; train on all folds but ``fold``.
+        selection: the model kept in the bundle: ``"last"`` (default: the final model; the
+            learning-rate schedule anneals to the end of the run, and nnU-Net v2 predicts with
+            its ``checkpoint_final`` too) or ``"best"`` (the best mean 3D validation DSC on
+            held-out cases). Validation runs either way: the curve, the post-processing choice
+            and early stopping. With validation on the training cases the last model is kept.
         val_every: validate on whole volumes every N epochs (and after the last epoch).
         early_stopping: stop after this many validations without a better 3D DSC (None: off).
         max_time_s: wall-clock budget in seconds from the start of the run to its last step
@@ -135,10 +144,11 @@ class TrainConfig:
     schedule_over: str = "budget"
     warmup_epochs: int = 0
     weight_decay: float = 0.0
-    val_fraction: float = 0.2
+    val_fraction: float | None = None
     folds: int | None = None
     fold: int | None = None
     val_every: int = 1
+    selection: str = "last"
     early_stopping: int | None = None
     max_time_s: float | None = None
     gpus: list[int] | None = None
@@ -213,6 +223,8 @@ class TrainConfig:
             raise bad("lr", "to be a positive number")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"to be one of {', '.join(SCHEDULES)}")
+        if self.selection not in SELECTIONS:
+            raise bad("selection", f"to be one of {', '.join(SELECTIONS)}")
         if self.schedule_over not in ("budget", "epochs"):
             raise bad("schedule_over", "to be budget or epochs")
         if self.precision not in PRECISIONS:
@@ -234,7 +246,7 @@ class TrainConfig:
         if self.folds is not None:
             if self.folds < 2 or not 0 <= self.fold < self.folds:
                 raise InputError(where, "folds >= 2 and 0 <= fold < folds", f"folds={self.folds}, fold={self.fold}")
-        elif not 0.0 <= self.val_fraction < 1.0:
+        elif self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise bad("val_fraction", "to be in [0, 1) (0: validate on the training cases)")
         if self.val_fraction == 0 and self.folds is None and self.early_stopping is not None:
             raise InputError(where, "early_stopping only with held-out validation cases (val_fraction > 0)",

@@ -49,12 +49,13 @@ def fit(run: Any, extra_callbacks: Sequence[Any] = ()) -> None:
     run.validation = WholeVolumeValidation(
         reporting_validator(evaluate, run.plan.class_spec, run.validation_kind, events, lambda: progress.epoch),
         every=cfg.val_every, epochs=cfg.epochs, clock=run.clock, cancel=run.cancel)
-    writer = BundleWriter(run, "last" if run.validation_kind == cases.ON_TRAINING else "best", events)
+    on_training = run.validation_kind == cases.ON_TRAINING
+    writer = BundleWriter(run, "last" if on_training else cfg.selection, events)
     keeper = RunKeeper(run.write_dir, state, writer, validation=run.validation, epochs=cfg.epochs,
-                       patience=cfg.early_stopping, verbose=run.verbose, write_files=True, clock=run.clock,
+                       patience=None if on_training else cfg.early_stopping, verbose=run.verbose, write_files=True, clock=run.clock,
                        selection=writer.selection, schedule_end_lr=0.0, events=events,
                        extra_state=lambda: {"cancelled": True} if progress.cancelled_epoch is not None else {},
-                       dice_title=dice_title(run.plan.class_spec))
+                       dice_title=dice_title(run.plan.class_spec), training_cases=on_training)
     callbacks = [run.validation, keeper, progress]
     if run.verbose == 1:
         # Keras' progress bar, placed so its end-of-epoch line shows the 3D validation DSC and

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from medseg.events import EpochEnd, StepProgress, ValidationResult, emit
+from medseg.events import EpochEnd, Message, StepProgress, ValidationResult, emit
 from medseg.train.callbacks import summarize_validation
 from medseg.train.validation import per_class_means
 
@@ -81,15 +81,22 @@ def _number(value) -> bool:
 
 def reporting_validator(evaluate, spec, validation: str, events, epoch_of):
     """``evaluate`` that also emits a ``ValidationResult`` (per class means, the mean DSC) for
-    the epoch ``epoch_of()`` (0-based) after scoring."""
+    the epoch ``epoch_of()`` (0-based) after scoring, and a warning ``Message`` (on stderr) for each
+    validation row carrying a ``"warning"`` (an empty prediction of a class every training case
+    holds, :func:`medseg.train.validation.empty_prediction_text`)."""
     if events is None:
         return evaluate
 
     def evaluate_and_report(model):
         rows = evaluate(model)
         mean = summarize_validation(rows).get("val_dsc_3d", math.nan)
-        emit(events, ValidationResult(epoch=int(epoch_of()) + 1, per_class=per_class_means(spec, rows),
+        epoch = int(epoch_of()) + 1
+        emit(events, ValidationResult(epoch=epoch, per_class=per_class_means(spec, rows),
                                       mean_dsc=float(mean), validation=validation))
+        for row in rows:
+            if row.get("warning"):
+                emit(events, Message(f"medseg-train: warning: epoch {epoch} validation: {row['warning']}",
+                                     level="warning", stream="stderr"))
         return rows
 
     return evaluate_and_report

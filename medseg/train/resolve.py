@@ -59,7 +59,10 @@ def _resumed(cfg: TrainConfig) -> TrainConfig:
     if not saved_path.is_file():
         raise InputError(run_dir, f"a medseg-train run folder holding {CONFIG_FILE}",
                          "a folder without it" if run_dir.is_dir() else "nothing")
-    saved = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")), source=saved_path)
+    values = json.loads(saved_path.read_text(encoding="utf-8"))
+    # Runs saved before ``selection`` existed kept the best model: a resume keeps doing so.
+    values.setdefault("selection", "best")
+    saved = TrainConfig.from_dict(values, source=saved_path)
     for name in ("images", "labels"):
         path = getattr(saved, name)
         if path and not os.path.isabs(path) and not os.path.exists(path):

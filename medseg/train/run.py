@@ -47,8 +47,9 @@ class RunResult:
 
     Attributes:
         run_dir: the run folder.
-        best_dsc: best mean per-patient 3D validation DSC (NaN when never validated).
-        best_epoch: epoch (1-based) of the best model, 0 when none.
+        best_dsc: mean per-patient 3D validation DSC of the model kept (``selection`` "best": the
+            best; "last": the last validated; NaN when never validated).
+        best_epoch: epoch (1-based) of the model kept, 0 when none.
         epochs_completed: epochs trained in total (including before a resume).
         stopped_early: early stopping ended the run.
         history: one dict per epoch (as ``history.csv``).
@@ -60,7 +61,7 @@ class RunResult:
         strategy: class name of the distribution strategy.
         train_cases, val_cases: patient ids of the split.
         model: the model with the final weights (float32, outside any strategy); the bundle
-            holds the best one instead.
+            holds the one ``selection`` keeps (the same weights with "last").
         validation: ``"held-out cases"`` or ``"training cases"`` (:func:`medseg.train.cases.check_and_split`).
         stop_reason: ``"epochs"``, ``"budget"`` or ``"early_stopping"``.
         steps: optimizer steps run in all (including before a resume).

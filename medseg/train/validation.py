@@ -16,23 +16,25 @@ import numpy as np
 from medseg.train.assembly import network_spec
 from medseg.train.cases import HELD_OUT
 
-#: Not a metric of the catalog: the DSC after keeping the largest component, for the
-#: post-processing choice; carried beside the catalog's validation columns.
+#: Not metrics of the catalog: the DSC after keeping the largest component and after dropping the
+#: components smaller than the training labels' smallest, for the post-processing choices; carried
+#: beside the catalog's validation columns.
 _LARGEST = "dsc_largest_component"
+_SMALL = "dsc_without_small"
 
 
 def _means() -> tuple[str, ...]:
     """Keys whose class mean a multi-class row carries: the catalog's validation columns."""
     from medseg.eval.catalog import validation_columns
 
-    return (*validation_columns(), _LARGEST)
+    return (*validation_columns(), _LARGEST, _SMALL)
 
 
 def _class_keys() -> tuple[str, ...]:
     """Keys kept per class as ``<key>_<name>``: the catalog's, and the largest-component DSC."""
     from medseg.eval.catalog import validation_class_columns
 
-    return (*validation_class_columns(), _LARGEST)
+    return (*validation_class_columns(), _LARGEST, _SMALL)
 
 
 def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = HELD_OUT, pipeline=None):
@@ -51,6 +53,7 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
     cases = list(val_cases)[: cfg.max_val_cases] if cfg.max_val_cases else list(val_cases)
     spec = predictor.classes
     ignore = getattr(plan, "ignore_label", None)
+    held, smallest = training_facts(plan)
 
     def evaluate(model) -> list[dict]:
         twin.set_weights(model.get_weights())
@@ -64,30 +67,78 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
             if ignore is not None:  # partial labels: the labelled voxels only, in both
                 labelled = ref != ignore
                 pred, ref = np.where(labelled, pred, 0), np.where(labelled, ref, 0)
-            if not spec.kind.per_class:  # one foreground: its ids (every nonzero value by default)
-                rows.append({"case_id": case.case_id, "validation": validation,
-                             **score_case(spec.mask(pred, 0), spec.mask(ref, 0), image.spacing_mm)})
-                continue
-            per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm)
+            per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm, smallest.get(name))
                          for k, name in enumerate(spec.names)}
-            rows.append(class_row(case.case_id, validation, per_class))
+            # one foreground: its ids (every nonzero value by default)
+            row = (class_row(case.case_id, validation, per_class) if spec.kind.per_class
+                   else {"case_id": case.case_id, "validation": validation, **per_class[spec.names[0]]})
+            missed = [name for name in spec.names if name in held and per_class[name]["pred_empty"]]
+            if missed:
+                row["warning"] = empty_prediction_text(case.case_id, missed, len(plan.fingerprint.get("cases", [])))
+            rows.append(row)
         return rows
 
     return evaluate
 
 
-def score_case(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """The 3D metrics of one binary prediction against its reference, with the emptiness flags
-    and the DSC after keeping the largest component (for the post-processing choice)."""
+#: Predicted components below this share of the training labels' smallest component are the
+#: candidates the post-processing may drop. Not the smallest itself: a structure the field of view
+#: cuts is smaller than any labelled one (patient B's 20 slices hold 22.4 ml of aorta, a 2 cm crop
+#: half of it), while the false components it is meant for are a few voxels.
+SMALL_COMPONENT_SHARE = 0.1
+
+
+def training_facts(plan) -> tuple[set[str], dict[str, float]]:
+    """From the plan's fingerprint (of the training cases): the classes every training case holds,
+    and each class's size (ml) below which predicted components may be dropped:
+    :data:`SMALL_COMPONENT_SHARE` of its smallest labelled component (classes without one left out)."""
+    entries = [e for e in (plan.fingerprint or {}).get("cases", []) if "lesion" in e]
+    spec = plan.class_spec
+    if not entries:
+        return set(), {}
+    if "class_voxels" not in entries[0] or not spec.kind.per_class:
+        name = spec.names[0]
+        held = {name} if all(e["lesion"]["voxels"] > 0 for e in entries) else set()
+        sizes = [e["lesion"].get("smallest_component_ml") for e in entries]
+        sizes = [v for v in sizes if v is not None]
+        return held, ({name: SMALL_COMPONENT_SHARE * min(sizes)} if sizes else {})
+    held = {n for n in spec.names if all(e["class_voxels"].get(n, 0) > 0 for e in entries)}
+    smallest = {}
+    for n in spec.names:
+        sizes = [e.get("class_smallest_component_ml", {}).get(n) for e in entries]
+        sizes = [v for v in sizes if v is not None]
+        if sizes:
+            smallest[n] = SMALL_COMPONENT_SHARE * min(sizes)
+    return held, smallest
+
+
+def empty_prediction_text(case_id: str, names, n_training: int) -> str:
+    """The warning for a validation case where the model predicts none of ``names`` although
+    every training case holds them."""
+    which = ", ".join(names)
+    return (f"the model predicts no {which} on {case_id}, although each of the {n_training} training case"
+            f"{'s' if n_training != 1 else ''} holds {'it' if len(names) == 1 else 'them'}: a new scan is likely "
+            f"segmented as empty too (train longer, check --map-labels / --labels-map, or add cases)")
+
+
+def score_case(pred: np.ndarray, ref: np.ndarray, spacing, min_component_ml: float | None = None) -> dict:
+    """The 3D metrics of one binary prediction against its reference, with the emptiness flags,
+    the DSC after keeping the largest component and the DSC after dropping the components below
+    ``min_component_ml`` (the training labels' smallest; None: nothing dropped), for the
+    post-processing choices."""
     from medseg.eval import compute_metrics
     from medseg.eval.metrics import dice
-    from medseg.infer.postprocess import keep_largest_component
+    from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
 
     metrics = compute_metrics(pred, ref, spacing)
+    pred = np.asarray(pred)
+    without_small = pred if not min_component_ml else remove_small_lesions(pred, spacing, min_component_ml) > 0
     return {**{k: float(v) for k, v in metrics.items()},
             "pred_empty": float(not pred.any()), "ref_empty": float(not ref.any()),
-            # for the post-processing choice (medseg.infer.postprocess.choose_largest_component)
-            "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref))}
+            # for the post-processing choices (medseg.infer.postprocess.choose_*)
+            "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref)),
+            "dsc_without_small": float(dice(without_small, ref)),
+            "min_component_ml": float(min_component_ml or 0.0)}
 
 
 def class_row(case_id: str, validation: str, per_class: Mapping[str, dict]) -> dict:
@@ -121,15 +172,28 @@ def per_class_means(spec, rows: list[dict]) -> dict[str, dict[str, float]]:
     return {name: {key: mean(f"{key}_{name}") for key in keys} for name in spec.names}
 
 
-def postprocessing(spec, rows: list[dict], validation: str) -> dict:
-    """The largest-component choice made on validation: one for a binary model, one per class
-    (``{"largest_component": {name: bool}, "classes": {name: details}}``) for several."""
-    from medseg.infer.postprocess import choose_largest_component
+def postprocessing(spec, rows: list[dict], validation: str, smallest: dict[str, float] | None = None) -> dict:
+    """The post-processing choices made on validation: the largest-component rule, one for a
+    binary model (``choose_largest_component``'s dict), one per class (``{"largest_component":
+    {name: bool}, "classes": {name: details}}``) for several; and, for the classes whose smallest
+    training component is known (``smallest``, ml), whether to drop smaller predicted components
+    (``"small_components": {name: choose_small_components's dict}``)."""
+    from medseg.infer.postprocess import choose_largest_component, choose_small_components
 
+    def column(key: str, name: str) -> str:
+        return key if not spec.kind.per_class else f"{key}_{name}"
+
+    small = {name: choose_small_components(
+        [{"dsc": r.get(column("dsc", name), float("nan")),
+          "dsc_without_small": r.get(column(_SMALL, name), float("nan"))} for r in rows],
+        min_component_ml=smallest[name], validation=validation)
+        for name in spec.names if (smallest or {}).get(name)}
     if not spec.kind.per_class:
-        return choose_largest_component(rows, validation=validation)
+        out = choose_largest_component(rows, validation=validation)
+        return {**out, "small_components": small} if small else out
     details = {name: choose_largest_component(
         [{"dsc": r.get(f"dsc_{name}", float("nan")),
           "dsc_largest_component": r.get(f"dsc_largest_component_{name}", float("nan"))} for r in rows],
         validation=validation) for name in spec.names}
-    return {"largest_component": {name: d["largest_component"] for name, d in details.items()}, "classes": details}
+    out = {"largest_component": {name: d["largest_component"] for name, d in details.items()}, "classes": details}
+    return {**out, "small_components": small} if small else out

@@ -41,6 +41,9 @@ _EXPORTS = {
     "RandJointAugmentd": "medseg.transforms.dictionary",
     "RandEnhancementd": "medseg.transforms.dictionary",
     "Enhancement": "medseg.transforms.enhance",
+    "RandContrastPhased": "medseg.transforms.phase",
+    "PhaseConfig": "medseg.transforms.phase",
+    "ContrastPhase": "medseg.transforms.phase",
     "EnhancementConfig": "medseg.transforms.enhance",
     "check_alignment": "medseg.transforms.augment",
 }

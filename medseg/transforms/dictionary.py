@@ -193,15 +193,17 @@ class BodyMaskd(MapTransform):
     slice_local = True
     training_only = True
 
-    def __init__(self, keys="image", modality: str = "MR", allow_missing_keys: bool = False):
+    def __init__(self, keys="image", modality: str = "MR", allow_missing_keys: bool = False,
+                 background: str = "otsu"):
         super().__init__(keys, allow_missing_keys)
         self.modality = str(modality)
+        self.background = str(background)  # the normalization's rule (intensity.BODY_BACKGROUNDS)
 
     def __repr__(self) -> str:
         return f"BodyMaskd(keys={self.keys}, modality={self.modality!r})"
 
     def apply(self, value, key):
-        return value.replace(body=body_mask(value.array, self.modality))
+        return value.replace(body=body_mask(value.array, self.modality, self.background))
 
 
 @register_transform

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from medseg.transforms.modality import KNOWN_MODALITIES, guess_modality, has_background  # noqa: F401 (re-exported)
+
 __all__ = [
     "ct_window",
     "zscore",
@@ -37,8 +39,6 @@ NORMALIZATION_KINDS = ("ct_window", "zscore", "percentile")
 
 #: HU above which a CT voxel belongs to the body (air is -1000, fat about -100).
 CT_BODY_HU = -500.0
-#: Header modalities taken at their word; others (``OT``, ``SEG``, ...) are guessed from intensities.
-KNOWN_MODALITIES = ("CT", "MR", "PT", "US")
 
 
 def ct_window(array: np.ndarray, low_hu: float, high_hu: float) -> np.ndarray:
@@ -65,25 +65,6 @@ def _ct_window_(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return x
 
 
-def guess_modality(volume) -> str | None:
-    """Modality of a Volume: from its header (``meta["modality"]`` in :data:`KNOWN_MODALITIES`),
-    else guessed from intensities.
-
-    The guess only recognises CT (air is stored at about -1000 HU: 1st percentile below -900);
-    anything else returns None ("cannot tell"). It reads a strided view of about 100 000 voxels,
-    so it never copies the volume whatever its memory layout.
-    """
-    modality = str(volume.meta.get("modality") or "").upper()
-    modality = "MR" if modality == "MRI" else modality
-    if modality in KNOWN_MODALITIES:
-        return modality
-    array = np.asarray(volume.array)
-    if array.size == 0:
-        return None
-    step = max(1, round((array.size / 100_000) ** (1 / 3)))
-    return "CT" if np.percentile(array[::step, ::step, ::step], 1) < -900 else None
-
-
 def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold (maximal between-class variance) on a ``bins``-bin histogram."""
     x = np.asarray(array, dtype=np.float64).ravel()
@@ -104,26 +85,37 @@ def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
     return float((edges[1:][best[0]] + edges[1:][best[-1]]) / 2)
 
 
-def body_mask(array: np.ndarray, modality: str = "MR") -> np.ndarray:
+def body_mask(array: np.ndarray, modality: str = "MR", background: str = "otsu") -> np.ndarray:
     """Boolean mask of the body (everything but the surrounding air).
 
     CT: ``HU > -500``. Other modalities: above Otsu's threshold, computed on a subsample for
-    speed. If the result is empty (a constant image) every voxel counts as body.
+    speed; with ``background="detect"`` (what new plans record, :data:`BODY_BACKGROUNDS`) only
+    when the image has a background (:func:`~medseg.transforms.modality.has_background`): an image cropped inside the body
+    (no air around it) is then all body, where Otsu would split its tissues in two and the
+    normalization statistics would depend on the field of view. ``"otsu"`` (plans written before)
+    always thresholds. If the result is empty (a constant image) every voxel counts as body.
     """
     x = np.asarray(array)
-    mask = x > _body_threshold(x, modality)
+    mask = x > _body_threshold(x, modality, background)
     if not mask.any():
         mask = np.ones(x.shape, dtype=bool)
     return mask
 
 
-def _body_threshold(x: np.ndarray, modality: str) -> float:
-    """:func:`body_mask` is ``x > _body_threshold(x, modality)`` (all voxels where that is empty)."""
+#: How the body of a non-CT image is found: ``"otsu"`` (always Otsu's threshold, plans before
+#: issue 23) or ``"detect"`` (Otsu's only when the image has air around the body).
+BODY_BACKGROUNDS = ("otsu", "detect")
+
+
+def _body_threshold(x: np.ndarray, modality: str, background: str = "otsu") -> float:
+    """:func:`body_mask` is ``x > _body_threshold(x, modality, background)`` (all voxels where that is empty)."""
     if str(modality).upper() == "CT":
         return CT_BODY_HU
     flat = x.ravel()
     step = max(1, flat.size // 1_000_000)
-    return otsu_threshold(flat[::step])
+    sample = flat[::step]
+    threshold = otsu_threshold(sample)
+    return threshold if background == "otsu" or has_background(sample, threshold) else -np.inf
 
 
 def _region(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -376,6 +368,7 @@ def check_normalization(spec: Mapping[str, Any]) -> dict:
             raise ValueError(f"normalization 'zscore' clip_percentiles must be 0 <= low < high <= 100, found {spec!r}")
         if spec["region"] not in ("body", "all"):
             raise ValueError(f"normalization 'zscore' region must be 'body' or 'all', found {spec['region']!r}")
+        _check_background(spec)
     elif kind == "percentile":
         spec.setdefault("low_pct", 0.5)
         spec.setdefault("high_pct", 99.5)
@@ -383,9 +376,17 @@ def check_normalization(spec: Mapping[str, Any]) -> dict:
         spec.setdefault("high", None)
         if not 0 <= spec["low_pct"] < spec["high_pct"] <= 100:
             raise ValueError(f"normalization 'percentile' needs 0 <= low_pct < high_pct <= 100, found {spec!r}")
+        _check_background(spec)
     else:
         raise ValueError(f"normalization kind must be one of {NORMALIZATION_KINDS}, found {kind!r}")
     return spec
+
+
+def _check_background(spec: dict) -> None:
+    """``spec["background"]``: how the body is found (:data:`BODY_BACKGROUNDS`); absent, "otsu"
+    (a plan written before it existed normalizes exactly as it did), and left absent then."""
+    if spec.get("background", "otsu") not in BODY_BACKGROUNDS:
+        raise ValueError(f"normalization background must be one of {BODY_BACKGROUNDS}, found {spec['background']!r}")
 
 
 def normalize(
@@ -451,7 +452,8 @@ def normalize_inplace(
     else:
         # The body of the voxels as given: the threshold is taken before x is overwritten, and
         # the chunks are read below before x is.
-        make_chunks, n = _region_chunks(x, body, None if body is not None else _body_threshold(x, modality))
+        make_chunks, n = _region_chunks(x, body, None if body is not None else _body_threshold(
+            x, modality, spec.get("background", "otsu")))
 
     def percentiles(pcts) -> tuple[float, float]:
         if n == 0:  # numpy's error for an empty volume

@@ -108,7 +108,8 @@ class Pipeline:
             augment: True (the default recipe; without flips and quarter turns when the plan's
                 ``keep_orientation``), False/None (no augmentation step), an ``AugmentConfig``
                 or a dict of its fields (taken as given). A plan's ``enhancement`` adds
-                ``RandEnhancementd`` before it (not with False/None).
+                ``RandEnhancementd`` before it, its ``contrast_phases`` ``RandContrastPhased`` (not
+                with False/None).
             extra: transforms (objects or ``{"name", "module", "args", "after"/"before"}``
                 entries) inserted after the step named by ``after``/``before``; by default a
                 deterministic one goes after ``NormalizeIntensityd`` and a random one at the end.
@@ -121,7 +122,8 @@ class Pipeline:
                           ignore=getattr(plan, "ignore_label", None)),
             PlanSpaced(("image", "label"), orientation=plan.orientation, slice_axis=plan.slice_axis,
                        target_spacing_mm=plan.target_spacing_mm, allow_missing_keys=True),
-            BodyMaskd("image", modality=plan.modality, allow_missing_keys=True),
+            BodyMaskd("image", modality=plan.modality, allow_missing_keys=True,
+                      background=plan.normalization.get("background", "otsu")),
             NormalizeIntensityd("image", plan.normalization, modality=plan.modality, allow_missing_keys=True),
             ContextSlicesd("image", context_slices=plan.context_slices, allow_missing_keys=True),
             RandLesionPatchd(("image", "label"), tuple(plan.patch_size), context_slices=plan.context_slices,
@@ -139,6 +141,13 @@ class Pipeline:
             steps.append(RandEnhancementd(("image", "label"), window_hu=(window["low_hu"], window["high_hu"]),
                                           classes=plan.enhanced_class_indices(), num_classes=plan.num_classes,
                                           config=enhancement))
+        phases = getattr(plan, "contrast_phases", None)
+        if config is not None and phases is not None:
+            from medseg.transforms.phase import RandContrastPhased
+
+            window = plan.normalization
+            steps.append(RandContrastPhased(("image", "label"), window_hu=(window["low_hu"], window["high_hu"]),
+                                            num_classes=plan.num_classes, config=phases))
         if config is not None:
             steps.append(RandJointAugmentd(("image", "label"), config=config, label_kind=kind))
         for item in extra:

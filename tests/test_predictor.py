@@ -412,3 +412,28 @@ def test_label_kinds_decode_and_encode_by_hand():
     np.testing.assert_array_equal(BITS.encode(regions, masks), [[[1, 2, 0]]])  # core (2) overwrites whole (1)
     assert not BINARY.decodes_classes and CLASSES.decodes_classes and BITS.decodes_classes
     assert LabelKind.named("bits") is BITS and LabelKind.named(BITS) is BITS
+
+
+def test_bundle_small_component_choice_is_applied_at_inference(tmp_path):
+    """A bundle whose validation chose to drop components below 0.5 ml: the Predictor drops the
+    2 x 2 x 2 mm blob (0.008 ml) and keeps the 6.9 ml block; without the choice both stay, and the
+    caller's larger --min-lesion-ml still wins."""
+    hu = np.zeros((30, 30, 12), np.int16)
+    hu[5:17, 5:17, 2:8] = 100   # 12 x 12 x 6 voxels of 2 mm: 6.9 ml
+    hu[24:25, 24:25, 9:10] = 100  # one voxel: 0.008 ml
+    volume = Volume(hu, np.diag([2.0, 2.0, 2.0, 1.0]), "blobs", {"modality": "CT"})
+    plan = Plan(modality="CT", context_slices=3, divisor=1, patch_size=(32, 32), target_spacing_mm=None,
+                normalization={"kind": "ct_window", "low_hu": 0.0, "high_hu": 100.0})
+    model = threshold_model(3, centre=1)
+    small = {"drop": True, "min_component_ml": 0.5, "dsc": 0.7, "dsc_without_small": 0.72, "cases": 1,
+             "validation": "held-out cases", "reason": "validation"}
+    post = {"largest_component": False, "dsc": 0.7, "dsc_largest_component": 0.6, "cases": 1,
+            "validation": "held-out cases", "reason": "validation", "small_components": {"lesion": small}}
+    plain = Predictor(bundle_of(tmp_path / "plain", model, plan)).segment(volume, largest_component=False)
+    chosen = Predictor(bundle_of(tmp_path / "chosen", model, plan, postprocessing=post))
+    dropped = chosen.segment(volume, largest_component=False)
+    assert int(plain.array.sum()) == 12 * 12 * 6 + 1
+    assert int(dropped.array.sum()) == 12 * 12 * 6 and not dropped.array[24, 24, 9]
+    assert int(chosen.segment(volume, min_lesion_ml=10.0, largest_component=False).array.sum()) == 0
+    proba = chosen.predict_proba(volume)
+    assert int(chosen.labels_from_proba(proba, largest_component=False).array.sum()) == 12 * 12 * 6

@@ -61,6 +61,20 @@ def _add_correction_args(group) -> None:
                             "pipeline, the fine-tuning schedule (docs/train.md); the new bundle records its parent")
 
 
+def _add_split_args(s) -> None:
+    """Split and validation flags."""
+    s.add_argument("--val-fraction", type=float,
+                   help="fraction of patients held out (default 0.2 from 5 labelled cases on, else 0); 0: train on all, "
+                        "validate on the training cases")
+    s.add_argument("--folds", type=int, help="K of patient-level K-fold cross-validation")
+    s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
+    s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")
+    s.add_argument("--max-val-cases", type=int, help="validate on at most N patients")
+    s.add_argument("--selection", choices=("last", "best"), help="model kept: last (default, the final one) or best")
+    s.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE validations without a better 3D DSC (default: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.nets.registry import network_names  # names only: no Keras import
 
@@ -84,17 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", help="exact run folder instead of OUT/<timestamp>")
     d.add_argument("--config", help="YAML or JSON file of settings (TrainConfig field names)")
     d.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    s = p.add_argument_group("split and validation")
-    s.add_argument("--val-fraction", type=float,
-                   help="fraction of patients held out (default 0.2 from 5 labelled cases on, else 0); 0: train on all, "
-                        "validate on the training cases")
-    s.add_argument("--folds", type=int, help="K of patient-level K-fold cross-validation")
-    s.add_argument("--fold", type=int, help="fold held out (0..K-1), with --folds")
-    s.add_argument("--val-every", type=int, help="validate on whole volumes every N epochs (default 1)")
-    s.add_argument("--max-val-cases", type=int, help="validate on at most N patients")
-    s.add_argument("--selection", choices=("last", "best"), help="model kept: last (default, the final one) or best")
-    s.add_argument("--early-stopping", type=int, metavar="PATIENCE",
-                   help="stop after PATIENCE validations without a better 3D DSC (default: off)")
+    _add_split_args(p.add_argument_group("split and validation"))
     t = p.add_argument_group("optimization")
     t.add_argument("--epochs", type=int, help="epochs (default 100)")
     t.add_argument("--max-time-s", type=float,

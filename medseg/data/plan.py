@@ -366,18 +366,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     # When every case already has the median spacing, resampling is skipped (identity grid).
     target_spacing = overrides.get("target_spacing_mm", tuple(float(v) for v in median_spacing[inplane]))
 
-    fg_stats = _stats(fg_values)
-    if _kind(classes) is not BINARY and modality == "CT" and fg_values.size:
-        # Several classes (or regions) get their own window; one named class gets the binary
-        # run's (``--labels-map liver=5`` as ``--map-labels 5:1,*:0``), whose top only its
-        # contrast phases, chosen by its name, may raise.
-        fitted = _class_ct_window(fg_values)
-    else:
-        fitted = _normalization_for(modality, fg_stats)
-    phases = overrides.get("contrast_phases", _phases_for(modality, fitted, classes))
-    if phases is not None and "normalization" not in overrides:
-        fitted = _window_for_phases(fitted, phases)
-    normalization = overrides.get("normalization", fitted)
+    normalization, phases = _intensity_for(modality, classes, fg_values, overrides)
     divisor = int(overrides.get("divisor", 16))
     spacing_for_size = np.asarray(target_spacing if target_spacing is not None else median_spacing[inplane])
     patch = overrides.get("patch_size", _patch_for(entries, inplane, spacing_for_size, divisor))
@@ -405,6 +394,21 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "contrast_phases": phases if normalization.get("kind") == "ct_window" else None,
     }
     return Plan(**fields)
+
+
+def _intensity_for(modality: str, classes, fg_values: np.ndarray, overrides: Mapping[str, Any]):
+    """``(normalization, contrast_phases)``: the fitted ones, or the overrides'."""
+    if _kind(classes) is not BINARY and modality == "CT" and fg_values.size:
+        # Several classes (or regions) get their own window; one named class gets the binary
+        # run's (``--labels-map liver=5`` as ``--map-labels 5:1,*:0``), whose top only its
+        # contrast phases, chosen by its name, may raise.
+        fitted = _class_ct_window(fg_values)
+    else:
+        fitted = _normalization_for(modality, _stats(fg_values))
+    phases = overrides.get("contrast_phases", _phases_for(modality, fitted, classes))
+    if phases is not None and "normalization" not in overrides:
+        fitted = _window_for_phases(fitted, phases)
+    return overrides.get("normalization", fitted), phases
 
 
 def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:

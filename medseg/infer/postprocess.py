@@ -63,6 +63,15 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesi
     return out
 
 
+def clean_mask(mask: np.ndarray, spacing_mm: Sequence[float], min_ml: float, keep_largest: bool) -> np.ndarray:
+    """One class's post-processing in inference's order: components below ``min_ml`` (ml) dropped
+    (0: none), then, with ``keep_largest``, the largest remaining component kept. ``uint8`` out;
+    ``mask`` itself is returned unchanged when there is nothing to do."""
+    if min_ml > 0:
+        mask = remove_small_lesions(mask, spacing_mm, min_ml)
+    return keep_largest_component(mask) if keep_largest else mask
+
+
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep only the largest connected lesion (by voxel count).
 

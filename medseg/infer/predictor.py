@@ -26,7 +26,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.events import CancelToken, EventSink
 from medseg.infer.bundle import Bundle
-from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
+from medseg.infer.postprocess import clean_mask
 from medseg.infer.progress import Progress
 from medseg.infer.range_check import report_range
 from medseg.infer.slices import (TTA_FLIPS, check_image, flip, inference_model, modality_mismatch, padding_for,
@@ -405,11 +405,8 @@ class Predictor:
         """
         t = self.check_post_settings(threshold, min_lesion_ml)
         mask = np.greater_equal(probability.array, t).view(np.uint8)  # bool -> uint8 without a copy
-        if min_lesion_ml > 0:
-            mask = remove_small_lesions(mask, probability.spacing_mm, min_lesion_ml)
-        if self._largest(largest_component):
-            mask = keep_largest_component(mask)
-        return probability.with_array(mask)
+        return probability.with_array(clean_mask(mask, probability.spacing_mm, self._min_ml(min_lesion_ml),
+                                                 self._largest(largest_component)))
 
     def segment(
         self,
@@ -453,11 +450,8 @@ class Predictor:
         for index, probs in self._parts(volume, progress=progress):
             np.greater_equal(probs, t, out=mask if index is None else mask[index])
             del probs
-        labels = mask.view(np.uint8)  # bool -> uint8 without a copy
-        if min_lesion_ml > 0:
-            labels = remove_small_lesions(labels, volume.spacing_mm, min_lesion_ml)
-        if self._largest(largest_component):
-            labels = keep_largest_component(labels)
+        labels = clean_mask(mask.view(np.uint8), volume.spacing_mm, self._min_ml(min_lesion_ml),
+                            self._largest(largest_component))  # bool -> uint8 view: no copy
         # A named class writes its own label id (``liver=5`` -> 5); the default lesion writes 1.
         spec = self.classes
         return volume.with_array(labels if spec is None else spec.label_ids(labels))
@@ -476,14 +470,9 @@ class Predictor:
         spec = self.classes
         masks = [self.kind.class_mask(parts, k) for k in range(len(spec.names))]
         for k, name in enumerate(spec.names):
-            keep = self._largest(largest_component, name)
-            if (keep or min_lesion_ml > 0) and masks[k].any():
-                cleaned = masks[k].view(np.uint8)
-                if min_lesion_ml > 0:
-                    cleaned = remove_small_lesions(cleaned, volume.spacing_mm, min_lesion_ml)
-                if keep:
-                    cleaned = keep_largest_component(cleaned)
-                masks[k] = cleaned > 0
+            keep, min_ml = self._largest(largest_component, name), self._min_ml(min_lesion_ml, name)
+            if (keep or min_ml > 0) and masks[k].any():
+                masks[k] = clean_mask(masks[k].view(np.uint8), volume.spacing_mm, min_ml, keep) > 0
         return volume.with_array(self.kind.encode(spec, masks))
 
     @property
@@ -491,6 +480,10 @@ class Predictor:
         """The bundle's post-processing choice: keep the largest component when training's
         validation showed it helps (``bundle.postprocessing``); False otherwise."""
         return self._largest(None)
+
+    def _min_ml(self, min_lesion_ml: float, class_name: str | None = None) -> float:
+        """Components below this (ml) are dropped: the caller's size or the bundle's, the larger."""
+        return max(float(min_lesion_ml), self.bundle.postprocessing.min_component_ml(class_name))
 
     def _largest(self, largest_component: bool | None, class_name: str | None = None) -> bool:
         """Keep only the largest component? The caller's choice, else the bundle's for class

@@ -146,21 +146,32 @@ class Enhancement:
     def apply(self, images: np.ndarray, masks: np.ndarray, params: EnhancementParams) -> np.ndarray:
         """Shift ``images`` ``(B, H, W, C)`` float32 in place by ``params``; ``masks`` ``(B, H, W)``
         class indices. Returns ``images``."""
-        from scipy.ndimage import gaussian_filter
-
         c = self.config
         lo = (c.tissue_ramp_hu[0] - self.low_hu) / self.span_hu
         width = (c.tissue_ramp_hu[1] - c.tissue_ramp_hu[0]) / self.span_hu
         for b in range(images.shape[0]):
-            x = images[b]
-            if params.tissue_hu[b]:
-                ramp = np.clip((x - lo) / width, 0.0, 1.0)
-                x += (params.tissue_hu[b] / self.span_hu) * ramp
+            brighten_tissue(images[b], params.tissue_hu[b] / self.span_hu, lo, width)
             table = (params.class_hu[b] / self.span_hu).astype(np.float32)
-            if table.any():
-                field = table[np.minimum(masks[b], self.num_classes - 1)]
-                if c.sigma_px > 0:
-                    field = gaussian_filter(field, c.sigma_px, mode="nearest")
-                x += field[..., None]
-            np.clip(x, 0.0, 1.0, out=x)
+            add_class_field(images[b], masks[b], table, c.sigma_px)
         return images
+
+
+def brighten_tissue(x: np.ndarray, shift: float, lo: float, width: float) -> None:
+    """``x`` ``(H, W, C)`` in window units, in place: ``+ shift`` above fat, ramping from 0 at ``lo``
+    to ``shift`` at ``lo + width`` (window units), so that fat and air stay where they are."""
+    if shift:
+        x += shift * np.clip((x - lo) / width, 0.0, 1.0)
+
+
+def add_class_field(x: np.ndarray, mask: np.ndarray, table: np.ndarray, sigma_px: float) -> None:
+    """``x`` ``(H, W, C)`` in place: ``+ table[class]`` per pixel of ``mask`` ``(H, W)`` (classes past
+    the table's end count as its last), blurred by ``sigma_px`` so no step marks a label's edge,
+    then clipped to [0, 1] as the CT window clips real HU."""
+    from scipy.ndimage import gaussian_filter
+
+    if table.any():
+        field = table[np.minimum(mask, table.size - 1)]
+        if sigma_px > 0:
+            field = gaussian_filter(field, sigma_px, mode="nearest")
+        x += field[..., None]
+    np.clip(x, 0.0, 1.0, out=x)

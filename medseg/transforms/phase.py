@@ -34,6 +34,7 @@ import numpy as np
 
 from medseg.transforms.base import Randomizable
 from medseg.transforms.batch import PatchBatch
+from medseg.transforms.enhance import add_class_field, brighten_tissue
 from medseg.transforms.registry import register_transform
 
 __all__ = ["PHASES", "PHASE_HU", "PHASE_WINDOW_MARGIN_HU", "PhaseConfig", "ContrastPhase", "RandContrastPhased",
@@ -213,8 +214,6 @@ class ContrastPhase:
     def apply(self, images: np.ndarray, masks: np.ndarray, params: PhaseParams) -> np.ndarray:
         """Shift ``images`` ``(B, H, W, C)`` float32 in place by ``params``; ``masks`` ``(B, H, W)``
         class indices of the centre slice. Returns ``images``."""
-        from scipy.ndimage import gaussian_filter
-
         c = self.config
         lo = (c.tissue_ramp_hu[0] - self.low_hu) / self.span_hu
         width = (c.tissue_ramp_hu[1] - c.tissue_ramp_hu[0]) / self.span_hu
@@ -223,8 +222,7 @@ class ContrastPhase:
             if params.phase[b] < 0:
                 continue
             x = images[b]
-            if params.tissue_hu[b]:
-                x += (params.tissue_hu[b] / self.span_hu) * np.clip((x - lo) / width, 0.0, 1.0)
+            brighten_tissue(x, params.tissue_hu[b] / self.span_hu, lo, width)
             table = np.zeros(self.num_classes, np.float32)
             for k in np.flatnonzero(self.moved):
                 inside = masks[b] == k
@@ -232,12 +230,7 @@ class ContrastPhase:
                     continue
                 now_hu = float(np.median(x[..., centre][inside])) * self.span_hu + self.low_hu
                 table[k] = (params.target_hu[b, k] - now_hu) / self.span_hu
-            if table.any():
-                field = table[np.minimum(masks[b], self.num_classes - 1)]
-                if c.sigma_px > 0:
-                    field = gaussian_filter(field, c.sigma_px, mode="nearest")
-                x += field[..., None]
-            np.clip(x, 0.0, 1.0, out=x)
+            add_class_field(x, masks[b], table, c.sigma_px)
         return images
 
 

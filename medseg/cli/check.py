@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--map-labels", type=_label_map_arg, metavar="FROM:TO[,FROM:TO]",
                         help="map label values before checking, e.g. 255:1 for {0, 255} masks")
+    parser.add_argument("--ignore-label", type=int, metavar="V",
+                        help="label value of unlabelled voxels (partial labels), judged before --map-labels; "
+                             "default: the label named \"ignore\" of the dataset.json, if any")
     named = parser.add_mutually_exclusive_group()
     named.add_argument("--labels-map", nargs="+", metavar="NAME=IDS",
                        help="report per class: named classes and their label ids, e.g. liver=5 spleen=1 "
@@ -71,11 +74,11 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.io import pair_cases
 
     try:
-        classes, source = _classes(args)
+        classes, source, ignore = _classes(args)
         cases, unpaired = pair_cases(args.images, args.labels)
         report = check_dataset(cases, label_map=args.map_labels, tolerance_mm=args.tolerance_mm,
                                extra_problems=unpaired, progress=not args.quiet and sys.stderr.isatty(),
-                               classes=classes, classes_source=source)
+                               classes=classes, classes_source=source, ignore=ignore)
     except MedsegError as exc:
         if args.json:  # a JSON consumer still gets JSON; stderr gets the usual one line
             json.dump({"ok": False, "fatal": True, "error": error_line(exc),
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _classes(args: argparse.Namespace):
-    """(ClassSpec or None, its source): ``--labels-map``, else ``--dataset-json``, else the
+    """(ClassSpec or None, its source, the ignore value or None): ``--labels-map``, else ``--dataset-json``, else the
     dataset.json pairing would use (images folder or its parent); one class is reported by its
     name too; None: binary labels (every nonzero value the lesion)."""
     from pathlib import Path
@@ -102,11 +105,12 @@ def _classes(args: argparse.Namespace):
     from medseg.io.classes import ClassSpec
     from medseg.io.dataset import find_dataset_json  # the one rule for where dataset.json lies
 
-    if args.labels_map:
-        return ClassSpec.parse(args.labels_map), "--labels-map"
     path = Path(args.dataset_json) if args.dataset_json else find_dataset_json(Path(args.images))
+    ignore = args.ignore_label if args.ignore_label is not None else ClassSpec.dataset_ignore_label(path)
+    if args.labels_map:
+        return ClassSpec.parse(args.labels_map), "--labels-map", ignore
     spec = None if path is None else ClassSpec.from_dataset_json(path)
-    return spec, None if spec is None else str(path)
+    return spec, None if spec is None else str(path), ignore
 
 
 if __name__ == "__main__":

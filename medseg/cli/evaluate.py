@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--map-labels", metavar="FROM:TO[,FROM:TO]",
                         help="map the reference label values first, as medseg-train does: e.g. 5:1,*:0 scores "
                         "label 5 of a multi-organ reference against 0/1 predictions (* = every other value)")
+    parser.add_argument("--ignore-label", type=int, metavar="V",
+                        help="reference value of unlabelled voxels (partial labels), judged before --map-labels: "
+                        "only the labelled voxels are scored; default: the label named \"ignore\" of --dataset-json")
     parser.add_argument(
         "--labels-map", nargs="+", metavar="NAME=IDS",
         help="score these classes one by one, e.g. liver=5 spleen=1 tumour=2,3 (a class is the union of its "
@@ -98,11 +101,15 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.eval.evaluate import EvalOptions, evaluate_folders
     from medseg.eval.report import check_report_folder, format_table, write_report
 
+    from medseg.eval.report_text import labelled_note
+    from medseg.io.classes import ClassSpec
     from medseg.io.labels import parse_label_map
 
+    ignore = args.ignore_label if args.ignore_label is not None else ClassSpec.dataset_ignore_label(args.dataset_json)
     options = EvalOptions(
         classes=_classes(args),
         label=args.label,
+        ignore_label=ignore,
         map_labels=parse_label_map(args.map_labels) if args.map_labels else None,
         resample_pred=args.resample_pred,
         connectivity=args.connectivity,
@@ -123,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),  # no \r-animated bar in a log file
     )
     paths = write_report(result, args.out, workers=args.workers)
+    if labelled_note(options):
+        print(f"{PROG}: {labelled_note(options)}")
     print(format_table(result.cases, options.classes))
     policy = result.summary["policy"]
     if options.classes is not None:

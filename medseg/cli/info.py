@@ -101,6 +101,7 @@ def describe_bundle(run_dir: str | Path) -> dict[str, Any]:
         "postprocessing": contract.postprocessing.to_dict(),
         "training": training,
         "pipeline": pipeline_lines(contract.raw),
+        **({"parent": contract.parent.to_dict()} if contract.parent is not None else {}),
     }
 
 
@@ -133,6 +134,8 @@ def format_text(d: Mapping[str, Any]) -> str:
         lines.append(f"trained    epoch {training.get('epoch')}, validation 3D DSC "
                      f"{'n/a' if dsc is None else f'{dsc:.3f}'} ({training.get('validation', 'held-out cases')}); "
                      f"kept: {selection}")
+    if d.get("parent"):
+        lines.append(f"fine-tuned from {d['parent']['path']} (its model's sha256 {d['parent']['sha256'][:12]}...)")
     versions = d.get("versions") or {}
     if versions:
         lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))

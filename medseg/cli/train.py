@@ -50,6 +50,17 @@ def _gpus(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, found {text!r}")
 
 
+def _add_correction_args(group) -> None:
+    """Partial labels and fine-tuning (learning from corrections)."""
+    group.add_argument("--ignore-label", type=int, metavar="V",
+                       help="label value of unlabelled voxels (partial labels: no loss, no metric, no patch "
+                            "centre), applied before --map-labels; default: the label named \"ignore\" of a "
+                            "dataset.json")
+    group.add_argument("--init-from", metavar="RUN_DIR",
+                       help="fine-tune the bundle in RUN_DIR on these cases: its weights, network, classes and "
+                            "pipeline, the fine-tuning schedule (docs/train.md); the new bundle records its parent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.nets.registry import network_names  # names only: no Keras import
 
@@ -68,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels-map", nargs="+", metavar="NAME=IDS",
                    help="several classes at once, e.g. liver=5 spleen=1 stomach=6 aorta=52 (default: the labels of "
                         "a dataset.json next to the images when it names 2 or more; else binary: any nonzero value)")
+    _add_correction_args(d)
     d.add_argument("--out", help="parent folder of run folders (default: runs)")
     d.add_argument("--run-dir", help="exact run folder instead of OUT/<timestamp>")
     d.add_argument("--config", help="YAML or JSON file of settings (TrainConfig field names)")
@@ -143,7 +155,7 @@ def config_from_args(args: argparse.Namespace):
                     "filters", "depth",
                     "deep_supervision",
                     "dropout", "l2", "gpus", "precision", "workers", "verbose", "run_eagerly", "map_labels",
-                    "labels_map", "cpu_sizing")
+                    "labels_map", "cpu_sizing", "ignore_label", "init_from")
     }
     if args.debug:
         flags["debug"] = True

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from medseg.io.labels import apply_label_map, label_problems, label_values, parse_label_map  # noqa: F401
+from medseg.io.labels import apply_label_map, label_problems, label_values, parse_label_map, with_ignore  # noqa: F401
 from medseg.errors import DatasetError, InputError, MedsegError
 from medseg.io import Case, Volume, read_volume
 from medseg.io.classes import ClassSpec
@@ -62,6 +62,7 @@ class CheckReport:
             from :func:`lesion_statistics` when the label is valid).
         totals: dataset-level numbers (cases, empty labels, lesions, volume, fractions).
         label_map: the ``--map-labels`` mapping applied before checking label values.
+        ignore: the ``--ignore-label`` value (None: every voxel is labelled).
         classes: the named classes reported per class (None: binary, every nonzero value);
             then each case's stats hold :func:`class_statistics` and ``totals["classes"]``
             sums them per class.
@@ -74,6 +75,7 @@ class CheckReport:
     label_map: dict[int, int] | None = None
     classes: ClassSpec | None = None
     classes_source: str | None = None
+    ignore: int | None = None
 
     @property
     def fatal(self) -> bool:
@@ -113,6 +115,8 @@ class CheckReport:
         }
         if self.classes is not None:
             out["classes"] = {**self.classes.to_dict(), "source": self.classes_source}
+        if self.ignore is not None:
+            out["ignore_label"] = self.ignore
         return json_safe(out)
 
     def format_text(self) -> str:
@@ -229,6 +233,7 @@ def check_case(
     tolerance_mm: float = 0.01,
     direction_tolerance: float = 1e-3,
     classes: ClassSpec | None = None,
+    ignore: int | None = None,
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Check one case; returns its problems and statistics (see :func:`check_dataset`)."""
     cid = case.case_id
@@ -275,6 +280,11 @@ def check_case(
             label = aligned
         for message in _grid_problems(image, label, tolerance_mm, direction_tolerance):
             add(FATAL, case.label_path, message)
+    if ignore is not None:
+        label, message = _labelled_part(label, ignore, stats)
+        if message:
+            add(FATAL, case.label_path, message)
+            return problems, stats
     if classes is not None:
         value_problems, ids = _id_problems(label.array, label_map)
         for message in value_problems:
@@ -293,6 +303,24 @@ def check_case(
     return problems, stats
 
 
+def _labelled_part(label: Volume, ignore: int, stats: dict[str, Any]) -> tuple[Volume, str | None]:
+    """``(label with its unlabelled voxels made 0, problem or None)``; records the case's
+    ``labelled_fraction``, ``labelled_slices`` and ``n_slices`` (along its slice axis) in ``stats``."""
+    from medseg.io.volume import largest_spacing_axis
+
+    array = np.asarray(label.array)
+    labelled = array != ignore
+    axis = largest_spacing_axis(label.spacing_mm)
+    per_slice = np.any(labelled, axis=tuple(a for a in range(array.ndim) if a != axis))
+    n_labelled = int(np.count_nonzero(labelled))
+    stats.update(labelled_fraction=n_labelled / array.size if array.size else 0.0,
+                 labelled_slices=int(per_slice.sum()), n_slices=int(array.shape[axis]))
+    if not n_labelled:
+        return label, (f"label holds only the ignore value {ignore} (--ignore-label): no voxel is labelled, "
+                       "nothing to learn or score")
+    return label.with_array(np.where(labelled, array, np.zeros((), array.dtype))), None
+
+
 def check_dataset(
     cases: Iterable[Case],
     *,
@@ -304,6 +332,7 @@ def check_dataset(
     progress: bool = False,
     classes: ClassSpec | None = None,
     classes_source: str | None = None,
+    ignore: int | None = None,
 ) -> CheckReport:
     """Check every case and report all problems at once, with lesion statistics.
 
@@ -323,13 +352,17 @@ def check_dataset(
             (or the default binary spec): every nonzero value is the lesion, values must be 0/1.
             One named class (``liver=5``) is reported per class, by its name.
         classes_source: where ``classes`` came from, shown in the report.
+        ignore: the label value of unlabelled voxels (``--ignore-label``), judged before
+            ``label_map``: each case reports its labelled fraction and slices, the statistics
+            count the rest as background, a label holding nothing else is fatal.
 
     Returns:
         :class:`CheckReport`; ``report.fatal`` says whether training may proceed.
     """
+    with_ignore(label_map, ignore)  # refuses a --map-labels that maps the ignore value
     classes = None if classes is None or classes.any_nonzero else classes
     report = CheckReport(label_map=dict(label_map) if label_map else None, classes=classes,
-                         classes_source=classes_source if classes is not None else None)
+                         classes_source=classes_source if classes is not None else None, ignore=ignore)
     for message in extra_problems:
         report.problems.append(Problem(FATAL, "(dataset)", None, message))
     cases = list(cases)
@@ -338,7 +371,7 @@ def check_dataset(
     def one(case: Case) -> tuple[list[Problem], dict[str, Any]]:
         log.debug("checking %s", case.case_id)
         return check_case(case, label_map=label_map, tolerance_mm=tolerance_mm,
-                          direction_tolerance=direction_tolerance, classes=classes)
+                          direction_tolerance=direction_tolerance, classes=classes, ignore=ignore)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, cases)

@@ -18,6 +18,7 @@ def format_report(report) -> str:
             lines.append(f"  {p.severity.upper():<7}  {p.case_id:<{width}}  {p.message}{where}")
     else:
         lines.append("\nproblems: none")
+    lines += _labelled_lines(report)
     lines += _lesion_lines(report) if report.classes is None else _class_lines(report)
     verdict = (
         f"FAILED: {len(report.fatal_problems)} fatal problem(s)" if report.fatal
@@ -25,6 +26,21 @@ def format_report(report) -> str:
     )
     lines.append(f"\nresult: {verdict}")
     return "\n".join(lines)
+
+
+def _labelled_lines(report) -> list[str]:
+    """With an ignore value: each case's labelled share of voxels and slices (the rest is unlabelled)."""
+    rows = [(cid, s) for cid, s in report.stats.items() if "labelled_fraction" in s]
+    if getattr(report, "ignore", None) is None or not rows:
+        return []
+    width = max(5, max(len(cid) for cid, _ in rows))
+    head = f"  {'case':<{width}}  {'labelled_voxels':>15}  {'labelled_slices':>15}"
+    lines = [f"\nlabelled voxels (value {report.ignore} = unlabelled, --ignore-label; the statistics below count "
+             "it as background):", head, "  " + "-" * (len(head) - 2)]
+    for cid, s in rows:
+        lines.append(f"  {cid:<{width}}  {100 * s['labelled_fraction']:>14.2f}%  "
+                     f"{_slices_text(s['labelled_slices'], s['n_slices']):>15}")
+    return lines
 
 
 def _lesion_lines(report) -> list[str]:

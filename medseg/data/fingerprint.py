@@ -89,7 +89,7 @@ def load_pair(item: Any):
 
 
 def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
-                      classes=None) -> tuple[dict, np.ndarray, np.ndarray]:
+                      classes=None, ignore: int | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     from medseg.components import label_components
 
     reo = reorientation(image.affine, image.shape, orientation)
@@ -98,6 +98,14 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
     # Without a CT-like header or HU range, treat the scan as MR (z-score: no absolute scale).
     modality = guess_modality(image) or "MR"
     body = body_mask(arr, modality)
+    lab, n_labelled = None, None
+    if label is not None and ignore is not None and label.shape == image.shape:
+        # Partial labels: every statistic below counts the labelled voxels only.
+        lab = np.asarray(label.array)
+        labelled = lab != ignore
+        n_labelled = int(np.count_nonzero(labelled))
+        lab = np.where(labelled, lab, 0)
+        body &= reorient_array(labelled, reo)
     body_vals = arr[body]
     body_vals = body_vals[rng.integers(0, body_vals.size, size=min(body_vals.size, _SAMPLES_PER_CASE))]
     entry: dict[str, Any] = {
@@ -113,7 +121,7 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
         if label.shape != image.shape:
             raise InputError(label.meta.get("source_path") or label.case_id, f"a label of shape {image.shape}",
                              f"shape {label.shape}")
-        lab = np.asarray(label.array)
+        lab = np.asarray(label.array) if lab is None else lab
         # Foreground = the named classes only (a multi-organ map holds many more ids), else nonzero.
         if classes is not None:
             # Each class's share of the body: the cross-entropy's automatic class weights.
@@ -135,12 +143,14 @@ def _case_fingerprint(image, label, orientation: str, rng: np.random.Generator,
         n_vox = int(lab.sum())
         comps, n_comp = label_components(lab)
         sizes = np.bincount(comps.ravel())[1:] if n_comp else np.zeros(0, int)
+        if n_labelled is not None:
+            entry["labelled_fraction"] = float(n_labelled / lab.size)
         entry["lesion"] = {
             "voxels": n_vox,
             "volume_ml": float(n_vox * abs(np.linalg.det(reo.output_affine[:3, :3])) / 1000.0),
             "components": int(n_comp),
             "component_voxels": [int(s) for s in sorted(sizes.tolist(), reverse=True)[:20]],
-            "fraction": float(n_vox / lab.size),
+            "fraction": float(n_vox / (lab.size if n_labelled is None else max(n_labelled, 1))),
             # Per array axis: how many slices along that axis contain lesion.
             "slices_with_lesion": [int(np.any(lab, axis=tuple(a for a in range(3) if a != ax)).sum())
                                    for ax in range(3)],
@@ -261,7 +271,8 @@ def _kind(classes: ClassSpec | None) -> LabelKind:
     return LabelKind.of(None if classes is None else classes.to_dict())
 
 def fingerprint_cases(cases_or_volumes: Iterable[Any], orientation: str, rng: np.random.Generator,
-                      classes: ClassSpec | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+                      classes: ClassSpec | None = None,
+                      ignore: int | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Each case's fingerprint entry, and the pooled body and foreground intensity samples.
 
     Raises:
@@ -271,7 +282,7 @@ def fingerprint_cases(cases_or_volumes: Iterable[Any], orientation: str, rng: np
     entries, body_all, fg_all = [], [], []
     for item in cases_or_volumes:
         image, label = load_pair(item)
-        entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng, classes)
+        entry, body_vals, fg_vals = _case_fingerprint(image, label, orientation, rng, classes, ignore)
         entries.append(entry)
         body_all.append(body_vals)
         fg_all.append(fg_vals)

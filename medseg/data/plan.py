@@ -103,6 +103,9 @@ class Plan:
         enhancement: the training augmentation that simulates contrast enhancement
             (:meth:`medseg.transforms.enhance.EnhancementConfig.to_dict`), or None. Needs a CT
             window and named classes (not regions); left out of :meth:`to_dict` when None.
+        ignore_label: the label value of unlabelled voxels (``--ignore-label``, dataset.json's
+            ``"ignore"``): the fingerprint counts labelled voxels only and the label step marks
+            them (:data:`medseg.io.classes.IGNORE_INDEX`). Left out of :meth:`to_dict` when None.
         keep_orientation: training patches keep the plan's orientation: the default
             augmentation has no flips and no quarter turns (see the module docstring; fitted
             True when classes lie on opposite sides of the body). Left out of :meth:`to_dict`
@@ -128,6 +131,7 @@ class Plan:
     classes: dict | None = None
     enhancement: dict | None = None
     keep_orientation: bool = False
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality)
@@ -171,6 +175,10 @@ class Plan:
         if not isinstance(self.keep_orientation, (bool, np.bool_)):
             raise ValueError(f"Plan.keep_orientation must be true or false, found {self.keep_orientation!r}")
         self.keep_orientation = bool(self.keep_orientation)
+        if self.ignore_label is not None:
+            if isinstance(self.ignore_label, bool) or int(self.ignore_label) != self.ignore_label:
+                raise ValueError(f"Plan.ignore_label must be an integer label value or None, found {self.ignore_label!r}")
+            self.ignore_label = int(self.ignore_label)
 
     def _checked_enhancement(self, value: Any) -> dict:
         from medseg.transforms.enhance import EnhancementConfig
@@ -214,7 +222,7 @@ class Plan:
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (tuples become lists)."""
         d = dataclasses.asdict(self)
-        for key in ("classes", "enhancement"):  # binary plans read as before these existed
+        for key in ("classes", "enhancement", "ignore_label"):  # plans read as before these existed
             if d[key] is None:
                 del d[key]
         if not d["keep_orientation"]:
@@ -312,7 +320,8 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
     rng = np.random.default_rng(seed)
     orientation = str(overrides.get("orientation", "RAS"))
     classes = _class_spec(overrides.get("classes"))
-    entries, body_values, fg_values = fingerprint_cases(cases_or_volumes, orientation, rng, classes)
+    ignore = overrides.get("ignore_label")
+    entries, body_values, fg_values = fingerprint_cases(cases_or_volumes, orientation, rng, classes, ignore)
 
     modalities = sorted({e["modality"] for e in entries})
     modality = _modality_for(modalities, overrides)
@@ -354,6 +363,7 @@ def make_plan(cases_or_volumes: Iterable[Any], *, overrides: Mapping[str, Any] |
         "enhancement": overrides.get("enhancement", _enhancement_for(modality, normalization, classes)),
         # Classes on both sides: a mirrored patch would swap their places.
         "keep_orientation": overrides.get("keep_orientation", len(set(sides.values())) == 2),
+        "ignore_label": ignore,
     }
     return Plan(**fields)
 

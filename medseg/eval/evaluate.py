@@ -55,6 +55,8 @@ class EvalOptions:
             one named class too: reported by its name); None or the default binary spec
             (:meth:`~medseg.io.classes.ClassSpec.binary`): one 0/1 foreground, scored as without
             it. Lesion-wise counts for ``classes.lesions`` only. Incompatible with ``label``.
+        ignore_label: reference value of unlabelled voxels (``--ignore-label``, before ``map_labels``):
+            only the labelled voxels are scored; a reference of nothing else is refused.
     """
 
     label: int | None = None
@@ -66,6 +68,7 @@ class EvalOptions:
     percentile: float = 95.0
     figures: bool = True
     classes: ClassSpec | None = None
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.classes is not None and self.classes.any_nonzero:
@@ -198,7 +201,13 @@ def read_case(pair: CasePair, options: EvalOptions) -> CaseMasks:
     from medseg.io import read_volume
 
     ref_vol = read_volume(pair.ref_path)
-    ref_array = ref_vol.array
+    ref_array, labelled = ref_vol.array, None
+    if options.ignore_label is not None:  # before --map-labels: `*` never takes it
+        labelled = np.asarray(ref_array) != options.ignore_label
+        if not labelled.any():
+            raise InputError(pair.ref_path, "a reference with labelled voxels",
+                             f"only the ignore value {options.ignore_label} (--ignore-label)")
+        ref_array = np.where(labelled, ref_array, np.zeros((), np.asarray(ref_array).dtype))
     if options.map_labels:
         from medseg.io.labels import apply_label_map
 
@@ -208,6 +217,8 @@ def read_case(pair: CasePair, options: EvalOptions) -> CaseMasks:
         return CaseMasks(np.zeros(ref.shape, dtype=ref.dtype), ref, ref_vol, ref_array)
     pred_arr, resampled, reoriented = _prediction_on_reference_grid(pair, ref_vol, options)
     pred = _foreground(pred_arr, pair.pred_path, options, "prediction")
+    if labelled is not None:
+        pred = np.where(labelled, pred, np.zeros((), pred.dtype))
     return CaseMasks(pred, ref, ref_vol, ref_array, resampled, reoriented)
 
 
@@ -317,6 +328,8 @@ def evaluate_case(pair: CasePair, options: EvalOptions, *, kd_workers: int = -1)
         "diagonal_mm": image_diagonal_mm(ref_vol.shape, spacing),
         **scores,
     }
+    if options.ignore_label is not None:
+        record["labelled_fraction"] = float(np.mean(np.asarray(ref_vol.array) != options.ignore_label))
     if options.label is not None and not ref.any():
         # For the warning on a label found nowhere (removed from the record by evaluate_folders).
         record["_ref_values"] = label_values(np.asarray(masks.ref_array), limit=10)
@@ -478,6 +491,8 @@ def options_dict(options: EvalOptions) -> dict:
     out["percentile"] = float(out["percentile"])
     if out["label"] is None and options.classes is None:
         out["label"] = "binary {0, 1}"
+    if out.pop("ignore_label") is not None:  # absent without one, as before it existed
+        out["ignore_label"], out["scored"] = options.ignore_label, "labelled voxels only"
     classes = out.pop("classes")  # absent in a binary summary, as before classes existed
     if classes is not None:
         out["classes"] = options.classes.to_dict()

@@ -28,7 +28,8 @@ from medseg.eval.figures import (  # noqa: F401  (the report's figures, importab
     slice_take,
 )
 from medseg.eval.report_text import (  # noqa: F401  (importable from here as before)
-    case_value as _case_value, cell_text, csv_cell, html_notes, html_stats_table, lesion_text, versions,
+    case_value as _case_value, cell_text, csv_cell, html_notes, html_stats_table, labelled_columns, lesion_text,
+    versions,
 )
 from medseg.io.jsonsafe import json_safe
 
@@ -47,10 +48,12 @@ def csv_columns() -> tuple[str, ...]:
     return CSV_LEAD + catalog.keys() + CSV_TAIL
 
 
-def table_columns(lead=(("case_id", "case"),)) -> tuple[tuple[str, str], ...]:
-    """``(key, title)`` of the per-patient table (terminal and HTML): ``lead`` text columns, then
-    the described table metrics (:func:`medseg.eval.catalog.table_metrics`)."""
-    return tuple(lead) + tuple((m.key, m.column) for m in catalog.table_metrics())
+def table_columns(lead=(("case_id", "case"),), cases=()) -> tuple[tuple[str, str], ...]:
+    """``(key, title)`` of the per-patient table (terminal and HTML): ``lead`` text columns, the
+    labelled share of ``cases`` scored with an ignore value, then the described table metrics
+    (:func:`medseg.eval.catalog.table_metrics`)."""
+    labelled = tuple((key, "labelled") for key in labelled_columns(cases))
+    return tuple(lead) + labelled + tuple((m.key, m.column) for m in catalog.table_metrics())
 
 
 
@@ -66,7 +69,7 @@ def csv_text(cases: list[dict], classes=None) -> str:
         return class_csv(cases, classes)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    columns = csv_columns()
+    columns = CSV_LEAD + labelled_columns(cases) + csv_columns()[len(CSV_LEAD):]
     writer.writerow(columns)
     for case in cases:
         writer.writerow([csv_cell(_case_value(case, key)) for key in columns])
@@ -107,11 +110,11 @@ def format_table(cases: list[dict], classes=None) -> str:
     """The per-patient table as aligned plain text (printed by ``medseg-eval``): the columns of
     :func:`table_columns`; with ``classes`` (a :class:`~medseg.io.classes.ClassSpec` reported per
     class) one row per patient and class."""
-    columns = table_columns()
+    columns = table_columns(cases=cases)
     if classes is not None:
         from medseg.eval.report_classes import CLASS_LEAD, class_rows
 
-        columns = table_columns(CLASS_LEAD)
+        columns = table_columns(CLASS_LEAD, cases)
         cases = [view for _, _, view in class_rows(cases, classes)]
     header = [title for _, title in columns]
     rows = []
@@ -203,7 +206,7 @@ def _html_case_table(cases: list[dict], columns=None, title: str = "Per patient"
     """The per-patient table (``columns``: (key, title), text keys ``case_id`` and ``class``);
     rows with notes are highlighted."""
     esc = html.escape
-    columns = table_columns() if columns is None else columns
+    columns = table_columns(cases=cases) if columns is None else columns
     parts = [f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in columns)
              + "<th>notes</th></tr>"]
     for case in cases:
@@ -234,7 +237,7 @@ def html_text(result, summary: dict, figures: dict[str, str] | None = None) -> s
         from medseg.eval.report_classes import CLASS_LEAD, class_rows, html_class_sections
 
         parts = _html_head(result) + html_class_sections(result)
-        columns = table_columns(CLASS_LEAD)
+        columns = table_columns(CLASS_LEAD, result.cases)
         views = [view for _, _, view in class_rows(result.cases, result.options.classes)]
         parts += _html_case_table(views, columns, "Per patient and class")
     shown = [c["case_id"] for c in result.cases if (figures or {}).get(c["case_id"])]

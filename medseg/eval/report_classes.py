@@ -20,7 +20,8 @@ from medseg.eval.aggregate import class_view, scored_value
 from medseg.eval.figures import (  # noqa: F401  (class_figure_png importable from here as before)
     _png_b64, _pyplot, class_colours, class_figure_png,
 )
-from medseg.eval.report_text import case_value as _case_value, csv_cell, html_notes, html_stats_table, lesion_text, versions
+from medseg.eval.report_text import (case_value as _case_value, csv_cell, html_notes, html_stats_table,
+                                     labelled_columns, lesion_text, versions)
 from medseg.io.jsonsafe import json_safe
 
 #: Per-row fields of the long-form ``metrics.csv`` before the metrics, and after them.
@@ -54,7 +55,7 @@ def csv_text(cases: list[dict], spec) -> str:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    columns = class_csv_columns()
+    columns = CLASS_CSV_LEAD + labelled_columns(cases) + class_csv_columns()[len(CLASS_CSV_LEAD):]
     writer.writerow(columns)
     for _, _, view in class_rows(cases, spec):
         writer.writerow([csv_cell(_case_value(view, key)) for key in columns])

@@ -58,6 +58,9 @@ def html_notes(result) -> list[str]:
     """The warnings and the predictions without reference."""
     esc = html.escape
     parts = []
+    note = labelled_note(result.options)
+    if note:
+        parts.append(f"<p class='warn'><b>Partial labels:</b> {esc(note)}.</p>")
     for warning in getattr(result, "warnings", []):
         parts.append(f"<p class='warn'><b>Warning:</b> {esc(warning)}</p>")
     if result.unmatched_predictions:
@@ -85,3 +88,22 @@ def lesion_text(lesions: dict) -> str:
     return (", ".join(f"{k.replace('lesion_', '').replace('_', ' ')} {v}" for k, v in lesions["totals"].items())
             + "; pooled precision " + _fmt(lesions["pooled"]["precision"]) + ", recall "
             + _fmt(lesions["pooled"]["recall"]) + ", F1 " + _fmt(lesions["pooled"]["f1"]))
+
+
+#: The per-case column of an evaluation with an ignore value (``--ignore-label``): the share of
+#: the reference's voxels that are labelled, the only ones scored.
+LABELLED_KEY = "labelled_fraction"
+
+
+def labelled_columns(cases) -> tuple[str, ...]:
+    """``(LABELLED_KEY,)`` when the cases were scored on their labelled voxels only, else ``()``."""
+    return (LABELLED_KEY,) if any(LABELLED_KEY in c for c in cases) else ()
+
+
+def labelled_note(options) -> str | None:
+    """The sentence every report gives with an ignore value (None without one)."""
+    value = getattr(options, "ignore_label", None)
+    if value is None:
+        return None
+    return (f"scored on the labelled voxels only: reference value {value} marks unlabelled voxels (--ignore-label); "
+            "prediction and reference are cleared there before every metric")

@@ -228,6 +228,7 @@ def save_bundle(
     training: Mapping[str, Any] | None = None,
     status: str = "complete",
     extra: Mapping[str, Any] | None = None,
+    parent: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model.keras`` and ``bundle.json`` (format 2) into ``run_dir`` (created if missing).
 
@@ -259,6 +260,7 @@ def save_bundle(
         training: ``{"epoch", "val_dsc_3d", "val_hd95_mm", "train_cases", "val_cases", "map_labels"}``.
         status: ``"complete"``, or ``"cancelled"`` for a bundle written when the run was cancelled.
         extra: free-form JSON-serializable information; nothing in inference reads it.
+        parent: ``{"path", "sha256"}`` of the bundle this model was fine-tuned from, or None.
 
     Returns:
         Path of the written ``bundle.json``.
@@ -278,7 +280,7 @@ def save_bundle(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
     typed = typed_fields(classes, postprocessing=postprocessing, selection=selection, validation=validation,
-                         training=training, status=status)
+                         training=training, status=status, parent=parent)
     typed["pipeline"] = _pipeline_config(pipeline, plan, channels, model)
     if network is not None:
         typed["network"] = network.to_dict()

@@ -15,6 +15,7 @@ it. Format 2 layout (besides the keys of format 1, see :mod:`medseg.infer.bundle
     "validation": "held-out cases",          # or "training cases", or null
     "training": {"epoch": 12, "val_dsc_3d": 0.74, "val_hd95_mm": 3.2, "train_cases": [...],
                  "val_cases": [...], "map_labels": null},                                       # or null
+    "parent": {"path": "/runs/m0", "sha256": "9f2c..."},     # fine-tuned bundles only (--init-from)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from medseg.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from medseg.nets.registry import NetworkSpec
 
-__all__ = ["BundleInfo", "ComponentChoice", "Postprocessing", "TrainingRecord", "SELECTION_TEXT",
+__all__ = ["BundleInfo", "ComponentChoice", "ParentRecord", "Postprocessing", "TrainingRecord", "SELECTION_TEXT",
            "VALIDATIONS", "STATUSES"]
 
 #: How the saved model was chosen, and the sentence medseg-info shows for it (format 1 stored it).
@@ -187,6 +188,34 @@ class TrainingRecord:
                 "map_labels": self.map_labels}
 
 
+@dataclass(frozen=True)
+class ParentRecord:
+    """The bundle a fine-tuned bundle started from (``medseg-train --init-from``): its run
+    folder as given, and the SHA-256 of its ``model.keras`` when the fine-tuning began."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ParentRecord | None":
+        """From ``{"path", "sha256"}``; None for None.
+
+        Raises:
+            ValueError: not a mapping of two strings, or a SHA-256 that is not 64 hex digits.
+        """
+        if d is None:
+            return None
+        if not isinstance(d, Mapping) or not isinstance(d.get("path"), str) or not isinstance(d.get("sha256"), str):
+            raise ValueError(f'parent must be {{"path": str, "sha256": str}} or null, found {d!r}')
+        digest = d["sha256"].lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"parent.sha256 must be 64 hexadecimal digits, found {d['sha256']!r}")
+        return cls(d["path"], digest)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
+
+
 def check_choice(value: Any, allowed: tuple[str, ...], what: str) -> str | None:
     """``value`` if it is one of ``allowed`` or None; raises ``ValueError`` naming them otherwise."""
     if value is not None and value not in allowed:
@@ -245,6 +274,8 @@ class BundleInfo:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     #: Format 1 only: how bundles older than ``"network"`` described their UNet++ (extra.network).
     legacy_network: Any = None
+    #: The bundle this one was fine-tuned from (``"parent"``, format 2), or None.
+    parent: ParentRecord | None = None
 
     @property
     def foreground(self) -> tuple[str, ...]:
@@ -290,7 +321,8 @@ class BundleInfo:
                    int(info["divisor"]), info.get("network"), status, post, selection, validation, training,
                    info.get("created"), dict(info.get("versions") or {}), str(info.get("model_file", "model.keras")),
                    info.get("model_sha256"), dict(extra), dict(info),
-                   extra.get("network") if version < 2 else None)
+                   extra.get("network") if version < 2 else None,
+                   ParentRecord.from_dict(info.get("parent")) if version >= 2 else None)
 
     def status_note(self) -> str | None:
         """One line for a bundle written when its training run was cancelled (None when complete)."""
@@ -302,12 +334,15 @@ class BundleInfo:
 
     def typed_fields(self) -> dict[str, Any]:
         """The format-2 keys of the typed fields, JSON-ready."""
-        return {"status": self.status, "postprocessing": self.postprocessing.to_dict(), "selection": self.selection,
-                "validation": self.validation, "training": None if self.training is None else self.training.to_dict()}
+        fields = {"status": self.status, "postprocessing": self.postprocessing.to_dict(), "selection": self.selection,
+                  "validation": self.validation, "training": None if self.training is None else self.training.to_dict()}
+        if self.parent is not None:
+            fields["parent"] = self.parent.to_dict()
+        return fields
 
 
 def typed_fields(classes, *, postprocessing=None, selection=None, validation=None, training=None,
-                 status: str = "complete") -> dict[str, Any]:
+                 status: str = "complete", parent=None) -> dict[str, Any]:
     """The format-2 typed fields of :func:`medseg.infer.bundle.save_bundle`'s arguments, checked.
 
     ``postprocessing``: a :class:`Postprocessing`, or what training computes
@@ -329,11 +364,15 @@ def typed_fields(classes, *, postprocessing=None, selection=None, validation=Non
         if unknown:
             raise ValueError(f"training takes the keys {', '.join(TRAINING_KEYS)}, found {', '.join(unknown)}")
         training = TrainingRecord.from_dict(training) or TrainingRecord()
-    return {"status": check_choice(status, STATUSES, "status") or "complete",
-            "postprocessing": postprocessing.to_dict(),
-            "selection": check_choice(selection, tuple(SELECTION_TEXT), "selection"),
-            "validation": check_choice(validation, VALIDATIONS, "validation"),
-            "training": None if training is None else training.to_dict()}
+    fields = {"status": check_choice(status, STATUSES, "status") or "complete",
+              "postprocessing": postprocessing.to_dict(),
+              "selection": check_choice(selection, tuple(SELECTION_TEXT), "selection"),
+              "validation": check_choice(validation, VALIDATIONS, "validation"),
+              "training": None if training is None else training.to_dict()}
+    if parent is not None:  # fine-tuned bundles only: others read exactly as before
+        record = parent if isinstance(parent, ParentRecord) else ParentRecord.from_dict(parent)
+        fields["parent"] = record.to_dict()
+    return fields
 
 
 # --- the network and pipeline entries (checked without Keras; built on load) ---------------------

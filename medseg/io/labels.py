@@ -24,6 +24,7 @@ __all__ = [
     "LabelProblem",
     "apply_label_map",
     "check_label_values",
+    "with_ignore",
     "format_label_map",
     "label_problems",
     "label_values",
@@ -62,6 +63,25 @@ def parse_label_map(text: str) -> dict:
         mapping[key] = value
     if not mapping:
         raise InputError(None, _FORMAT, repr(text))
+    return mapping
+
+
+def with_ignore(mapping: LabelMap | None, ignore: int | None) -> dict | None:
+    """``mapping`` with the ignore value kept as it is (``{ignore: ignore}``), so that ``*`` never
+    swallows it: ``--ignore-label`` is applied before ``--map-labels``. None when both are None.
+
+    Raises:
+        InputError: the mapping maps the ignore value, or maps another value onto it.
+    """
+    if ignore is None:
+        return dict(mapping) if mapping else None
+    mapping = dict(mapping or {})
+    onto = sorted(k for k, v in mapping.items() if v == ignore and k != ignore)
+    if mapping.get(ignore, ignore) != ignore or onto:
+        found = f"{ignore}:{mapping[ignore]}" if mapping.get(ignore, ignore) != ignore else f"{onto[0]}:{ignore}"
+        raise InputError(None, f"--map-labels leaving the ignore value {ignore} (--ignore-label) alone",
+                         f"{found} in {format_label_map(mapping)!r}")
+    mapping[ignore] = ignore
     return mapping
 
 

@@ -21,6 +21,23 @@ def as_probabilities(y_pred, from_logits: bool):
     return ops.softmax(y_pred, axis=-1) if from_logits else y_pred
 
 
+#: Unlabelled voxels in class-index targets (``--ignore-label``): they enter no loss and no metric.
+#: The same value as :data:`medseg.io.classes.IGNORE_INDEX` (``tests/test_ignore_label.py``).
+IGNORE_INDEX = 255
+
+
+def labelled_pixels(y_true, num_classes: int, spatial_rank: int):
+    """float32 ``(B, *spatial)``: 1 where the target is labelled, 0 at :data:`IGNORE_INDEX`;
+    None for one-hot targets (every pixel labelled)."""
+    rank = len(y_true.shape)
+    if rank == spatial_rank + 2 and y_true.shape[-1] == num_classes and num_classes > 1:
+        return None
+    if rank == spatial_rank + 2 and y_true.shape[-1] == 1:
+        y_true = ops.squeeze(y_true, axis=-1)
+    indices = ops.cast(ops.round(ops.cast(y_true, "float32")), "int32")
+    return ops.cast(ops.not_equal(indices, IGNORE_INDEX), "float32")
+
+
 def one_hot_targets(y_true, num_classes: int, spatial_rank: int):
     """Targets as float32 one-hot ``(B, *spatial, C)``.
 
@@ -62,30 +79,40 @@ def replica_sum(tensors):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
 
 
-def overlap_sums(onehot, probs, batch_dice: bool):
+def overlap_sums(onehot, probs, batch_dice: bool, labelled=None):
     """Per-class soft overlap statistics.
+
+    ``labelled``: float32 ``(B, *spatial)`` 1/0 (:func:`labelled_pixels`), or None (all pixels).
+    Unlabelled pixels count nowhere: their one-hot row is 0 and their probabilities are left out
+    of ``pred_sum`` and ``n_pixels``, so the statistics equal those of the labelled pixels alone.
 
     Returns:
         ``(intersection, pred_sum, ref_sum, n_pixels)``: the first three ``(B, C)`` per sample,
         or ``(1, C)`` summed over the global batch (all replicas) when ``batch_dice``;
-        ``n_pixels`` is the matching pixel count (scalar float32).
+        ``n_pixels`` is the matching pixel count (scalar float32; ``(B, 1)`` / ``(1, 1)`` with
+        ``labelled``).
     """
     axes = tuple(range(1, len(probs.shape) - 1))
     intersection = ops.sum(onehot * probs, axis=axes)
-    pred_sum = ops.sum(probs, axis=axes)
-    ref_sum = ops.sum(onehot, axis=axes)
     shape = ops.shape(probs)
-    n_pixels = ops.cast(ops.prod(ops.convert_to_tensor(shape[1:-1], dtype="int32")), "float32")
+    if labelled is None:
+        pred_sum = ops.sum(probs, axis=axes)
+        n_pixels = ops.cast(ops.prod(ops.convert_to_tensor(shape[1:-1], dtype="int32")), "float32")
+        sample_pixels = ops.reshape(n_pixels * ops.cast(shape[0], "float32"), (1, 1))
+    else:
+        pred_sum = ops.sum(probs * ops.expand_dims(labelled, -1), axis=axes)
+        n_pixels = ops.reshape(ops.sum(labelled, axis=axes), (-1, 1))
+        sample_pixels = ops.sum(n_pixels, axis=0, keepdims=True)
+    ref_sum = ops.sum(onehot, axis=axes)
     if batch_dice:
-        batch = ops.cast(shape[0], "float32")
         stats = [
             ops.sum(intersection, axis=0, keepdims=True),
             ops.sum(pred_sum, axis=0, keepdims=True),
             ops.sum(ref_sum, axis=0, keepdims=True),
-            ops.reshape(n_pixels * batch, (1, 1)),
+            sample_pixels,
         ]
         intersection, pred_sum, ref_sum, total = replica_sum(stats)
-        n_pixels = ops.reshape(total, ())
+        n_pixels = ops.reshape(total, ()) if labelled is None else total
     return intersection, pred_sum, ref_sum, n_pixels
 
 
@@ -144,4 +171,4 @@ def empty_reference_loss(pred_sum, n_pixels):
     is ``1/N`` per pixel (cross-entropy scale), so empty slices neither give the Dice term's
     constant 1 (smooth/epsilon -> 0) nor a free 1.0 score (smooth = 1).
     """
-    return pred_sum / n_pixels
+    return pred_sum / ops.maximum(n_pixels, 1.0)  # a sample without labelled pixel: 0

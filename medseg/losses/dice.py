@@ -69,10 +69,12 @@ class _OverlapLoss(keras.losses.Loss):
         probs = _overlap.as_probabilities(y_pred, self.from_logits)
         num_classes = probs.shape[-1]
         onehot = _overlap.one_hot_targets(y_true, num_classes, len(probs.shape) - 2)
+        # Unlabelled pixels (ignore value) count nowhere: the loss of the labelled pixels alone.
+        labelled = _overlap.labelled_pixels(y_true, num_classes, len(probs.shape) - 2)
         weights = _overlap.included_weights(
             self.class_weights, num_classes, self.include_background, type(self).__name__
         )
-        return probs, onehot, weights, _overlap.overlap_sums(onehot, probs, self.batch_dice)
+        return probs, onehot, weights, _overlap.overlap_sums(onehot, probs, self.batch_dice, labelled)
 
     def call(self, y_true, y_pred):
         probs, onehot, weights, sums = self._sums(y_true, y_pred)

@@ -42,14 +42,19 @@ def _labels(y_true, y_pred):
     return pred, ref, num_classes
 
 
-def _pixel_weights(sample_weight, pred):
-    """Per-pixel float32 weights (``(B,)`` sample weights broadcast over pixels)."""
+def _pixel_weights(sample_weight, pred, y_true=None, num_classes: int = 0):
+    """Per-pixel float32 weights (``(B,)`` sample weights broadcast over pixels), 0 at the
+    unlabelled pixels of ``y_true`` (ignore value): metrics count labelled pixels only."""
+    labelled = None
+    if y_true is not None:
+        labelled = _overlap.labelled_pixels(ops.convert_to_tensor(y_true), num_classes, len(pred.shape) - 1)
     if sample_weight is None:
-        return ops.ones_like(pred, dtype="float32")
+        return ops.ones_like(pred, dtype="float32") if labelled is None else labelled
     sw = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
     while len(sw.shape) < len(pred.shape):
         sw = ops.expand_dims(sw, -1)
-    return ops.broadcast_to(sw, ops.shape(pred))
+    sw = ops.broadcast_to(sw, ops.shape(pred))
+    return sw if labelled is None else sw * labelled
 
 
 def _is_class(labels, class_id):
@@ -81,8 +86,8 @@ class ForegroundDice(keras.metrics.Metric):
         self.false_negatives = self.add_variable((), initializer="zeros", name="false_negatives")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        pred, ref, _ = _labels(y_true, y_pred)
-        w = _pixel_weights(sample_weight, pred)
+        pred, ref, num_classes = _labels(y_true, y_pred)
+        w = _pixel_weights(sample_weight, pred, y_true, num_classes)
         pred_fg = _is_class(pred, self.class_id)
         ref_fg = _is_class(ref, self.class_id)
         tp = ops.logical_and(ops.logical_and(pred_fg, ref_fg), ops.equal(pred, ref))
@@ -129,9 +134,10 @@ class LesionSliceDice(keras.metrics.Metric):
         self.slice_count = self.add_variable((), initializer="zeros", name="slice_count")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        pred, ref, _ = _labels(y_true, y_pred)
+        pred, ref, num_classes = _labels(y_true, y_pred)
         axes = tuple(range(1, len(pred.shape)))
-        pred_fg = _is_class(pred, self.class_id)
+        labelled = _pixel_weights(None, pred, y_true, num_classes) > 0  # unlabelled pixels: no prediction
+        pred_fg = ops.logical_and(_is_class(pred, self.class_id), labelled)
         ref_fg = _is_class(ref, self.class_id)
         tp = ops.logical_and(ops.logical_and(pred_fg, ref_fg), ops.equal(pred, ref))
         tp = ops.sum(ops.cast(tp, "float32"), axis=axes)
@@ -187,9 +193,9 @@ class ForegroundFraction(keras.metrics.Metric):
         self.total = self.add_variable((), initializer="zeros", name="total")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        pred, ref, _ = _labels(y_true, y_pred)
+        pred, ref, num_classes = _labels(y_true, y_pred)
         labels = pred if self.source == "pred" else ref
-        w = _pixel_weights(sample_weight, pred)
+        w = _pixel_weights(sample_weight, pred, y_true, num_classes)
         self.foreground.assign_add(ops.sum(ops.cast(_is_class(labels, self.class_id), "float32") * w))
         self.total.assign_add(ops.sum(w))
 
@@ -248,7 +254,7 @@ class MeanClassDice(keras.metrics.Metric):
         if num_classes != self.num_classes:
             raise ValueError(f"MeanClassDice: predictions have {num_classes} classes, the metric was built "
                              f"for num_classes={self.num_classes}")
-        w = ops.expand_dims(_pixel_weights(sample_weight, pred), -1)
+        w = ops.expand_dims(_pixel_weights(sample_weight, pred, y_true, num_classes), -1)
         # Foreground channels of the one-hot labels: (B, *spatial, C - 1).
         p = ops.one_hot(pred, num_classes, dtype="float32")[..., 1:]
         r = ops.one_hot(ref, num_classes, dtype="float32")[..., 1:]

@@ -37,12 +37,16 @@ class RegionDiceBCELoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         probs = ops.cast(y_pred, "float32")
         target = ops.cast(y_true, "float32")
-        intersection, pred_sum, ref_sum, n_pixels = _overlap.overlap_sums(target, probs, batch_dice=False)
+        # Unlabelled pixels carry -1 in every region (multi_hot_from_bits): they count nowhere.
+        labelled = ops.cast(target[..., 0] >= 0.0, "float32")
+        target = ops.maximum(target, 0.0)
+        intersection, pred_sum, ref_sum, n_pixels = _overlap.overlap_sums(target, probs, False, labelled)
         dice = 1.0 - (2.0 * intersection + self.epsilon) / (pred_sum + ref_sum + self.epsilon)
         dice = ops.where(ref_sum > 0, dice, _overlap.empty_reference_loss(pred_sum, n_pixels))
         clipped = ops.clip(probs, 1e-7, 1.0 - 1e-7)
         bce = -(target * ops.log(clipped) + (1.0 - target) * ops.log(1.0 - clipped))
-        bce = ops.mean(bce, axis=tuple(range(1, len(probs.shape))))
+        spatial = tuple(range(1, len(probs.shape) - 1))
+        bce = ops.sum(ops.mean(bce, axis=-1) * labelled, axis=spatial) / ops.maximum(ops.sum(labelled, axis=spatial), 1.0)
         return self.dice_weight * ops.mean(dice, axis=-1) + self.bce_weight * bce
 
     def get_config(self):
@@ -52,7 +56,12 @@ class RegionDiceBCELoss(keras.losses.Loss):
 
 def multi_hot_from_bits(bits, n_regions: int):
     """Region bits ``(B, H, W)`` (bit ``r`` set where region ``r`` holds) -> float32 multi-hot
-    ``(B, H, W, n_regions)`` (what the training batches of a region model carry)."""
+    ``(B, H, W, n_regions)`` (what the training batches of a region model carry); an unlabelled
+    pixel (ignore value, at most 7 regions) is -1 in every region."""
     powers = ops.convert_to_tensor([1 << r for r in range(n_regions)], dtype="int32")
-    held = ops.bitwise_and(ops.expand_dims(ops.cast(bits, "int32"), -1), powers)
-    return ops.cast(held > 0, "float32")
+    bits = ops.expand_dims(ops.cast(bits, "int32"), -1)
+    multi_hot = ops.cast(ops.bitwise_and(bits, powers) > 0, "float32")
+    if n_regions > 7:  # 8 regions take every bit: no ignore value (at most 7 with one)
+        return multi_hot
+    # Unlabelled pixels (_overlap.IGNORE_INDEX): -1 in every region, skipped by the loss.
+    return ops.where(ops.equal(bits, _overlap.IGNORE_INDEX), -1.0, multi_hot)

@@ -100,10 +100,12 @@ def _softmax_class_shares(plan) -> list[float] | None:
 def make_schedule(cfg, learning_rate: float):
     """The per-step :class:`WarmupDecay` schedule; under a time budget (``max_time_s``, with
     ``schedule_over == "budget"``) it also follows the clock (:mod:`medseg.train.budget`)."""
-    from medseg.train.schedule import WarmupDecay
+    from medseg.train.schedule import FINETUNE_WARMUP_STEPS, WarmupDecay
 
+    # Fine-tuning (init_from) warms up over a few steps unless warm-up epochs are given.
+    warmup = cfg.warmup_epochs * cfg.steps_per_epoch or (FINETUNE_WARMUP_STEPS if getattr(cfg, "init_from", None) else 0)
     return WarmupDecay(learning_rate, total_steps=cfg.epochs * cfg.steps_per_epoch, kind=cfg.schedule,
-                       power=cfg.poly_power, warmup_steps=cfg.warmup_epochs * cfg.steps_per_epoch,
+                       power=cfg.poly_power, warmup_steps=warmup,
                        clock=cfg.max_time_s is not None and cfg.schedule_over == "budget")
 
 

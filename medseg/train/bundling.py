@@ -38,6 +38,9 @@ class BundleWriter:
         self.events = events
         self.status = COMPLETE
         self.writes = 0
+        from medseg.train.parent import parent_record
+
+        self.parent = parent_record(run.cfg)  # a fine-tuned bundle names its parent; hashed once
 
     def __call__(self, model, epoch: int, logs: dict) -> None:
         run = self.run
@@ -50,7 +53,8 @@ class BundleWriter:
                     "val_cases": [c.case_id for c in run.val_cases], "map_labels": run.cfg.map_labels}
         path = save(run.write_dir, run.twin, run.plan, classes=spec.output_names, pipeline=run.pipeline,
                     network=network_spec(run.cfg), postprocessing=postprocessing(spec, rows, run.validation_kind),
-                    selection=self.selection, validation=run.validation_kind, training=training, status=self.status)
+                    selection=self.selection, validation=run.validation_kind, training=training, status=self.status,
+                    parent=self.parent)
         self.writes += 1
         emit(self.events, CheckpointWritten(epoch=epoch + 1, path=str(path), what="bundle"))
 
@@ -61,8 +65,8 @@ class BundleWriter:
 
 
 def save(run_dir, model, plan, *, classes, pipeline, network, postprocessing, selection, validation, training,
-         status):
+         status, parent=None):
     """:func:`medseg.infer.bundle.save_bundle` with the typed fields; returns ``bundle.json``'s path."""
     return bundle_io.save_bundle(run_dir, model, plan, classes=classes, pipeline=pipeline, network=network,
                                  threshold=0.5, head_level=None, postprocessing=postprocessing, selection=selection,
-                                 validation=validation, training=training, status=status)
+                                 validation=validation, training=training, status=status, parent=parent)

@@ -37,11 +37,15 @@ def check_and_split(cfg, events=None):
     from medseg.io import pair_cases
     from medseg.io.labels import parse_label_map
 
+    from medseg.io.labels import with_ignore
+
     label_map = parse_label_map(cfg.map_labels) if cfg.map_labels else None
+    ignore = ignore_label_for(cfg)
     cases, unpaired = pair_cases(cfg.images, cfg.labels)
-    if label_map:
-        cases = [dataclasses.replace(c, label_map=label_map) for c in cases]
-    report = check_dataset(cases, label_map=label_map, extra_problems=unpaired, classes=class_spec_for(cfg))
+    if label_map or ignore is not None:  # the ignore value survives the mapping (`*` never takes it)
+        cases = [dataclasses.replace(c, label_map=with_ignore(label_map, ignore)) for c in cases]
+    report = check_dataset(cases, label_map=label_map, extra_problems=unpaired, classes=class_spec_for(cfg),
+                           ignore=ignore)
     report.raise_if_fatal()
     labelled = [c for c in cases if c.label_path is not None]
     if not labelled:
@@ -109,9 +113,28 @@ def class_spec_for(cfg):
     from medseg.io.dataset import find_dataset_json
 
     if cfg.labels_map:
-        return ClassSpec.parse(cfg.labels_map)
+        spec = ClassSpec.parse(cfg.labels_map)
+    else:
+        path = find_dataset_json(cfg.images) if cfg.images is not None else None
+        spec = ClassSpec.from_dataset_json(path) if path is not None else None
+    if getattr(cfg, "init_from", None):  # fine-tuning: the bundle's classes, no others
+        from medseg.train.parent import bundle_classes, check_classes
+
+        check_classes(cfg, spec)
+        return bundle_classes(cfg.init_from)
+    return spec
+
+
+def ignore_label_for(cfg) -> int | None:
+    """The run's ignore value: ``ignore_label``, else the label named ``"ignore"`` of the
+    dataset.json next to the images (nnU-Net's convention), else None."""
+    from medseg.io.classes import ClassSpec
+    from medseg.io.dataset import find_dataset_json
+
+    if cfg.ignore_label is not None:
+        return cfg.ignore_label
     path = find_dataset_json(cfg.images) if cfg.images is not None else None
-    return ClassSpec.from_dataset_json(path) if path is not None else None
+    return ClassSpec.dataset_ignore_label(path) if path is not None else None
 
 
 def plan_for_run(cfg, train_cases, run_dir: Path, chief: bool):
@@ -121,8 +144,17 @@ def plan_for_run(cfg, train_cases, run_dir: Path, chief: bool):
     path = Path(run_dir) / PLAN_FILE
     if cfg.resume and path.is_file():
         return Plan.load(path)
+    if cfg.init_from:  # fine-tuning: the bundle's plan, so its deterministic steps
+        from medseg.train.parent import parent_plan
+
+        plan = parent_plan(cfg, ignore_label_for(cfg))
+        if chief:
+            plan.save(path)
+        return plan
     overrides = dict(cfg.plan)
     overrides.setdefault("divisor", network_spec(cfg).divisor)
+    if ignore_label_for(cfg) is not None:
+        overrides.setdefault("ignore_label", ignore_label_for(cfg))
     spec = class_spec_for(cfg)
     if spec is not None:
         overrides.setdefault("classes", spec.to_dict())
@@ -147,6 +179,10 @@ def build_pipeline(cfg, plan):
     """
     from medseg.transforms.pipeline import Pipeline
 
+    if cfg.init_from:  # fine-tuning: the bundle's pipeline
+        from medseg.train.parent import parent_pipeline
+
+        return parent_pipeline(cfg, plan)
     try:
         return Pipeline.from_plan(plan, extra=cfg.transforms)
     except (TypeError, ValueError) as exc:

@@ -86,6 +86,12 @@ class TrainConfig:
             to the images when it names two or more classes, else binary (any nonzero value).
         map_labels: label values mapped before anything reads the labels, ``"FROM:TO,..."``;
             ``*`` stands for every other value (``"5:1,*:0"``: label 5 is the foreground).
+        ignore_label: the label value of unlabelled voxels (partial labels, applied before
+            ``map_labels``); None: the label named ``"ignore"`` of a ``dataset.json``, else none.
+            They carry no loss, no metric and no sampled patch centre.
+        init_from: a bundle's run folder to fine-tune (:mod:`medseg.train.parent`): its
+            weights, network, classes and pipeline, on this run's cases, with the fine-tuning
+            schedule unless ``lr``/``warmup_epochs`` are given.
         network: the registered network to train (:mod:`medseg.nets.registry`): ``"unetpp"``
             (UNet++, the default) or ``"unet"`` (plain U-Net); recorded in the bundle.
         filters: filters per level (None: ``(32, 64, 128, 256, 512)`` cut to ``depth``).
@@ -142,6 +148,8 @@ class TrainConfig:
     cpu_sizing: bool = True
     map_labels: str | None = None
     labels_map: list[str] | None = None
+    ignore_label: int | None = None
+    init_from: str | None = None
     network: str = "unetpp"
     filters: list[int] | None = None
     depth: int = 4
@@ -243,10 +251,11 @@ class TrainConfig:
                 ClassSpec.parse(self.labels_map)
             except InputError as exc:
                 raise InputError(where, "labels_map entries NAME=IDS (e.g. liver=5)", str(exc)) from exc
-        if self.map_labels is not None:
-            from medseg.io.labels import parse_label_map
+        if self.map_labels is not None or self.ignore_label is not None:
+            from medseg.io.labels import parse_label_map, with_ignore
 
-            parse_label_map(self.map_labels)
+            with_ignore(parse_label_map(self.map_labels) if self.map_labels else None, self.ignore_label)
+
         if self.patch_size is not None and (len(self.patch_size) != 2 or min(self.patch_size) < 1):
             raise bad("patch_size", "to be two positive integers (H W)")
         if self.patch_size is not None and any(p % 2 ** self.depth for p in self.patch_size):

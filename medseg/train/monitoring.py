@@ -37,6 +37,11 @@ def make_diagnostics(cfg, write_dir: Path, dataset=None, num_classes: int = 2, c
     maker = getattr(dataset, "batch_maker", None)
     if maker is not None:
         sample_batch = maker.batch(0)
+        if any(getattr(t, "ignore", None) is not None for t in maker.pipeline.deterministic):
+            # Partial labels: the unlabelled pixels are no label value to judge (nor any class).
+            from medseg.io.classes import without_ignore
+
+            sample_batch = (sample_batch[0], without_ignore(sample_batch[1])[0])
         if maker.augmenter is not None:
             from medseg.transforms.augment import check_alignment
 

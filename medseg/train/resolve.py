@@ -43,7 +43,12 @@ def resolve_config(config: TrainConfig | RunConfig | Mapping[str, Any]) -> Train
             raise InputError(None, "--images and --labels (or --resume RUN_DIR)",
                              f"images={cfg.images!r}, labels={cfg.labels!r}")
         # Absolute paths in config.json: --resume works from any working folder.
-        return dataclasses.replace(cfg, **{n: os.path.abspath(getattr(cfg, n)) for n in _PATHS if getattr(cfg, n)})
+        cfg = dataclasses.replace(cfg, **{n: os.path.abspath(getattr(cfg, n)) for n in _PATHS if getattr(cfg, n)})
+        if cfg.init_from:  # fine-tuning: the bundle's network, the fine-tuning learning rate
+            from medseg.train.parent import fine_tuning_config
+
+            cfg = fine_tuning_config(cfg)
+        return cfg
     return _resumed(cfg)
 
 

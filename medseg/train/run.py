@@ -268,6 +268,9 @@ def _report_settings(run: _Run) -> None:
     if cfg.ce_class_weights is not None and cfg.loss != "dice":
         run.say("medseg-train: cross-entropy class weights "
                 + ", ".join(f"{n} {w:g}" for n, w in zip(plan.class_spec.output_names, cfg.ce_class_weights)))
+    if plan.ignore_label is not None:
+        run.say(f"medseg-train: label value {plan.ignore_label} = unlabelled (--ignore-label): no loss, no metric "
+                "and no patch centre there; validation scores the labelled voxels only")
     if plan.keep_orientation:
         sides = (plan.fingerprint or {}).get("lateral_classes") or {}
         run.say("medseg-train: patches keep the orientation (no flips, no quarter turns)"
@@ -307,6 +310,12 @@ def build(run: _Run) -> None:
     if strat.needs_multi_worker_build_fix(run.strategy):
         strat.fix_multi_worker_build(run.model, run.strategy)
     run.state = new_state(cfg.seed)
+    if cfg.init_from and not cfg.resume:  # fine-tuning: the parent's weights (a resume has its checkpoint)
+        from medseg.train.parent import load_parent_weights
+
+        load_parent_weights(run.model, cfg)
+        run.say(f"medseg-train: fine-tuning {cfg.init_from}: its weights, network, classes and pipeline; "
+                f"peak lr {run.learning_rate:g} after a warm-up")
     if cfg.resume:
         checkpoint = latest_checkpoint(run.run_dir)
         if checkpoint is not None:

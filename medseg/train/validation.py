@@ -38,7 +38,8 @@ def _class_keys() -> tuple[str, ...]:
 def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = HELD_OUT, pipeline=None):
     """``evaluate(model) -> rows``: segment each validation volume whole with the inference
     :class:`~medseg.infer.predictor.Predictor` (on ``twin``, a float32 copy of the trained model
-    outside the strategy) and score it in 3D on its own grid with :func:`medseg.eval.compute_metrics`.
+    outside the strategy) and score it in 3D on its own grid with :func:`medseg.eval.compute_metrics`;
+    with the plan's ``ignore_label``, on the labelled voxels only (prediction and reference).
     """
     from medseg.data.plan import load_pair
     from medseg.infer.bundle import Bundle
@@ -49,6 +50,7 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
     predictor = Predictor(bundle, batch_size=max(8, cfg.batch_size))
     cases = list(val_cases)[: cfg.max_val_cases] if cfg.max_val_cases else list(val_cases)
     spec = predictor.classes
+    ignore = getattr(plan, "ignore_label", None)
 
     def evaluate(model) -> list[dict]:
         twin.set_weights(model.get_weights())
@@ -58,12 +60,14 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
             # load_pair applies the label map and brings the label onto the image's grid.
             image, label = load_pair(case)
             pred = np.asarray(predictor.segment(image, largest_component=False).array)
+            ref = np.asarray(label.array)
+            if ignore is not None:  # partial labels: the labelled voxels only, in both
+                labelled = ref != ignore
+                pred, ref = np.where(labelled, pred, 0), np.where(labelled, ref, 0)
             if not spec.kind.per_class:  # one foreground: its ids (every nonzero value by default)
                 rows.append({"case_id": case.case_id, "validation": validation,
-                             **score_case(spec.mask(pred, 0), spec.mask(np.asarray(label.array), 0),
-                                          image.spacing_mm)})
+                             **score_case(spec.mask(pred, 0), spec.mask(ref, 0), image.spacing_mm)})
                 continue
-            ref = np.asarray(label.array)
             per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm)
                          for k, name in enumerate(spec.names)}
             rows.append(class_row(case.case_id, validation, per_class))

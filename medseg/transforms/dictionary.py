@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medseg.io.classes import BINARY, BITS, LabelKind
+from medseg.io.classes.kinds import MAX_REGIONS_WITH_IGNORE
 from medseg.transforms.augment import AugmentConfig, Augmenter
 from medseg.transforms.base import Lambdad, MapTransform, Randomizable
 from medseg.transforms.batch import PatchBatch
@@ -84,8 +85,10 @@ class LabelClassesd(MapTransform):
     slice_local = True
 
     def __init__(self, keys="label", num_classes: int = 2, allow_missing_keys: bool = True,
-                 classes: Mapping[str, Any] | None = None):
+                 classes: Mapping[str, Any] | None = None, ignore: int | None = None):
         super().__init__(keys, allow_missing_keys)
+        # The label value of unlabelled voxels (--ignore-label): IGNORE_INDEX after this step.
+        self.ignore = None if ignore is None else int(ignore)
         if int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, found {num_classes!r}")
         self.num_classes = int(num_classes)
@@ -98,6 +101,9 @@ class LabelClassesd(MapTransform):
                 raise ValueError(f"num_classes {num_classes} does not fit the classes {list(spec.names)}")
             if spec.regions and len(spec.names) > 8:
                 raise ValueError(f"at most 8 nested regions (one bit each), found {len(spec.names)}")
+            if spec.regions and self.ignore is not None and len(spec.names) > MAX_REGIONS_WITH_IGNORE:
+                raise ValueError(f"at most {MAX_REGIONS_WITH_IGNORE} nested regions with an ignore value, "
+                                 f"found {len(spec.names)}")
             self.classes = spec.to_dict()
 
     def __repr__(self) -> str:
@@ -109,6 +115,8 @@ class LabelClassesd(MapTransform):
                   "allow_missing_keys": self.allow_missing_keys}
         if self.classes is not None:  # binary pipelines read exactly as before classes existed
             config["classes"] = self.classes
+        if self.ignore is not None:  # likewise pipelines without an ignore value
+            config["ignore"] = self.ignore
         return config
 
     @property
@@ -118,7 +126,8 @@ class LabelClassesd(MapTransform):
 
     def apply(self, value, key):
         source = value.meta.get("source_path") or value.case_id
-        return value.with_array(label_classes(np.asarray(value.array), self.num_classes, source, self.classes))
+        return value.with_array(label_classes(np.asarray(value.array), self.num_classes, source, self.classes,
+                                              self.ignore))
 
 
 @register_transform

@@ -117,7 +117,8 @@ class Pipeline:
         """
         kind = LabelKind.of(plan.classes)
         steps: list[Any] = [
-            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True, classes=plan.classes),
+            LabelClassesd("label", num_classes=plan.num_classes, allow_missing_keys=True, classes=plan.classes,
+                          ignore=getattr(plan, "ignore_label", None)),
             PlanSpaced(("image", "label"), orientation=plan.orientation, slice_axis=plan.slice_axis,
                        target_spacing_mm=plan.target_spacing_mm, allow_missing_keys=True),
             BodyMaskd("image", modality=plan.modality, allow_missing_keys=True),

@@ -203,7 +203,8 @@ def plan_space_label(volume: Volume, orientation: str, slice_axis: int, target_s
     return np.ascontiguousarray(_to_plan_space(np.asarray(volume.array), reo, grid, slice_axis, nearest=True))
 
 
-def label_classes(array: np.ndarray, num_classes: int, source: Any = "", classes: Any = None) -> np.ndarray:
+def label_classes(array: np.ndarray, num_classes: int, source: Any = "", classes: Any = None,
+                  ignore: int | None = None) -> np.ndarray:
     """Label values -> uint8 class indices (or, for nested regions, region bits).
 
     Float-stored labels are rounded to integers first; the values are then checked by medseg's
@@ -216,12 +217,23 @@ def label_classes(array: np.ndarray, num_classes: int, source: Any = "", classes
       dataset's ids -> class index ``k`` of ``names[k - 1]``; ids of no class are background;
     - ``classes`` of regions: bit ``k`` set where region ``k`` holds (at most 8 regions).
 
+    ``ignore``: the label value of unlabelled voxels (``--ignore-label``); they become
+    :data:`medseg.io.classes.IGNORE_INDEX` whatever the kind, the others as above.
+
     Raises:
         InputError: naming ``source`` (a file or case id), from the label rule.
     """
     from medseg.io.labels import check_label_values
 
     lab = np.asarray(array)
+    if ignore is not None:
+        from medseg.io.classes import IGNORE_INDEX
+
+        ignored = lab == ignore
+        if ignored.any():
+            out = label_classes(np.where(ignored, np.zeros((), lab.dtype), lab), num_classes, source, classes)
+            out[ignored] = IGNORE_INDEX
+            return out
     if not np.issubdtype(lab.dtype, np.integer):
         lab = np.asarray(lab, dtype=np.float64)
         finite = np.isfinite(lab)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medseg.io.classes import BINARY, LabelKind
+from medseg.io.classes import BINARY, LabelKind, without_ignore
 
 __all__ = [
     "LesionIndex",
@@ -120,7 +120,7 @@ def build_index(
     rng = np.random.default_rng(seed)
     lab = np.asarray(label)
     keep, sizes, classes = [], [], []
-    for cls_id, mask in LabelKind.named(label_kind).masks(lab):
+    for cls_id, mask in LabelKind.named(label_kind).labelled_masks(lab):
         parts, counts = _component_voxels(mask, rng, max_per_component)
         keep += parts
         sizes.append(counts)
@@ -131,11 +131,20 @@ def build_index(
         np.zeros((0, 3), np.int32)
     offsets = np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64)
     body_coords = np.zeros((0, 3), np.int32)
+    ignored = without_ignore(lab)[1]
+    if ignored is not None:
+        # Partial labels: random patches are centred on labelled voxels (of the body) only, so
+        # they come from the labelled slices and regions.
+        body = ~ignored if body is None else np.asarray(body, dtype=bool) & ~ignored
     if body is not None:
         b = np.asarray(body, dtype=bool)
         # Rejection sampling: np.flatnonzero on a 26 M-voxel mask would allocate 200 MB.
         cand = rng.integers(0, b.size, size=8 * max_body)
         cand = cand[b.ravel()[cand]][:max_body]
+        if ignored is not None and cand.size < max_body // 4:
+            # A few labelled slices are too rare a target for rejection sampling: draw exactly.
+            inside = np.flatnonzero(b)
+            cand = rng.choice(inside, min(max_body, inside.size), replace=False) if inside.size else inside
         if cand.size:
             body_coords = np.stack(np.unravel_index(cand, b.shape), axis=1).astype(np.int32)
     component_voxels = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)

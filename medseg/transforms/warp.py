@@ -208,7 +208,7 @@ def _warp_numpy(out_image, out_mask, planes, label_plane, centre, matrix, disp, 
     invalid = None if valid.all() else ~valid
     for c, plane in enumerate(planes):
         out_image[:, :, c] = _bilinear(plane, corners, fy, fx, invalid, pad)
-    out_mask[...] = label_kind.warp(lambda p: _bilinear(p, corners, fy, fx, invalid, 0.0), label_plane)
+    out_mask[...] = label_kind.warp_labelled(lambda p: _bilinear(p, corners, fy, fx, invalid, 0.0), label_plane)
 
 
 def _cv2_layout(a: np.ndarray) -> bool:
@@ -263,7 +263,7 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
         def warp_one(src):
             return cv2.remap(np.ascontiguousarray(src, dtype=np.float32), map_x, map_y, flags,
                              borderMode=cv2.BORDER_REPLICATE)
-    out_mask[...] = label_kind.warp(warp_one, _crop(label_plane, y_lo, x_lo, wh, ww, 0))
+    out_mask[...] = label_kind.warp_labelled(warp_one, _crop(label_plane, y_lo, x_lo, wh, ww, 0))
     for c, p in enumerate(planes):
         out_image[:, :, c] = warp_one(_cv2_ready(_crop(p, y_lo, x_lo, wh, ww, pad)))
 
@@ -271,7 +271,7 @@ def _warp_cv2(out_image, out_mask, planes, label_plane, centre, matrix, disp, pa
 def _label_from(interp, label: np.ndarray, kind: "LabelKind | str") -> np.ndarray:
     """The warped label: ``interp`` (the warp of one float plane) applied to the label's parts,
     as its kind says (:meth:`medseg.io.classes.LabelKind.warp`)."""
-    return LabelKind.named(kind).warp(interp, label)
+    return LabelKind.named(kind).warp_labelled(interp, label)
 
 
 def render(

@@ -26,7 +26,8 @@ Example:
     array([0, 1, 2, 0], dtype=uint8)
 """
 
-from medseg.io.classes.kinds import BINARY, BITS, CLASSES, LABEL_KINDS, LabelKind
+from medseg.io.classes.kinds import BINARY, BITS, CLASSES, IGNORE_INDEX, LABEL_KINDS, LabelKind, without_ignore
 from medseg.io.classes.spec import ANY_NONZERO, ClassSpec, _ids_by_segment_name  # noqa: F401
 
-__all__ = ["ClassSpec", "ANY_NONZERO", "LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS"]
+__all__ = ["ClassSpec", "ANY_NONZERO", "LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS", "IGNORE_INDEX",
+           "without_ignore"]

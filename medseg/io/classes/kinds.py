@@ -16,7 +16,27 @@ import numpy as np
 if TYPE_CHECKING:
     from medseg.io.classes.spec import ClassSpec
 
-__all__ = ["LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS"]
+__all__ = ["LabelKind", "BINARY", "CLASSES", "BITS", "LABEL_KINDS", "IGNORE_INDEX", "MAX_REGIONS_WITH_IGNORE",
+           "without_ignore"]
+
+#: The value an unlabelled voxel (``--ignore-label V``) takes in the label step's output, whatever
+#: the kind: no class index (at most 254 classes), no region bits (at most 7 regions with an ignore
+#: value: 255 would be all 8 bits). Losses and metrics skip it (``medseg.losses._overlap``); warps
+#: carry it like a label (:meth:`LabelKind.warp_labelled`); the sampling index leaves it out.
+IGNORE_INDEX = 255
+#: Nested regions with an ignore value: bit 7 stays free, so :data:`IGNORE_INDEX` is no region set.
+MAX_REGIONS_WITH_IGNORE = 7
+
+
+def without_ignore(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(label with its ignored voxels made 0, bool mask of them)``; ``(label, None)`` when it holds none."""
+    label = np.asarray(label)
+    if label.dtype.kind not in "iu" or not label.size or int(label.max()) < IGNORE_INDEX:
+        return label, None
+    ignored = label == IGNORE_INDEX
+    if not ignored.any():
+        return label, None
+    return np.where(ignored, np.zeros((), label.dtype), label), ignored
 
 
 class LabelKind(ABC):
@@ -79,6 +99,21 @@ class LabelKind(ABC):
     @abstractmethod
     def masks(self, label: np.ndarray):
         """``(index, bool mask)`` of each foreground class (region) present, apart; binary: one, 1."""
+
+    def warp_labelled(self, interp, label: np.ndarray) -> np.ndarray:
+        """:meth:`warp`, with the unlabelled voxels (:data:`IGNORE_INDEX`) carried as one more
+        label: interpolated and thresholded at 0.5 on their own, they win where they land (the
+        warp of a label map without them is :meth:`warp`'s, unchanged)."""
+        plain, ignored = without_ignore(label)
+        if ignored is None:
+            return self.warp(interp, label)
+        out = np.asarray(self.warp(interp, plain)).astype(np.uint8)
+        out[interp(ignored.astype(np.float32)) > np.float32(0.5)] = IGNORE_INDEX
+        return out
+
+    def labelled_masks(self, label: np.ndarray):
+        """:meth:`masks` of the labelled voxels only (unlabelled ones are no class)."""
+        return self.masks(without_ignore(label)[0])
 
     # --- inference ------------------------------------------------------------------------------------
     def foreground(self, probs):

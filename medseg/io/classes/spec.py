@@ -19,6 +19,8 @@ __all__ = ["ClassSpec", "ANY_NONZERO"]
 
 #: The ids of the binary lesion class: every nonzero value.
 ANY_NONZERO = ()
+#: dataset.json's label name of unlabelled voxels (nnU-Net v2).
+IGNORE_NAME = "ignore"
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _FORMAT = "--labels-map entries NAME=IDS such as liver=5 or tumour=2,3 (ids: integers > 0, comma-separated)"
@@ -140,6 +142,8 @@ class ClassSpec:
             raise InputError(path, "dataset.json labels as a mapping of names to ids", repr(labels)[:200])
         names, ids = [], []
         for name, value in labels.items():
+            if name == IGNORE_NAME:
+                continue  # unlabelled voxels (dataset_ignore_label), no class
             values = value if isinstance(value, list) else [value]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise InputError(path, "dataset.json label ids as integers or lists of integers", f"{name}: {value!r}")
@@ -151,6 +155,26 @@ class ClassSpec:
         if not names and order is None:
             return None
         return cls._checked(names, ids, order, lesions, path or "dataset.json")
+
+    @staticmethod
+    def dataset_ignore_label(source: str | os.PathLike | Mapping[str, Any] | None) -> int | None:
+        """The ignore value of a ``dataset.json`` (path or content): its label named ``"ignore"``
+        (nnU-Net v2's convention: unlabelled voxels), or None.
+
+        Raises:
+            InputError: naming the file, when that value is not one integer.
+        """
+        if source is None:
+            return None
+        data = source if isinstance(source, Mapping) else json.loads(Path(source).read_text(encoding="utf-8"))
+        labels = data.get("labels") if isinstance(data, Mapping) else None
+        value = labels.get(IGNORE_NAME) if isinstance(labels, Mapping) else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(None if isinstance(source, Mapping) else source,
+                             'dataset.json label "ignore" as one integer label value', repr(value))
+        return value
 
     @classmethod
     def _checked(cls, names, ids, order, lesions, where) -> "ClassSpec":

@@ -6,7 +6,8 @@
 Opens patient B (File > Open Sample > medseg, the DICOM series and its liver reference),
 segments it with the segment widget and a bundle (without ``--bundle``: one trained here on
 patient A's liver with ``medseg-train --labels-map liver=5 --max-time-s BUDGET``), shows the
-segmentation over the scan on a slice through the liver with the reference as an outline, and
+segmentation over the scan (filled, the class colour) on a slice through the liver with the
+reference as a gold outline, and
 saves ``viewer.screenshot`` of the whole window (the widget's per-class volume included),
 palette-quantized to stay small. Re-executes itself under ``xvfb-run -a`` when there is no DISPLAY.
 """
@@ -48,7 +49,8 @@ def shoot(bundle: Path, out: Path) -> None:
     viewer.open_sample("medseg", "patient_b")
     reference = viewer.layers[1]
     reference.contour = 2
-    reference.opacity = 0.9
+    reference.opacity = 1.0
+    reference.colormap = {None: "transparent", 0: "transparent", 5: "#ffd700"}  # the outline: gold
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="medseg: segment")
     widget.set_bundle(bundle)
@@ -60,7 +62,7 @@ def shoot(bundle: Path, out: Path) -> None:
         time.sleep(0.01)
     if widget.last_result.error:
         raise SystemExit(widget.last_result.error)
-    widget.result_layer.opacity = 0.45
+    widget.result_layer.opacity = 0.6
     data = np.asarray(reference.data)
     z = int(np.argmax(np.count_nonzero(data, axis=(1, 2))))  # the slice with the most liver
     viewer.dims.set_current_step(0, z)
@@ -69,7 +71,7 @@ def shoot(bundle: Path, out: Path) -> None:
         app.processEvents()
         time.sleep(0.05)
     rgba = viewer.screenshot(canvas_only=False, flash=False)
-    Image.fromarray(rgba[..., :3]).quantize(colors=128).save(out, optimize=True)
+    Image.fromarray(rgba[..., :3]).quantize(colors=128, dither=Image.Dither.NONE).save(out, optimize=True)
     viewer.close()
     print(f"{out} ({out.stat().st_size // 1024} KB)")
 

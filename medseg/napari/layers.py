@@ -84,7 +84,9 @@ def label_layer(volume: Volume, name: str | None = None, classes: Mapping[int, s
     data, kwargs = _kwargs(volume, name or volume.case_id or "labels",
                            {CLASSES_KEY: {str(k): v for k, v in named.items()}, **extra})
     kwargs.update(labels_kwargs(named))
-    return data, kwargs, "labels"
+    # A copy in the layer's own axis order: napari paints into it, never into the Volume read
+    # (which the image layer or a caller may share), and brush strokes write contiguous memory.
+    return np.ascontiguousarray(data), kwargs, "labels"
 
 
 def classes_of_spec(spec) -> dict[int, str]:

@@ -76,6 +76,8 @@ def test_segment_patient_b(qtbot, patient_b, tiny_liver_bundle, tmp_path):
 
     viewer = patient_b
     widget = segment_widget(viewer, tiny_liver_bundle)
+    # a binary liver model trains with flips (bundle.json's pipeline): TTA is offered, unticked
+    assert widget.tta_check.isEnabled() and not widget.tta_check.isChecked() and widget.post_check.isChecked()
     steps: list[int] = []
     widget._relay.progress.connect(lambda done, total: steps.append((done, total)))
     stall_ms, ticks = run_segmentation(qtbot, widget)

@@ -1,6 +1,7 @@
 """Learning from corrections: fine-tune a trained model on 4 corrected slices of a new patient.
 
     python benchmarks/finetune.py [--m0-s 300] [--finetune-s 60] [--scratch-s 360] [--k 4] [--seed 0]
+    python benchmarks/finetune.py --sweep 400 40     # the sweep that chose the fine-tuning lr / warm-up
 
 The multi-organ task of ``benchmarks/multiclass.py`` (liver 5, spleen 1, stomach 6, aorta 52 of
 TotalSegmentator's label maps): M0 is that benchmark's recipe trained on patient A (``--m0-s``);
@@ -85,6 +86,37 @@ def link_training_data(data: Path, work: Path, b_label) -> tuple[Path, Path]:
     return images, labels
 
 
+#: The settings of the peak-lr / warm-up sweep (docs/train.md): (peak lr, warm-up steps). 1e-3
+#: is given as 1.0001e-3: exactly 1e-3 is the default, which fine-tuning replaces by its own.
+SWEEP = ((1e-4, 20), (3e-4, 20), (1.0001e-3, 20), (3e-4, 0))
+
+
+def sweep(data: Path, work: Path, image, reference, partial, others, m0_steps: int, steps: int) -> dict:
+    """The sweep that chose the fine-tuning schedule, counted in steps (a shared machine's load
+    would otherwise decide): M0 = the multiclass recipe (filters 8-128) for ``m0_steps`` steps,
+    then M0 fine-tuned ``steps`` steps per :data:`SWEEP` setting; DSC on B's other slices."""
+    import medseg.train.schedule as schedule
+    from medseg.train.finetune import finetune
+
+    fixed = dict(filters=[8, 16, 32, 64, 128], depth=4, cpu_sizing=False, epochs=1, max_time_s=None)
+    train_liver(data, work / "m0", 1.0, map_labels=None, labels_map=[f"{k}={v}" for k, v in ORGANS.items()],
+                steps_per_epoch=m0_steps, **fixed)
+    rows = {"m0": score(work / "m0", image, reference, others)}
+    default = schedule.FINETUNE_WARMUP_STEPS
+    try:
+        for lr, warmup in SWEEP:
+            schedule.FINETUNE_WARMUP_STEPS = warmup  # read when the run builds its schedule
+            finetune(work / "m0", images=data / "imagesTr", labels=data / "labelsTr", image=image, label=partial,
+                     ignore_label=IGNORE, run_dir=work / f"m1-{lr:g}-{warmup}", case_id="patientB", val_every=1000,
+                     lr=lr, epochs=1, steps_per_epoch=steps, max_time_s=None)
+            rows[f"lr_{lr:.0e}_warmup_{warmup}"] = score(work / f"m1-{lr:g}-{warmup}", image, reference, others)
+            print(f"finetune: sweep lr {lr:.0e}, warm-up {warmup}: mean {rows[f'lr_{lr:.0e}_warmup_{warmup}']['mean']:.3f}",
+                  flush=True)
+    finally:
+        schedule.FINETUNE_WARMUP_STEPS = default
+    return {key: {k: round(v, 3) for k, v in row.items()} for key, row in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m0-s", type=float, default=300.0, help="M0's training budget on patient A (s)")
@@ -92,6 +124,8 @@ def main() -> None:
     parser.add_argument("--scratch-s", type=float, default=360.0, help="M2's budget from scratch (s)")
     parser.add_argument("--k", type=int, default=4, help="corrected axial slices of patient B")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", type=int, nargs=2, metavar=("M0_STEPS", "STEPS"),
+                        help="instead: the peak-lr / warm-up sweep of docs/train.md (e.g. 400 40), one JSON line")
     args = parser.parse_args()
     require("tensorflow", "SimpleITK")
     import numpy as np
@@ -101,8 +135,12 @@ def main() -> None:
     from medseg.train.finetune import finetune
 
     labels_map = [f"{k}={v}" for k, v in ORGANS.items()]
-    print(f"finetune: M0 {args.m0_s:.0f} s on patient A, {args.k} corrected slices of B, M1 = M0 + "
-          f"{args.finetune_s:.0f} s, M2 = scratch {args.scratch_s:.0f} s; {os.cpu_count()} CPU cores", flush=True)
+    if args.sweep:
+        print(f"finetune: sweep, M0 {args.sweep[0]} steps on patient A, then {args.sweep[1]} fine-tuning steps per "
+              f"setting; {os.cpu_count()} CPU cores", flush=True)
+    else:
+        print(f"finetune: M0 {args.m0_s:.0f} s on patient A, {args.k} corrected slices of B, M1 = M0 + "
+              f"{args.finetune_s:.0f} s, M2 = scratch {args.scratch_s:.0f} s; {os.cpu_count()} CPU cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="medseg-finetune-") as tmp:
         work = Path(tmp)
         data = lay_out(work)
@@ -117,6 +155,11 @@ def main() -> None:
         others = ~corrected
         print(f"finetune: patient B, corrected axial slices {chosen} of {reference.shape[axis]} (axis {axis})",
               flush=True)
+        if args.sweep:
+            rows = sweep(data, work, image, reference, image.with_array(partial), others, *args.sweep)
+            print(json.dumps({"sweep": rows, "m0_steps": args.sweep[0], "steps": args.sweep[1],
+                              "corrected_slices": chosen}))
+            return
 
         m0 = train_liver(data, work / "m0", args.m0_s, map_labels=None, labels_map=labels_map, seed=args.seed)
         before = score(work / "m0", image, reference, others)

@@ -43,7 +43,7 @@ def parent(tmp_path_factory):
 def test_fine_tuned_run_starts_from_the_parents_exact_weights(parent, tmp_path):
     from medseg.infer.bundle import load_bundle
     from medseg.train import train
-    from medseg.train.schedule import FINETUNE_LR, FINETUNE_WARMUP_STEPS
+    from medseg.train.schedule import FINETUNE_LR
 
     root, images, labels, _ = parent
     first = FirstWeights()
@@ -72,19 +72,21 @@ def test_fine_tuned_run_starts_from_the_parents_exact_weights(parent, tmp_path):
     from medseg.cli.info import describe_bundle, format_text
 
     assert f"fine-tuned from {(root / 'run').resolve()}" in format_text(describe_bundle(tmp_path / "child"))
-    assert FINETUNE_WARMUP_STEPS > 0
 
 
-def test_fine_tuning_schedule_warms_up():
+def test_fine_tuning_schedule(monkeypatch):
+    from medseg.train import schedule as schedule_module
     from medseg.train.assembly import make_schedule
     from medseg.train.config import TrainConfig
-    from medseg.train.schedule import FINETUNE_WARMUP_STEPS
 
-    cfg = TrainConfig(init_from="somewhere", lr=3e-4)
+    cfg = TrainConfig(init_from="somewhere", lr=3e-4, epochs=1, steps_per_epoch=100)
     schedule = make_schedule(cfg, 3e-4)
-    assert schedule.warmup_steps == FINETUNE_WARMUP_STEPS
-    assert float(schedule(0)) == pytest.approx(3e-4 / FINETUNE_WARMUP_STEPS)
-    assert make_schedule(TrainConfig(), 1e-3).warmup_steps == 0
+    assert schedule.warmup_steps == schedule_module.FINETUNE_WARMUP_STEPS == 0  # measured: none (docs/train.md)
+    assert float(schedule(0)) == pytest.approx(3e-4)  # the peak rate from the first step
+    monkeypatch.setattr(schedule_module, "FINETUNE_WARMUP_STEPS", 10)
+    warm = make_schedule(cfg, 3e-4)
+    assert warm.warmup_steps == 10 and float(warm(0)) == pytest.approx(3e-5)
+    assert make_schedule(TrainConfig(), 1e-3).warmup_steps == 0  # from scratch: never
     assert make_schedule(TrainConfig(init_from="x", warmup_epochs=1, steps_per_epoch=7), 1e-3).warmup_steps == 7
 
 

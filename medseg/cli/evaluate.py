@@ -105,7 +105,10 @@ def _run(args: argparse.Namespace) -> int:
     from medseg.io.classes import ClassSpec
     from medseg.io.labels import parse_label_map
 
+    from medseg.io.labels import with_ignore
+
     ignore = args.ignore_label if args.ignore_label is not None else ClassSpec.dataset_ignore_label(args.dataset_json)
+    with_ignore(parse_label_map(args.map_labels) if args.map_labels else None, ignore)  # refuses a mapping of V
     options = EvalOptions(
         classes=_classes(args),
         label=args.label,

@@ -102,7 +102,7 @@ def make_schedule(cfg, learning_rate: float):
     ``schedule_over == "budget"``) it also follows the clock (:mod:`medseg.train.budget`)."""
     from medseg.train.schedule import FINETUNE_WARMUP_STEPS, WarmupDecay
 
-    # Fine-tuning (init_from) warms up over a few steps unless warm-up epochs are given.
+    # Fine-tuning (init_from): its own warm-up (FINETUNE_WARMUP_STEPS) unless warm-up epochs are given.
     warmup = cfg.warmup_epochs * cfg.steps_per_epoch or (FINETUNE_WARMUP_STEPS if getattr(cfg, "init_from", None) else 0)
     return WarmupDecay(learning_rate, total_steps=cfg.epochs * cfg.steps_per_epoch, kind=cfg.schedule,
                        power=cfg.poly_power, warmup_steps=warmup,

@@ -5,10 +5,10 @@ A fine-tuning run starts from the bundle's weights and keeps what they mean: its
 ``dataset.json`` naming others is refused in one line), its preprocessing (the bundle's plan
 and saved pipeline: the deterministic steps are the parent's, whatever the new cases would fit;
 only the label step takes the run's ``--ignore-label``) and its ``--map-labels`` unless another
-is given. The schedule is a fine-tuning one: peak learning rate :data:`FINETUNE_LR` after a
-linear warm-up of :data:`FINETUNE_WARMUP_STEPS` steps (chosen by measurement, docs/train.md),
-decaying over ``--max-time-s`` like any budgeted run; a ``--lr`` or ``--warmup-epochs`` other
-than the defaults replaces them. The new bundle records its parent: path and SHA-256 of its
+is given. The schedule is a fine-tuning one: peak learning rate :data:`FINETUNE_LR`, warm-up
+:data:`FINETUNE_WARMUP_STEPS` steps (none; both chosen by measurement, docs/train.md), decaying
+over ``--max-time-s`` like any budgeted run; a ``--lr`` or ``--warmup-epochs`` other than the
+defaults replaces them. The new bundle records its parent: path and SHA-256 of its
 ``model.keras`` (:class:`medseg.infer.contract.ParentRecord`).
 
 :func:`medseg.train.finetune.finetune` is the library call a viewer makes on top of it.

@@ -315,7 +315,7 @@ def build(run: _Run) -> None:
 
         load_parent_weights(run.model, cfg)
         run.say(f"medseg-train: fine-tuning {cfg.init_from}: its weights, network, classes and pipeline; "
-                f"peak lr {run.learning_rate:g} after a warm-up")
+                f"peak lr {run.learning_rate:g}")
     if cfg.resume:
         checkpoint = latest_checkpoint(run.run_dir)
         if checkpoint is not None:

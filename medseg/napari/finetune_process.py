@@ -175,12 +175,16 @@ class FineTuneProcess:
             proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
         if conn is not None:
             conn.close()
-        if proc is not None:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:  # reaped off the worker thread: the result need not wait for TensorFlow's exit
+            threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from medseg.napari.corrections import SliceRecord, changed_slices, slice_axis_of_bundle, slices_of_paint
-from medseg.napari.geometry import GEOMETRY_KEY, LayerGeometry
+from medseg.napari.geometry import GEOMETRY_KEY, WORLD_AXES, LayerGeometry
 from medseg.napari.reader import error_text
 
 __all__ = ["FineTuneWidget", "FineTuneResult", "CHANGE_CLASSES"]
@@ -333,6 +333,11 @@ class FineTuneWidget(QWidget):
         classes = {int(k): v for k, v in (layer.metadata[GEOMETRY_KEY].get(CLASSES_KEY) or {}).items()}
         ignore = ignore_value_for(bundle, classes)
         tracked = self._tracked[id(layer)]
+        axis = slice_axis_of_bundle(bundle)
+        if tracked.record.axis != axis:
+            recorded = WORLD_AXES[tracked.record.axis]
+            raise _Refused(f"medseg: the corrections of {layer.name!r} were recorded along {recorded}, the model "
+                           f"{bundle.name} takes slices along {WORLD_AXES[axis]}: correct a layer that model segmented")
         slices = tracked.labelled()
         partial = partial_label(np.asarray(layer.data), tracked.record.axis, slices, ignore, classes, layer.name)
         label = labels_volume(partial, meta, layers=self.viewer.layers)

@@ -93,7 +93,8 @@ def test_correct_mark_finetune_compare(qtbot, corrected, tiny_liver_bundle):
     assert ok, why
     array = sitk.GetArrayFromImage(written)  # (z, y, x): the layer's data order for this axial series
     labelled = np.flatnonzero((array != 32767).reshape(array.shape[0], -1).all(1)).tolist()
-    assert labelled == sorted([painted, checked]) and (array[[painted, checked]] == data_before[[painted, checked]]).all()
+    rows = [painted, checked]
+    assert labelled == sorted(rows) and (array[rows] == data_before[rows]).all()
     assert set(np.unique(np.delete(array, [painted, checked], axis=0)).tolist()) == {32767}
     # the re-segmented scan and the changed voxels: new layers on the scan's grid
     image = viewer.layers[0]
@@ -138,7 +139,8 @@ def test_cancel_keeps_the_corrections(qtbot, corrected, tiny_liver_bundle):
     result = _run(qtbot, widget)
     assert result.cancelled and "fine-tuning cancelled" in result.error
     assert result.error in _notes_since(start) and "\n" not in result.error
-    assert len(viewer.layers) == before and widget.bundle_path.resolve() == tiny_liver_bundle.resolve()  # not the cancelled one
+    assert len(viewer.layers) == before
+    assert widget.bundle_path.resolve() == tiny_liver_bundle.resolve()  # not the cancelled run's bundle
     assert np.array_equal(np.asarray(layer.data), data_before) and widget.record_of(layer).snapshot() == record_before
     assert widget.finetune_button.isEnabled() and not widget.cancel_button.isEnabled()
 
@@ -162,3 +164,13 @@ def test_a_failing_finetune_keeps_the_corrections(qtbot, corrected, tiny_liver_b
     # refused before anything starts: a value that names no class painted on a labelled slice
     layer.paint((painted, 3, 3), 7)
     assert widget.fine_tune() is None and "value(s) 7" in widget.status.text()
+    # refused too: a model that takes its slices along another axis than the corrections were recorded on
+    layer.paint((painted, 3, 3), 5)
+    sagittal = tmp_path / "sagittal"
+    shutil.copytree(tiny_liver_bundle, sagittal)
+    info = json.loads((sagittal / "bundle.json").read_text())
+    info["plan"]["slice_axis"] = 0  # RAS axis 0: R, napari world x
+    (sagittal / "bundle.json").write_text(json.dumps(info))
+    assert widget.set_bundle(sagittal)
+    assert widget.fine_tune() is None and "takes slices along x (L, mm)" in widget.status.text()
+    assert np.array_equal(np.asarray(layer.data) == 7, np.zeros(layer.data.shape, bool))

@@ -106,8 +106,14 @@ def apply_label_map(array: np.ndarray, label_map: LabelMap | None) -> np.ndarray
     else:
         out = array.copy()
     for src, dst in label_map.items():
-        if src != OTHERS:
-            out[array == src] = dst
+        if src == OTHERS:
+            continue
+        hit = array == src
+        if not hit.any():  # e.g. an ignore value above the dtype's range (uint8 labels, ignore 32767)
+            continue
+        if not np.can_cast(np.min_scalar_type(dst), out.dtype):  # widen only for values that occur
+            out = out.astype(np.result_type(out.dtype, np.min_scalar_type(dst)))
+        out[hit] = dst
     return out
 
 

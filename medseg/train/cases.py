@@ -63,7 +63,7 @@ def check_and_split(cfg, events=None):
                            [f"images: {cfg.images}", f"labels: {cfg.labels}"])
     fraction = effective_val_fraction(cfg, len(labelled))
     if cfg.folds is None and (fraction == 0 or len(labelled) == 1):
-        if len(labelled) > 1 and cfg.val_fraction is None or len(labelled) == 1 and fraction != 0 and cfg.verbose:
+        if len(labelled) > 1 and cfg.val_fraction is None or len(labelled) == 1 and cfg.val_fraction != 0 and cfg.verbose:
             emit(events, Message(_all_cases_text(labelled, cfg), level="warning" if len(labelled) > 1 else "info"))
         return report, list(labelled), list(labelled), ON_TRAINING
     train_ids, val_ids = split_ids([c.case_id for c in labelled], dataclasses.replace(cfg, val_fraction=fraction))

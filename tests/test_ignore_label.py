@@ -341,3 +341,21 @@ def test_train_and_eval_with_ignore_label(tmp_path, capsys):
     assert evaluate(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out",
                      str(tmp_path / "eval3"), "--ignore-label", str(V), "--no-figures"]) == 2
     assert f"only the ignore value {V}" in capsys.readouterr().err
+
+
+def test_component_rules_on_partial_labels_run_before_the_unlabelled_voxels_are_masked():
+    """One organ through 5 slices, labelled on slices 0 and 4 only: masking first would make two
+    components and 'keep the largest' would drop one labelled slab (DSC 2/3); the rules run on the
+    whole prediction, as inference applies them, so both DSCs are 1."""
+    from medseg.train.validation import score_case
+
+    pred = np.zeros((10, 10, 5), bool)
+    pred[2:8, 2:8, :] = True
+    pred[2:8, 2:5, 4] = False           # slab 4 smaller than slab 0: masking first would keep slab 0 only
+    labelled = np.zeros(pred.shape, bool)
+    labelled[..., [0, 4]] = True
+    ref = pred & labelled
+    row = score_case(pred, ref, (1.0, 1.0, 1.0), min_component_ml=0.001, labelled=labelled)
+    assert row["dsc"] == 1.0 and row["dsc_largest_component"] == 1.0 and row["dsc_without_small"] == 1.0
+    masked_first = score_case(pred & labelled, ref, (1.0, 1.0, 1.0))
+    assert masked_first["dsc_largest_component"] == pytest.approx(2 * 36 / (36 + 54))

@@ -64,10 +64,12 @@ def make_validator(twin, plan, val_cases, cfg, run_dir: Path, validation: str = 
             image, label = load_pair(case)
             pred = np.asarray(predictor.segment(image, largest_component=False).array)
             ref = np.asarray(label.array)
-            if ignore is not None:  # partial labels: the labelled voxels only, in both
+            labelled = None
+            if ignore is not None:  # partial labels: the labelled voxels only (score_case masks pred)
                 labelled = ref != ignore
-                pred, ref = np.where(labelled, pred, 0), np.where(labelled, ref, 0)
-            per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm, smallest.get(name))
+                ref = np.where(labelled, ref, 0)
+            per_class = {name: score_case(spec.mask(pred, k), spec.mask(ref, k), image.spacing_mm, smallest.get(name),
+                                          labelled)
                          for k, name in enumerate(spec.names)}
             # one foreground: its ids (every nonzero value by default)
             row = (class_row(case.case_id, validation, per_class) if spec.kind.per_class
@@ -121,23 +123,29 @@ def empty_prediction_text(case_id: str, names, n_training: int) -> str:
             f"segmented as empty too (train longer, check --map-labels / --labels-map, or add cases)")
 
 
-def score_case(pred: np.ndarray, ref: np.ndarray, spacing, min_component_ml: float | None = None) -> dict:
+def score_case(pred: np.ndarray, ref: np.ndarray, spacing, min_component_ml: float | None = None,
+               labelled: np.ndarray | None = None) -> dict:
     """The 3D metrics of one binary prediction against its reference, with the emptiness flags,
     the DSC after keeping the largest component and the DSC after dropping the components below
     ``min_component_ml`` (the training labels' smallest; None: nothing dropped), for the
-    post-processing choices."""
+    post-processing choices. ``labelled``: partial labels' labelled voxels, the only ones scored;
+    the component rules run on the whole prediction first, as inference applies them (masking
+    first would cut one organ into a component per labelled slice)."""
     from medseg.eval import compute_metrics
     from medseg.eval.metrics import dice
     from medseg.infer.postprocess import keep_largest_component, remove_small_lesions
 
-    metrics = compute_metrics(pred, ref, spacing)
-    pred = np.asarray(pred)
+    pred = np.asarray(pred) > 0
+    scored = (lambda p: p) if labelled is None else (lambda p: p & labelled)
     without_small = pred if not min_component_ml else remove_small_lesions(pred, spacing, min_component_ml) > 0
+    largest = keep_largest_component(pred) > 0
+    pred = scored(pred)
+    metrics = compute_metrics(pred, ref, spacing)
     return {**{k: float(v) for k, v in metrics.items()},
             "pred_empty": float(not pred.any()), "ref_empty": float(not ref.any()),
             # for the post-processing choices (medseg.infer.postprocess.choose_*)
-            "dsc_largest_component": float(dice(keep_largest_component(pred) > 0, ref)),
-            "dsc_without_small": float(dice(without_small, ref)),
+            "dsc_largest_component": float(dice(scored(largest), ref)),
+            "dsc_without_small": float(dice(scored(without_small), ref)),
             "min_component_ml": float(min_component_ml or 0.0)}
 
 

@@ -13,7 +13,6 @@ with it. Answers: ``("done", {...})``, ``("cancelled", line)``, ``("error", line
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -27,8 +26,6 @@ from medseg.events import CancelToken, ChunkProgress, RunCancelled, StepProgress
 __all__ = ["FineTuneProcess", "run_request"]
 
 _KEY_ENV = "MEDSEG_FINETUNE_KEY"
-#: Seconds the child has to connect back after it starts.
-_CONNECT_S = 120.0
 
 
 def _line(exc: BaseException) -> str:
@@ -115,22 +112,9 @@ class FineTuneProcess:
         self._send_lock = threading.Lock()
 
     def _start(self) -> None:
-        from multiprocessing.connection import Listener
+        from medseg.napari.predict_process import spawn_child
 
-        key = secrets.token_bytes(32)
-        with Listener(authkey=key) as listener:
-            env = dict(os.environ, **{_KEY_ENV: key.hex()})
-            self._proc = subprocess.Popen([sys.executable, "-m", "medseg.napari.finetune_process",
-                                           str(listener.address)], env=env)
-            accepted: list = []
-            thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-            thread.start()
-            deadline = time.monotonic() + _CONNECT_S
-            while thread.is_alive() and self._proc.poll() is None and time.monotonic() < deadline:
-                thread.join(0.05)
-            if not accepted:
-                raise RuntimeError("the fine-tuning process did not start")
-            self._conn = accepted[0]
+        self._proc, self._conn = spawn_child("medseg.napari.finetune_process", _KEY_ENV, "fine-tuning")
 
     def run(self, request: dict, on_message: Callable[[tuple], None] | None = None) -> tuple:
         """Start the child, send ``request``, pass its progress messages to ``on_message`` and

@@ -132,25 +132,9 @@ class PredictorProcess:
         self._send_lock = threading.Lock()  # a cancel (GUI thread) and a request (worker) both send
 
     def _ensure(self) -> None:
-        from multiprocessing.connection import Listener
-
         if self._proc is not None and self._proc.poll() is None:
             return
-        key = secrets.token_bytes(32)
-        with Listener(authkey=key) as listener:
-            env = dict(os.environ, **{_KEY_ENV: key.hex()})
-            self._proc = subprocess.Popen([sys.executable, "-m", "medseg.napari.predict_process",
-                                           str(listener.address)], env=env)
-            accepted: list = []
-            thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-            thread.start()
-            deadline = time.monotonic() + _CONNECT_S
-            while thread.is_alive() and self._proc.poll() is None and time.monotonic() < deadline:
-                thread.join(0.05)
-            if not accepted:
-                self._stop()
-                raise RuntimeError("the segmentation process did not start")
-            self._conn = accepted[0]
+        self._proc, self._conn = spawn_child("medseg.napari.predict_process", _KEY_ENV, "segmentation")
 
     def request(self, request: dict, on_chunk: Callable[[int, int], None] | None = None) -> tuple:
         """Send ``request`` and wait for its answer, passing chunk progress to ``on_chunk``."""
@@ -220,3 +204,30 @@ class PredictorProcess:
 
 if __name__ == "__main__":
     serve(sys.argv[1])
+
+
+def spawn_child(module: str, key_env: str, what: str) -> tuple:
+    """``(process, connection)``: ``python -m module ADDRESS`` started and connected back over an
+    authenticated local socket (the key travels in ``key_env``, never on the command line).
+
+    Raises:
+        RuntimeError: the child exited or did not connect within ``_CONNECT_S`` (it is killed).
+    """
+    from multiprocessing.connection import Listener
+
+    key = secrets.token_bytes(32)
+    with Listener(authkey=key) as listener:
+        env = dict(os.environ, **{key_env: key.hex()})
+        proc = subprocess.Popen([sys.executable, "-m", module, str(listener.address)], env=env)
+        accepted: list = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + _CONNECT_S
+        while thread.is_alive() and proc.poll() is None and time.monotonic() < deadline:
+            thread.join(0.05)
+        if not accepted:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise RuntimeError(f"the {what} process did not start")
+        return proc, accepted[0]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                            QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
+                            QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from medseg.napari.corrections import SliceRecord, changed_slices, slice_axis_of_bundle, slices_of_paint
 from medseg.napari.geometry import GEOMETRY_KEY, WORLD_AXES, LayerGeometry
@@ -102,14 +102,9 @@ class FineTuneWidget(QWidget):
 
     # --- layout -------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.bundle_edit = QLineEdit()
-        self.bundle_edit.setPlaceholderText("run folder (default: the layer's model)")
-        self.bundle_edit.editingFinished.connect(lambda: self.set_bundle(self.bundle_edit.text()))
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self._browse)
-        row = QHBoxLayout()
-        row.addWidget(self.bundle_edit)
-        row.addWidget(browse)
+        from medseg.napari.segment import bundle_picker
+
+        self.bundle_edit, row = bundle_picker(self, "run folder (default: the layer's model)")
         self.labels_combo = QComboBox()
         self.labels_combo.currentTextChanged.connect(lambda *_: self._show_labelled())
         self.budget_spin = QDoubleSpinBox()
@@ -148,11 +143,6 @@ class FineTuneWidget(QWidget):
         for widget in (self.progress, self.table, self.status):
             layout.addWidget(widget)
         layout.addStretch(1)
-
-    def _browse(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "medseg run folder (bundle.json)")
-        if folder:
-            self.set_bundle(folder)
 
     def _layers(self, kind: str) -> list:
         import napari.layers

@@ -92,14 +92,7 @@ class SegmentWidget(QWidget):
 
     # --- layout -------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.bundle_edit = QLineEdit()
-        self.bundle_edit.setPlaceholderText("run folder with bundle.json")
-        self.bundle_edit.editingFinished.connect(lambda: self.set_bundle(self.bundle_edit.text()))
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self._browse)
-        row = QHBoxLayout()
-        row.addWidget(self.bundle_edit)
-        row.addWidget(browse)
+        self.bundle_edit, row = bundle_picker(self, "run folder with bundle.json")
         self.image_combo = QComboBox()
         self.tta_check = QCheckBox("test-time flips (TTA)")
         self.tta_check.setEnabled(False)
@@ -129,11 +122,6 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addStretch(1)
-
-    def _browse(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "medseg run folder (bundle.json)")
-        if folder:
-            self.set_bundle(folder)
 
     def _image_layers(self) -> list:
         from napari.layers import Image
@@ -301,3 +289,23 @@ def _tta_allowed(run_dir: Path) -> bool:
         return len(tta_flips(SimpleNamespace(pipeline=read_pipeline(info, run_dir / "bundle.json")))) > 1
     except Exception:  # noqa: BLE001 - an unusable bundle is reported when it is run
         return False
+
+
+def bundle_picker(widget, placeholder: str) -> tuple:
+    """``(edit, row)``: a run-folder field and its Browse button, both handing the folder to
+    ``widget.set_bundle`` (the segment and fine-tune widgets pick a bundle the same way)."""
+    edit = QLineEdit()
+    edit.setPlaceholderText(placeholder)
+    edit.editingFinished.connect(lambda: widget.set_bundle(edit.text()))
+
+    def browse() -> None:
+        folder = QFileDialog.getExistingDirectory(widget, "medseg run folder (bundle.json)")
+        if folder:
+            widget.set_bundle(folder)
+
+    button = QPushButton("Browse...")
+    button.clicked.connect(browse)
+    row = QHBoxLayout()
+    row.addWidget(edit)
+    row.addWidget(button)
+    return edit, row

@@ -2,7 +2,7 @@
 tiny bundle, paint one slice, mark another checked, fine-tune for a few seconds, compare; a
 cancelled and a failing fine-tuning leave the corrections as they were.
 
-Run by test_gui_finetune.py in a pytest process of its own (no TensorFlow next to the viewer's
+Run by test_gui.py in a pytest process of its own (no TensorFlow next to the viewer's
 OpenGL: medseg/napari/predict_process.py); the TensorFlow checks run in _tf_finetune_jobs.py.
 """
 

@@ -12,7 +12,6 @@ with it. Answers: ``("done", {...})``, ``("cancelled", line)``, ``("error", line
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -83,16 +82,11 @@ def run_request(request: dict, send: Callable[[tuple], None], token: CancelToken
 
 def serve(address: str) -> None:
     """The child: connect back, answer one request, end."""
-    from multiprocessing.connection import Client
+    from medseg.napari.predict_process import cancel_reader, connect_to_parent
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(_KEY_ENV)))
+    conn = connect_to_parent(address, _KEY_ENV)
     token = CancelToken()
-
-    def poll() -> None:
-        while conn.poll():
-            if conn.recv() == ("cancel",):
-                token.cancel("cancelled in napari")
+    poll = cancel_reader(conn, token)
 
     try:
         request = conn.recv()

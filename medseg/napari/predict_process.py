@@ -59,11 +59,7 @@ def _segment(cache: dict, request: dict, conn) -> tuple:
     from medseg.napari.layers import classes_of_predictor
 
     token = CancelToken()
-
-    def read_cancel() -> None:
-        while conn.poll():
-            if conn.recv() == ("cancel",):
-                token.cancel("cancelled in napari")
+    read_cancel = cancel_reader(conn, token)
 
     try:
         predictor = _predictor(cache, request["run_dir"], request["tta"])
@@ -92,12 +88,27 @@ def _segment(cache: dict, request: dict, conn) -> tuple:
         return ("error", _error_text(exc))
 
 
-def serve(address: str) -> None:
-    """The child: connect back, then answer requests until ``None`` or the parent goes away."""
+def connect_to_parent(address: str, key_env: str):
+    """The child's side of :func:`spawn_child`: the connection back to the parent."""
     from multiprocessing.connection import Client
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(_KEY_ENV)))
+    return Client(address, authkey=bytes.fromhex(os.environ.pop(key_env)))
+
+
+def cancel_reader(conn, token: CancelToken):
+    """A callable that drains the parent's messages and cancels ``token`` on ``("cancel",)``;
+    the child calls it between steps or chunks."""
+    def read() -> None:
+        while conn.poll():
+            if conn.recv() == ("cancel",):
+                token.cancel("cancelled in napari")
+    return read
+
+
+def serve(address: str) -> None:
+    """The child: connect back, then answer requests until ``None`` or the parent goes away."""
+    conn = connect_to_parent(address, _KEY_ENV)
     cache: dict = {}
     while True:
         try:

@@ -40,8 +40,12 @@ def _codes(name: str):
 
 
 def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
-    """(frames, rows, cols) label values at the source images' pixels (multi-frame sources: per frame)."""
-    frames = []
+    """(frames, rows, cols) label values at the source images' pixels (multi-frame sources: per frame),
+    C-contiguous: highdicom copies each segment's frame in C order (``flatten``) per segment, which from
+    a transposed view (the usual case: medseg's arrays are [column, row, slice]) costs a strided copy per
+    segment and frame; here each frame is transposed once."""
+    array = np.asarray(label.array)
+    views = []
     for ds in headers:
         ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
         if ipp is None or iop is None or spacing is None:
@@ -49,8 +53,11 @@ def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
                              "PixelSpacing", f"{Path(ds.filename).name} without them")
         placement = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
                                   where, f"label map slice for {Path(ds.filename).name}")
-        frames.append(frame_view(np.asarray(label.array), placement))
-    return np.stack(frames)
+        views.append(frame_view(array, placement))
+    frames = np.empty((len(views), *views[0].shape), dtype=array.dtype)
+    for frame, view in zip(frames, views):
+        frame[...] = view
+    return frames
 
 
 def _descriptions(values: Sequence[int], class_names: Mapping[int, str], colours, algorithm):

@@ -292,10 +292,18 @@ def test_segment_numbers_of_named_absent_and_unnamed_values(tmp_path):
     # Every present value named: no second pass, the same numbering.
     pixels, values = _segment_numbers(labels, {5: "a", 1: "b", 9: "c"}, tmp_path)
     assert values == [1, 5, 9] and pixels.tolist() == [[[0, 2, 1], [3, 2, 0]]]
-    # Values already 1..N (a class-index label map): the array itself, no copy.
+    # Values already 1..N (a class-index label map): the values themselves.
     index = np.array([[[0, 1], [2, 0]]], dtype=np.uint8)
     pixels, values = _segment_numbers(index, {1: "a", 2: "b"}, tmp_path)
-    assert pixels is index and values == [1, 2]
+    assert pixels.tolist() == index.tolist() and values == [1, 2]
+    # Frames placed in a bigger array, transposed (as medseg's [column, row, slice] arrays hold them):
+    # gathered C-contiguous, (frame, row, column).
+    volume = np.zeros((3, 2, 2), dtype=np.uint8)  # [column, row, slice]
+    volume[2, 0, 1], volume[0, 1, 0] = 5, 9
+    placements = [((slice(None), slice(None), k), True) for k in (0, 1)]
+    pixels, values = _segment_numbers(volume, {5: "a", 9: "b"}, tmp_path, placements)
+    assert values == [5, 9] and pixels.flags.c_contiguous
+    assert pixels.tolist() == [[[0, 0, 0], [2, 0, 0]], [[0, 0, 1], [0, 0, 0]]]
     # ... unless a value above N is present: it gets a segment (3 here).
     pixels, values = _segment_numbers(np.array([[[0, 1, 3]]], dtype=np.uint16), {1: "a", 2: "b"}, tmp_path)
     assert values == [1, 2, 3] and pixels.tolist() == [[[0, 1, 3]]]

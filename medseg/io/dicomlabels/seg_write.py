@@ -39,25 +39,17 @@ def _codes(name: str):
     return Code(category[0], "SCT", category[1]), Code(code, "SCT", meaning)
 
 
-def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
-    """(frames, rows, cols) label values at the source images' pixels (multi-frame sources: per frame),
-    C-contiguous: highdicom copies each segment's frame in C order (``flatten``) per segment, which from
-    a transposed view (the usual case: medseg's arrays are [column, row, slice]) costs a strided copy per
-    segment and frame; here each frame is transposed once."""
-    array = np.asarray(label.array)
-    views = []
+def _placements(label: Volume, headers: list, where: Path) -> list:
+    """Where each source image's pixels lie in ``label``'s array (multi-frame sources: per frame)."""
+    out = []
     for ds in headers:
         ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
         if ipp is None or iop is None or spacing is None:
             raise InputError(where, "source images with ImagePositionPatient, ImageOrientationPatient and "
                              "PixelSpacing", f"{Path(ds.filename).name} without them")
-        placement = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
-                                  where, f"label map slice for {Path(ds.filename).name}")
-        views.append(frame_view(array, placement))
-    frames = np.empty((len(views), *views[0].shape), dtype=array.dtype)
-    for frame, view in zip(frames, views):
-        frame[...] = view
-    return frames
+        out.append(frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
+                                 where, f"label map slice for {Path(ds.filename).name}"))
+    return out
 
 
 def _descriptions(values: Sequence[int], class_names: Mapping[int, str], colours, algorithm):
@@ -114,7 +106,8 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
         class_names = {k + 1: str(name) for k, name in enumerate(class_names)}
     source = Path(source_series_dir)
     headers = source_headers(source, label_volume.meta.get("series_uid"))
-    pixels, values = _segment_numbers(_frames(label_volume, headers, source), class_names, source)
+    pixels, values = _segment_numbers(np.asarray(label_volume.array), class_names, source,
+                                      _placements(label_volume, headers, source))
     present = bool(pixels.size) and int(pixels.max()) > 0
     version = algorithm_version or medseg.__version__
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -134,32 +127,51 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
     return out_path
 
 
-def _segment_numbers(labels: np.ndarray, class_names: Mapping[int, str], where: Path):
-    """``(pixels, values)``: the segment number of each pixel (0 none, ``k`` for ``values[k - 1]``) and
-    the label values that get a segment (named values, present or not, and present unnamed ones), sorted.
+def _segment_numbers(labels: np.ndarray, class_names: Mapping[int, str], where: Path, placements=None):
+    """``(pixels, values)``: the segment number of each frame pixel (0 none, ``k`` for ``values[k - 1]``)
+    and the label values that get a segment (named values, present or not, and present unnamed ones),
+    sorted.
 
-    ``labels``: ``(frames, rows, cols)`` label values. One pass over them where every present value is
-    named (the usual case: a lookup marks unnamed ones with a sentinel), none where the values already
-    are the segment numbers; a second pass only when unnamed values are present.
+    ``labels``: the label map's array; ``placements``: the frames' :func:`.geometry.frame_indices` in it
+    (None: ``labels`` is ``(frames, rows, cols)`` itself). ``pixels`` is ``(frames, rows, cols)``,
+    C-contiguous: highdicom copies each segment's frame in C order per segment, which from a transposed
+    view (medseg's arrays are [column, row, slice]) would be a strided copy per segment and frame. Each
+    frame is gathered once, through a lookup (value -> segment number, unnamed values -> a sentinel)
+    unless the values already are the segment numbers; a second pass only when unnamed values are
+    present. The integer and sign checks see the whole array.
     """
     if labels.dtype.kind not in "ui":
         if not np.array_equal(labels, np.round(labels)):
             raise InputError(where, "a label map of integer class values", f"{labels.dtype} values with fractions")
         labels = labels.astype(np.int64)
-    low = int(labels.min()) if labels.size else 0
+    low = int(labels.min()) if labels.size and labels.dtype.kind == "i" else 0
     if low < 0:
         raise InputError(where, "a label map of values >= 0", f"the value {low}")
     top = int(labels.max()) if labels.size else 0
+    frames = list(labels) if placements is None else [frame_view(labels, p) for p in placements]
     values = sorted({int(v) for v in class_names if int(v) > 0})
     if values == list(range(1, len(values) + 1)) and top <= len(values) and labels.dtype in (np.uint8, np.uint16):
-        return labels, values  # already the segment numbers (a binary or class-index label map)
+        return _gathered(frames, None), values  # already the segment numbers (a binary or class-index label map)
     if top < 1 << 16 and len(values) < (1 << 16) - 1:
-        pixels = _lookup(values, top)[labels]
+        pixels = _gathered(frames, _lookup(values, top))
         if not pixels.size or int(pixels.max()) <= len(values):  # the sentinel (unnamed value) is absent
             return pixels, values
-    present = {int(v) for v in np.unique(labels) if v != 0}  # unnamed values present: each gets a segment
+    raw = _gathered(frames, None)
+    present = {int(v) for v in np.unique(raw) if v != 0}  # unnamed values present: each gets a segment
     values = sorted(present | set(values))
-    return _lookup(values, top)[labels], values
+    return _gathered(frames, _lookup(values, top)), values
+
+
+def _gathered(frames: list, lookup: np.ndarray | None) -> np.ndarray:
+    """The 2D ``frames`` (views of any layout, one shape) as one C-contiguous ``(frames, rows, cols)``
+    array, each value through ``lookup`` (indices ``0..len(lookup) - 1``) where given."""
+    out = np.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype if lookup is None else lookup.dtype)
+    for frame, view in zip(out, frames):
+        if lookup is None:
+            frame[...] = view
+        else:  # clip: no bounds check (every value is within the table) and no buffered output
+            np.take(lookup, view, out=frame, mode="clip")
+    return out
 
 
 def _lookup(values: Sequence[int], top: int) -> np.ndarray:

@@ -74,56 +74,72 @@ def _top_encodings(seg) -> list:
 
 
 def _sequence_bytes(items, encodings: list, memo: dict) -> bytes:
-    """An SQ element's value: each item's tag, length (or undefined length and delimiter) and content."""
-    out = []
-    for item in items:
-        body = _item_bytes(item, encodings, memo)
-        if getattr(item, "is_undefined_length_sequence_item", False):
-            out += [_ITEM, _UNDEFINED, body, _ITEM_END]
-        else:
-            out += [_ITEM, struct.pack("<I", len(body)), body]
-    return b"".join(out)
+    """An SQ element's value: each item's tag, length (or undefined length and delimiter) and content;
+    ``memo`` (one per save) holds what is encoded already."""
+    return _Encoder(memo).sequence(items, encodings)
 
 
-def _item_bytes(item, encodings: list, memo: dict) -> bytes:
-    """The encoded elements of one item, in tag order (group lengths left out, as pydicom does); an
-    item met again (the same object), or a scalar value met again, costs a lookup."""
-    from pydicom.charset import convert_encodings
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-    from pydicom.valuerep import AMBIGUOUS_VR
+class _Encoder:
+    """Encodes items and sequences, each item object and each scalar value once (``memo``)."""
 
-    key = (id(item), tuple(encodings))
-    if key in memo:
-        return memo[key]
-    tags = sorted(item.keys())
-    own = convert_encodings(item.SpecificCharacterSet) if _CHARSET in tags else encodings
-    parts = []
-    for tag in tags:
-        if tag.element == 0 and tag.group > 6:
-            continue
-        element = item[tag]  # decodes a raw element, as pydicom's writer does for an item built in memory
-        vr, value = element.VR, element.value
-        if vr in AMBIGUOUS_VR:
-            raise _Unusual(tag)
-        if vr == "SQ":
-            body = _sequence_bytes(value, own, memo)
-            length = _UNDEFINED if element.is_undefined_length else struct.pack("<I", len(body))
-            end = _SEQUENCE_END if element.is_undefined_length else b""
-            parts += [struct.pack("<HH", tag >> 16, tag & 0xFFFF), b"SQ\x00\x00", length, body, end]
-            continue
-        scalar = (tag, vr, type(value), value, tuple(own)) if type(value) in _SCALARS else None
-        if scalar not in memo:
-            fp = DicomBytesIO()
-            fp.is_little_endian, fp.is_implicit_VR = True, False
-            write_data_element(fp, element, own)
-            if scalar is None:
-                parts.append(fp.getvalue())
+    def __init__(self, memo: dict):
+        from pydicom.charset import convert_encodings
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_data_element
+        from pydicom.valuerep import AMBIGUOUS_VR
+
+        self.memo, self.convert, self.buffer, self.write = memo, convert_encodings, DicomBytesIO, write_data_element
+        self.ambiguous = AMBIGUOUS_VR
+
+    def sequence(self, items, encodings: list) -> bytes:
+        out, key = [], tuple(encodings)
+        for item in items:
+            body = self.memo.get((id(item), key))
+            if body is None:
+                body = self.item(item, encodings, key)
+            if getattr(item, "is_undefined_length_sequence_item", False):
+                out += [_ITEM, _UNDEFINED, body, _ITEM_END]
+            else:
+                out += [_ITEM, struct.pack("<I", len(body)), body]
+        return b"".join(out)
+
+    def item(self, item, encodings: list, key: tuple) -> bytes:
+        """The encoded elements of one item, in tag order (group lengths left out, as pydicom does)."""
+        elements = sorted(item.values(), key=_tag_of)
+        if any(element.tag == _CHARSET for element in elements):
+            encodings = self.convert(item.SpecificCharacterSet)
+        own, parts = tuple(encodings), []
+        for element in elements:
+            tag = element.tag
+            if not tag & 0xFFFF and tag >> 16 > 6:
                 continue
-            memo[scalar] = fp.getvalue()
-        parts.append(memo[scalar])
-    memo[key] = b"".join(parts)
-    return memo[key]
+            if element.is_raw:  # decoded, as pydicom's writer does for an item built in memory
+                element = item[tag]
+            vr, value = element.VR, element.value
+            if vr in self.ambiguous:
+                raise _Unusual(tag)
+            if vr == "SQ":
+                body = self.sequence(value, encodings)
+                length = _UNDEFINED if element.is_undefined_length else struct.pack("<I", len(body))
+                end = _SEQUENCE_END if element.is_undefined_length else b""
+                parts += [struct.pack("<HH", tag >> 16, tag & 0xFFFF), b"SQ\x00\x00", length, body, end]
+                continue
+            scalar = (tag, vr, type(value), value, own) if type(value) in _SCALARS else None
+            encoded = self.memo.get(scalar) if scalar is not None else None
+            if encoded is None:
+                fp = self.buffer()
+                fp.is_little_endian, fp.is_implicit_VR = True, False
+                self.write(fp, element, encodings)
+                encoded = fp.getvalue()
+                if scalar is not None:
+                    self.memo[scalar] = encoded
+            parts.append(encoded)
+        self.memo[(id(item), key)] = body = b"".join(parts)
+        return body
+
+
+def _tag_of(element) -> int:
+    return element.tag
 
 
 def _mark_encoded(seg) -> None:

@@ -292,10 +292,18 @@ def test_segment_numbers_of_named_absent_and_unnamed_values(tmp_path):
     # Every present value named: no second pass, the same numbering.
     pixels, values = _segment_numbers(labels, {5: "a", 1: "b", 9: "c"}, tmp_path)
     assert values == [1, 5, 9] and pixels.tolist() == [[[0, 2, 1], [3, 2, 0]]]
-    # Values already 1..N (a class-index label map): the array itself, no copy.
+    # Values already 1..N (a class-index label map): the values themselves.
     index = np.array([[[0, 1], [2, 0]]], dtype=np.uint8)
     pixels, values = _segment_numbers(index, {1: "a", 2: "b"}, tmp_path)
-    assert pixels is index and values == [1, 2]
+    assert pixels.tolist() == index.tolist() and values == [1, 2]
+    # Frames placed in a bigger array, transposed (as medseg's [column, row, slice] arrays hold them):
+    # gathered C-contiguous, (frame, row, column).
+    volume = np.zeros((3, 2, 2), dtype=np.uint8)  # [column, row, slice]
+    volume[2, 0, 1], volume[0, 1, 0] = 5, 9
+    placements = [((slice(None), slice(None), k), True) for k in (0, 1)]
+    pixels, values = _segment_numbers(volume, {5: "a", 9: "b"}, tmp_path, placements)
+    assert values == [5, 9] and pixels.flags.c_contiguous
+    assert pixels.tolist() == [[[0, 0, 0], [2, 0, 0]], [[0, 0, 1], [0, 0, 0]]]
     # ... unless a value above N is present: it gets a segment (3 here).
     pixels, values = _segment_numbers(np.array([[[0, 1, 3]]], dtype=np.uint16), {1: "a", 2: "b"}, tmp_path)
     assert values == [1, 2, 3] and pixels.tolist() == [[[0, 1, 3]]]
@@ -312,20 +320,21 @@ def test_segment_numbers_of_named_absent_and_unnamed_values(tmp_path):
 
 
 def test_fast_save_writes_the_bytes_pydicom_writes_and_leaves_pydicom_settings(series, tmp_path):
-    """The SEG writer's save (ambiguous VRs corrected once, items marked as in the file's encoding)
-    gives byte for byte what pydicom's own save_as gives, for sources with raw elements (read from
-    files): patient B (JPEG 2000, a character set) and the oblique MR (none); and it leaves pydicom's
-    validation mode as it was."""
+    """The SEG writer's save (ambiguous VRs corrected once, items marked as in the file's encoding, the
+    per-frame items encoded by medseg with each shared item once) gives byte for byte what pydicom's
+    own save_as gives, for sources with raw elements (read from files): patient B (JPEG 2000, a
+    character set) and the oblique MR (none); with two segments on one plane (the frames share that
+    plane's source image item); and it leaves pydicom's validation mode and the dataset as they were."""
     import highdicom as hd
     from pydicom import config
 
-    from medseg.io.dicomlabels.seg_write import _save
+    from medseg.io.dicomlabels.seg_save import save_seg
     from medseg.io.dicomlabels.source import source_headers
 
     for name in ("b", "oblique"):
         headers = source_headers(series[name])
         pixels = np.zeros((len(headers), int(headers[0].Rows), int(headers[0].Columns)), dtype=np.uint8)
-        pixels[1, 2:5, 3:9], pixels[2, 7, 7] = 1, 2
+        pixels[1, 2:5, 3:9], pixels[1, 9, 9], pixels[2, 7, 7] = 1, 2, 2
         code = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
         descriptions = [hd.seg.SegmentDescription(
             segment_number=n, segment_label=f"s{n}", segmented_property_category=code, segmented_property_type=code,
@@ -337,7 +346,13 @@ def test_fast_save_writes_the_bytes_pydicom_writes_and_leaves_pydicom_settings(s
             software_versions="1", device_serial_number="0")
         seg.save_as(tmp_path / "plain.dcm")
         mode = config.settings.writing_validation_mode
-        _save(seg, tmp_path / "fast.dcm")
+        per_frame = seg.PerFrameFunctionalGroupsSequence
+        save_seg(seg, tmp_path / "fast.dcm")
         assert config.settings.writing_validation_mode == mode
+        assert seg.PerFrameFunctionalGroupsSequence is per_frame
         assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "plain.dcm").read_bytes()
-        assert pydicom.dcmread(tmp_path / "fast.dcm").NumberOfFrames == 2
+        back = pydicom.dcmread(tmp_path / "fast.dcm")
+        assert back.NumberOfFrames == 3
+        sources = [item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                   for item in back.PerFrameFunctionalGroupsSequence]
+        assert len(set(sources)) == 2  # plane 1 referenced by both segments: the shared item, written twice

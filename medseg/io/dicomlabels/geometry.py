@@ -44,15 +44,16 @@ def frame_indices(affine_ras: np.ndarray, shape, ipp, iop, spacing, rows: int, c
     """
     iop = np.asarray(iop, dtype=np.float64)
     dr, dc = (float(v) for v in spacing)
-    origin = lps_to_index(affine_ras, np.asarray(ipp, dtype=np.float64))[0]
-    zero = lps_to_index(affine_ras, np.zeros(3))[0]
-    col_step = lps_to_index(affine_ras, iop[:3] * dc)[0] - zero
-    row_step = lps_to_index(affine_ras, iop[3:6] * dr)[0] - zero
-    steps = np.stack([col_step, row_step])
+    # lps_to_index's map as one matrix (inverted once): index = linear @ lps + shift.
+    inverse = np.linalg.inv(affine_ras)
+    linear = inverse[:3, :3] * _LPS_TO_RAS
+    origin = linear @ np.asarray(ipp, dtype=np.float64) + inverse[:3, 3]
+    steps = np.stack([linear @ (iop[:3] * dc), linear @ (iop[3:6] * dr)])
     exact = np.round(steps)
-    if not (np.allclose(steps, exact, atol=INDEX_TOLERANCE / max(rows, cols, 1))
+    # np.allclose's test (|a - b| <= atol + 1e-5 |b|) without its per-call overhead.
+    if not (np.all(np.abs(steps - exact) <= INDEX_TOLERANCE / max(rows, cols, 1) + 1e-5 * np.abs(exact))
             and np.array_equal(np.abs(exact).sum(axis=1), [1, 1])
-            and np.allclose(origin, np.round(origin), atol=INDEX_TOLERANCE)):
+            and np.all(np.abs(origin - np.round(origin)) <= INDEX_TOLERANCE + 1e-5 * np.abs(np.round(origin)))):
         raise InputError(
             where, f"a {what} on the referenced image's voxel grid",
             f"a plane at index {np.round(origin, 3).tolist()} with steps {np.round(steps, 3).tolist()} per pixel "

@@ -8,7 +8,6 @@ so a label map in any axis order or flip of the series' voxels gives the same SE
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.dicomlabels.geometry import frame_indices, frame_view
 from medseg.io.dicomlabels.seg import PALETTE
+from medseg.io.dicomlabels.seg_save import save_seg
 from medseg.io.dicomlabels.source import source_headers
 from medseg.io.volume import Volume
 
@@ -39,18 +39,17 @@ def _codes(name: str):
     return Code(category[0], "SCT", category[1]), Code(code, "SCT", meaning)
 
 
-def _frames(label: Volume, headers: list, where: Path) -> np.ndarray:
-    """(frames, rows, cols) label values at the source images' pixels (multi-frame sources: per frame)."""
-    frames = []
+def _placements(label: Volume, headers: list, where: Path) -> list:
+    """Where each source image's pixels lie in ``label``'s array (multi-frame sources: per frame)."""
+    out = []
     for ds in headers:
         ipp, iop, spacing = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
         if ipp is None or iop is None or spacing is None:
             raise InputError(where, "source images with ImagePositionPatient, ImageOrientationPatient and "
                              "PixelSpacing", f"{Path(ds.filename).name} without them")
-        placement = frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
-                                  where, f"label map slice for {Path(ds.filename).name}")
-        frames.append(frame_view(np.asarray(label.array), placement))
-    return np.stack(frames)
+        out.append(frame_indices(label.affine, label.shape, ipp, iop, spacing, int(ds.Rows), int(ds.Columns),
+                                 where, f"label map slice for {Path(ds.filename).name}"))
+    return out
 
 
 def _descriptions(values: Sequence[int], class_names: Mapping[int, str], colours, algorithm):
@@ -107,7 +106,8 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
         class_names = {k + 1: str(name) for k, name in enumerate(class_names)}
     source = Path(source_series_dir)
     headers = source_headers(source, label_volume.meta.get("series_uid"))
-    pixels, values = _segment_numbers(_frames(label_volume, headers, source), class_names, source)
+    pixels, values = _segment_numbers(np.asarray(label_volume.array), class_names, source,
+                                      _placements(label_volume, headers, source))
     present = bool(pixels.size) and int(pixels.max()) > 0
     version = algorithm_version or medseg.__version__
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -123,36 +123,55 @@ def write_dicom_seg(label_volume: Volume, source_series_dir: str | os.PathLike, 
         content_label="MEDSEG", content_description=f"{algorithm_name} {version} automatic segmentation"[:64],
         omit_empty_frames=omit_empty_frames and present)
     with atomic_path(out_path, suffix=".dcm") as tmp:
-        _save(seg, tmp)
+        save_seg(seg, tmp)
     return out_path
 
 
-def _segment_numbers(labels: np.ndarray, class_names: Mapping[int, str], where: Path):
-    """``(pixels, values)``: the segment number of each pixel (0 none, ``k`` for ``values[k - 1]``) and
-    the label values that get a segment (named values, present or not, and present unnamed ones), sorted.
+def _segment_numbers(labels: np.ndarray, class_names: Mapping[int, str], where: Path, placements=None):
+    """``(pixels, values)``: the segment number of each frame pixel (0 none, ``k`` for ``values[k - 1]``)
+    and the label values that get a segment (named values, present or not, and present unnamed ones),
+    sorted.
 
-    ``labels``: ``(frames, rows, cols)`` label values. One pass over them where every present value is
-    named (the usual case: a lookup marks unnamed ones with a sentinel), none where the values already
-    are the segment numbers; a second pass only when unnamed values are present.
+    ``labels``: the label map's array; ``placements``: the frames' :func:`.geometry.frame_indices` in it
+    (None: ``labels`` is ``(frames, rows, cols)`` itself). ``pixels`` is ``(frames, rows, cols)``,
+    C-contiguous: highdicom copies each segment's frame in C order per segment, which from a transposed
+    view (medseg's arrays are [column, row, slice]) would be a strided copy per segment and frame. Each
+    frame is gathered once, through a lookup (value -> segment number, unnamed values -> a sentinel)
+    unless the values already are the segment numbers; a second pass only when unnamed values are
+    present. The integer and sign checks see the whole array.
     """
     if labels.dtype.kind not in "ui":
         if not np.array_equal(labels, np.round(labels)):
             raise InputError(where, "a label map of integer class values", f"{labels.dtype} values with fractions")
         labels = labels.astype(np.int64)
-    low = int(labels.min()) if labels.size else 0
+    low = int(labels.min()) if labels.size and labels.dtype.kind == "i" else 0
     if low < 0:
         raise InputError(where, "a label map of values >= 0", f"the value {low}")
     top = int(labels.max()) if labels.size else 0
+    frames = list(labels) if placements is None else [frame_view(labels, p) for p in placements]
     values = sorted({int(v) for v in class_names if int(v) > 0})
     if values == list(range(1, len(values) + 1)) and top <= len(values) and labels.dtype in (np.uint8, np.uint16):
-        return labels, values  # already the segment numbers (a binary or class-index label map)
+        return _gathered(frames, None), values  # already the segment numbers (a binary or class-index label map)
     if top < 1 << 16 and len(values) < (1 << 16) - 1:
-        pixels = _lookup(values, top)[labels]
+        pixels = _gathered(frames, _lookup(values, top))
         if not pixels.size or int(pixels.max()) <= len(values):  # the sentinel (unnamed value) is absent
             return pixels, values
-    present = {int(v) for v in np.unique(labels) if v != 0}  # unnamed values present: each gets a segment
+    raw = _gathered(frames, None)
+    present = {int(v) for v in np.unique(raw) if v != 0}  # unnamed values present: each gets a segment
     values = sorted(present | set(values))
-    return _lookup(values, top)[labels], values
+    return _gathered(frames, _lookup(values, top)), values
+
+
+def _gathered(frames: list, lookup: np.ndarray | None) -> np.ndarray:
+    """The 2D ``frames`` (views of any layout, one shape) as one C-contiguous ``(frames, rows, cols)``
+    array, each value through ``lookup`` (indices ``0..len(lookup) - 1``) where given."""
+    out = np.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype if lookup is None else lookup.dtype)
+    for frame, view in zip(out, frames):
+        if lookup is None:
+            frame[...] = view
+        else:  # clip: no bounds check (every value is within the table) and no buffered output
+            np.take(lookup, view, out=frame, mode="clip")
+    return out
 
 
 def _lookup(values: Sequence[int], top: int) -> np.ndarray:
@@ -163,44 +182,3 @@ def _lookup(values: Sequence[int], top: int) -> np.ndarray:
     lookup[0] = 0
     lookup[list(values)] = np.arange(1, len(values) + 1)
     return lookup
-
-
-def _save(seg, path: Path) -> None:
-    """``seg.save_as(path)``: the same bytes, about a fifth less time for an 80-frame SEG.
-
-    pydicom's writer re-runs its ambiguous-VR correction on every nested item of a dataset built in
-    memory (no original encoding): the whole subtree once per nesting level (4 in a SEG's per-frame
-    items). Here it runs once over the whole tree, and each item is marked as already in the file's
-    encoding (explicit VR little endian, its own character set), so the writer encodes it as it stands; raw
-    elements copied from the source headers are decoded first so none is written as read. pydicom's
-    second validation of every value is skipped too (highdicom validated them when it built the
-    dataset)."""
-    from pydicom.filewriter import correct_ambiguous_vr
-
-    syntax = seg.file_meta.TransferSyntaxUID
-    if not syntax.is_implicit_VR and syntax.is_little_endian and hasattr(seg, "_character_set"):
-        items, seen = [seg], {id(seg)}
-        for item in items:  # highdicom shares items between frames: each is visited once
-            for element in item:  # iterating decodes raw elements
-                if element.VR == "SQ":
-                    items.extend(child for child in element.value if id(child) not in seen)
-                    seen.update(id(child) for child in element.value)
-        correct_ambiguous_vr(seg, True)
-        for item in items:
-            item.set_original_encoding(False, True, item._character_set)
-    with _values_checked_once():
-        seg.save_as(path)
-
-
-@contextlib.contextmanager
-def _values_checked_once():
-    """pydicom re-validates every value while writing; highdicom validated them when it built the
-    dataset, and the second pass is a tenth of the write time of a many-frame SEG."""
-    from pydicom import config
-
-    mode = config.settings.writing_validation_mode
-    config.settings.writing_validation_mode = config.IGNORE
-    try:
-        yield
-    finally:
-        config.settings.writing_validation_mode = mode

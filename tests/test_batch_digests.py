@@ -133,4 +133,4 @@ def test_ct_binary_batches_with_contrast_phases_are_pinned(monkeypatch):
     assert h.hexdigest() == CT_PHASES_DIGEST
 
 
-CT_PHASES_DIGEST = "a6c9c5863c7dc5dcef628bd50475908e728446682b8cd7cdbd0e626291098a50"
+CT_PHASES_DIGEST = "34d0b7668e192830b81329d1bfcd87701bf368952b6bb07627130c5d7e2ba5b5"

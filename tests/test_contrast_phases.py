@@ -35,12 +35,24 @@ def test_phase_rows_by_name():
     assert aorta["native"][0] <= 40 <= aorta["native"][1]
     assert aorta["portal_venous"][0] <= 150 and aorta["portal_venous"][1] >= 200
     assert aorta["arterial"][0] <= 300 and aorta["arterial"][1] >= 550
-    # The row of an unknown structure spans every known one, phase by phase.
+    # The row of an unknown structure spans the enhancing soft tissue (parenchyma, portal-venous
+    # vessels), phase by phase, but not the arterial vessels' 250-550 HU: a vessel is named.
     for phase in PHASES:
-        lows = [r[phase][0] for name, r in PHASE_HU.items() if name != "enhancing"]
-        highs = [r[phase][1] for name, r in PHASE_HU.items() if name != "enhancing"]
-        assert PHASE_HU["enhancing"][phase][1] >= max(highs) or phase == "native"
-        assert PHASE_HU["enhancing"][phase][0] <= min(lows) + 30
+        rows = [r[phase] for name, r in PHASE_HU.items() if name in ("liver", "spleen", "pancreas")]
+        assert PHASE_HU["enhancing"][phase][0] <= min(lo for lo, _ in rows) + 30
+        assert PHASE_HU["enhancing"][phase][1] >= max(hi for _, hi in rows)
+    assert PHASE_HU["enhancing"]["arterial"][1] == 250.0 < PHASE_HU["aorta"]["arterial"][1]
+
+
+def test_window_top_keeps_an_unnamed_structure_s_real_arterial_range():
+    """The window keeps 550 HU + 100 for an unnamed class (it may be an arterial vessel in a real
+    scan) although its targets stop at 250 HU; a named class's top is its own row's + 100."""
+    from medseg.transforms.phase import window_top_hu
+
+    assert window_top_hu(PhaseConfig.for_classes(["lesion"]).targets) == 650.0
+    assert window_top_hu(PhaseConfig.for_classes(["liver"]).targets) == 130.0 + 100.0
+    assert window_top_hu(PhaseConfig.for_classes(["liver", "aorta"]).targets) == 550.0 + 100.0
+    assert window_top_hu({}) == 100.0
 
 
 def _patch():
@@ -140,7 +152,9 @@ def test_binary_ct_plan_gets_phases_and_a_window_that_keeps_the_arterial_aorta()
     assert plan.contrast_phases is not None and list(plan.contrast_phases["targets"]) == ["lesion"]
     window = plan.normalization
     assert window["kind"] == "ct_window" and window["low_hu"] == -1000.0
-    assert window["high_hu"] == PHASE_HU["enhancing"]["arterial"][1] + 100.0
+    # Its targets stop at 250 HU, its window keeps a real arterial vessel's 550 HU (+ 100).
+    assert max(hi for hi in (r[1] for r in plan.contrast_phases["targets"]["lesion"].values())) == 250.0
+    assert window["high_hu"] == 650.0
     # A 350-550 HU arterial aorta stays inside the window, below clipped bone (1000 HU -> 1).
     span = window["high_hu"] - window["low_hu"]
     for hu in (350.0, 550.0):

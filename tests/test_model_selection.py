@@ -81,6 +81,8 @@ def test_small_component_choice_by_hand():
     assert row["dsc"] == pytest.approx(2 * 27 / (28 + 27))
     assert row["dsc_without_small"] == pytest.approx(1.0)
     assert score_case(pred, ref, (1.0, 1.0, 1.0))["dsc_without_small"] == pytest.approx(row["dsc"])
+    # The rule is scored as inference applies it: the largest component stays whatever its size.
+    assert score_case(pred, ref, (1.0, 1.0, 1.0), min_component_ml=1.0)["dsc_without_small"] == pytest.approx(1.0)
     choice = choose_small_components([row, {"dsc": 0.5, "dsc_without_small": 0.5}], min_component_ml=0.005)
     assert choice["drop"] and choice["dsc"] == pytest.approx((row["dsc"] + 0.5) / 2)
     assert choice["dsc_without_small"] == pytest.approx(0.75) and choice["cases"] == 2

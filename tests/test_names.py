@@ -112,7 +112,7 @@ def test_liver_plan_equals_the_binary_plan_on_patient_a():
     binary = make_plan([(img, mapped)], seed=0)
     assert named.classes == spec.to_dict() and binary.classes is None
     # The name tells which structure it is (issue 23): the liver's contrast phases (at most 130 HU)
-    # fit the default window, the unnamed lesion's (up to 550 HU) raise its top to 650 HU.
+    # fit the default window; the unnamed lesion may be an arterial vessel (550 HU): its top is 650 HU.
     assert (named.normalization["low_hu"], named.normalization["high_hu"]) == (-1000.0, 400.0)  # the default window
     assert (binary.normalization["low_hu"], binary.normalization["high_hu"]) == (-1000.0, 650.0)
     assert list(named.contrast_phases["targets"]) == ["liver"] and list(binary.contrast_phases["targets"]) == ["lesion"]

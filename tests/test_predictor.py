@@ -85,6 +85,19 @@ def test_remove_small_lesions_by_volume():
     assert mask[0, 0, 0] == 1  # input untouched
 
 
+def test_remove_small_lesions_can_spare_the_largest():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[0, 0, 0] = 1  # 2 mm^3 at spacing (1, 1, 2)
+    mask[2:4, 2:4, 2:4] = 1  # 16 mm^3
+    assert remove_small_lesions(mask, (1.0, 1.0, 2.0), 1.0).sum() == 0
+    kept = remove_small_lesions(mask, (1.0, 1.0, 2.0), 1.0, spare_largest=True)
+    assert kept.sum() == 8 and kept[2:4, 2:4, 2:4].all()
+    one = np.zeros((2, 2, 2), np.uint8)
+    one[0, 0, :] = 1  # two voxels of one component; equal-size ties: the first in scan order
+    assert remove_small_lesions(one, (1, 1, 1), 5.0, spare_largest=True).sum() == 2
+    assert remove_small_lesions(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), 5.0, spare_largest=True).sum() == 0
+
+
 def test_components_touching_at_a_corner_are_one_lesion():
     mask = np.zeros((3, 3, 3), np.uint8)
     mask[0, 0, 0] = mask[1, 1, 1] = 1  # 26-connected: one lesion of 2 ml at 1 cm voxels
@@ -437,3 +450,10 @@ def test_bundle_small_component_choice_is_applied_at_inference(tmp_path):
     assert int(chosen.segment(volume, min_lesion_ml=10.0, largest_component=False).array.sum()) == 0
     proba = chosen.predict_proba(volume)
     assert int(chosen.labels_from_proba(proba, largest_component=False).array.sum()) == 12 * 12 * 6
+    # A learned size above every component (a scan whose field of view cuts the structure): the
+    # largest (6.9 ml) stays, the blob goes; the caller's own size drops both, as asked.
+    big = {**post, "small_components": {"lesion": {**small, "min_component_ml": 50.0}}}
+    cut = Predictor(bundle_of(tmp_path / "cut", model, plan, postprocessing=big))
+    spared = cut.segment(volume, largest_component=False)
+    assert int(spared.array.sum()) == 12 * 12 * 6 and not spared.array[24, 24, 9]
+    assert int(cut.segment(volume, min_lesion_ml=60.0, largest_component=False).array.sum()) == 0

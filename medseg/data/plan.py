@@ -25,8 +25,9 @@ the data the way nnU-Net's "dataset fingerprint" does:
   regions: a voxel of several regions has no one phase intensity) in a CT window -> the simulated
   contrast phases (:mod:`medseg.transforms.phase`, each class's targets by its name): a model
   trained on non-contrast scans must segment contrast-enhanced ones and the reverse. The CT window's
-  top is then raised to the classes' brightest phase target + ``PHASE_WINDOW_MARGIN_HU``, so a
-  350-550 HU arterial aorta is neither clipped to the look of bone nor of the window's top.
+  top is then raised to the classes' brightest phase target (550 HU for an unnamed class, which may
+  be an arterial vessel) + ``PHASE_WINDOW_MARGIN_HU``, so a 350-550 HU arterial aorta is neither
+  clipped to the look of bone nor of the window's top.
 - ``keep_orientation``: True when named classes (several classes, not nested regions) lie on
   opposite sides of the body, each in every training case (``LATERAL_SHARE`` of its voxels on
   its side of the body's centre; liver right, spleen left): training patches are then never
@@ -432,12 +433,12 @@ def _phases_for(modality: str, normalization: Mapping[str, Any], classes) -> dic
 
 
 def _window_for_phases(normalization: Mapping[str, Any], phases: Mapping[str, Any]) -> dict:
-    """The CT window with its top raised, if needed, to the brightest phase target plus
-    ``PHASE_WINDOW_MARGIN_HU``: a structure at its brightest simulated (or real) intensity stays
-    inside the window, distinct from clipped bone and from the window's top."""
-    from medseg.transforms.phase import PHASE_WINDOW_MARGIN_HU, PhaseConfig
+    """The CT window with its top raised, if needed, to the brightest phase target (or an unnamed
+    class's real top) plus ``PHASE_WINDOW_MARGIN_HU``: a structure at its brightest simulated (or
+    real) intensity stays inside the window, distinct from clipped bone and from the window's top."""
+    from medseg.transforms.phase import PhaseConfig, window_top_hu
 
-    top = PhaseConfig.from_dict(phases).top_hu + PHASE_WINDOW_MARGIN_HU
+    top = window_top_hu(PhaseConfig.from_dict(phases).targets)
     if normalization.get("kind") != "ct_window" or normalization["high_hu"] >= top:
         return dict(normalization)
     return {**normalization, "high_hu": float(top)}

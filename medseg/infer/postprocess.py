@@ -24,7 +24,8 @@ def _as_label_array(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesion_ml: float) -> np.ndarray:
+def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesion_ml: float, *,
+                         spare_largest: bool = False) -> np.ndarray:
     """Remove connected lesions smaller than ``min_lesion_ml``.
 
     Args:
@@ -32,6 +33,9 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesi
         spacing_mm: voxel size along the three array axes, mm.
         min_lesion_ml: lesions whose volume (voxel count x voxel volume) is strictly below this
             are set to 0; ``0`` keeps everything. 1 ml = 1000 mm^3.
+        spare_largest: keep the largest component whatever its size (the size rule a bundle
+            learned from its training labels: a scan whose field of view cuts the structure holds
+            less of it than any training label, and the rule must not empty the class).
 
     Returns:
         ``uint8`` array of the same shape; kept voxels keep their label.
@@ -59,16 +63,20 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm: Sequence[float], min_lesi
     sizes_ml = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml
     too_small = sizes_ml < min_lesion_ml
     too_small[0] = False  # label 0 is the background, already 0
+    if spare_largest:
+        too_small[int(np.argmax(sizes_ml[1:])) + 1] = False  # the first of equal largest, as below
     out[too_small[components]] = 0
     return out
 
 
-def clean_mask(mask: np.ndarray, spacing_mm: Sequence[float], min_ml: float, keep_largest: bool) -> np.ndarray:
+def clean_mask(mask: np.ndarray, spacing_mm: Sequence[float], min_ml: float, keep_largest: bool, *,
+               spare_largest: bool = False) -> np.ndarray:
     """One class's post-processing in inference's order: components below ``min_ml`` (ml) dropped
-    (0: none), then, with ``keep_largest``, the largest remaining component kept. ``uint8`` out;
-    ``mask`` itself is returned unchanged when there is nothing to do."""
+    (0: none; ``spare_largest``: the largest one stays whatever its size), then, with
+    ``keep_largest``, the largest remaining component kept. ``uint8`` out; ``mask`` itself is
+    returned unchanged when there is nothing to do."""
     if min_ml > 0:
-        mask = remove_small_lesions(mask, spacing_mm, min_ml)
+        mask = remove_small_lesions(mask, spacing_mm, min_ml, spare_largest=spare_largest)
     return keep_largest_component(mask) if keep_largest else mask
 
 

@@ -405,8 +405,8 @@ class Predictor:
         """
         t = self.check_post_settings(threshold, min_lesion_ml)
         mask = np.greater_equal(probability.array, t).view(np.uint8)  # bool -> uint8 without a copy
-        return probability.with_array(clean_mask(mask, probability.spacing_mm, self._min_ml(min_lesion_ml),
-                                                 self._largest(largest_component)))
+        return probability.with_array(clean_mask(mask, probability.spacing_mm, keep_largest=self._largest(
+            largest_component), **self._min_ml(min_lesion_ml)))
 
     def segment(
         self,
@@ -450,8 +450,8 @@ class Predictor:
         for index, probs in self._parts(volume, progress=progress):
             np.greater_equal(probs, t, out=mask if index is None else mask[index])
             del probs
-        labels = clean_mask(mask.view(np.uint8), volume.spacing_mm, self._min_ml(min_lesion_ml),
-                            self._largest(largest_component))  # bool -> uint8 view: no copy
+        labels = clean_mask(mask.view(np.uint8), volume.spacing_mm, keep_largest=self._largest(largest_component),
+                            **self._min_ml(min_lesion_ml))  # bool -> uint8 view: no copy
         # A named class writes its own label id (``liver=5`` -> 5); the default lesion writes 1.
         spec = self.classes
         return volume.with_array(labels if spec is None else spec.label_ids(labels))
@@ -470,9 +470,9 @@ class Predictor:
         spec = self.classes
         masks = [self.kind.class_mask(parts, k) for k in range(len(spec.names))]
         for k, name in enumerate(spec.names):
-            keep, min_ml = self._largest(largest_component, name), self._min_ml(min_lesion_ml, name)
-            if (keep or min_ml > 0) and masks[k].any():
-                masks[k] = clean_mask(masks[k].view(np.uint8), volume.spacing_mm, min_ml, keep) > 0
+            keep, size_rule = self._largest(largest_component, name), self._min_ml(min_lesion_ml, name)
+            if (keep or size_rule["min_ml"] > 0) and masks[k].any():
+                masks[k] = clean_mask(masks[k].view(np.uint8), volume.spacing_mm, keep_largest=keep, **size_rule) > 0
         return volume.with_array(self.kind.encode(spec, masks))
 
     @property
@@ -481,9 +481,12 @@ class Predictor:
         validation showed it helps (``bundle.postprocessing``); False otherwise."""
         return self._largest(None)
 
-    def _min_ml(self, min_lesion_ml: float, class_name: str | None = None) -> float:
-        """Components below this (ml) are dropped: the caller's size or the bundle's, the larger."""
-        return max(float(min_lesion_ml), self.bundle.postprocessing.min_component_ml(class_name))
+    def _min_ml(self, min_lesion_ml: float, class_name: str | None = None) -> dict:
+        """``clean_mask``'s size rule: components below ``min_ml`` (ml) are dropped, the caller's
+        size or the bundle's, the larger; the bundle's learned rule spares the largest component
+        (``spare_largest``: it never empties a class), a size the caller asks for does not."""
+        learned = self.bundle.postprocessing.min_component_ml(class_name)
+        return {"min_ml": max(float(min_lesion_ml), learned), "spare_largest": learned > float(min_lesion_ml)}
 
     def _largest(self, largest_component: bool | None, class_name: str | None = None) -> bool:
         """Keep only the largest component? The caller's choice, else the bundle's for class

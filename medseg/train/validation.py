@@ -137,7 +137,8 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing, min_component_ml: flo
 
     pred = np.asarray(pred) > 0
     scored = (lambda p: p) if labelled is None else (lambda p: p & labelled)
-    without_small = pred if not min_component_ml else remove_small_lesions(pred, spacing, min_component_ml) > 0
+    without_small = pred if not min_component_ml else remove_small_lesions(pred, spacing, min_component_ml,
+                                                                             spare_largest=True) > 0
     largest = keep_largest_component(pred) > 0
     pred = scored(pred)
     metrics = compute_metrics(pred, ref, spacing)

@@ -37,8 +37,8 @@ from medseg.transforms.batch import PatchBatch
 from medseg.transforms.enhance import add_class_field, brighten_tissue
 from medseg.transforms.registry import register_transform
 
-__all__ = ["PHASES", "PHASE_HU", "PHASE_WINDOW_MARGIN_HU", "PhaseConfig", "ContrastPhase", "RandContrastPhased",
-           "phase_row"]
+__all__ = ["PHASES", "PHASE_HU", "PHASE_WINDOW_MARGIN_HU", "UNNAMED_REAL_TOP_HU", "PhaseConfig", "ContrastPhase",
+           "RandContrastPhased", "phase_row", "window_top_hu"]
 
 #: The phases a scan may come in, in the order of the table's columns.
 PHASES = ("native", "arterial", "portal_venous", "delayed")
@@ -46,7 +46,10 @@ PHASES = ("native", "arterial", "portal_venous", "delayed")
 #: Mean HU of each structure by phase, ``(low, high)``: the ranges targets are drawn from.
 #: Sources and reasoning in docs/train.md ("Contrast phases"); the row is found by the class's
 #: name (:func:`phase_row`). ``enhancing``: any structure of unknown kind (the binary ``lesion``
-#: class), the union of the vessel and parenchyma rows, so its phases cover both.
+#: class): enhancing soft tissue (parenchyma, lesions, portal-venous vessels) from native to a
+#: strongly enhanced 250 HU. Not the vessels' 250-550 HU arterial range: moving an unnamed liver
+#: or tumour to 550 HU in an eighth of the patches taught the look of bone and vessels as the class
+#: (docs/train.md, measured); a vessel gets its range by its name (``--labels-map aorta=52``).
 PHASE_HU: dict[str, dict[str, tuple[float, float]]] = {
     "aorta": {"native": (30, 55), "arterial": (250, 550), "portal_venous": (140, 220), "delayed": (100, 160)},
     "artery": {"native": (30, 55), "arterial": (200, 500), "portal_venous": (130, 200), "delayed": (90, 150)},
@@ -55,8 +58,12 @@ PHASE_HU: dict[str, dict[str, tuple[float, float]]] = {
     "spleen": {"native": (35, 55), "arterial": (80, 150), "portal_venous": (100, 135), "delayed": (85, 110)},
     "kidney": {"native": (25, 45), "arterial": (130, 220), "portal_venous": (140, 220), "delayed": (100, 160)},
     "pancreas": {"native": (35, 50), "arterial": (100, 150), "portal_venous": (80, 115), "delayed": (60, 85)},
-    "enhancing": {"native": (20, 60), "arterial": (60, 550), "portal_venous": (80, 220), "delayed": (60, 160)},
+    "enhancing": {"native": (20, 65), "arterial": (60, 250), "portal_venous": (80, 200), "delayed": (60, 160)},
 }
+
+#: HU an unnamed structure may really reach (an arterial vessel under ``--map-labels``): the window
+#: keeps it (:func:`window_top_hu`) although its simulated targets stop at the ``enhancing`` row's.
+UNNAMED_REAL_TOP_HU = 550.0
 
 #: Name fragments -> table row (first match wins; names are lower-cased, ``-`` and spaces as ``_``).
 _ROWS = (("aort", "aorta"), ("vena_cava", "vein"), ("ivc", "vein"), ("portal", "vein"), ("vein", "vein"),
@@ -74,6 +81,16 @@ def phase_row(name: str) -> str:
     ``"kidney"``, ``"lesion"`` or an unknown name -> ``"enhancing"``)."""
     key = str(name).lower().replace("-", "_").replace(" ", "_")
     return next((row for fragment, row in _ROWS if fragment in key), "enhancing")
+
+
+def window_top_hu(targets: Mapping[str, Any]) -> float:
+    """The HU a CT window must keep for classes with these phase targets (name -> ranges): the
+    highest target, or :data:`UNNAMED_REAL_TOP_HU` where a class has no row of its own (an unnamed
+    structure may be an arterial vessel in a real scan), plus :data:`PHASE_WINDOW_MARGIN_HU`."""
+    tops = [hi for phases in targets.values() for _, hi in phases.values()]
+    if any(phase_row(name) == "enhancing" for name in targets):
+        tops.append(UNNAMED_REAL_TOP_HU)
+    return max(tops, default=0.0) + PHASE_WINDOW_MARGIN_HU
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:

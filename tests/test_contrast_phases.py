@@ -148,7 +148,8 @@ def _ct_case(hu_aorta: float = 40.0):
 def test_binary_ct_plan_gets_phases_and_a_window_that_keeps_the_arterial_aorta():
     image, label = _ct_case()
     label = label.with_array((np.asarray(label.array) == 52).astype(np.uint8))
-    plan = make_plan([(image, label)])
+    assert make_plan([(image, label)]).contrast_phases is None  # an unnamed class: off unless asked
+    plan = make_plan([(image, label)], overrides={"contrast_phases": "on"})
     assert plan.contrast_phases is not None and list(plan.contrast_phases["targets"]) == ["lesion"]
     window = plan.normalization
     assert window["kind"] == "ct_window" and window["low_hu"] == -1000.0

@@ -59,6 +59,8 @@ def test_selection_setting_flag_and_resume_of_older_runs(tmp_path):
     assert config_from_args(args).selection == "best"
     args = build_parser().parse_args(["--images", "i", "--labels", "l", "--no-contrast-phases"])
     assert config_from_args(args).plan == {"contrast_phases": None}
+    args = build_parser().parse_args(["--images", "i", "--labels", "l", "--contrast-phases"])
+    assert config_from_args(args).plan == {"contrast_phases": "on"}  # an unnamed class too
     # A run saved before the setting existed kept the best model: its resume keeps doing so.
     run = tmp_path / "run"
     run.mkdir()

@@ -112,10 +112,13 @@ def test_liver_plan_equals_the_binary_plan_on_patient_a():
     binary = make_plan([(img, mapped)], seed=0)
     assert named.classes == spec.to_dict() and binary.classes is None
     # The name tells which structure it is (issue 23): the liver's contrast phases (at most 130 HU)
-    # fit the default window; the unnamed lesion may be an arterial vessel (550 HU): its top is 650 HU.
+    # fit the default window; the unnamed lesion gets none unless asked, and then a window that keeps
+    # an arterial vessel (550 HU + 100), as it may be one.
     assert (named.normalization["low_hu"], named.normalization["high_hu"]) == (-1000.0, 400.0)  # the default window
-    assert (binary.normalization["low_hu"], binary.normalization["high_hu"]) == (-1000.0, 650.0)
-    assert list(named.contrast_phases["targets"]) == ["liver"] and list(binary.contrast_phases["targets"]) == ["lesion"]
+    assert (binary.normalization["low_hu"], binary.normalization["high_hu"]) == (-1000.0, 400.0)
+    assert list(named.contrast_phases["targets"]) == ["liver"] and binary.contrast_phases is None
+    asked = make_plan([(img, mapped)], overrides={"contrast_phases": "on"}, seed=0)
+    assert list(asked.contrast_phases["targets"]) == ["lesion"] and asked.normalization["high_hu"] == 650.0
     off = dict(seed=0, overrides={"contrast_phases": None})
     assert (make_plan([(img, mapped)], **off).normalization
             == make_plan([(img, raw)], **{**off, "overrides": {"classes": spec.to_dict(), "contrast_phases": None}})
@@ -195,7 +198,8 @@ def test_liver_pipeline_equals_the_binary_pipeline_but_for_its_label_step():
     binary = Pipeline.from_plan(make_plan([(img, mapped)], seed=0))
     assert named.label_kind is BINARY and binary.label_kind is BINARY
     a, b = named.to_config()["transforms"], binary.to_config()["transforms"]
-    assert [t["name"] for t in a] == [t["name"] for t in b]
-    differ = [t["name"] for t, u in zip(a, b) if t != u]
-    # and, since issue 23, the window and the contrast phases, which the liver's name chooses
-    assert differ == ["LabelClassesd", "NormalizeIntensityd", "RandContrastPhased"], differ
+    # Since issue 23 the liver's name also brings its contrast phases (the unnamed class has none).
+    assert [t["name"] for t in a if t["name"] != "RandContrastPhased"] == [t["name"] for t in b]
+    assert "RandContrastPhased" in [t["name"] for t in a]
+    differ = [t["name"] for t, u in zip([t for t in a if t["name"] != "RandContrastPhased"], b) if t != u]
+    assert differ == ["LabelClassesd"], differ

@@ -117,11 +117,12 @@ def test_make_plan_ct_window_and_overrides():
     assert over.target_spacing_mm is None
     images_only = make_plan([c[0] for c in cases])
     assert images_only.fingerprint["lesion"] is None
-    # The simulated contrast phases (issue 23) raise the window's top above the brightest phase
-    # target (550 HU) + 100 HU; switched off, the window is [-1000, 400].
-    assert images_only.normalization == {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 650.0}
-    no_phases = make_plan([c[0] for c in cases], overrides={"contrast_phases": None})
-    assert no_phases.normalization == {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 400.0}
+    # An unnamed class gets no simulated contrast phases (issue 23) unless asked: the window is
+    # [-1000, 400]; asked, its top keeps an arterial vessel (550 HU) + 100 HU.
+    assert images_only.normalization == {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 400.0}
+    assert images_only.contrast_phases is None
+    asked = make_plan([c[0] for c in cases], overrides={"contrast_phases": "on"})
+    assert asked.normalization == {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 650.0}
 
 
 def test_make_plan_errors():

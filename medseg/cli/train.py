@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--context-slices", type=int, help="2.5D input: odd number of neighbouring slices (plan)")
     m.add_argument("--no-enhancement", dest="enhancement", action="store_false", default=None,
                    help="several CT classes: without issue 13's enhancement (plan; off with contrast phases)")
-    m.add_argument("--no-contrast-phases", dest="contrast_phases", action="store_false", default=None,
-                   help="CT: train without the simulated contrast phases (plan; on for one class or named classes)")
+    m.add_argument("--contrast-phases", action=argparse.BooleanOptionalAction, default=None,
+                   help="CT: simulated contrast phases (plan; default on for classes named after a structure "
+                        "the phase table knows, e.g. aorta, liver; off for an unnamed class such as --map-labels')")
     m.add_argument("--keep-orientation", action=argparse.BooleanOptionalAction, default=None,
                    help="never mirror or quarter-turn training patches (default: when named classes lie on "
                         "opposite sides of the body, e.g. liver and spleen; plan)")
@@ -172,11 +173,11 @@ def config_from_args(args: argparse.Namespace):
         cfg.plan = dict(cfg.plan, context_slices=args.context_slices)
     if args.enhancement is False:
         cfg.plan = dict(cfg.plan, enhancement=None)
-    if args.contrast_phases is False:
-        cfg.plan = dict(cfg.plan, contrast_phases=None)
+    if args.contrast_phases is not None:
+        cfg.plan = dict(cfg.plan, contrast_phases="on" if args.contrast_phases else None)
     if args.keep_orientation is not None:
         cfg.plan = dict(cfg.plan, keep_orientation=args.keep_orientation)
-    if (args.context_slices is not None or args.enhancement is False or args.contrast_phases is False
+    if (args.context_slices is not None or args.enhancement is False or args.contrast_phases is not None
             or args.keep_orientation is not None):
         cfg.validate(source="command line")
     if args.quiet and args.verbose is None:

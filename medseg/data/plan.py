@@ -21,8 +21,9 @@ the data the way nnU-Net's "dataset fingerprint" does:
   ``contrast_phases`` (switched off) -> issue 13's simulated contrast enhancement
   (:mod:`medseg.transforms.enhance`, relative shifts): a patient whose organs a contrast agent
   brightened must not look like a new kind of tissue; None otherwise (the phases replace it).
-- ``contrast_phases``: CT with one class (binary or named) or several named classes (not nested
-  regions: a voxel of several regions has no one phase intensity) in a CT window -> the simulated
+- ``contrast_phases``: CT with one class or several named classes (not nested regions: a voxel of
+  several regions has no one phase intensity), each a structure the phase table knows by name
+  (an unnamed ``lesion`` only with ``"on"``: measured to cost the liver task), in a CT window -> the simulated
   contrast phases (:mod:`medseg.transforms.phase`, each class's targets by its name): a model
   trained on non-contrast scans must segment contrast-enhanced ones and the reverse. The CT window's
   top is then raised to the classes' brightest phase target (550 HU for an unnamed class, which may
@@ -407,6 +408,8 @@ def _intensity_for(modality: str, classes, fg_values: np.ndarray, overrides: Map
     else:
         fitted = _normalization_for(modality, _stats(fg_values))
     phases = overrides.get("contrast_phases", _phases_for(modality, fitted, classes))
+    if isinstance(phases, str) and phases == "on":  # asked for, whatever the classes' names
+        phases = _phases_for(modality, fitted, classes, asked=True)
     if phases is not None and "normalization" not in overrides:
         fitted = _window_for_phases(fitted, phases)
     return overrides.get("normalization", fitted), phases
@@ -421,14 +424,19 @@ def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -
     return EnhancementConfig().to_dict()
 
 
-def _phases_for(modality: str, normalization: Mapping[str, Any], classes) -> dict | None:
+def _phases_for(modality: str, normalization: Mapping[str, Any], classes, asked: bool = False) -> dict | None:
     """The default simulated contrast phases: CT in a CT window, one class or named classes (not
-    regions), each class's targets from its name's row of the phase table; else None."""
+    regions) that the phase table knows by name (``aorta``, ``liver``...), each class's targets from
+    its row; else None. A class of no known structure (the binary ``lesion`` of ``--map-labels``)
+    gets them only when ``asked`` (``contrast_phases: "on"``, ``--contrast-phases``): nothing says
+    what its phases are, and the generic row cost the demo's liver task (docs/train.md)."""
     if modality != "CT" or normalization.get("kind") != "ct_window" or _kind(classes) is BITS:
         return None
-    from medseg.transforms.phase import PhaseConfig
+    from medseg.transforms.phase import PhaseConfig, phase_row
 
     names = ClassSpec.binary().names if classes is None else classes.names
+    if not asked and any(phase_row(name) == "enhancing" for name in names):
+        return None
     return PhaseConfig.for_classes(names).to_dict()
 
 

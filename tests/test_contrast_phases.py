@@ -196,3 +196,17 @@ def test_regions_and_mr_get_no_phases():
         plan.replace(contrast_phases=PhaseConfig.for_classes(["whole"]).to_dict())
     mr = Volume(np.asarray(image.array) + 1000.0, image.affine, "mr", meta={"modality": "MR"})
     assert make_plan([(mr, label)]).contrast_phases is None
+
+
+def test_a_class_of_unknown_kind_beside_named_ones_keeps_the_phases():
+    """Unnamed classes only: no phases by default; one of unknown kind beside a named structure
+    (the stomach beside the liver) gets the enhancing row with the others."""
+    image, label = _ct_case()
+    spec = ClassSpec.parse(["liver=5", "stomach=52"])
+    plan = make_plan([(image, label)], overrides={"classes": spec.to_dict(), "num_classes": 3})
+    targets = plan.contrast_phases["targets"]
+    assert list(targets) == ["liver", "stomach"]
+    assert targets["stomach"]["arterial"] == list(PHASE_HU["enhancing"]["arterial"])
+    assert targets["liver"]["arterial"] == list(PHASE_HU["liver"]["arterial"])
+    unknown = ClassSpec.parse(["stomach=5", "tumour=52"])
+    assert make_plan([(image, label)], overrides={"classes": unknown.to_dict(), "num_classes": 3}).contrast_phases is None

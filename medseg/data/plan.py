@@ -22,8 +22,9 @@ the data the way nnU-Net's "dataset fingerprint" does:
   (:mod:`medseg.transforms.enhance`, relative shifts): a patient whose organs a contrast agent
   brightened must not look like a new kind of tissue; None otherwise (the phases replace it).
 - ``contrast_phases``: CT with one class or several named classes (not nested regions: a voxel of
-  several regions has no one phase intensity), each a structure the phase table knows by name
-  (an unnamed ``lesion`` only with ``"on"``: measured to cost the liver task), in a CT window -> the simulated
+  several regions has no one phase intensity), at least one a structure the phase table knows by
+  name (an unnamed ``lesion`` alone only with ``"on"``: measured to cost the liver task), in a CT
+  window -> the simulated
   contrast phases (:mod:`medseg.transforms.phase`, each class's targets by its name): a model
   trained on non-contrast scans must segment contrast-enhanced ones and the reverse. The CT window's
   top is then raised to the classes' brightest phase target (550 HU for an unnamed class, which may
@@ -426,16 +427,18 @@ def _enhancement_for(modality: str, normalization: Mapping[str, Any], classes) -
 
 def _phases_for(modality: str, normalization: Mapping[str, Any], classes, asked: bool = False) -> dict | None:
     """The default simulated contrast phases: CT in a CT window, one class or named classes (not
-    regions) that the phase table knows by name (``aorta``, ``liver``...), each class's targets from
-    its row; else None. A class of no known structure (the binary ``lesion`` of ``--map-labels``)
-    gets them only when ``asked`` (``contrast_phases: "on"``, ``--contrast-phases``): nothing says
-    what its phases are, and the generic row cost the demo's liver task (docs/train.md)."""
+    regions), at least one of them a structure the phase table knows by name (``aorta``,
+    ``liver``...), each class's targets from its row (``enhancing`` for the others, e.g. the
+    stomach beside the liver); else None. Classes of no known structure only (the binary
+    ``lesion`` of ``--map-labels``) get them only when ``asked`` (``contrast_phases: "on"``,
+    ``--contrast-phases``): nothing says what their phases are, and the generic row cost the
+    demo's liver task (docs/train.md)."""
     if modality != "CT" or normalization.get("kind") != "ct_window" or _kind(classes) is BITS:
         return None
     from medseg.transforms.phase import PhaseConfig, phase_row
 
     names = ClassSpec.binary().names if classes is None else classes.names
-    if not asked and any(phase_row(name) == "enhancing" for name in names):
+    if not asked and all(phase_row(name) == "enhancing" for name in names):
         return None
     return PhaseConfig.for_classes(names).to_dict()
 

@@ -226,7 +226,7 @@ def main() -> None:
                 print(f"robustness: {organ} trained on {train_on} ({fit.steps} steps, {seconds:.0f} s), "
                       f"on {test_on}: DSC {result[key]:.3f}; {detail}", flush=True)
         if "dsc_crop_vs_full_b" in args.only:
-            crop(data, tmp, args, result)
+            crop(data, tmp, sets, args, result)
         if "aorta_ab_fit_min" in args.only:
             fit_ab(data, tmp, sets, args, result, steps)
     result.update(steps, budget_s=args.budget_s, cpu_cores=os.cpu_count(), goals_met={
@@ -234,11 +234,11 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def crop(data: Path, tmp: Path, args, result: dict) -> None:
+def crop(data: Path, tmp: Path, sets: dict, args, result: dict) -> None:
     """``dsc_crop_vs_full_b``: the liver model of A (trained here if ``liver_a_to_b`` was not run)."""
     run = tmp / "runs" / "liver_A"
     if not run.exists():
-        train(*training_sets(data, tmp / "sets_crop")["A"], run, LIVER, args.budget_s, args.seed, demo_settings=True)
+        train(*sets["A"], run, LIVER, args.budget_s, args.seed, demo_settings=True)
     image_b, liver_b = patient(data, "B", LIVER)
     result.update(crop_vs_full(run, image_b, liver_b))
     print(f"robustness: liver model of A on a crop {result['crop_shape']} of B: DSC {result['dsc_crop_b']:.3f}, "

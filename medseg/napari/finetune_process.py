@@ -113,22 +113,16 @@ class FineTuneProcess:
     def run(self, request: dict, on_message: Callable[[tuple], None] | None = None) -> tuple:
         """Start the child, send ``request``, pass its progress messages to ``on_message`` and
         return its answer (``("error", line)`` when the child dies or never starts)."""
+        from medseg.napari.predict_process import await_answer
+
         try:
             self._start()
             with self._send_lock:
                 self._conn.send(request)
                 if self._cancelled.is_set():
                     self._conn.send(("cancel",))
-            while True:
-                if not self._conn.poll(0.05):
-                    if self._proc.poll() is not None:
-                        raise EOFError
-                    continue
-                message = self._conn.recv()
-                if message[0] in ("done", "cancelled", "error"):
-                    return message
-                if on_message is not None:
-                    on_message(message)
+            return await_answer(self._conn, self._proc, lambda message: message[0] in ("done", "cancelled", "error"),
+                                on_message)
         except (EOFError, OSError, RuntimeError) as exc:
             if self._cancelled.is_set():
                 return ("cancelled", "medseg: fine-tuning cancelled")

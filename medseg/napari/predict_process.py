@@ -154,16 +154,8 @@ class PredictorProcess:
                 self._ensure()
                 with self._send_lock:
                     self._conn.send(request)
-                while True:
-                    if not self._conn.poll(0.05):
-                        if self._proc.poll() is not None:
-                            raise EOFError
-                        continue
-                    message = self._conn.recv()
-                    if message[0] != "chunk":
-                        return message
-                    if on_chunk is not None:
-                        on_chunk(message[1], message[2])
+                return await_answer(self._conn, self._proc, lambda message: message[0] != "chunk",
+                                    None if on_chunk is None else lambda message: on_chunk(message[1], message[2]))
             except (EOFError, OSError, RuntimeError) as exc:
                 code = None if self._proc is None else self._proc.poll()
                 self._stop()
@@ -242,3 +234,24 @@ def spawn_child(module: str, key_env: str, what: str) -> tuple:
                 proc.wait()
             raise RuntimeError(f"the {what} process did not start")
         return proc, accepted[0]
+
+
+def await_answer(conn, proc: subprocess.Popen, is_answer: Callable[[tuple], bool],
+                 on_progress: Callable[[tuple], None] | None = None) -> tuple:
+    """The child's answer on ``conn``: the first message ``is_answer`` accepts; the others
+    (progress) go to ``on_progress`` (None: dropped) as they come.
+
+    Raises:
+        EOFError: the child exited before answering (polled every 50 ms, so a child killed by the
+            system is noticed instead of waited on forever).
+    """
+    while True:
+        if not conn.poll(0.05):
+            if proc.poll() is not None:
+                raise EOFError
+            continue
+        message = conn.recv()
+        if is_answer(message):
+            return message
+        if on_progress is not None:
+            on_progress(message)

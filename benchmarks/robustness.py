@@ -67,12 +67,16 @@ def training_sets(data: Path, root: Path) -> dict[str, tuple[Path, Path]]:
     return sets
 
 
+#: Plan overrides of every run (``--plan``, diagnosis): e.g. ``{"contrast_phases": "on"}``.
+PLAN: dict = {}
+
+
 def train(images: Path, labels: Path, run_dir: Path, map_labels: str, budget_s: float, seed: int,
           demo_settings: bool):
     from medseg.train import train as medseg_train
 
     config = dict(images=str(images), labels=str(labels), map_labels=map_labels, run_dir=str(run_dir),
-                  max_time_s=float(budget_s), verbose=0, seed=seed)
+                  max_time_s=float(budget_s), verbose=0, seed=seed, plan=dict(PLAN))
     if demo_settings:
         config["val_every"] = 1000  # as benchmarks/liver_task.train_liver (the demo)
     t0 = time.perf_counter()
@@ -199,7 +203,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS),
                         help="run these parts only (for diagnosis; the figures of the parts left out are absent)")
+    parser.add_argument("--plan", type=json.loads, default={},
+                        help='plan overrides of every run, JSON (diagnosis), e.g. \'{"contrast_phases": "on"}\'')
     args = parser.parse_args()
+    PLAN.update(args.plan)
     require("tensorflow", "SimpleITK")
     print(f"robustness: 5 trainings of {args.budget_s:.0f} s on patients A and B; {os.cpu_count()} CPU cores",
           flush=True)
@@ -229,7 +236,7 @@ def main() -> None:
             crop(data, tmp, sets, args, result)
         if "aorta_ab_fit_min" in args.only:
             fit_ab(data, tmp, sets, args, result, steps)
-    result.update(steps, budget_s=args.budget_s, cpu_cores=os.cpu_count(), goals_met={
+    result.update(steps, budget_s=args.budget_s, plan=args.plan, cpu_cores=os.cpu_count(), goals_met={
         goal: test(result[key]) for goal, (key, test) in GOALS.items() if key in result})
     print(json.dumps(result))
 

@@ -1,6 +1,6 @@
 """Robust to what changes between scanners (issue 23): contrast phase, field of view, resolution.
 
-    python benchmarks/robustness.py [--budget-s 300] [--seed 0] [--only dsc_liver_b_to_a ...]
+    python benchmarks/robustness.py [--budget-s 300] [--seed 0] [--only dsc_liver_b_to_a ...] [--plan JSON]
 
 The liver task's two visible patients (benchmarks/liver_task.py): A, a non-contrast abdomen CT
 (NIfTI, 3 mm voxels, the whole abdomen) and B, a contrast-enhanced CT (a 20-file DICOM series,
@@ -22,7 +22,8 @@ post-processing), scored in 3D with medseg's metrics against the patient's label
 
 Each cross-patient figure comes with ``volumes_<organ>_<x>_to_<y>``: predicted and reference mL,
 the predicted mL on slices without the structure, and the DSC on the slices that hold it (whether a
-model misses the structure or marks other anatomy). ``--only`` runs some parts (diagnosis).
+model misses the structure or marks other anatomy). ``--only`` runs some parts and ``--plan``
+overrides every run's plan, e.g. ``'{"contrast_phases": "on"}'`` (diagnosis).
 
 The single-patient runs use the demo's settings (``benchmarks/liver_task.train_liver``: no
 validation during the budget); the A + B run uses medseg-train's defaults. Figures are printed

@@ -280,6 +280,89 @@ def test_cpu_sizing_keeps_the_widest_network_within_the_target():
     assert slow["chosen"]["filters"][0] == 8 and timed == [8]
 
 
+def _sizing(narrowest_s: float, target_s: float) -> dict:
+    return {"probes": [{"filters": [8], "depth": 4, "step_s": narrowest_s}], "target_step_s": target_s}
+
+
+def _labelled_plan(spacing, patch, component_ml):
+    """A plan whose fingerprint lists one case with one component of ``component_ml``."""
+    from medseg.data.plan import Plan
+
+    voxel_ml = float(np.prod([spacing[0], spacing[1], 2.0])) / 1000.0
+    case = {"spacing_mm": [spacing[0], spacing[1], 2.0], "lesion": {"component_voxels": [component_ml / voxel_ml]}}
+    return Plan(target_spacing_mm=spacing, patch_size=patch, fingerprint={"cases": [case]})
+
+
+def test_a_budget_too_short_for_the_plans_pixels_coarsens_them():
+    """Patient B of the liver task: 0.98 mm pixels, 256 x 256 patches; the narrowest network took
+    1.3 s a step where a 300 s budget's pace is 0.27 s: sqrt(1.3 / 0.27) = 2.19 times coarser."""
+    from medseg.data.plan import Plan
+    from medseg.train.sizing import coarsening, coarser_plan, structure_diameter_mm
+
+    plan = _labelled_plan((0.98, 0.98), (256, 256), 700.0)  # a liver: 110 mm across
+    assert structure_diameter_mm(plan.fingerprint) == pytest.approx((6 * 700_000 / np.pi) ** (1 / 3))
+    factor = coarsening(plan, _sizing(1.3, 0.27))
+    assert factor == pytest.approx(np.sqrt(1.3 / 0.27))
+    coarse = coarser_plan(plan, factor)
+    assert coarse.target_spacing_mm == pytest.approx((0.98 * factor,) * 2)
+    # The same field of view: 256 / 2.19 = 116.7 pixels, up to the next multiple of 16.
+    assert coarse.patch_size == (128, 128)
+    # Fast enough (under twice the pace), or a spacing kept per volume: left alone.
+    assert coarsening(plan, _sizing(0.5, 0.27)) is None
+    assert coarsening(Plan(target_spacing_mm=None), _sizing(1.3, 0.27)) is None
+
+
+def test_coarsening_stops_at_3_mm_3x_and_eight_pixels_across_the_median_structure():
+    from medseg.train.sizing import coarsening
+
+    # 3 mm pixels (patient A) are coarse enough whatever the pace.
+    assert coarsening(_labelled_plan((3.0, 3.0), (128, 112), 1000.0), _sizing(5.0, 0.27)) is None
+    # 1.5 mm: at most 2x (3 mm); 0.5 mm: at most 3x.
+    assert coarsening(_labelled_plan((1.5, 1.5), (256, 256), 1000.0), _sizing(5.0, 0.27)) == pytest.approx(2.0)
+    assert coarsening(_labelled_plan((0.5, 0.5), (256, 256), 1000.0), _sizing(50.0, 0.27)) == pytest.approx(3.0)
+    # A 0.5 ml lesion (9.85 mm across) keeps 8 pixels: 9.85 / 8 = 1.23 mm, 1.26x of 0.98 mm.
+    small = _labelled_plan((0.98, 0.98), (256, 256), 0.5)
+    assert coarsening(small, _sizing(5.0, 0.27)) == pytest.approx((6 * 500 / np.pi) ** (1 / 3) / 8 / 0.98)
+    # 0.3 ml (8.3 mm): 1.06x, not worth a change.
+    assert coarsening(_labelled_plan((0.98, 0.98), (256, 256), 0.3), _sizing(5.0, 0.27)) is None
+
+
+def test_the_run_trains_the_coarser_plan_sizes_the_network_again_and_says_so(monkeypatch):
+    """``run._coarsened``: the plan at coarser pixels, the network sized again for its patches
+    (the first sizing kept in the record), one line on the terminal; a spacing the user gave,
+    a run without a budget and a fine-tuning run keep the plan."""
+    from medseg.train import run as run_module
+    from medseg.train import sizing
+    from medseg.train.config import TrainConfig
+
+    plan = _labelled_plan((0.98, 0.98), (256, 256), 700.0)
+    first = _sizing(1.3, 0.27)
+    seen = []
+
+    def resize(cfg, p, **kwargs):
+        seen.append(p.patch_size)
+        return _sizing(1.3 * (p.patch_size[0] / 256) ** 2, 0.27)
+
+    monkeypatch.setattr(sizing, "choose_network", resize)
+
+    class Run:
+        precision, verbose, events, lines = "float32", 1, None, []
+
+        def say(self, text):
+            self.lines.append(text)
+
+    run = Run()
+    coarse, record = run_module._coarsened(run, TrainConfig(max_time_s=300.0), plan, first)
+    assert coarse.patch_size == (128, 128) and seen == [(128, 128)]
+    assert record["coarsened"]["from_spacing_mm"] == [0.98, 0.98] and record["coarsened"]["first_sizing"] is first
+    assert record["probes"][0]["step_s"] == pytest.approx(1.3 / 4)
+    assert len(run.lines) == 1 and "training at 2.15, 2.15 mm pixels instead, 128x128 patches" in run.lines[0]
+    for cfg in (TrainConfig(max_time_s=300.0, plan={"target_spacing_mm": [0.98, 0.98]}), TrainConfig(),
+                TrainConfig(max_time_s=300.0, init_from="parent")):
+        assert run_module._coarsened(run, cfg, plan, first) == (plan, first)
+    assert seen == [(128, 128)] and len(run.lines) == 1
+
+
 def test_budget_target_leaves_room_for_enough_steps():
     from medseg.train.sizing import BUDGET_MIN_STEPS, TARGET_STEP_S, budget_target_step_s
 

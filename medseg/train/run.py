@@ -246,6 +246,7 @@ def settle_cases_and_plan(run: _Run) -> None:
         from medseg.train.sizing import choose_network
 
         sizing = choose_network(cfg, plan, precision=run.precision, verbose=run.verbose, events=run.events)
+        plan, sizing = _coarsened(run, cfg, plan, sizing)
         cfg = resolve.sized(cfg, sizing)
         plan = plan.replace(fingerprint=dict(plan.fingerprint, cpu_sizing=sizing),
                             divisor=assembly.network_spec(cfg).divisor)
@@ -256,6 +257,30 @@ def settle_cases_and_plan(run: _Run) -> None:
     run.plan, run.pipeline = plan, cases.build_pipeline(cfg, plan)
     run.global_batch = cfg.batch_size * run.replicas
     _report_settings(run)
+
+
+def _coarsened(run: _Run, cfg, plan, sizing: dict):
+    """Under a time budget too short for the plan's pixels even with the narrowest network,
+    the plan at coarser pixels (same field of view) and the network sized again for it
+    (:func:`medseg.train.sizing.coarsening`); a spacing the user gave is kept."""
+    from medseg.train.sizing import choose_network, coarsening, coarser_plan
+
+    kept = "target_spacing_mm" in cfg.plan or cfg.max_time_s is None or cfg.init_from
+    factor = None if kept else coarsening(plan, sizing)
+    if factor is None:
+        return plan, sizing
+    coarse = coarser_plan(plan, factor)
+    was = ", ".join(f"{v:.2f}" for v in plan.target_spacing_mm)
+    now = ", ".join(f"{v:.2f}" for v in coarse.target_spacing_mm)
+    run.say(f"medseg-train: the narrowest network takes {sizing['probes'][0]['step_s']:.2f} s a step at "
+            f"{was} mm, {'x'.join(map(str, plan.patch_size))} patches: too slow for this budget "
+            f"({sizing['target_step_s']:.2f} s a step); training at {now} mm pixels instead, "
+            f"{'x'.join(map(str, coarse.patch_size))} patches of the same field of view "
+            f"(keep the data's spacing with plan target_spacing_mm, or --no-cpu-sizing)")
+    resized = choose_network(cfg, coarse, precision=run.precision, verbose=run.verbose, events=run.events)
+    resized["coarsened"] = {"factor": round(factor, 3), "from_spacing_mm": list(plan.target_spacing_mm),
+                            "from_patch_size": list(plan.patch_size), "first_sizing": sizing}
+    return coarse, resized
 
 
 def _report_settings(run: _Run) -> None:

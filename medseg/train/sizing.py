@@ -43,6 +43,19 @@ def budget_target_step_s(max_time_s: float | None) -> float:
     if max_time_s is None:
         return TARGET_STEP_S
     return min(TARGET_STEP_S, 0.9 * float(max_time_s) / BUDGET_MIN_STEPS)
+#: Coarser pixels when even the narrowest network is this many times slower than the budget's
+#: pace (fewer than about BUDGET_MIN_STEPS / 2 steps would fit): measured on patient B of the
+#: liver task (0.98 mm, 256 x 256 patches), 300 s gave 226-255 steps and a liver model that fit
+#: its own training scan at DSC 0.42; docs/train.md ("Training on a time budget").
+COARSEN_RATIO = 2.0
+#: At most this factor coarser than the plan's spacing, and never coarser than this (mm) ...
+MAX_COARSEN = 3.0
+MAX_COARSE_SPACING_MM = 3.0
+#: ... nor so coarse that the training labels' median structure (equivalent sphere) is fewer than
+#: this many pixels across.
+MIN_PIXELS_ACROSS = 8
+#: Smaller changes are not worth a plan that differs from the data's.
+MIN_COARSEN = 1.25
 #: Timed steps per candidate, after one untimed step that traces the graph.
 PROBE_STEPS = 3
 
@@ -142,3 +155,47 @@ def choose_network(cfg, plan, *, precision: str, target_step_s: float | None = N
         else:
             emit(events, Message(line))
     return result
+
+
+def coarsening(plan, sizing: dict[str, Any]) -> float | None:
+    """How much coarser the plan's in-plane pixels should be under a time budget, or None.
+
+    Step time grows with the patch's pixels; the patch keeps its field of view in millimetres,
+    so ``factor`` coarser pixels make about ``factor ** 2`` fewer of them. The factor brings the
+    narrowest network's measured step to the budget's pace (``sqrt(step / target)``), capped by
+    :data:`MAX_COARSEN`, :data:`MAX_COARSE_SPACING_MM` and the training labels' median structure
+    (:data:`MIN_PIXELS_ACROSS`); None below :data:`COARSEN_RATIO` or :data:`MIN_COARSEN`, or
+    when the plan keeps each volume's own spacing.
+    """
+    narrowest = sizing["probes"][0]["step_s"]
+    target = sizing["target_step_s"]
+    if plan.target_spacing_mm is None or target <= 0 or narrowest < COARSEN_RATIO * target:
+        return None
+    finest = min(plan.target_spacing_mm)
+    caps = [MAX_COARSEN, max(1.0, MAX_COARSE_SPACING_MM / max(plan.target_spacing_mm))]
+    diameter = structure_diameter_mm(plan.fingerprint)
+    if diameter is not None:
+        caps.append(diameter / MIN_PIXELS_ACROSS / finest)
+    factor = min([float(np.sqrt(narrowest / target))] + caps)
+    return factor if factor >= MIN_COARSEN else None
+
+
+def structure_diameter_mm(fingerprint: dict) -> float | None:
+    """Equivalent-sphere diameter (mm) of the median labelled component of the training cases
+    (the largest 20 of each case, as the fingerprint lists them), None without labels."""
+    sizes_ml = []
+    for entry in fingerprint.get("cases") or []:
+        lesion = entry.get("lesion") or {}
+        voxel_ml = float(np.prod(entry.get("spacing_mm") or [0.0])) / 1000.0
+        sizes_ml += [v * voxel_ml for v in lesion.get("component_voxels") or []]
+    if not sizes_ml:
+        return None
+    return float((6.0 * np.median(sizes_ml) * 1000.0 / np.pi) ** (1.0 / 3.0))
+
+
+def coarser_plan(plan, factor: float):
+    """``plan`` at ``factor`` times its in-plane spacing, its patch the same field of view (mm)."""
+    d = plan.divisor
+    spacing = tuple(float(v) * factor for v in plan.target_spacing_mm)
+    patch = tuple(max(d, int(np.ceil(p / factor / d)) * d) for p in plan.patch_size)
+    return plan.replace(target_spacing_mm=spacing, patch_size=patch)

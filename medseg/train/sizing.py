@@ -12,6 +12,11 @@ target, or when the growth of the step times so far predicts that the next one w
 probe builds and traces a model: seconds a candidate, counted in a time budget). The figures
 go into ``plan.json`` (``fingerprint.cpu_sizing``) and onto the terminal, with the flags that
 override the choice.
+
+When even the narrowest network is far slower than a budget's pace (the data's pixels are too
+many for it: patient B's 0.98 mm, 256 x 256 patches), :func:`coarsening` and
+:func:`coarser_plan` give the plan coarser in-plane pixels over the same field of view, and the
+network is sized again for them (``medseg.train.run``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def budget_target_step_s(max_time_s: float | None) -> float:
     if max_time_s is None:
         return TARGET_STEP_S
     return min(TARGET_STEP_S, 0.9 * float(max_time_s) / BUDGET_MIN_STEPS)
+
+
 #: Coarser pixels when even the narrowest network is this many times slower than the budget's
 #: pace (fewer than about BUDGET_MIN_STEPS / 2 steps would fit): measured on patient B of the
 #: liver task (0.98 mm, 256 x 256 patches), 300 s gave 226-255 steps and a liver model that fit
